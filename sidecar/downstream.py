@@ -1,0 +1,441 @@
+# -*- test-case-name: tests.test_behaviour -*-
+"""
+The fast front door: one L{DownstreamProtocol} per client connection, parsing HTTP/1.1
+with llhttp (C{httptools}) and handing each request to an L{Exchange}.
+
+Keep-alive and pipelining are supported: requests are parsed as they come, queued, and
+answered strictly in order, one exchange at a time.  Every byte stream to and from the
+service is tied to the client's transport with producers, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from http import HTTPStatus
+from typing import Any, Deque, List, Optional
+
+import httptools
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, Engine, Exchange
+from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
+
+#: Why reading from the client is paused (a bit each; reading resumes when none is left).
+_UPSTREAM_FULL = 1  # the upstream's send buffer is full (request body backpressure)
+_EXCHANGE = 2  # the exchange is holding body bytes until its upstream is connected
+_QUEUE = 4  # pipelined requests are waiting their turn
+_ERROR = 8  # a malformed request: nothing more is read
+_UPGRADE = 16  # an upgrade request waits for the service's answer
+
+#: How many pipelined requests may wait before the client is paused.
+MAX_QUEUED = 16
+
+#: How many headers a request may have (Envoy's default).
+MAX_HEADERS = 100
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class _Refusal(Exception):
+    """
+    A request that must be refused before it becomes an exchange.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+
+
+@implementer(IPushProducer)
+class DownstreamProtocol(Protocol):
+    """
+    One client connection.
+
+    It is also a producer: registered with an upstream connection's transport while a
+    request body streams, so that a slow service pauses the client.
+
+    @ivar clientAddress: C{ip:port} of the client.
+    @ivar peerPrincipal: the client's SPIFFE id under mutual TLS, else empty.
+    @ivar mutualTLS: whether the connection is mutual TLS.
+    """
+
+    peerPrincipal = ""
+    mutualTLS = False
+    proto = b"http"
+
+    def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
+        self.engine = engine
+        self.maxHeaderBytes = maxHeaderBytes
+        self.clientAddress = "-"
+        self.clientIP = "-"
+        self._parser: Any = None
+        self._current: Optional[Exchange] = None
+        self._parsing: Optional[Exchange] = None
+        self._queue: Deque[Exchange] = deque()
+        self._pauses = 0
+        self._advancing = False
+        self._closing = False
+        self._chunkedOut = False
+        self._producer: Any = None
+        self._tunnel: Optional[Exchange] = None
+        self._early: Optional[List[bytes]] = None
+        self._upgrading: Optional[Exchange] = None
+        self._refusal: Optional[_Refusal] = None
+        self._url = b""
+        self._headers: Headers = []
+        self._headBytes = 0
+        self._inBody = False
+
+    # -- connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        if host is not None:
+            self.clientIP = host
+            self.clientAddress = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
+        self._parser = httptools.HttpRequestParser(self)
+        recorder = self.engine.recorder
+        recorder.downstreamConnectionsActive += 1
+        recorder.downstreamConnectionsTotal += 1
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.tunnelToUpstream(data)
+            return
+        if self._closing:
+            return
+        if self._early is not None:
+            # Bytes sent after an upgrade request, before the service said yes.
+            self._early.append(data)
+            self._pause(_UPGRADE)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgradeRequested(data[e.args[0]:])
+        except httptools.HttpParserCallbackError:
+            refusal = self._refusal
+            if refusal is None:
+                raise
+            self._refuse(refusal.status, refusal.message)
+        except httptools.HttpParserError as e:
+            self._refuse(400, str(e))
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.engine.recorder.downstreamConnectionsActive -= 1
+        self._closing = True
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.tunnelClosed()
+        current, self._current = self._current, None
+        if current is not None and not current.finished:
+            current.downstreamLost()
+        queue, self._queue = self._queue, deque()
+        for exchange in queue:
+            exchange.downstreamLost()
+
+    # -- parser callbacks (llhttp) ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._headBytes = 0
+        self._inBody = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._headBytes += len(url)
+        if self._headBytes > self.maxHeaderBytes:
+            self._refusal = _Refusal(414, "request target too long")
+            raise self._refusal
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._inBody:
+            return  # a trailer: dropped
+        headers = self._headers
+        headers.append((name, value))
+        self._headBytes += len(name) + len(value) + 4
+        if self._headBytes > self.maxHeaderBytes:
+            self._refusal = _Refusal(431, "request header section too large")
+            raise self._refusal
+        if len(headers) > MAX_HEADERS:
+            self._refusal = _Refusal(431, "too many request headers")
+            raise self._refusal
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refusal = _Refusal(505, f"HTTP/{version} is not supported")
+            raise self._refusal
+        method = parser.get_method()
+        if method == b"CONNECT":
+            self._refusal = _Refusal(405, "CONNECT is not supported")
+            raise self._refusal
+        req = requestHead(method, self._url, version, self._headers, self.clientIP, self.proto,
+                          self.extraRequestHeaders())
+        if req.error is not None:
+            self._refusal = _Refusal(400, req.error)
+            raise self._refusal
+        self._inBody = True
+        exchange = self.engine.exchange(self, method, self._url, version, req)
+        if not parser.should_keep_alive():
+            exchange.mustClose = True
+        self._parsing = exchange
+        if req.upgrade:
+            self._upgrading = exchange
+        if self._current is None and not self._queue:
+            self._current = exchange
+            self._begin(exchange)
+        else:
+            self._queue.append(exchange)
+            if len(self._queue) >= MAX_QUEUED:
+                self._pause(_QUEUE)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._parsing
+        if exchange is not None:
+            exchange.requestBody(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._parsing = self._parsing, None
+        self._inBody = False
+        if exchange is not None:
+            exchange.requestComplete()
+
+    # -- what an exchange asks of its door -------------------------------------------
+
+    def extraRequestHeaders(self) -> Headers:
+        """
+        Headers the proxy adds to every request from this connection (mutual TLS adds
+        C{X-Forwarded-Client-Cert}).
+        """
+        return []
+
+    def writeInterim(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
+        headers = head.headers
+        closing = exchange.mustClose or self._closing
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        self._chunkedOut = False
+        if status == 101:
+            headers = headers + [(b"Connection", b"Upgrade"), (b"Upgrade", head.upgrade or b"")]
+        else:
+            if exchange.req.upgrade:
+                # The service said no to the upgrade: bytes the client may already have
+                # sent in the new protocol can't be read as HTTP.
+                closing = True
+            if not bodyForbidden(exchange.method, status):
+                if head.contentLength is None:
+                    if exchange.version == "1.1":
+                        headers = headers + [(b"Transfer-Encoding", b"chunked")]
+                        self._chunkedOut = True
+                    else:
+                        closing = True
+                conn = exchange.conn
+                if conn is not None and self._producer is None:
+                    self._producer = conn
+                    self.transport.registerProducer(conn, True)
+            if closing:
+                headers = headers + [(b"Connection", b"close")]
+            elif exchange.version == "1.0":
+                headers = headers + [(b"Connection", b"keep-alive")]
+        exchange.mustClose = closing
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+    def writeBody(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunkedOut:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def finishResponse(self, exchange: Exchange) -> None:
+        if self._chunkedOut:
+            self._chunkedOut = False
+            self.transport.write(b"0\r\n\r\n")
+        self._done(exchange)
+
+    def abortResponse(self, exchange: Exchange) -> None:
+        exchange.mustClose = True
+        self._chunkedOut = False
+        self._done(exchange)
+
+    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+        closing = exchange.mustClose or self._closing or exchange.req.upgrade
+        exchange.mustClose = closing
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
+            b"Server: ", self.engine.serverHeader, b"\r\n",
+            b"Content-Type: text/plain\r\nContent-Length: %d\r\n" % len(body),
+        ]
+        if closing:
+            head.append(b"Connection: close\r\n")
+        elif exchange.version == "1.0":
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        if exchange.method != b"HEAD":
+            head.append(body)
+        self.transport.write(b"".join(head))
+        self._done(exchange)
+
+    def startTunnel(self, exchange: Exchange, conn: Any) -> None:
+        self._tunnel = exchange
+        self._current = None
+        self._producer = conn
+        self.transport.registerProducer(conn, True)
+        conn.transport.registerProducer(self, True)
+        early, self._early = self._early or [], None
+        for data in early:
+            exchange.tunnelToUpstream(data)
+        self._resume(_EXCHANGE | _QUEUE | _UPGRADE)
+
+    def pauseReading(self) -> None:
+        self._pause(_EXCHANGE)
+
+    def resumeReading(self) -> None:
+        self._resume(_EXCHANGE)
+
+    # -- IPushProducer (for the upstream's transport) --------------------------------
+
+    def pauseProducing(self) -> None:
+        self._pause(_UPSTREAM_FULL)
+
+    def resumeProducing(self) -> None:
+        self._resume(_UPSTREAM_FULL)
+
+    def stopProducing(self) -> None:
+        self._resume(_UPSTREAM_FULL)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _pause(self, why: int) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pauseProducing()
+        self._pauses |= why
+
+    def _resume(self, why: int) -> None:
+        if self._pauses & why:
+            self._pauses &= ~why
+            if not self._pauses and self.transport is not None and not self._closing:
+                self.transport.resumeProducing()
+
+    def _begin(self, exchange: Exchange) -> None:
+        exchange.begin()
+
+    def _done(self, exchange: Exchange) -> None:
+        """
+        The response to C{exchange} is written: unhook it and move to the next request.
+        """
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+        if self._current is exchange:
+            self._current = None
+        if exchange.mustClose:
+            self._close()
+            return
+        self._advance()
+
+    def _advance(self) -> None:
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self._current is None and self._queue and not self._closing:
+                exchange = self._queue.popleft()
+                self._current = exchange
+                self._begin(exchange)
+            if len(self._queue) < MAX_QUEUED:
+                self._resume(_QUEUE)
+        finally:
+            self._advancing = False
+        if self._current is None and self._refusal is not None and not self._closing:
+            refusal, self._refusal = self._refusal, None
+            self._refuse(refusal.status, refusal.message)
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.transport.loseConnection()
+
+    def _upgradeRequested(self, leftover: bytes) -> None:
+        """
+        llhttp stopped after an upgrade request's head; C{leftover} is what followed.
+        """
+        exchange, self._upgrading = self._upgrading, None
+        if exchange is None:
+            return
+        # llhttp has completed the request at its head; what follows belongs to the new
+        # protocol and waits for the service's 101.
+        self._early = [leftover] if leftover else []
+
+    def _refuse(self, status: int, message: str) -> None:
+        """
+        Answer a request that can't be served, then close: the connection can't be
+        trusted to frame another request.
+        """
+        self._pause(_ERROR)
+        parsing = self._parsing
+        if parsing is not None and parsing is self._current:
+            # The body of the request being served is malformed.
+            self._parsing = None
+            parsing.clientProtocolError(f"Bad request: {message}\n".encode("utf-8", "replace"))
+            return
+        if self._current is not None or self._queue:
+            # Answer in order: after the requests already accepted.
+            self._refusal = _Refusal(status, message)
+            return
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None and parsing is not self._current:
+            parsing.downstreamLost()
+        method = b"-"
+        try:
+            method = self._parser.get_method()
+        except (httptools.HttpParserError, AttributeError):
+            pass
+        req = RequestHead(authority="", requestId="", forwardedFor=self.clientIP)
+        exchange = self.engine.exchange(self, method, self._url or b"-", "1.1", req)
+        exchange.mustClose = True
+        self._current = exchange
+        exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, f"Bad request: {message}\n".encode("utf-8", "replace"))
+
+
+class DownstreamFactory(Factory):
+    """
+    Builds a L{DownstreamProtocol} per client connection.
+    """
+
+    noisy = False
+
+    def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
+        self.engine = engine
+        self.maxHeaderBytes = maxHeaderBytes
+
+    def buildProtocol(self, addr: Any) -> DownstreamProtocol:
+        proto = DownstreamProtocol(self.engine, self.maxHeaderBytes)
+        proto.factory = self
+        return proto

@@ -1,0 +1,521 @@
+# -*- test-case-name: tests.test_exchange -*-
+"""
+One request/response pair in flight, and the immutable record it leaves behind.
+
+An L{Exchange} sits between a front door (anything with the L{Door} methods: the fast
+L{sidecar.downstream.DownstreamProtocol} or the twisted.web adapter in
+L{sidecar.resource}) and an upstream connection from the L{sidecar.upstream.UpstreamPool}.
+It owns the timing, the byte counts, the response flags and the backpressure between the
+two sides, and hands exactly one L{Record} to the recorder when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+
+import attrs
+from twisted.logger import Logger
+
+from sidecar.headers import RequestHead, ResponseHead, bodyForbidden, responseHead
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.python.failure import Failure
+
+    from sidecar.stats import Recorder
+    from sidecar.upstream import UpstreamConnection, UpstreamPool
+
+log = Logger()
+
+#: Methods that may be sent again on a fresh connection when a pooled one turns out to
+#: have been closed by the service (RFC 9110 9.2.2), provided the request has no body.
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+#: Request body bytes kept while the upstream connection is not there yet; past this the
+#: client is paused.
+PENDING_LIMIT = 64 * 1024
+
+# Response flags, as Envoy names them.
+UPSTREAM_CONNECT_FAILURE = "UF"
+UPSTREAM_CONNECTION_TERMINATION = "UC"
+UPSTREAM_REQUEST_TIMEOUT = "UT"
+UPSTREAM_PROTOCOL_ERROR = "UPE"
+DOWNSTREAM_CONNECTION_TERMINATION = "DC"
+DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+UNAUTHORIZED = "UAEX"
+OVERFLOW = "UO"
+
+
+@attrs.frozen
+class Record:
+    """
+    What happened to one request.  Times are seconds from the reactor's clock.
+
+    @ivar startTime: when the request head arrived (epoch seconds).
+    @ivar duration: from C{startTime} to the last byte sent (or the end of the exchange).
+    @ivar upstreamServiceTime: from the request being sent upstream to the response head,
+        or C{None} when the upstream never answered.
+    @ivar bytesReceived: request body bytes received from the client (decoded, so chunked
+        bodies count their data only; for an upgraded stream, the client's bytes).
+    @ivar bytesSent: response body bytes sent to the client (the same way).
+    @ivar status: the status sent to the client, C{0} when none was sent.
+    @ivar flags: Envoy-style response flags joined with C{","}, or C{"-"}.
+    """
+
+    startTime: float
+    duration: float
+    upstreamServiceTime: Optional[float]
+    bytesReceived: int
+    bytesSent: int
+    status: int
+    method: str
+    path: str
+    protocol: str
+    authority: str
+    upstreamHost: str
+    flags: str
+    requestId: str
+    forwardedFor: str
+    userAgent: str
+    downstreamRemoteAddress: str
+    downstreamPeerPrincipal: str = ""
+    mutualTLS: bool = False
+
+
+class Door(Protocol):
+    """
+    What an L{Exchange} needs of the front door it came through.
+    """
+
+    clientAddress: str
+    peerPrincipal: str
+    mutualTLS: bool
+
+    def writeInterim(self, data: bytes) -> None:
+        """Send an interim response (C{100 Continue}) to the client."""
+
+    def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
+        """Send the response head to the client."""
+
+    def writeBody(self, data: bytes) -> None:
+        """Send response body bytes to the client."""
+
+    def finishResponse(self, exchange: Exchange) -> None:
+        """The response is complete."""
+
+    def abortResponse(self, exchange: Exchange) -> None:
+        """The response cannot be completed: close the client's connection."""
+
+    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+        """Send a response made by the proxy itself."""
+
+    def startTunnel(self, exchange: Exchange, conn: UpstreamConnection) -> None:
+        """Splice the client and C{conn} after a 101."""
+
+    def pauseReading(self) -> None:
+        """Stop reading from the client until L{resumeReading}."""
+
+    def resumeReading(self) -> None:
+        """Read from the client again."""
+
+
+@attrs.define(slots=True, eq=False)
+class Engine:
+    """
+    What every exchange of one sidecar shares: the pool, the recorder, the clock and the
+    settings.  Built once by L{sidecar.service}.
+    """
+
+    clock: IReactorTime
+    pool: UpstreamPool
+    recorder: Recorder
+    serverHeader: bytes = b"amazing-proxy"
+    responseTimeout: Optional[float] = 60.0
+
+    def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
+        """
+        Start timing a new exchange for a request whose head has just arrived.
+        """
+        self.recorder.requestsActive += 1
+        return Exchange(self, door, method, target, version, req, self.clock.seconds())
+
+
+class Exchange:
+    """
+    One request/response pair in flight.
+
+    The front door calls L{begin} when the exchange may use the upstream, then
+    L{requestBody} and L{requestComplete} as the body arrives, and L{downstreamLost} if
+    the client goes away.  The upstream connection calls L{responseHead},
+    L{responseBody}, L{responseComplete}, or L{upstreamLost}.
+    """
+
+    __slots__ = (
+        "engine", "door", "method", "target", "version", "req", "start", "conn",
+        "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
+        "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
+        "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
+        "mustClose",
+    )
+
+    def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
+                 req: RequestHead, start: float) -> None:
+        self.engine = engine
+        self.door = door
+        self.method = method
+        self.target = target
+        self.version = version
+        self.req = req
+        self.start = start
+        self.conn: Optional[UpstreamConnection] = None
+        self.connector: Any = None
+        self.pending: List[bytes] = []
+        self.pendingBytes = 0
+        self.requestDone = False
+        self.bytesReceived = 0
+        self.bytesSent = 0
+        self.status = 0
+        self.flags: List[str] = []
+        self.upstreamStart = 0.0
+        self.upstreamServiceTime: Optional[float] = None
+        self.timeout: Any = None
+        self.finished = False
+        self.retried = False
+        self.headSent = False
+        self.upgraded = False
+        self.readingPaused = False
+        #: The client connection cannot be reused after this exchange.
+        self.mustClose = False
+
+    # -- the client side -------------------------------------------------------------
+
+    def begin(self) -> None:
+        """
+        The exchange may now talk to the client and the upstream: answer C{Expect:
+        100-continue} and ask the pool for a connection.
+        """
+        if self.req.expectContinue and not self.requestDone and self.version == "1.1":
+            self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.engine.pool.acquire(self)
+
+    def requestBody(self, data: bytes) -> None:
+        """
+        Request body bytes from the client (already de-chunked).
+        """
+        if self.finished:
+            return
+        self.bytesReceived += len(data)
+        conn = self.conn
+        if self.req.chunked:
+            framed = [b"%x\r\n" % len(data), data, b"\r\n"]
+        else:
+            framed = [data]
+        if conn is not None and conn.transport is not None:
+            conn.transport.writeSequence(framed)
+        else:
+            self.pending.extend(framed)
+            self.pendingBytes += len(data)
+            if self.pendingBytes > PENDING_LIMIT and not self.readingPaused:
+                self.readingPaused = True
+                self.door.pauseReading()
+
+    def requestComplete(self) -> None:
+        """
+        The client's request (head and body) has all arrived.
+        """
+        self.requestDone = True
+        if self.finished:
+            return
+        if self.req.chunked:
+            # Trailers are dropped: the last chunk and an empty trailer section.
+            if self.conn is not None:
+                self.conn.transport.write(b"0\r\n\r\n")
+            else:
+                self.pending.append(b"0\r\n\r\n")
+        if self.conn is not None and not self.upgraded:
+            self.conn.requestSent()
+
+    def downstreamLost(self) -> None:
+        """
+        The client went away before the exchange ended: cancel the upstream side.
+        """
+        if self.finished:
+            return
+        self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
+        self._cancelTimeout()
+        if self.connector is not None:
+            self.connector.disconnect()
+            self.connector = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+        self._end()
+
+    # -- the pool's side -------------------------------------------------------------
+
+    def upstreamConnected(self, conn: UpstreamConnection, reused: bool) -> None:
+        """
+        The pool gives us C{conn}: send the head and whatever body has arrived.
+        """
+        self.connector = None
+        if self.finished:
+            self.engine.pool.release(conn)
+            return
+        self.conn = conn
+        conn.attach(self, reused)
+        self.upstreamStart = self.engine.clock.seconds()
+        if self.pending:
+            conn.transport.writeSequence([self.req.head] + self.pending)
+            self.pending = []
+            self.pendingBytes = 0
+        else:
+            conn.transport.write(self.req.head)
+        if self.readingPaused:
+            self.readingPaused = False
+            self.door.resumeReading()
+        if self.requestDone:
+            conn.requestSent()
+        else:
+            conn.streamRequestFrom(self.door)
+        if self.engine.responseTimeout:
+            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
+
+    def upstreamConnectFailed(self, reason: Failure) -> None:
+        """
+        No connection to the service could be made.
+        """
+        self.connector = None
+        if self.finished:
+            return
+        log.warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
+                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                 path=self.target.decode("latin-1"), reason=reason.getErrorMessage())
+        self.flags.append(UPSTREAM_CONNECT_FAILURE)
+        self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
+                              b"reset reason: connection failure")
+
+    def setConnector(self, connector: Any) -> None:
+        """
+        Remember the connect attempt under way, so that a client that leaves cancels it.
+        """
+        self.connector = connector
+
+    # -- the upstream connection's side ---------------------------------------------
+
+    def responseHead(self, status: int, reason: bytes, headers: list, upstreamKeepAlive: bool) -> None:
+        """
+        The upstream's (final) response head arrived.
+        """
+        self._cancelTimeout()
+        self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
+        head = responseHead(headers, self.engine.serverHeader)
+        self.status = status
+        self.headSent = True
+        if not self.requestDone:
+            # The service answered before the client finished sending: the rest of the
+            # body goes nowhere and the connections can't be reused.
+            self.mustClose = True
+        self.door.startResponse(self, status, reason, head)
+
+    def responseBody(self, data: bytes) -> None:
+        """
+        Response body bytes from the upstream (de-chunked).
+        """
+        self.bytesSent += len(data)
+        self.door.writeBody(data)
+
+    def responseComplete(self, reusable: bool) -> None:
+        """
+        The upstream's response ended; C{reusable} says whether its connection may serve
+        another request.
+        """
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if reusable and self.requestDone:
+                self.engine.pool.release(conn)
+            else:
+                conn.abandon()
+        self.door.finishResponse(self)
+        self._end()
+
+    def upgradeAccepted(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        """
+        The upstream answered 101: from now on bytes flow both ways untouched.
+        """
+        self.upgraded = True
+        self.door.startTunnel(self, conn)
+        if leftover:
+            self.tunnelToClient(leftover)
+
+    def tunnelToClient(self, data: bytes) -> None:
+        """
+        Bytes from the upstream on an upgraded connection.
+        """
+        self.bytesSent += len(data)
+        self.door.writeBody(data)
+
+    def tunnelToUpstream(self, data: bytes) -> None:
+        """
+        Bytes from the client on an upgraded connection.
+        """
+        self.bytesReceived += len(data)
+        if self.conn is not None:
+            self.conn.transport.write(data)
+
+    def tunnelClosed(self) -> None:
+        """
+        Either side of an upgraded connection closed: the exchange is over.
+        """
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+        self._end()
+
+    def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
+        """
+        The upstream connection closed before the response was complete.
+        """
+        self._cancelTimeout()
+        self.conn = None
+        if self.finished:
+            return
+        if self.headSent:
+            log.warn("upstream {upstream} closed in the middle of the response to {method} {path}",
+                     upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                     path=self.target.decode("latin-1"))
+            self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
+            self.door.abortResponse(self)
+            self._end()
+            return
+        if (reused and not responseStarted and not self.retried and self.method in IDEMPOTENT
+                and not self.req.chunked and not self.req.contentLength and not self.req.upgrade):
+            # A pooled connection the service had closed: once more, on a new connection.
+            self.retried = True
+            self.engine.pool.acquire(self, fresh=True)
+            return
+        log.warn("upstream {upstream} closed before answering {method} {path}: {reason}",
+                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                 path=self.target.decode("latin-1"), reason=reason.getErrorMessage())
+        self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
+        self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
+                              b"reset reason: connection termination")
+
+    def upstreamProtocolError(self, detail: str) -> None:
+        """
+        The upstream sent something that is not HTTP/1.1.
+        """
+        self._cancelTimeout()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+        if self.finished:
+            return
+        log.warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
+                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                 path=self.target.decode("latin-1"), detail=detail)
+        self.flags.append(UPSTREAM_PROTOCOL_ERROR)
+        if self.headSent:
+            self.door.abortResponse(self)
+            self._end()
+        else:
+            self._localReply(502, b"upstream sent a malformed response")
+
+    # -- endings ---------------------------------------------------------------------
+
+    def reject(self, status: int, flag: str, body: bytes) -> None:
+        """
+        Refuse the request without asking the upstream (authorization, overflow).
+        """
+        self.flags.append(flag)
+        self.mustClose = self.mustClose or not self.requestDone
+        self._localReply(status, body)
+
+    def clientProtocolError(self, body: bytes) -> None:
+        """
+        The client's request body turned out malformed: drop the upstream side, answer
+        400 if nothing was answered yet, and close.
+        """
+        self.mustClose = True
+        self.requestDone = True
+        if self.finished:
+            return
+        self._cancelTimeout()
+        if self.connector is not None:
+            self.connector.disconnect()
+            self.connector = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+        self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
+        self._localReply(400, body)
+
+    def _timedOut(self) -> None:
+        self.timeout = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
+        if self.finished or self.headSent:
+            return
+        log.warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
+                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                 path=self.target.decode("latin-1"), seconds=self.engine.responseTimeout)
+        self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
+        self._localReply(504, b"upstream request timeout")
+
+    def _localReply(self, status: int, body: bytes) -> None:
+        if self.headSent:
+            self.door.abortResponse(self)
+            self._end()
+            return
+        self.status = status
+        self.headSent = True
+        self.bytesSent += 0 if self.method == b"HEAD" else len(body)
+        if not self.requestDone:
+            self.mustClose = True
+        self.door.localReply(self, status, body)
+        self._end()
+
+    def _cancelTimeout(self) -> None:
+        if self.timeout is not None:
+            self.timeout.cancel()
+            self.timeout = None
+
+    def _end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.engine.recorder.requestsActive -= 1
+        self._cancelTimeout()
+        if self.readingPaused:
+            self.readingPaused = False
+            self.door.resumeReading()
+        engine = self.engine
+        door = self.door
+        target = self.target
+        self.engine.recorder.record(Record(
+            self.start,
+            engine.clock.seconds() - self.start,
+            self.upstreamServiceTime,
+            self.bytesReceived,
+            self.bytesSent,
+            self.status,
+            self.method.decode("latin-1"),
+            target.decode("latin-1"),
+            "HTTP/" + self.version,
+            self.req.authority,
+            engine.pool.address,
+            ",".join(self.flags) if self.flags else "-",
+            self.req.requestId,
+            self.req.forwardedFor,
+            self.req.userAgent,
+            door.clientAddress,
+            door.peerPrincipal,
+            door.mutualTLS,
+        ))
+
+
+def noBody(exchange: Exchange, status: int) -> bool:
+    """
+    Whether the response to C{exchange} with C{status} carries no body.
+    """
+    return bodyForbidden(exchange.method, status)

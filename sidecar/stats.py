@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_stats -*-
+"""
+The recorder: turns records into counters and histograms with plain integers and lists
+on the hot path.  Formatting (Prometheus, JSON, log lines) happens when someone reads.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from sidecar.exchange import Record
+
+#: Envoy's default histogram buckets (milliseconds for durations, bytes for sizes).
+DEFAULT_BUCKETS: Tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    300000, 600000, 1800000, 3600000,
+)
+
+
+class Histogram:
+    """
+    A fixed-bucket histogram: C{counts[i]} counts observations C{<= bounds[i]}
+    (non-cumulative), the last slot those above every bound.
+    """
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """
+        Count one observation.
+        """
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> List[Tuple[float, int]]:
+        """
+        C{(upper bound, cumulative count)} pairs, ending with C{(inf, count)}.
+        """
+        out = []
+        running = 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+#: The labels by which requests are counted: protocol, status, flags, peer principal,
+#: whether the connection was mutual TLS.
+SeriesKey = Tuple[str, int, str, str, bool]
+
+
+class Series:
+    """
+    The counters of one label set.
+    """
+
+    __slots__ = ("requests", "duration", "requestBytes", "responseBytes")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.duration = Histogram()
+        self.requestBytes = Histogram()
+        self.responseBytes = Histogram()
+
+
+class Recorder:
+    """
+    Aggregates L{Record}s and passes each to the access log.
+
+    The gauges are plain attributes that the front doors and the pool update.
+
+    @ivar series: counters by L{SeriesKey}.
+    @ivar sinks: callables given every record (the access log).
+    """
+
+    def __init__(self, sinks: Sequence[Callable[[Record], None]] = ()) -> None:
+        self.series: Dict[SeriesKey, Series] = {}
+        self.sinks = list(sinks)
+        self.downstreamConnectionsActive = 0
+        self.downstreamConnectionsTotal = 0
+        self.requestsActive = 0
+        self.downstreamBytesReceived = 0
+        self.downstreamBytesSent = 0
+        self.lastRecord: Optional[Record] = None
+
+    def record(self, rec: Record) -> None:
+        """
+        Count one finished exchange.  This is on the hot path: a dict lookup, three
+        bisects and the sinks.
+        """
+        key = (rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series()
+        series.requests += 1
+        series.duration.observe(rec.duration * 1000.0)
+        series.requestBytes.observe(rec.bytesReceived)
+        series.responseBytes.observe(rec.bytesSent)
+        self.downstreamBytesReceived += rec.bytesReceived
+        self.downstreamBytesSent += rec.bytesSent
+        self.lastRecord = rec
+        for sink in self.sinks:
+            sink(rec)
+
+    def totalRequests(self) -> int:
+        """
+        How many exchanges have been recorded.
+        """
+        return sum(s.requests for s in self.series.values())

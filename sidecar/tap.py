@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The command line of C{twistd sidecar}: every flag, validated at start-up, and
+L{makeService}, which hands the configuration to L{sidecar.service}.
+
+This is the only module that imports the global reactor, inside L{makeService} and the
+endpoint check.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+from twisted.python import usage
+
+from sidecar.config import ENGINES, LOG_FORMATS, ProxyConfig, UpstreamConfig
+
+
+def _endpoint(flag: str, value: str, allowNone: bool = True) -> Optional[str]:
+    """
+    A bare port becomes C{tcp:PORT} (every interface); anything else must be a Twisted
+    server endpoint string.
+    """
+    value = value.strip()
+    if allowNone and value.lower() == "none":
+        return None
+    if value.isdigit():
+        port = int(value)
+        if not 0 <= port <= 65535:
+            raise usage.UsageError(f"{flag}: port {value} is out of range (0-65535).")
+        return f"tcp:{port}"
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, value)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(
+            f"{flag}: {value!r} is neither a port number nor a server endpoint "
+            f"such as tcp:8000:interface=127.0.0.1 ({e})."
+        )
+    return value
+
+
+def parseUpstream(value: str) -> Tuple[str, int]:
+    """
+    C{PORT}, C{HOST:PORT} or C{[V6]:PORT} to C{(host, port)}; the host defaults to
+    C{127.0.0.1}.
+    """
+    value = value.strip()
+    host = "127.0.0.1"
+    port = value
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0 or value[close + 1:close + 2] != ":":
+            raise usage.UsageError(f"--upstream: {value!r} is not [IPv6]:PORT.")
+        host, port = value[1:close], value[close + 2:]
+    elif ":" in value:
+        host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise usage.UsageError(f"--upstream: {value!r} is not PORT or HOST:PORT with a port from 1 to 65535.")
+    if not host:
+        raise usage.UsageError(f"--upstream: {value!r} has an empty host.")
+    return host, int(port)
+
+
+def _seconds(flag: str, value: str, allowZero: bool) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise usage.UsageError(f"{flag}: {value!r} is not a number of seconds.")
+    if seconds != seconds or seconds < 0 or (seconds == 0 and not allowZero) or seconds == float("inf"):
+        raise usage.UsageError(
+            f"{flag}: {value!r} must be a {'non-negative' if allowZero else 'positive'} number of seconds."
+        )
+    return seconds
+
+
+def _accessLog(value: str) -> Optional[str]:
+    if value == "-":
+        return "-"
+    if value.lower() == "none":
+        return None
+    try:
+        with open(value, "a"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"--access-log: cannot write to {value!r}: {e.strerror}.")
+    return os.path.abspath(value)
+
+
+class Options(usage.Options):
+    """
+    C{twistd sidecar} flags.  Each bad value is refused with one sentence naming it.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A sidecar proxy: forwards every request to the service on the loopback "
+        "interface, adds a Server header, and records the duration, sizes and status "
+        "of each request."
+    )
+
+    optParameters = [
+        ["listen", None, "8000", "Plain HTTP listener: a port (all interfaces), a Twisted endpoint, or none."],
+        ["upstream", None, "80", "The service: PORT or HOST:PORT (host defaults to 127.0.0.1)."],
+        ["server-header", None, "amazing-proxy", "The Server header set on every response."],
+        ["access-log", None, "-", "Access log: a file path, - for stdout, or none."],
+        ["log-format", None, "text", "Access log format: seed, text or json."],
+        ["upstream-timeout", None, "60", "Seconds to wait for the service's response head (0: no limit)."],
+        ["connect-timeout", None, "5", "Seconds allowed to connect to the service."],
+        ["upstream-idle-timeout", None, "4", "Seconds an idle pooled upstream connection is kept."],
+        ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
+        ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
+        ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+    ]
+
+    def postOptions(self) -> None:
+        """
+        Check every flag and build L{ProxyConfig} into C{self["config"]}.
+        """
+        listen = _endpoint("--listen", self["listen"])
+        host, port = parseUpstream(self["upstream"])
+        logFormat = self["log-format"].strip().lower()
+        if logFormat not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}.")
+        engine = self["engine"].strip().lower()
+        if engine not in ENGINES:
+            raise usage.UsageError(f"--engine: {self['engine']!r} is not one of {', '.join(ENGINES)}.")
+        server = self["server-header"]
+        if not server or any(c in server for c in "\r\n\0") or not server.isascii():
+            raise usage.UsageError("--server-header: the value must be non-empty printable ASCII on one line.")
+        responseTimeout = _seconds("--upstream-timeout", self["upstream-timeout"], allowZero=True)
+        try:
+            maxHeaderBytes = int(self["max-header-bytes"])
+        except ValueError:
+            maxHeaderBytes = -1
+        if maxHeaderBytes < 1024:
+            raise usage.UsageError("--max-header-bytes: must be a whole number of at least 1024.")
+        self["config"] = ProxyConfig(
+            listen=listen,
+            upstream=UpstreamConfig(
+                host=host,
+                port=port,
+                connectTimeout=_seconds("--connect-timeout", self["connect-timeout"], allowZero=False),
+                responseTimeout=responseTimeout or None,
+                idleTimeout=_seconds("--upstream-idle-timeout", self["upstream-idle-timeout"], allowZero=False),
+            ),
+            serverHeader=server,
+            accessLog=_accessLog(self["access-log"]),
+            logFormat=logFormat,
+            engine=engine,
+            admin=_endpoint("--admin", self["admin"]),
+            maxHeaderBytes=maxHeaderBytes,
+        )
+        if listen is None:
+            raise usage.UsageError("--listen: none leaves the proxy with no listener.")
+
+
+def makeService(options: Options):
+    """
+    Build the sidecar's service from parsed options.
+    """
+    from twisted.internet import reactor
+
+    from sidecar.service import makeService as assemble
+
+    return assemble(options["config"], reactor)

@@ -1,0 +1,395 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+Persistent connections to the service: the L{UpstreamPool} hands them to exchanges,
+takes them back when a response ends cleanly, and closes them when idle too long.
+Each L{UpstreamConnection} parses responses with llhttp (C{httptools}).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import httptools
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sidecar.config import UpstreamConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IReactorTCP, IReactorTime
+
+    from sidecar.exchange import Exchange
+
+
+#: Where a connection stands in the pool.
+CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
+
+
+_STOP_HEAD = "head"
+_STOP_EXTRA = "extra"
+
+
+class _HeadDone(Exception):
+    """
+    Raised from the parser's callback to stop after the head of a response that has no
+    body whatever its headers say (the answer to a HEAD).
+    """
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(Protocol):
+    """
+    One HTTP/1.1 connection to the service, serving one exchange at a time.
+
+    It is also the producer of the response body: the front door registers it with the
+    client's transport, which pauses it when the client reads slowly.
+    """
+
+    exchange: Optional[Exchange] = None
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.state = CONNECTING
+        self.parser: Any = None
+        self.reused = False
+        self.idleSince = 0.0
+        self.tunnel = False
+        self.responseStarted = False
+        self._headers: List = []
+        self._status = 0
+        self._reason = b""
+        self._inBody = False
+        self._eofBody = False
+        self._headOnly = False
+        self._abandoned = False
+        self._sourceDoor: Any = None
+        self._stop: Optional[str] = None
+
+    # -- the exchange's side ---------------------------------------------------------
+
+    def attach(self, exchange: Exchange, reused: bool) -> None:
+        """
+        Serve C{exchange}: a fresh parser, a clean slate.
+        """
+        self.exchange = exchange
+        self.reused = reused
+        self.parser = httptools.HttpResponseParser(self)
+        self.responseStarted = False
+        self._headOnly = exchange.method == b"HEAD"
+        self._inBody = False
+        self._eofBody = False
+
+    def streamRequestFrom(self, door: Any) -> None:
+        """
+        The request body is still arriving: let our transport pause the client.
+        """
+        if self._sourceDoor is None and self.transport is not None:
+            self._sourceDoor = door
+            self.transport.registerProducer(door, True)
+
+    def requestSent(self) -> None:
+        """
+        The whole request is written: stop pausing the client on our behalf.
+        """
+        door = self._sourceDoor
+        if door is not None:
+            self._sourceDoor = None
+            if self.transport is not None:
+                self.transport.unregisterProducer()
+            door.resumeProducing()
+
+    def abandon(self) -> None:
+        """
+        Close this connection without a word: it will not be reused.
+        """
+        self.requestSent()
+        self._abandoned = True
+        self.exchange = None
+        self.pool.lost(self)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # -- the producer of the response body ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abandon()
+
+    # -- the transport's side --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pool.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Nothing asked: a service talking out of turn.  Don't reuse it.
+            self.abandon()
+            return
+        if self.tunnel:
+            exchange.tunnelToClient(data)
+            return
+        self.responseStarted = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            stop, self._stop = self._stop, None
+            if stop == _STOP_HEAD:
+                # The head of a HEAD response: complete, whatever Content-Length says.
+                self._complete(self.parser.should_keep_alive())
+            elif stop == _STOP_EXTRA:
+                self.abandon()
+            else:
+                raise
+        except httptools.HttpParserUpgrade as e:
+            self._upgraded(data[e.args[0]:])
+        except httptools.HttpParserError as e:
+            if self.exchange is not None:
+                self.exchange.upstreamProtocolError(str(e))
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.pool.lost(self)
+        exchange, self.exchange = self.exchange, None
+        door, self._sourceDoor = self._sourceDoor, None
+        if door is not None:
+            door.resumeProducing()
+        if exchange is None or self._abandoned:
+            return
+        if self.tunnel:
+            exchange.tunnelClosed()
+        elif self._eofBody:
+            # A response delimited by the end of the connection ends here.
+            exchange.responseComplete(False)
+        else:
+            exchange.upstreamLost(reason, self.reused, self.responseStarted)
+
+    # -- parser callbacks (llhttp) ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A second response to one request: the service is confused; stop here.
+            self._stop = _STOP_EXTRA
+            raise _HeadDone()
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._inBody:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            # Interim responses (100, 103) are not forwarded: the proxy answers
+            # "Expect: 100-continue" itself.
+            return
+        if status == 101:
+            self._status = status
+            return
+        self._inBody = True
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if not self._headOnly and status not in (204, 304):
+            # Neither Content-Length nor chunked: the body runs to the end of the connection.
+            chunked = any(n.lower() == b"transfer-encoding" for n, _ in self._headers)
+            length = any(n.lower() == b"content-length" for n, _ in self._headers)
+            self._eofBody = not chunked and not length
+        exchange.responseHead(status, self._reason, self._headers, parser.should_keep_alive())
+        if self._headOnly:
+            self._stop = _STOP_HEAD
+            raise _HeadDone()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.responseBody(body)
+
+    def on_message_complete(self) -> None:
+        if not self._inBody:
+            return
+        self._complete(self.parser.should_keep_alive())
+
+    # -- internals -------------------------------------------------------------------
+
+    def _complete(self, keepAlive: bool) -> None:
+        self._inBody = False
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.responseComplete(keepAlive)
+
+    def _upgraded(self, leftover: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if self._status != 101:
+            # llhttp thinks the connection was upgraded but no 101 arrived.
+            exchange.upstreamProtocolError("upgrade without 101")
+            self.transport.abortConnection()
+            return
+        self.tunnel = True
+        exchange.responseHead(101, self._reason, self._headers, False)
+        exchange.upgradeAccepted(self, leftover)
+
+
+class _ConnectAttempt(ClientFactory):
+    """
+    One connect for one exchange; a success joins the pool.
+    """
+
+    protocol = UpstreamConnection
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, exchange: Exchange) -> None:
+        self.pool = pool
+        self.exchange: Optional[Exchange] = exchange
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        conn = UpstreamConnection(self.pool)
+        conn.factory = self  # type: ignore[attr-defined]
+        return conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.pool.connectFailed()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstreamConnectFailed(reason)
+
+
+class UpstreamPool:
+    """
+    Persistent connections to the service, reused across requests and clients.
+
+    Idle connections are kept in a stack (the most recently used first: its peer is the
+    least likely to have timed it out).  A connection idle longer than
+    C{config.idleTimeout} is closed, by L{sweep} or when it would be taken.
+
+    @ivar address: C{host:port} of the service, for logs and records.
+    @ivar active: open connections serving an exchange.
+    @ivar connecting: connects under way.
+    @ivar connects: successful connects so far.
+    @ivar connectFailures: failed connects so far.
+    """
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.config = config
+        self.address = config.address
+        self.idle: List[UpstreamConnection] = []
+        self.active = 0
+        self.connecting = 0
+        self.connects = 0
+        self.connectFailures = 0
+
+    def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
+        """
+        Give C{exchange} a connection: an idle one at once, or a new one when it
+        connects (L{Exchange.upstreamConnected} or L{Exchange.upstreamConnectFailed}).
+
+        @param fresh: don't reuse an idle connection (a retry after a stale one).
+        """
+        idle = self.idle
+        if idle and not fresh:
+            deadline = self.clock.seconds() - self.config.idleTimeout
+            while idle:
+                conn = idle.pop()
+                if conn.idleSince >= deadline:
+                    conn.state = ACTIVE
+                    self.active += 1
+                    exchange.upstreamConnected(conn, True)
+                    return
+                conn.state = CLOSED
+                conn.transport.loseConnection()
+        self.connecting += 1
+        attempt = _ConnectAttempt(self, exchange)
+        connector = self.reactor.connectTCP(
+            self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
+        )
+        exchange.setConnector(connector)
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        """
+        A new connection is up: give it to the exchange that asked for it.
+        """
+        self.connecting -= 1
+        self.connects += 1
+        self.active += 1
+        conn.state = ACTIVE
+        attempt = conn.factory  # type: ignore[attr-defined]
+        exchange, attempt.exchange = attempt.exchange, None
+        if exchange is None or exchange.finished:
+            self.release(conn)
+            return
+        exchange.upstreamConnected(conn, False)
+
+    def connectFailed(self) -> None:
+        """
+        A connect attempt failed (or was cancelled).
+        """
+        self.connecting -= 1
+        self.connectFailures += 1
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """
+        An exchange is done with C{conn} and it may serve another.
+        """
+        conn.exchange = None
+        if conn.state != ACTIVE:
+            return
+        self.active -= 1
+        if conn.transport is None or len(self.idle) >= self.config.maxIdle:
+            conn.state = CLOSED
+            conn.abandon()
+            return
+        conn.state = IDLE
+        conn.idleSince = self.clock.seconds()
+        self.idle.append(conn)
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        """
+        C{conn} closed: forget it, wherever it was.
+        """
+        if conn.state == IDLE:
+            self.idle.remove(conn)
+        elif conn.state == ACTIVE:
+            self.active -= 1
+        conn.state = CLOSED
+
+    def sweep(self) -> None:
+        """
+        Close the idle connections that have been idle too long.
+        """
+        deadline = self.clock.seconds() - self.config.idleTimeout
+        keep = []
+        for conn in self.idle:
+            if conn.idleSince >= deadline:
+                keep.append(conn)
+            else:
+                conn.state = CLOSED
+                conn.transport.loseConnection()
+        self.idle[:] = keep
+
+    def closeAll(self) -> None:
+        """
+        Close every idle connection (at shutdown).
+        """
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.state = CLOSED
+            conn.transport.loseConnection()
