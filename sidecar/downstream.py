@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, Engine, Exchange
+from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
 #: Why reading from the client is paused (a bit each; reading resumes when none is left).
@@ -72,6 +72,9 @@ class DownstreamProtocol(Protocol):
     peerPrincipal = ""
     mutualTLS = False
     proto = b"http"
+    #: When set, every request on this connection is answered 403 with this body (an
+    #: identity the authorization policy refuses).
+    denial: Optional[bytes] = None
 
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
@@ -95,6 +98,7 @@ class DownstreamProtocol(Protocol):
         self._headers: Headers = []
         self._headBytes = 0
         self._inBody = False
+        self._identified = False
 
     # -- connection ------------------------------------------------------------------
 
@@ -180,6 +184,9 @@ class DownstreamProtocol(Protocol):
             raise self._refusal
 
     def on_headers_complete(self) -> None:
+        if not self._identified:
+            self._identified = True
+            self.identify()
         parser = self._parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -222,6 +229,12 @@ class DownstreamProtocol(Protocol):
 
     # -- what an exchange asks of its door -------------------------------------------
 
+    def identify(self) -> None:
+        """
+        Learn who the client is, once, at its first request (a TLS handshake is over by
+        then).  Subclasses set L{peerPrincipal}, L{mutualTLS}, L{proto} and L{denial}.
+        """
+
     def extraRequestHeaders(self) -> Headers:
         """
         Headers the proxy adds to every request from this connection (mutual TLS adds
@@ -234,7 +247,7 @@ class DownstreamProtocol(Protocol):
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
         headers = head.headers
-        closing = exchange.mustClose or self._closing
+        closing = exchange.mustClose or self._closing or self.engine.draining
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         self._chunkedOut = False
         if status == 101:
@@ -285,7 +298,7 @@ class DownstreamProtocol(Protocol):
         self._done(exchange)
 
     def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
-        closing = exchange.mustClose or self._closing or exchange.req.upgrade
+        closing = exchange.mustClose or self._closing or exchange.req.upgrade or self.engine.draining
         exchange.mustClose = closing
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
@@ -344,7 +357,10 @@ class DownstreamProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def _begin(self, exchange: Exchange) -> None:
-        exchange.begin()
+        if self.denial is not None:
+            exchange.reject(403, UNAUTHORIZED, self.denial)
+        else:
+            exchange.begin()
 
     def _done(self, exchange: Exchange) -> None:
         """

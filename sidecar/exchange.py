@@ -42,7 +42,7 @@ UPSTREAM_REQUEST_TIMEOUT = "UT"
 UPSTREAM_PROTOCOL_ERROR = "UPE"
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
-UNAUTHORIZED = "UAEX"
+UNAUTHORIZED = "RBAC"
 OVERFLOW = "UO"
 
 
@@ -131,6 +131,8 @@ class Engine:
     recorder: Recorder
     serverHeader: bytes = b"amazing-proxy"
     responseTimeout: Optional[float] = 60.0
+    #: Draining: every response says C{Connection: close} so clients move away.
+    draining: bool = False
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
