@@ -1,0 +1,649 @@
+# -*- test-case-name: tests.test_iptables_script -*-
+"""
+Tests for C{init/sidecar-iptables.sh}, the init container's script.
+
+Most tests run the script against stand-in C{iptables} commands that record
+every call and answer queries from their environment, so they need neither
+root nor a kernel: they check which commands the script runs, in which order,
+for every option. The rest run it against the real C{iptables-nft} and
+C{iptables-legacy} inside a network namespace made for the test (root only).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Iterable
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.test_pod_netns import (
+    SCRIPT,
+    NetworkNamespace,
+    missingForNamespaces,
+    normalizedRules,
+    ourTrace,
+)
+
+CHAIN = "SIDECAR_INBOUND"
+
+# A stand-in for every iptables command the script may call. It appends its
+# name and arguments to $STUB_LOG and answers from the environment:
+#   STUB_HAS_CHAIN  names of the commands whose nat table holds the chain
+#   STUB_JUMPS      how many PREROUTING jumps to the chain there are
+#   STUB_UNUSABLE   names of the commands that fail as without root
+#   STUB_FAIL       a piece of a command line that makes the command fail
+STUB = """#!/bin/sh
+name=${0##*/}
+echo "$name $*" >>"$STUB_LOG"
+case $name in
+    *-save) echo "# rules as $name prints them"; exit 0 ;;
+esac
+case " ${STUB_UNUSABLE:-} " in
+    *" $name "*) echo "$name: Permission denied (you must be root)" >&2; exit 4 ;;
+esac
+case "$*" in
+    *"-S SIDECAR_INBOUND")
+        case " ${STUB_HAS_CHAIN:-} " in
+            *" $name "*) echo "-N SIDECAR_INBOUND"; exit 0 ;;
+        esac
+        echo "iptables: No chain/target/match by that name." >&2
+        exit 1 ;;
+    *"-S PREROUTING")
+        echo "-P PREROUTING ACCEPT"
+        i=0
+        while [ "$i" -lt "${STUB_JUMPS:-0}" ]; do
+            echo "-A PREROUTING -p tcp -j SIDECAR_INBOUND"
+            i=$((i + 1))
+        done
+        exit 0 ;;
+esac
+if [ -n "${STUB_FAIL:-}" ]; then
+    case "$*" in
+        *"$STUB_FAIL"*) echo "$name: stand-in failure" >&2; exit 1 ;;
+    esac
+fi
+exit 0
+"""
+
+STUB_NAMES = [
+    f"{family}{suffix}{save}"
+    for family in ("iptables", "ip6tables")
+    for suffix in ("", "-nft", "-legacy")
+    for save in ("", "-save")
+]
+
+
+def freshRules(iptables: str, proxy: int = 8000, excluded: Iterable[int] = (8443, 15000),
+               captured: Iterable[int] = (80,)) -> list[str]:
+    """
+    The commands that set up a pod whose nat table holds nothing of ours.
+
+    @param iptables: the command, such as C{iptables-nft}.
+    @param proxy: the proxy port.
+    @param excluded: the excluded ports after the proxy port, in order.
+    @param captured: the redirected ports, in order.
+    @return: one command line per change, as the script prints them.
+    """
+    prefix = f"{iptables} -w 5 -t nat"
+    return [
+        f"{prefix} -N {CHAIN}",
+        *chainRules(iptables, proxy, excluded, captured),
+        f"{prefix} -A PREROUTING -p tcp -j {CHAIN}",
+    ]
+
+
+def chainRules(iptables: str, proxy: int = 8000, excluded: Iterable[int] = (8443, 15000),
+               captured: Iterable[int] = (80,)) -> list[str]:
+    """
+    The commands that fill the chain.
+
+    @param iptables: the command, such as C{iptables-nft}.
+    @param proxy: the proxy port.
+    @param excluded: the excluded ports after the proxy port, in order.
+    @param captured: the redirected ports, in order.
+    @return: one command line per rule.
+    """
+    prefix = f"{iptables} -w 5 -t nat -A {CHAIN}"
+    return [
+        f"{prefix} -i lo -j RETURN",
+        *(f"{prefix} -p tcp --dport {port} -j RETURN" for port in (proxy, *excluded)),
+        *(f"{prefix} -p tcp --dport {port} -j REDIRECT --to-ports {proxy}" for port in captured),
+    ]
+
+
+def changes(calls: list[str]) -> list[str]:
+    """
+    Keep the calls that change rules.
+
+    @param calls: every recorded call.
+    @return: those that are not C{-S} queries or C{*-save} dumps.
+    """
+    return [
+        call for call in calls
+        if " -S " not in call and not call.split()[0].endswith("-save")
+    ]
+
+
+class StandInTests(TestCase):
+    """
+    The script's commands, run against stand-in iptables commands.
+    """
+
+    def setUp(self) -> None:
+        """
+        Put the stand-ins first on C{PATH}; start from an environment with no
+        C{SIDECAR_*} variable and with IPv6 off unless a test turns it on.
+        """
+        self.bin = FilePath(self.mktemp())
+        self.bin.makedirs()
+        for name in STUB_NAMES:
+            stub = self.bin.child(name)
+            stub.setContent(STUB.encode())
+            stub.chmod(0o755)
+        self.log = FilePath(self.mktemp())
+        self.log.touch()
+        self.env = {
+            name: value for name, value in os.environ.items()
+            if not name.startswith(("SIDECAR_", "STUB_"))
+        }
+        self.env["PATH"] = self.bin.path + os.pathsep + self.env.get("PATH", "/usr/bin:/bin")
+        self.env["STUB_LOG"] = self.log.path
+        self.env["SIDECAR_IPV6"] = "off"
+
+    def script(self, *argv: str, **env: str):
+        """
+        Run the script.
+
+        @param argv: its arguments.
+        @param env: environment variables to add.
+        @return: a L{Deferred} firing with C{(stdout, stderr, exit code)},
+            the outputs as text.
+        """
+        d = getProcessOutputAndValue(
+            "/bin/sh", (SCRIPT.path, *argv), env={**self.env, **env}
+        )
+        return d.addCallback(lambda r: (r[0].decode(), r[1].decode(), r[2]))
+
+    def calls(self) -> list[str]:
+        """
+        @return: every stand-in call so far, one line each.
+        """
+        return self.log.getContent().decode().splitlines()
+
+    def test_shellcheckFindsNothing(self):
+        """
+        C{shellcheck} reports nothing about the script.
+        """
+        shellcheck = shutil.which("shellcheck")
+        if shellcheck is None:
+            raise SkipTest("needs the shellcheck program (apt-get install shellcheck)")
+        d = getProcessOutputAndValue(shellcheck, (SCRIPT.path,), env=dict(os.environ))
+        d.addCallback(lambda r: self.assertEqual((r[0], r[2]), (b"", 0)))
+        return d
+
+    @inlineCallbacks
+    def test_helpNamesEveryOption(self):
+        """
+        C{-h} prints a usage text naming every option and its environment
+        variable and exits 0 without touching iptables.
+        """
+        out, _, code = yield self.script("-h")
+        self.assertEqual(code, 0)
+        for word in ("-p PORT", "-b PORTS", "-d PORTS", "-a PORT", "-t PORT", "-i BACKEND",
+                     "-n", "clean", "SIDECAR_PROXY_PORT", "SIDECAR_INBOUND_PORTS",
+                     "SIDECAR_EXCLUDE_PORTS", "SIDECAR_ADMIN_PORT", "SIDECAR_TLS_PORT",
+                     "SIDECAR_IPTABLES", "SIDECAR_DRY_RUN", "SIDECAR_IPV6"):
+            self.assertIn(word, out)
+        self.assertEqual(self.calls(), [])
+
+    @inlineCallbacks
+    def test_freshPodGetsChainRulesAndOneJump(self):
+        """
+        In a pod with nothing of ours, the script creates C{SIDECAR_INBOUND},
+        returns loopback traffic and the proxy's own ports (8000, TLS 8443,
+        admin 15000), redirects port 80 to 8000, jumps to the chain from
+        C{PREROUTING} for TCP last, and prints the resulting nat table.
+        """
+        out, err, code = yield self.script("-i", "nft")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(changes(self.calls()), freshRules("iptables-nft"))
+        self.assertEqual(self.calls()[-1], "iptables-nft-save -t nat")
+        self.assertIn("# rules as iptables-nft-save prints them", out)
+
+    @inlineCallbacks
+    def test_dryRunPrintsCommandsAndChangesNothing(self):
+        """
+        C{-n} prints the commands that would change the rules, one a line,
+        and runs only read-only queries.
+        """
+        out, err, code = yield self.script("-n", "-i", "nft")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines(), freshRules("iptables-nft"))
+        self.assertIn("dry run", err)
+        self.assertEqual(changes(self.calls()), [])
+
+    @inlineCallbacks
+    def test_dryRunFromEnvironment(self):
+        """
+        C{SIDECAR_DRY_RUN=1} is the same as C{-n}.
+        """
+        out, _, code = yield self.script("-i", "nft", SIDECAR_DRY_RUN="1")
+        self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-nft")))
+        self.assertEqual(changes(self.calls()), [])
+
+    @inlineCallbacks
+    def test_secondRunRefillsTheChain(self):
+        """
+        When the chain and its jump are already there, the script flushes the
+        chain and fills it again, and adds no second jump, so running it twice
+        gives the same rules as running it once.
+        """
+        _, _, code = yield self.script(
+            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="1"
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            changes(self.calls()),
+            [f"iptables-nft -w 5 -t nat -F {CHAIN}", *chainRules("iptables-nft")],
+        )
+
+    @inlineCallbacks
+    def test_extraJumpsAreRemoved(self):
+        """
+        If C{PREROUTING} jumps to the chain more than once, the extra jumps go.
+        """
+        _, _, code = yield self.script(
+            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="3"
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            changes(self.calls())[-2:],
+            [f"iptables-nft -w 5 -t nat -D PREROUTING -p tcp -j {CHAIN}"] * 2,
+        )
+
+    @inlineCallbacks
+    def test_everyPortExceptExcluded(self):
+        """
+        C{-b '*'} redirects every TCP port but the excluded ones; C{-d} adds
+        exclusions after the proxy's own ports, each port once.
+        """
+        out, _, code = yield self.script("-n", "-i", "nft", "-b", "*", "-d", "22,8000,15000,5432")
+        self.assertEqual(code, 0)
+        prefix = f"iptables-nft -w 5 -t nat -A {CHAIN}"
+        self.assertEqual(
+            out.splitlines(),
+            [
+                f"iptables-nft -w 5 -t nat -N {CHAIN}",
+                f"{prefix} -i lo -j RETURN",
+                *(f"{prefix} -p tcp --dport {port} -j RETURN" for port in (8000, 8443, 15000, 22, 5432)),
+                f"{prefix} -p tcp -j REDIRECT --to-ports 8000",
+                f"iptables-nft -w 5 -t nat -A PREROUTING -p tcp -j {CHAIN}",
+            ],
+        )
+
+    @inlineCallbacks
+    def test_emptyInboundPortsCaptureNothing(self):
+        """
+        An empty C{-b} installs the chain with its exclusions but redirects
+        nothing.
+        """
+        out, _, code = yield self.script("-n", "-i", "nft", "-b", "")
+        self.assertEqual(code, 0)
+        self.assertNotIn("REDIRECT", out)
+
+    @inlineCallbacks
+    def test_environmentConfigures(self):
+        """
+        Every option can come from its C{SIDECAR_*} variable; an empty admin
+        or TLS port excludes nothing for it.
+        """
+        out, _, code = yield self.script(
+            "-n",
+            SIDECAR_IPTABLES="legacy",
+            SIDECAR_PROXY_PORT="9000",
+            SIDECAR_INBOUND_PORTS="80,8080",
+            SIDECAR_EXCLUDE_PORTS="9090",
+            SIDECAR_ADMIN_PORT="",
+            SIDECAR_TLS_PORT="",
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out.splitlines(),
+            freshRules("iptables-legacy", proxy=9000, excluded=(9090,), captured=(80, 8080)),
+        )
+
+    @inlineCallbacks
+    def test_flagsWinOverEnvironment(self):
+        """
+        A flag overrides its environment variable.
+        """
+        out, _, code = yield self.script(
+            "-n", "-i", "nft", "-p", "9100", "-a", "9901", "-t", "9443",
+            SIDECAR_PROXY_PORT="9000", SIDECAR_IPTABLES="legacy",
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out.splitlines(), freshRules("iptables-nft", proxy=9100, excluded=(9443, 9901))
+        )
+
+    @inlineCallbacks
+    def test_ipv6Mirrors(self):
+        """
+        With IPv6, the same rules go into C{ip6tables} of the same backend,
+        and both tables are printed.
+        """
+        out, _, code = yield self.script("-i", "nft", SIDECAR_IPV6="on")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            changes(self.calls()), freshRules("iptables-nft") + freshRules("ip6tables-nft")
+        )
+        self.assertIn("# rules as iptables-nft-save prints them", out)
+        self.assertIn("# rules as ip6tables-nft-save prints them", out)
+
+    @inlineCallbacks
+    def test_autoPrefersTheBackendHoldingTheChain(self):
+        """
+        The automatic backend is the one whose nat table already holds the
+        chain, so a second run never splits the rules across backends.
+        """
+        out, _, code = yield self.script("-n", STUB_HAS_CHAIN="iptables-legacy", STUB_JUMPS="1")
+        self.assertEqual(code, 0)
+        self.assertEqual(
+            out.splitlines(),
+            [f"iptables-legacy -w 5 -t nat -F {CHAIN}", *chainRules("iptables-legacy")],
+        )
+
+    @inlineCallbacks
+    def test_autoPrefersNft(self):
+        """
+        With no chain anywhere, the automatic backend is nft.
+        """
+        out, _, code = yield self.script("-n")
+        self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-nft")))
+
+    @inlineCallbacks
+    def test_autoFallsBackToLegacy(self):
+        """
+        When nft cannot read its nat table, the automatic backend is legacy.
+        """
+        out, _, code = yield self.script("-n", STUB_UNUSABLE="iptables-nft")
+        self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-legacy")))
+
+    @inlineCallbacks
+    def test_cleanRemovesJumpsThenChain(self):
+        """
+        C{clean} deletes every jump to the chain, then flushes and deletes the
+        chain, touches nothing else, and prints the nat table.
+        """
+        out, _, code = yield self.script(
+            "-i", "nft", "clean", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="2"
+        )
+        self.assertEqual(code, 0)
+        prefix = "iptables-nft -w 5 -t nat"
+        self.assertEqual(
+            changes(self.calls()),
+            [f"{prefix} -D PREROUTING -p tcp -j {CHAIN}"] * 2
+            + [f"{prefix} -F {CHAIN}", f"{prefix} -X {CHAIN}"],
+        )
+        self.assertIn("# rules as iptables-nft-save prints them", out)
+
+    @inlineCallbacks
+    def test_cleanWithNothingThere(self):
+        """
+        C{clean} where the script never ran changes nothing and succeeds.
+        """
+        _, _, code = yield self.script("-i", "nft", "clean")
+        self.assertEqual((code, changes(self.calls())), (0, []))
+
+    @inlineCallbacks
+    def test_cleanFindsIPv6RulesLeftBehind(self):
+        """
+        C{clean} also removes the IPv6 chain when it is there, even if the pod
+        no longer has an IPv6 address.
+        """
+        _, _, code = yield self.script(
+            "-i", "nft", "clean", SIDECAR_IPV6="auto", STUB_HAS_CHAIN="ip6tables-nft"
+        )
+        self.assertEqual(code, 0)
+        self.assertIn(f"ip6tables-nft -w 5 -t nat -X {CHAIN}", changes(self.calls()))
+
+    @inlineCallbacks
+    def test_failureExitsNonZero(self):
+        """
+        If any iptables command fails, the script stops at once, says which
+        command failed, and exits non-zero, so the pod does not start
+        uncaptured.
+        """
+        out, err, code = yield self.script("-i", "nft", STUB_FAIL="-A PREROUTING")
+        self.assertEqual(code, 1)
+        self.assertIn("-A PREROUTING -p tcp -j SIDECAR_INBOUND", err)
+        self.assertIn("failed", err)
+        self.assertNotIn("-save", "\n".join(self.calls()))
+
+    @inlineCallbacks
+    def test_missingIptablesIsAnError(self):
+        """
+        Without the backend's command the script says so and exits non-zero.
+        """
+        tools = FilePath(self.mktemp())
+        tools.makedirs()
+        for tool in ("grep", "tr"):
+            FilePath(shutil.which(tool)).linkTo(tools.child(tool))  # type: ignore[arg-type]
+        out, err, code = yield self.script("-i", "nft", PATH=tools.path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("cannot find iptables-nft", err)
+
+    @inlineCallbacks
+    def test_badInputIsOneSentence(self):
+        """
+        A bad port, port list, backend, option or argument gets one sentence on
+        stderr naming it (and a pointer to C{-h}), exit status 2, and no
+        iptables call.
+        """
+        cases = [
+            (("-p", "0"), {}, "-p"),
+            (("-p", "65536"), {}, "-p"),
+            (("-p", "http"), {}, "'http'"),
+            (("-b", "80,x"), {}, "'x'"),
+            (("-d", "8,,9"), {}, "-d"),
+            (("-a", "-1"), {}, "-a"),
+            (("-i", "iptables"), {}, "auto, nft or legacy"),
+            (("-z",), {}, "-z"),
+            (("-p",), {}, "-p needs a value"),
+            (("cleanup",), {}, "'cleanup'"),
+            (("clean", "now"), {}, "now"),
+            ((), {"SIDECAR_IPV6": "maybe"}, "SIDECAR_IPV6"),
+            ((), {"SIDECAR_PROXY_PORT": "eighty"}, "'eighty'"),
+        ]
+        for argv, env, named in cases:
+            out, err, code = yield self.script(*argv, **env)
+            self.assertEqual((code, out), (2, ""), argv)
+            first, hint = err.splitlines()
+            self.assertTrue(first.startswith("sidecar-iptables: "), err)
+            self.assertTrue(first.endswith("."), err)
+            self.assertIn(named, first)
+            self.assertIn("-h", hint)
+        self.assertEqual(self.calls(), [])
+
+
+class RealBackendMixin:
+    """
+    The script against a real iptables backend in a namespace made for the
+    test; mixed into a L{TestCase} that names the backend.
+
+    @cvar backend: C{"nft"} or C{"legacy"}.
+    """
+
+    backend: str
+
+    def setUp(self) -> None:
+        """
+        Skip, saying why, unless root with C{ip} and the backend's commands;
+        then make a namespace with only C{lo}, so no IPv6 address.
+        """
+        reason = missingForNamespaces(
+            (f"iptables-{self.backend}", f"ip6tables-{self.backend}",
+             f"iptables-{self.backend}-save")
+        )
+        if reason is not None:
+            raise SkipTest(reason)
+        self.namespace = NetworkNamespace(self, "ipt")  # type: ignore[arg-type]
+
+    def script(self, *argv: str) -> str:
+        """
+        Run the script in the namespace with this backend; fail if it fails.
+
+        @param argv: more arguments.
+        @return: what it printed.
+        """
+        return self.namespace.run(
+            ["sh", SCRIPT.path, "-i", self.backend, *argv]
+        ).stdout
+
+    def trace(self, family: str = "iptables") -> list[str]:
+        """
+        @param family: C{"iptables"} or C{"ip6tables"}.
+        @return: the namespace's nat rules and custom chains.
+        """
+        return ourTrace(
+            self.namespace.run([f"{family}-{self.backend}-save", "-t", "nat"]).stdout
+        )
+
+    def test_realRulesAcceptEveryOption(self):
+        """
+        The kernel accepts the rules for every port but exclusions, with a
+        non-default proxy port, and the printed table shows them.
+        """
+        return deferToThread(self._everyOption)
+
+    def _everyOption(self) -> None:
+        out = self.script("-p", "15001", "-b", "*", "-d", "22,5432", "-a", "15020", "-t", "")
+        self.assertEqual(
+            self.trace(),
+            [
+                f":{CHAIN} -",
+                f"-A PREROUTING -p tcp -j {CHAIN}",
+                f"-A {CHAIN} -i lo -j RETURN",
+                *(f"-A {CHAIN} -p tcp -m tcp --dport {port} -j RETURN"
+                  for port in (15001, 15020, 22, 5432)),
+                f"-A {CHAIN} -p tcp -j REDIRECT --to-ports 15001",
+            ],
+        )
+        self.assertIn(f"-A {CHAIN} -p tcp -j REDIRECT --to-ports 15001", out)
+
+    def test_ipv6FollowsThePod(self):
+        """
+        A pod with only loopback gets IPv4 rules alone; once it has an IPv6
+        address on another interface, the rules are mirrored into
+        C{ip6tables}, and C{clean} removes both.
+        """
+        return deferToThread(self._ipv6)
+
+    def _ipv6(self) -> None:
+        self.script()
+        self.assertEqual(self.trace("ip6tables"), [])
+        self.namespace.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        self.namespace.ip("addr", "add", "fd00:5ca:1::2/64", "dev", "eth0", "nodad")
+        self.namespace.ip("link", "set", "eth0", "up")
+        self.script()
+        self.assertEqual(self.trace("ip6tables"), self.trace("iptables"))
+        self.assertNotEqual(self.trace("ip6tables"), [])
+        self.script("clean")
+        self.assertEqual((self.trace("iptables"), self.trace("ip6tables")), ([], []))
+
+    def test_dryRunChangesNothing(self):
+        """
+        A dry run in a real namespace prints the commands and leaves the nat
+        table as it was, both before and after a real run.
+        """
+        return deferToThread(self._dryRun)
+
+    def _dryRun(self) -> None:
+        printed = self.script("-n")
+        self.assertIn(f"-N {CHAIN}", printed)
+        self.assertEqual(self.trace(), [])
+        self.script()
+        installed = self.trace()
+        printed = self.script("-n", "clean")
+        self.assertIn(f"-X {CHAIN}", printed)
+        self.assertEqual(self.trace(), installed)
+
+    def test_cleanWhereNothingRan(self):
+        """
+        C{clean} in a namespace where the script never ran succeeds and leaves
+        no rule.
+        """
+        return deferToThread(self._cleanNothing)
+
+    def _cleanNothing(self) -> None:
+        self.script("clean")
+        self.assertEqual(self.trace(), [])
+
+    def test_rerunKeepsRules(self):
+        """
+        Running the script again changes no rule (counters aside).
+        """
+        return deferToThread(self._rerun)
+
+    def _rerun(self) -> None:
+        self.script()
+        save = [f"iptables-{self.backend}-save", "-t", "nat"]
+        once = normalizedRules(self.namespace.run(save).stdout)
+        self.script()
+        self.assertEqual(normalizedRules(self.namespace.run(save).stdout), once)
+
+
+class NftBackendTests(RealBackendMixin, TestCase):
+    """
+    The script against C{iptables-nft}.
+    """
+
+    backend = "nft"
+
+
+class LegacyBackendTests(RealBackendMixin, TestCase):
+    """
+    The script against C{iptables-legacy}.
+    """
+
+    backend = "legacy"
+
+
+class AutoBackendTests(TestCase):
+    """
+    The automatic backend choice against the real backends.
+    """
+
+    def setUp(self) -> None:
+        """
+        Skip, saying why, unless root with C{ip} and both backends.
+        """
+        reason = missingForNamespaces(
+            ("iptables-nft", "iptables-legacy", "iptables-nft-save", "iptables-legacy-save")
+        )
+        if reason is not None:
+            raise SkipTest(reason)
+        self.namespace = NetworkNamespace(self, "ipt")
+
+    def test_autoKeepsRulesInTheLegacyBackend(self):
+        """
+        After a run with the legacy backend, an automatic run and an automatic
+        C{clean} act on the legacy rules and put nothing into nft.
+        """
+        return deferToThread(self._auto)
+
+    def _auto(self) -> None:
+        def trace(backend: str) -> list[str]:
+            return ourTrace(self.namespace.run([f"iptables-{backend}-save", "-t", "nat"]).stdout)
+
+        self.namespace.run(["sh", SCRIPT.path, "-i", "legacy"])
+        legacy = trace("legacy")
+        self.namespace.run(["sh", SCRIPT.path])
+        self.assertEqual((trace("legacy"), trace("nft")), (legacy, []))
+        self.namespace.run(["sh", SCRIPT.path, "clean"])
+        self.assertEqual((trace("legacy"), trace("nft")), ([], []))

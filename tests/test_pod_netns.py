@@ -1,0 +1,660 @@
+# -*- test-case-name: tests.test_pod_netns -*-
+"""
+The article's demo, for real: a pod built out of a Linux network namespace.
+
+Each test makes its own namespace (named after the process id and a random
+suffix, deleted in cleanup) joined to this host by a veth pair whose two ends
+hold the two addresses of a private /30 chosen for that test alone. Inside the
+namespace run httpbin on port 80 and the sidecar on port 8000, and
+C{init/sidecar-iptables.sh -p 8000 -b 80} redirects inbound traffic, exactly
+as the init container does in the article's Pod. The requests come from this
+host's namespace to the pod's address, so they cross the veth like traffic from
+another pod. Every test runs once per iptables backend (nft and legacy).
+
+These tests need root (namespaces and iptables) and skip, saying so, without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from twisted.internet.threads import deferToThread
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, TestCase
+
+ROOT = FilePath(__file__).parent().parent()
+SCRIPT = ROOT.child("init").child("sidecar-iptables.sh")
+
+SERVICE_PORT = 80
+PROXY_PORT = 8000
+
+# How long a spawned program may take to start answering, and how often to look.
+READY_TIMEOUT = 30.0
+POLL_INTERVAL = 0.1
+
+# The /30 networks a test may pick from: private, and used only between the
+# two ends of the test's own veth pair.
+POD_NETWORKS = ipaddress.ip_network("10.250.0.0/16")
+
+
+def proxyCommand() -> list[str]:
+    """
+    The sidecar's command line, as the article's proxy container runs it.
+
+    @return: the argv that starts the proxy on 8000 in front of 80, logging
+        the article's statistics to its standard output.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        "sidecar",
+        "--listen",
+        str(PROXY_PORT),
+        "--upstream",
+        str(SERVICE_PORT),
+        "--log-format",
+        "seed",
+        "--access-log",
+        "-",
+    ]
+
+
+def missingForNamespaces(programs: Sequence[str] = ()) -> str | None:
+    """
+    Say why the namespace tests cannot run here, if they cannot.
+
+    @param programs: programs the caller needs beyond C{ip}.
+    @return: a reason to skip, or L{None} when root and every program are there.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root to create network namespaces and change iptables rules"
+    for program in ("ip", *programs):
+        if shutil.which(program) is None:
+            return f"needs the {program} program, which is not on PATH"
+    return None
+
+
+def missingForPod(backend: str) -> str | None:
+    """
+    Say why the pod scenario cannot run here, if it cannot.
+
+    @param backend: C{"nft"} or C{"legacy"}, the iptables backend under test.
+    @return: a reason to skip, or L{None}.
+    """
+    reason = missingForNamespaces(
+        ("curl", f"iptables-{backend}", f"iptables-{backend}-save")
+    )
+    if reason is not None:
+        return reason
+    for module in ("gunicorn", "httpbin"):
+        if importlib.util.find_spec(module) is None:
+            return f"needs the {module} Python package (pip install -r requirements-test.txt)"
+    return None
+
+
+def run(
+    argv: Sequence[str], check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """
+    Run a program to completion and capture what it prints.
+
+    @param argv: the program and its arguments.
+    @param check: raise L{AssertionError} with the output if it exits non-zero.
+    @param env: the environment, or L{None} for this process's.
+    @return: the finished process, with text C{stdout} and C{stderr}.
+    """
+    done = subprocess.run(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {done.returncode}\n"
+            f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+        )
+    return done
+
+
+def pollUntil(predicate: Callable[[], bool], what: str) -> None:
+    """
+    Poll a readiness check until it holds, for at most L{READY_TIMEOUT} seconds.
+
+    @param predicate: returns C{True} once the thing waited for is there.
+    @param what: what is waited for, for the failure message.
+    @raise AssertionError: if it never holds in time.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(POLL_INTERVAL)
+
+
+def normalizedRules(saved: str) -> list[str]:
+    """
+    The rules of an C{iptables-save} dump, without comments and counters.
+
+    @param saved: the dump.
+    @return: its meaningful lines, in order, with C{[packets:bytes]} removed.
+    """
+    lines = []
+    for line in saved.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        lines.append(re.sub(r"\s*\[\d+:\d+\]$", "", line))
+    return lines
+
+
+def ourTrace(saved: str) -> list[str]:
+    """
+    The lines of an C{iptables-save} dump that the init script is responsible for.
+
+    @param saved: the dump.
+    @return: every rule, and every chain that is not one of the nat table's own.
+    """
+    builtin = {":PREROUTING", ":INPUT", ":OUTPUT", ":POSTROUTING"}
+    return [
+        line
+        for line in normalizedRules(saved)
+        if line.startswith("-A ")
+        or (line.startswith(":") and line.split()[0] not in builtin)
+    ]
+
+
+def parseHTTP(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """
+    Split what C{curl -i} printed into status, headers and body.
+
+    @param raw: C{curl -i}'s standard output.
+    @return: the status code, the headers (lower-cased names) and the body.
+    """
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def seedRecords(log: str) -> list[dict[str, str]]:
+    """
+    Read the article's statistics blocks out of the proxy's log.
+
+    @param log: the proxy's standard output.
+    @return: one mapping of field name to value per C{Original URL:} block.
+    """
+    records: list[dict[str, str]] = []
+    for line in log.splitlines():
+        name, sep, value = line.partition(": ")
+        if not sep:
+            continue
+        if name == "Original URL":
+            records.append({})
+        if records and name in (
+            "Original URL",
+            "Proxy URL",
+            "Request Duration",
+            "Request Size",
+            "Response Size",
+            "Response Status",
+        ):
+            records[-1][name] = value.strip()
+    return records
+
+
+class NetworkNamespace:
+    """
+    A network namespace made for one test, and deleted when the test ends.
+
+    @ivar name: the namespace's name under C{/run/netns}.
+    @ivar podAddress: the namespace's end of the veth pair, once L{addVeth} ran.
+    @ivar hostAddress: this host's end of the veth pair, once L{addVeth} ran.
+    """
+
+    podAddress: str
+    hostAddress: str
+
+    def __init__(self, testCase: TestCase, label: str) -> None:
+        """
+        Create the namespace, with its loopback interface up.
+
+        @param testCase: the test whose cleanup deletes the namespace.
+        @param label: a word saying what the namespace is for, used in its name.
+        """
+        self.name = f"sidecar-{label}-{os.getpid()}-{secrets.token_hex(3)}"
+        created = run(["ip", "netns", "add", self.name], check=False)
+        if created.returncode != 0:
+            raise SkipTest(
+                "needs to create network namespaces, which this host refuses: "
+                + created.stderr.strip()
+            )
+        testCase.addCleanup(run, ["ip", "netns", "delete", self.name], False)
+        self.ip("link", "set", "lo", "up")
+
+    def ip(self, *argv: str) -> str:
+        """
+        Run C{ip} inside the namespace.
+
+        @param argv: C{ip}'s arguments.
+        @return: what it printed.
+        """
+        return run(["ip", "-n", self.name, *argv]).stdout
+
+    def execArgv(self, argv: Sequence[str]) -> list[str]:
+        """
+        Make a command line run inside the namespace.
+
+        @param argv: the program and its arguments.
+        @return: the same, behind C{ip netns exec}, which execs it in place, so
+            the process id of the result is the program's own.
+        """
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        """
+        Run a program inside the namespace to completion.
+
+        @param argv: the program and its arguments.
+        @param check: raise if it exits non-zero.
+        @return: the finished process.
+        """
+        return run(self.execArgv(argv), check=check)
+
+    def addVeth(self) -> None:
+        """
+        Join the namespace to this host with a veth pair on a private /30 that
+        nothing on this host uses yet; the namespace's end is C{eth0}.
+        """
+        network = self._freeNetwork()
+        host, pod = list(network.hosts())
+        self.hostAddress, self.podAddress = str(host), str(pod)
+        hostEnd = f"scv{secrets.token_hex(4)}"
+        run(["ip", "link", "add", hostEnd, "type", "veth", "peer", "name", "eth0",
+             "netns", self.name])
+        # Deleting the namespace deletes both ends; this covers a failure before that.
+        run(["ip", "addr", "add", f"{host}/30", "dev", hostEnd])
+        run(["ip", "link", "set", hostEnd, "up"])
+        self.ip("addr", "add", f"{pod}/30", "dev", "eth0")
+        self.ip("link", "set", "eth0", "up")
+
+    def _freeNetwork(self) -> ipaddress.IPv4Network:
+        """
+        Pick a /30 out of L{POD_NETWORKS} that overlaps no address or route here.
+
+        @return: the network.
+        """
+        taken = []
+        for line in run(["ip", "-4", "-o", "addr", "show"]).stdout.splitlines():
+            match = re.search(r"inet (\S+)", line)
+            if match:
+                taken.append(ipaddress.ip_interface(match.group(1)).network)
+        for line in run(["ip", "-4", "route", "show"]).stdout.splitlines():
+            destination = line.split()[0]
+            if destination != "default":
+                taken.append(ipaddress.ip_network(destination, strict=False))
+        blocks = 2 ** (30 - POD_NETWORKS.prefixlen)
+        for _ in range(100):
+            index = random.randrange(blocks)
+            candidate = ipaddress.ip_network(
+                f"{POD_NETWORKS.network_address + 4 * index}/30"
+            )
+            if not any(candidate.overlaps(network) for network in taken):
+                return candidate
+        raise AssertionError(f"found no free /30 in {POD_NETWORKS}")
+
+
+class Pod:
+    """
+    The article's pod inside a L{NetworkNamespace}: httpbin, the sidecar and
+    the init script's rules.
+
+    @ivar namespace: the pod's namespace.
+    @ivar backend: C{"nft"} or C{"legacy"}.
+    @ivar proxyLog: the file the proxy's standard output goes to.
+    """
+
+    def __init__(self, testCase: TestCase, backend: str) -> None:
+        """
+        Make the namespace and its veth pair; start nothing yet.
+
+        @param testCase: the test whose cleanup ends everything started here.
+        @param backend: the iptables backend the init script is told to use.
+        """
+        self.testCase = testCase
+        self.backend = backend
+        self.namespace = NetworkNamespace(testCase, "pod")
+        self.namespace.addVeth()
+        self.proxyLog = FilePath(testCase.mktemp())
+        self.proxyLog.parent().makedirs(ignoreExistingDirectory=True)
+
+    def initScript(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run the init container's script in the pod, as the article's init
+        container does, with the test's backend.
+
+        @param argv: more arguments, such as C{clean}.
+        @return: the finished script.
+        """
+        return self.namespace.run(
+            ["sh", SCRIPT.path, "-i", self.backend, "-p", str(PROXY_PORT),
+             "-b", str(SERVICE_PORT), *argv]
+        )
+
+    def natRules(self, family: str = "iptables") -> str:
+        """
+        Dump the pod's nat table with the backend under test.
+
+        @param family: C{"iptables"} or C{"ip6tables"}.
+        @return: the C{iptables-save -t nat} output.
+        """
+        return self.namespace.run([f"{family}-{self.backend}-save", "-t", "nat"]).stdout
+
+    def spawn(self, argv: Sequence[str], output: FilePath, **kwargs: object) -> None:
+        """
+        Start a program in the pod, ended by its process id when the test ends.
+
+        @param argv: the program and its arguments.
+        @param output: where its standard output and error go.
+        @param kwargs: more L{subprocess.Popen} arguments.
+        """
+        with output.open("w") as sink:
+            process = subprocess.Popen(
+                self.namespace.execArgv(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                **kwargs,  # type: ignore[call-overload]
+            )
+        self.testCase.addCleanup(stopProcess, process)
+
+    def startService(self) -> None:
+        """
+        Start httpbin on 0.0.0.0:80 in the pod and wait until it answers on
+        the pod's loopback.
+        """
+        self.serviceLog = FilePath(self.testCase.mktemp())
+        self.spawn(
+            [sys.executable, "-m", "gunicorn", "--workers", "1",
+             "--bind", f"0.0.0.0:{SERVICE_PORT}", "httpbin:app"],
+            self.serviceLog,
+            env=dict(os.environ),
+        )
+        pollUntil(
+            lambda: self.curl([f"http://127.0.0.1:{SERVICE_PORT}/status/204"], inside=True, check=False)[0]
+            == 204,
+            f"httpbin in the pod; its log:\n{self.serviceLog.getContent()!r}",
+        )
+
+    def startProxy(self) -> None:
+        """
+        Start the sidecar on 8000 in front of 80 in the pod, from this working
+        tree, and wait until it accepts connections on the pod's address.
+        """
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT.path
+        env["PYTHONUNBUFFERED"] = "1"
+        self.spawn(proxyCommand(), self.proxyLog, env=env, cwd=ROOT.path)
+        pollUntil(
+            lambda: canConnect(self.namespace.podAddress, PROXY_PORT),
+            f"the proxy in the pod; its log:\n{self.proxyLog.getContent()!r}",
+        )
+
+    def curl(
+        self, argv: Sequence[str], inside: bool = False, check: bool = True
+    ) -> tuple[int, dict[str, str], bytes]:
+        """
+        Send one request with C{curl -i} and parse the answer.
+
+        @param argv: C{curl}'s arguments after the common ones (URL last).
+        @param inside: send it from inside the pod rather than from this host.
+        @param check: raise if curl fails.
+        @return: status, headers and body; status 0 when curl failed unchecked.
+        """
+        command = ["curl", "-sS", "-i", "--noproxy", "*", "--max-time", "10", *argv]
+        if inside:
+            command = self.namespace.execArgv(command)
+        done = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+        if done.returncode != 0:
+            if check:
+                raise AssertionError(f"{command} failed: {done.stderr!r}")
+            return 0, {}, b""
+        return parseHTTP(done.stdout)
+
+    def url(self, path: str) -> str:
+        """
+        @param path: a path and query.
+        @return: the URL of the service port at the pod's address.
+        """
+        return f"http://{self.namespace.podAddress}:{SERVICE_PORT}{path}"
+
+    def proxyRecords(self, count: int) -> list[dict[str, str]]:
+        """
+        Wait until the proxy has logged at least C{count} records.
+
+        @param count: how many.
+        @return: every record logged so far.
+        """
+        pollUntil(
+            lambda: len(seedRecords(self.proxyLog.getContent().decode())) >= count,
+            f"{count} records in the proxy's log:\n{self.proxyLog.getContent()!r}",
+        )
+        return seedRecords(self.proxyLog.getContent().decode())
+
+
+def canConnect(host: str, port: int) -> bool:
+    """
+    @param host: an address.
+    @param port: a TCP port.
+    @return: whether a TCP connection to it succeeds now.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def stopProcess(process: subprocess.Popen[bytes]) -> None:
+    """
+    End a spawned program by its process id: C{SIGTERM}, then C{SIGKILL} if it
+    has not exited within ten seconds.
+
+    @param process: the program.
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class PodScenarioMixin:
+    """
+    The article's demo against one iptables backend; mixed into a
+    L{TestCase} that names the backend.
+
+    @cvar backend: C{"nft"} or C{"legacy"}.
+    """
+
+    backend: str
+
+    def setUp(self) -> None:
+        """
+        Skip, saying why, unless root with the programs the pod needs; then make
+        the pod's namespace and veth pair.
+        """
+        reason = missingForPod(self.backend)
+        if reason is not None:
+            raise SkipTest(reason)
+        self.pod = Pod(self, self.backend)  # type: ignore[arg-type]
+
+    def startPod(self) -> None:
+        """
+        Bring the pod up in the article's order: the init container's rules
+        first, then the service and the proxy.
+        """
+        self.pod.initScript()
+        self.pod.startService()
+        self.pod.startProxy()
+
+    def test_articleRequestsGoThroughTheProxy(self):
+        """
+        The article's three requests, sent from outside the pod to the
+        service port 80 at the pod's address, are answered through the proxy
+        (C{Server: amazing-proxy}), and the proxy logs one record per request
+        with the article's fields: the original and proxied URLs, a duration,
+        the request size (15 for the POST's C{body=parameters}), the response
+        size equal to the body curl received, and the status.
+        """
+        return deferToThread(self._articleRequests)
+
+    def _articleRequests(self) -> None:
+        pod = self.pod
+        self.startPod()
+        requests = [
+            ("/get?query=param", [], 0, 200),
+            ("/post", ["-X", "POST", "-d", "body=parameters"], 15, 200),
+            ("/status/429", [], 0, 429),
+        ]
+        answers = []
+        for path, options, _, expectedStatus in requests:
+            status, headers, body = pod.curl([*options, pod.url(path)])
+            self.assertEqual((status, headers.get("server")), (expectedStatus, "amazing-proxy"))
+            answers.append(body)
+
+        records = pod.proxyRecords(len(requests))
+        self.assertEqual(len(records), len(requests), records)
+        for record, (path, _, requestSize, status), body in zip(records, requests, answers):
+            self.assertEqual(
+                sorted(record),
+                ["Original URL", "Proxy URL", "Request Duration", "Request Size",
+                 "Response Size", "Response Status"],
+            )
+            self.assertIn(pod.namespace.podAddress, record["Original URL"])
+            self.assertTrue(record["Original URL"].endswith(path), record)
+            self.assertTrue(
+                record["Proxy URL"].endswith(f"127.0.0.1:{SERVICE_PORT}{path}"), record
+            )
+            self.assertNotEqual(record["Request Duration"], "")
+            self.assertEqual(
+                (record["Request Size"], record["Response Size"], record["Response Status"]),
+                (str(requestSize), str(len(body)), str(status)),
+            )
+
+    def test_podReachesItselfDirectly(self):
+        """
+        Traffic the pod sends to itself, to C{127.0.0.1:80} or to its own
+        address, goes over loopback straight to httpbin: no
+        C{Server: amazing-proxy} header and no record in the proxy's log,
+        while a request from outside right after it is the log's only record.
+        """
+        return deferToThread(self._podReachesItself)
+
+    def _podReachesItself(self) -> None:
+        pod = self.pod
+        self.startPod()
+        for host in ("127.0.0.1", pod.namespace.podAddress):
+            status, headers, _ = pod.curl(
+                [f"http://{host}:{SERVICE_PORT}/get"], inside=True
+            )
+            self.assertEqual(status, 200)
+            self.assertNotEqual(headers.get("server"), "amazing-proxy", host)
+
+        status, headers, _ = pod.curl([pod.url("/status/418")])
+        self.assertEqual((status, headers.get("server")), (418, "amazing-proxy"))
+        records = pod.proxyRecords(1)
+        self.assertEqual([record["Response Status"] for record in records], ["418"])
+
+    def test_secondRunChangesNothing(self):
+        """
+        Running the init script twice leaves the same nat rules as running it
+        once, for IPv4 and for IPv6 (the veth gives the pod an IPv6 link-local
+        address, so the rules are mirrored): one jump from C{PREROUTING} to
+        C{SIDECAR_INBOUND}, which returns loopback traffic and the proxy's own
+        ports and redirects port 80 to 8000. Each run prints the resulting rules.
+        """
+        return deferToThread(self._secondRun)
+
+    def _secondRun(self) -> None:
+        pod = self.pod
+        first = pod.initScript()
+        once = {family: normalizedRules(pod.natRules(family)) for family in ("iptables", "ip6tables")}
+        second = pod.initScript()
+        twice = {family: normalizedRules(pod.natRules(family)) for family in ("iptables", "ip6tables")}
+        self.assertEqual(once, twice)
+        for family in ("iptables", "ip6tables"):
+            self.assertEqual(
+                ourTrace("\n".join(twice[family])),
+                [
+                    ":SIDECAR_INBOUND -",
+                    "-A PREROUTING -p tcp -j SIDECAR_INBOUND",
+                    "-A SIDECAR_INBOUND -i lo -j RETURN",
+                    "-A SIDECAR_INBOUND -p tcp -m tcp --dport 8000 -j RETURN",
+                    "-A SIDECAR_INBOUND -p tcp -m tcp --dport 8443 -j RETURN",
+                    "-A SIDECAR_INBOUND -p tcp -m tcp --dport 15000 -j RETURN",
+                    "-A SIDECAR_INBOUND -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8000",
+                ],
+                family,
+            )
+        for done in (first, second):
+            self.assertIn("-A PREROUTING -p tcp -j SIDECAR_INBOUND", done.stdout)
+
+    def test_cleanRestoresDirectTraffic(self):
+        """
+        C{sidecar-iptables.sh clean} removes every rule and chain the script
+        added, for IPv4 and IPv6, and a request from outside to port 80, which
+        went through the proxy before, then reaches httpbin directly.
+        """
+        return deferToThread(self._clean)
+
+    def _clean(self) -> None:
+        pod = self.pod
+        self.startPod()
+        _, headers, _ = pod.curl([pod.url("/get")])
+        self.assertEqual(headers.get("server"), "amazing-proxy")
+
+        pod.initScript("clean")
+        for family in ("iptables", "ip6tables"):
+            self.assertEqual(ourTrace(pod.natRules(family)), [], family)
+        status, headers, _ = pod.curl([pod.url("/get")])
+        self.assertEqual(status, 200)
+        self.assertNotEqual(headers.get("server"), "amazing-proxy")
+
+
+class NftPodTests(PodScenarioMixin, TestCase):
+    """
+    The article's demo with the rules in the nf_tables backend (C{iptables-nft}).
+    """
+
+    backend = "nft"
+
+
+class LegacyPodTests(PodScenarioMixin, TestCase):
+    """
+    The article's demo with the rules in the legacy xtables backend
+    (C{iptables-legacy}).
+    """
+
+    backend = "legacy"
