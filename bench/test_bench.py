@@ -1,0 +1,382 @@
+# -*- test-case-name: bench.test_bench -*-
+"""
+Tests for the benchmark's plain logic: wrk summaries, CPU ticks, figures, ratios,
+configurations and the command line. No process is started and no socket opened.
+
+Run from the repository root: C{python3 -m twisted.trial bench}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench import processes, run
+from bench.measure import (
+    WORKLOADS,
+    Measurement,
+    WrkSummary,
+    answerProblem,
+    cpuTicksFromStat,
+    measurementFrom,
+    medianOf,
+    parseWrkOutput,
+)
+from bench.peers import (
+    envoyConfig,
+    nginxConfig,
+    oursCommand,
+    variantPeer,
+)
+from bench.report import TARGETS, Target, evaluate, renderRatios, renderTable
+
+WRK_OUTPUT = """\
+Running 3s test @ http://127.0.0.1:8080/small
+  1 threads and 16 connections
+  Latency Distribution
+     50%  180.00us
+     99%  300.00us
+  200000 requests in 3.00s, 30.00MB read
+BENCH-JSON {"requests": 200000, "duration_us": 3000000, "bytes": 31457280, \
+"connect_errors": 0, "read_errors": 1, "write_errors": 0, "status_errors": 2, \
+"timeouts": 3, "p50_us": 180.0, "p99_us": 300.5}
+Requests/sec:  66666.67
+"""
+
+
+def cell(
+    peer: str,
+    workload: str,
+    cpu: float | None = 10.0,
+    megabytes: float = 1.0,
+    errors: int = 0,
+    requests: int = 1000,
+) -> Measurement:
+    """
+    A measurement with the given figures and plausible others.
+    """
+    return Measurement(
+        peer=peer,
+        workload=workload,
+        requests=requests,
+        errors=errors,
+        requestsPerSecond=100.0,
+        p50Milliseconds=1.0,
+        p99Milliseconds=2.0,
+        megabytesPerSecond=megabytes,
+        cpuMicrosecondsPerRequest=cpu,
+        cpuPercent=None if cpu is None else 50.0,
+    )
+
+
+class WrkSummaryTests(SynchronousTestCase):
+    """
+    Reading what C{bench/wrk.lua} prints.
+    """
+
+    def test_parsesTheSummaryLine(self) -> None:
+        """
+        The marked line gives exact counts and percentiles; wrk's other text is ignored.
+        """
+        summary = parseWrkOutput(WRK_OUTPUT)
+        self.assertEqual(summary.requests, 200000)
+        self.assertEqual(summary.durationMicroseconds, 3000000)
+        self.assertEqual(summary.bytesRead, 31457280)
+        self.assertEqual(summary.p99Microseconds, 300.5)
+        self.assertEqual(summary.errors, 6)
+
+    def test_noSummaryLine(self) -> None:
+        """
+        Output without the marked line (wrk run without the script) is an error.
+        """
+        self.assertRaises(ValueError, parseWrkOutput, "Requests/sec: 10\n")
+
+
+class CpuTicksTests(SynchronousTestCase):
+    """
+    Reading C{/proc/<pid>/stat}.
+    """
+
+    def test_userPlusSystem(self) -> None:
+        """
+        utime (field 14) and stime (field 15) are added, even when the command name
+        holds spaces and parentheses.
+        """
+        fields = ["S"] + [str(n) for n in range(4, 14)] + ["700", "42"] + ["0"] * 30
+        stat = "1234 (python3 (a) b) " + " ".join(fields) + "\n"
+        self.assertEqual(cpuTicksFromStat(stat), 742)
+
+
+class MeasurementTests(SynchronousTestCase):
+    """
+    Turning wrk summaries and CPU ticks into figures.
+    """
+
+    def summary(self, requests: int = 1000) -> WrkSummary:
+        return WrkSummary(requests, 2_000_000, 4_000_000, 0, 0, 0, 0, 0, 150.0, 900.0)
+
+    def test_figures(self) -> None:
+        """
+        Rates are per second of wrk's run, CPU per request is ticks turned into
+        microseconds over the requests, CPU percent is over the reading window.
+        """
+        measured = measurementFrom("envoy", "small", self.summary(), 50, 100, 2.0)
+        self.assertEqual(measured.requestsPerSecond, 500.0)
+        self.assertEqual(measured.megabytesPerSecond, 2.0)
+        self.assertEqual(measured.p50Milliseconds, 0.15)
+        self.assertEqual(measured.cpuMicrosecondsPerRequest, 500.0)
+        self.assertEqual(measured.cpuPercent, 25.0)
+
+    def test_noProxyNoCpu(self) -> None:
+        """
+        Without a proxy process there is no CPU figure.
+        """
+        measured = measurementFrom("direct", "small", self.summary(), None, 100, 2.0)
+        self.assertIsNone(measured.cpuMicrosecondsPerRequest)
+        self.assertIsNone(measured.cpuPercent)
+
+    def test_medianOfRounds(self) -> None:
+        """
+        Several rounds give the median of each figure and the sum of the counts; a
+        missing CPU figure in any round makes the median missing.
+        """
+        rounds = [cell("envoy", "small", cpu) for cpu in (30.0, 10.0, 20.0)]
+        summary = medianOf(rounds)
+        self.assertEqual(summary.cpuMicrosecondsPerRequest, 20.0)
+        self.assertEqual(summary.requests, 3000)
+        self.assertEqual(summary.rounds, 3)
+        missing = medianOf([cell("x", "small", 1.0), cell("x", "small", None)])
+        self.assertIsNone(missing.cpuMicrosecondsPerRequest)
+
+
+class AnswerTests(SynchronousTestCase):
+    """
+    Checking a peer's answer to a probe.
+    """
+
+    def test_rightAnswer(self) -> None:
+        """
+        The upstream's own answers pass.
+        """
+        self.assertIsNone(answerProblem(WORKLOADS["small"], 200, b"hello, world\n"))
+        self.assertIsNone(answerProblem(WORKLOADS["1m"], 200, b"x" * 1048576))
+        self.assertIsNone(answerProblem(WORKLOADS["post"], 200, b"ok\n"))
+
+    def test_wrongAnswers(self) -> None:
+        """
+        A wrong status, a short body or different bytes are reported in words.
+        """
+        self.assertIn("502", answerProblem(WORKLOADS["small"], 502, b"") or "")
+        self.assertIn("1000 body bytes", answerProblem(WORKLOADS["1m"], 200, b"x" * 1000) or "")
+        self.assertIsNotNone(answerProblem(WORKLOADS["small"], 200, b"goodbye world"))
+
+
+class RatioTests(SynchronousTestCase):
+    """
+    Ratios between peers of one session, and their verdicts.
+    """
+
+    def test_metAndNotMet(self) -> None:
+        """
+        A C{<=} bound is met at or below it; a C{>=} bound at or above it.
+        """
+        cells = {
+            ("ours-fast", "small"): cell("ours-fast", "small", cpu=15.0),
+            ("envoy", "small"): cell("envoy", "small", cpu=10.0),
+            ("ours-fast", "1m"): cell("ours-fast", "1m", megabytes=70.0),
+            ("envoy", "1m"): cell("envoy", "1m", megabytes=100.0),
+        }
+        cpu = evaluate(TARGETS[0], cells)
+        self.assertEqual((cpu.value, cpu.verdict), (1.5, "met"))
+        throughput = evaluate(TARGETS[2], cells)
+        self.assertEqual(throughput.verdict, "not met")
+        self.assertAlmostEqual(throughput.value or 0, 0.7)
+
+    def test_missingPeer(self) -> None:
+        """
+        A ratio whose peer did not run is n/a, naming the peer.
+        """
+        outcome = evaluate(TARGETS[0], {("envoy", "small"): cell("envoy", "small")})
+        self.assertEqual(outcome.verdict, "n/a: ours-fast small not run")
+        self.assertIsNone(outcome.value)
+
+    def test_errorsMakeRatioUnusable(self) -> None:
+        """
+        A cell with more than 1% errors is not used for a ratio.
+        """
+        cells = {
+            ("ours-fast", "small"): cell("ours-fast", "small", errors=50),
+            ("envoy", "small"): cell("envoy", "small"),
+        }
+        self.assertIn("errors", evaluate(TARGETS[0], cells).verdict)
+
+    def test_informational(self) -> None:
+        """
+        A ratio without a bound is computed and marked as information.
+        """
+        target = Target("ours-metrics-on", "ours-fast", "small", "cpuMicrosecondsPerRequest")
+        cells = {
+            ("ours-metrics-on", "small"): cell("ours-metrics-on", "small", cpu=12.0),
+            ("ours-fast", "small"): cell("ours-fast", "small", cpu=10.0),
+        }
+        outcome = evaluate(target, cells)
+        self.assertEqual(outcome.verdict, "info")
+        self.assertIn("ours-metrics-on CPU/req ÷ ours-fast CPU/req", renderRatios([outcome]))
+
+    def test_tableRows(self) -> None:
+        """
+        The table has one row per measured cell, in peer order, with n/a for a missing
+        CPU figure.
+        """
+        cells = {
+            ("direct", "small"): cell("direct", "small", cpu=None),
+            ("envoy", "small"): cell("envoy", "small", cpu=31.04),
+        }
+        table = renderTable(cells, ["direct", "envoy", "stock"], ["small"]).splitlines()
+        self.assertEqual(len(table), 4)
+        self.assertIn("| direct | GET 13 B |", table[2])
+        self.assertIn("| n/a |", table[2])
+        self.assertIn("| 31.0 |", table[3])
+
+
+class ConfigurationTests(SynchronousTestCase):
+    """
+    The upstream's and Envoy's configurations and our command line.
+    """
+
+    def test_nginxReadsPostBodies(self) -> None:
+        """
+        With the echo module, nginx reads a POST body in full before answering; without
+        it, it answers at once. Either way: one worker, no access log, loopback only.
+        """
+        withEcho = nginxConfig(Path("/tmp/x"), 8080, Path("/m.so"))
+        self.assertIn("load_module /m.so;", withEcho)
+        self.assertIn("echo_read_request_body;", withEcho)
+        self.assertIn("listen 127.0.0.1:8080", withEcho)
+        self.assertIn("worker_processes 1;", withEcho)
+        self.assertIn("access_log off;", withEcho)
+        without = nginxConfig(Path("/tmp/x"), 8080, None)
+        self.assertNotIn("echo_read_request_body", without)
+        self.assertIn('return 200 "ok\\n";', without)
+
+    def test_envoyConfig(self) -> None:
+        """
+        Envoy listens and administers on loopback and routes everything to the upstream.
+        """
+        config = json.loads(json.dumps(envoyConfig(10000, 10001, 8080)))
+        listener = config["static_resources"]["listeners"][0]
+        self.assertEqual(listener["address"]["socket_address"]["port_value"], 10000)
+        self.assertEqual(config["admin"]["address"]["socket_address"]["address"], "127.0.0.1")
+        endpoint = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+        self.assertEqual(
+            endpoint["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"],
+            8080,
+        )
+        self.assertNotIn("access_log", json.dumps(config))
+
+    def test_oursCommand(self) -> None:
+        """
+        Our proxy runs under C{python -m twisted sidecar} with the access log and admin
+        off, and the peer's own flags come last so that they override.
+        """
+        argv = oursCommand("python", 9000, 8080, ["--admin", "tcp:0"])
+        self.assertEqual(argv[:3], ["python", "-m", "twisted"])
+        self.assertIn("sidecar", argv)
+        self.assertIn("tcp:9000:interface=127.0.0.1", argv)
+        self.assertIn("127.0.0.1:8080", argv)
+        self.assertEqual(argv[-2:], ["--admin", "tcp:0"])
+
+    def test_pinned(self) -> None:
+        """
+        A pinned command runs under C{taskset -c CPU}; an unpinned one as it is.
+        """
+        self.assertEqual(processes.pinned(["wrk"], 0), ["taskset", "-c", "0", "wrk"])
+        self.assertEqual(processes.pinned(["wrk"], None), ["wrk"])
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    The benchmark's own options.
+    """
+
+    def test_variantsAndExtraArguments(self) -> None:
+        """
+        A variant becomes peer C{ours-NAME} with its flags; C{--extra-args ours:...}
+        reaches every peer of ours and no other.
+        """
+        options = run.parseArguments(
+            ["--variant", "metrics-on=--admin tcp:0", "--extra-args", "ours:--x 1"]
+        )
+        byName = {peer.name: peer for peer in options.peers}
+        self.assertEqual(byName["ours-metrics-on"].arguments, ("--admin", "tcp:0", "--x", "1"))
+        self.assertEqual(byName["ours-web"].arguments, ("--engine", "web", "--x", "1"))
+        self.assertEqual(byName["envoy"].arguments, ())
+
+    def test_only(self) -> None:
+        """
+        C{--only} keeps the named peers, in running order.
+        """
+        options = run.parseArguments(["--only", "ours-fast,direct"])
+        self.assertEqual([peer.name for peer in options.peers], ["direct", "ours-fast"])
+
+    def test_badInput(self) -> None:
+        """
+        Unknown peers or workloads, malformed variants and colliding names are refused.
+        """
+        for argv in (
+            ["--only", "nginx"],
+            ["--workloads", "huge"],
+            ["--variant", "no-equals-sign"],
+            ["--variant", "fast=--x"],
+            ["--extra-args", "haproxy:--x"],
+            ["--duration", "0"],
+        ):
+            self.assertRaises(SystemExit, run.parseArguments, argv)
+        self.assertRaises(ValueError, variantPeer, "Bad Name", [])
+
+
+class ReadinessTests(SynchronousTestCase):
+    """
+    Waiting for a peer to serve is bounded in attempts and time.
+    """
+
+    def test_givesUp(self) -> None:
+        """
+        A peer that never answers is given up on at the deadline, with the last error.
+        """
+        now = [0.0]
+
+        def refuse(port: int, workload: object) -> tuple[int, bytes]:
+            raise ConnectionRefusedError("connection refused")
+
+        def sleep(seconds: float) -> None:
+            now[0] += seconds
+
+        self.patch(processes, "fetch", refuse)
+        problem = processes.waitUntilServing(
+            1, WORKLOADS["small"], None, 2.0, clock=lambda: now[0], sleep=sleep
+        )
+        self.assertIn("after 2 s", problem or "")
+        self.assertIn("connection refused", problem or "")
+        self.assertLessEqual(now[0], 2.2)
+
+    def test_servesAtLastAttempt(self) -> None:
+        """
+        A peer that answers right after a few refusals is ready.
+        """
+        answers = [ConnectionRefusedError("no"), ConnectionRefusedError("no"), (200, b"hello, world\n")]
+
+        def fetch(port: int, workload: object) -> tuple[int, bytes]:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        self.patch(processes, "fetch", fetch)
+        self.assertIsNone(
+            processes.waitUntilServing(
+                1, WORKLOADS["small"], None, 5.0, clock=lambda: 0.0, sleep=lambda s: None
+            )
+        )
