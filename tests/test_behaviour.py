@@ -1,0 +1,387 @@
+# -*- test-case-name: tests.test_behaviour -*-
+"""
+The behaviour suite: one set of tests, run against both front doors (the fast llhttp
+protocol and the twisted.web L{SidecarProxyResource}), with a real upstream on
+127.0.0.1 and real sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support import Proxy, Upstream, closeClient, openClient, rawRequest, waitUntil
+
+
+class BehaviourMixin:
+    """
+    Tests that both doors must pass.  Subclasses set C{engine}.
+    """
+
+    engine = "fast"
+
+    def setUp(self) -> None:
+        self.upstream = Upstream()
+        upstreamPort = self.upstream.start(self)
+        self.proxy = Proxy(upstreamPort, engine=self.engine, responseTimeout=self.responseTimeout)
+        self.port = self.proxy.start(self)
+
+    responseTimeout = 5.0
+
+    def request(self, data: bytes, expect: int = 1, heads: int = 0) -> defer.Deferred:
+        d = rawRequest(self.port, data, expect, heads)
+
+        def cleanup(client):
+            self.addCleanup(closeClient, client)
+            return client
+
+        return d.addCallback(cleanup)
+
+    # -- forwarding ------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_serverHeaderAndBody(self):
+        """
+        A GET is answered by the service with the body intact and C{Server:
+        amazing-proxy} replacing the service's own C{Server} header.
+        """
+        client = yield self.request(b"GET /bytes/1234 HTTP/1.1\r\nHost: svc\r\n\r\n")
+        [response] = client.responses
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"x" * 1234)
+        self.assertEqual(response.header(b"server"), [b"amazing-proxy"])
+        [rec] = self.proxy.records
+        self.assertEqual((rec.method, rec.path, rec.status, rec.bytesSent, rec.bytesReceived),
+                         ("GET", "/bytes/1234", 200, 1234, 0))
+        self.assertEqual(rec.flags, "-")
+        self.assertEqual(rec.authority, "svc")
+
+    @defer.inlineCallbacks
+    def test_hostPassedUnchanged(self):
+        """
+        The C{Host} header reaches the service as the client sent it, and the request
+        target is passed through byte for byte.
+        """
+        yield self.request(b"GET /echo?a=1&b=%20x HTTP/1.1\r\nHost: example.com:8080\r\n\r\n")
+        [seen] = self.upstream.seen
+        self.assertEqual(seen.header(b"host"), [b"example.com:8080"])
+        self.assertEqual(seen.uri, b"/echo?a=1&b=%20x")
+
+    @defer.inlineCallbacks
+    def test_forwardedHeaders(self):
+        """
+        C{X-Forwarded-For} gets the client's address appended, C{X-Forwarded-Proto} is
+        set to C{http} whatever the client claimed, and a new C{X-Request-Id} is sent
+        upstream and recorded.
+        """
+        yield self.request(
+            b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Proto: https\r\n\r\n")
+        [seen] = self.upstream.seen
+        self.assertEqual(seen.header(b"x-forwarded-for"), [b"10.9.9.9, 127.0.0.1"])
+        self.assertEqual(seen.header(b"x-forwarded-proto"), [b"http"])
+        [rid] = seen.header(b"x-request-id")
+        self.assertRegex(rid.decode(), r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        self.assertEqual(self.proxy.records[0].requestId, rid.decode())
+        self.assertEqual(self.proxy.records[0].forwardedFor, "10.9.9.9, 127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_requestIdKept(self):
+        """
+        A client's C{X-Request-Id} is passed on and recorded, not replaced.
+        """
+        yield self.request(b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-123\r\n\r\n")
+        self.assertEqual(self.upstream.seen[0].header(b"x-request-id"), [b"abc-123"])
+        self.assertEqual(self.proxy.records[0].requestId, "abc-123")
+
+    @defer.inlineCallbacks
+    def test_hopByHopRequestHeadersRemoved(self):
+        """
+        C{Connection} and every header it names, C{Keep-Alive}, C{Proxy-Connection},
+        C{TE} and C{Trailer} do not reach the service; other headers do.
+        """
+        yield self.request(
+            b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
+            b"Keep-Alive: 5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
+            b"X-Kept: yes\r\n\r\n")
+        [seen] = self.upstream.seen
+        names = {k.lower() for k, v in seen.headers}
+        for gone in (b"x-secret", b"keep-alive", b"proxy-connection", b"te", b"trailer"):
+            self.assertNotIn(gone, names)
+        self.assertEqual(seen.header(b"x-kept"), [b"yes"])
+
+    @defer.inlineCallbacks
+    def test_hopByHopResponseHeadersRemoved(self):
+        """
+        Hop-by-hop headers from the service, and the header its C{Connection} names,
+        do not reach the client.
+        """
+        client = yield self.request(b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n")
+        [response] = client.responses
+        names = {k.lower() for k, v in response.headers}
+        self.assertNotIn(b"x-private", names)
+        self.assertNotIn(b"keep-alive", names)
+        self.assertNotIn(b"proxy-connection", names)
+        self.assertEqual(response.header(b"x-public"), [b"yes"])
+        self.assertEqual(response.body, b"ok")
+
+    @defer.inlineCallbacks
+    def test_severalSetCookie(self):
+        """
+        Several C{Set-Cookie} headers reach the client, in order, values intact.
+        """
+        client = yield self.request(b"GET /cookies HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(client.responses[0].header(b"set-cookie"), [b"a=1; Path=/", b"b=2", b"A=3"])
+
+    # -- framing ---------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_chunkedRequestBody(self):
+        """
+        A chunked request body reaches the service whole; trailers are dropped cleanly;
+        the record counts the body's bytes, not the framing.
+        """
+        body = b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+        client = yield self.request(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        echo = json.loads(client.responses[0].body)
+        self.assertEqual(echo["length"], 11)
+        self.assertEqual(echo["sha256"], hashlib.sha256(b"hello world").hexdigest())
+        self.assertNotIn(b"x-trailer", {k.lower() for k, v in self.upstream.seen[0].headers})
+        self.assertEqual(self.proxy.records[0].bytesReceived, 11)
+
+    @defer.inlineCallbacks
+    def test_contentLengthRequestBody(self):
+        """
+        A Content-Length body reaches the service byte for byte.
+        """
+        payload = bytes(range(256)) * 100
+        client = yield self.request(
+            b"PUT /echo HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        echo = json.loads(client.responses[0].body)
+        self.assertEqual(echo["sha256"], hashlib.sha256(payload).hexdigest())
+        self.assertEqual(self.proxy.records[0].bytesReceived, len(payload))
+
+    @defer.inlineCallbacks
+    def test_chunkedResponse(self):
+        """
+        A chunked response reaches an HTTP/1.1 client whole, and is counted by its data.
+        """
+        client = yield self.request(b"GET /chunked/10000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(client.responses[0].body, b"y" * 10000)
+        self.assertEqual(self.proxy.records[0].bytesSent, 10000)
+
+    @defer.inlineCallbacks
+    def test_eofDelimitedResponse(self):
+        """
+        A response whose body runs to the end of the upstream connection is delivered
+        whole to an HTTP/1.1 client in a framing the client can see the end of.
+        """
+        client = yield self.request(b"GET /eof/5000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        [response] = client.responses
+        self.assertTrue(response.complete)
+        self.assertEqual(response.body, b"z" * 5000)
+        self.assertEqual(self.proxy.records[0].bytesSent, 5000)
+
+    @defer.inlineCallbacks
+    def test_http10Client(self):
+        """
+        An HTTP/1.0 client without keep-alive gets its response and the connection is
+        closed after it.
+        """
+        client = yield self.request(b"GET /chunked/3000 HTTP/1.0\r\nHost: a\r\n\r\n", expect=99)
+        self.assertEqual(client.responses[0].body, b"y" * 3000)
+        self.assertEqual(client.responses[0].status, 200)
+
+    @defer.inlineCallbacks
+    def test_head(self):
+        """
+        A HEAD response carries the service's Content-Length but no body, and the
+        connection serves the next request.
+        """
+        client = yield self.request(
+            b"HEAD /head-cl HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/3 HTTP/1.1\r\nHost: a\r\n\r\n",
+            expect=2, heads=1)
+        head, get = client.responses
+        self.assertEqual(head.header(b"content-length"), [b"1000"])
+        self.assertEqual(head.body, b"")
+        self.assertEqual(get.body, b"xxx")
+        self.assertEqual([r.bytesSent for r in self.proxy.records], [0, 3])
+
+    @defer.inlineCallbacks
+    def test_noBodyStatuses(self):
+        """
+        204 and 304 responses carry no body and keep the connection usable.
+        """
+        client = yield self.request(
+            b"GET /status/204 HTTP/1.1\r\nHost: a\r\n\r\nGET /status/304 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /bytes/2 HTTP/1.1\r\nHost: a\r\n\r\n", expect=3)
+        self.assertEqual([r.status for r in client.responses], [204, 304, 200])
+        self.assertEqual(client.responses[2].body, b"xx")
+
+    @defer.inlineCallbacks
+    def test_expectContinue(self):
+        """
+        A client sending C{Expect: 100-continue} is told to go on, sends its body, and
+        gets the service's answer.
+        """
+        client = openClient(
+            self.port, b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        self.addCleanup(closeClient, client)
+        yield waitUntil(lambda: b"100 Continue" in client.received)
+        self.assertEqual(client.responses, [])
+        client.transport.write(b"hello")
+        yield waitUntil(lambda: client.responses and client.responses[-1].status == 200)
+        self.assertEqual(json.loads(client.responses[-1].body)["length"], 5)
+
+    # -- connections -----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_keepAliveAndPooling(self):
+        """
+        Two requests on one client connection, then one on another, are all served
+        over a single pooled upstream connection.
+        """
+        yield self.request(b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes/2 HTTP/1.1\r\nHost: a\r\n\r\n",
+                           expect=2)
+        yield self.request(b"GET /bytes/3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(self.upstream.seen), 3)
+        self.assertEqual(self.upstream.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_pipelinedInOrder(self):
+        """
+        Pipelined requests sent in one write are answered in order.
+        """
+        sizes = [7, 1, 5000, 3, 0, 42]
+        data = b"".join(b"GET /bytes/%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in sizes)
+        client = yield self.request(data, expect=len(sizes))
+        self.assertEqual([len(r.body) for r in client.responses], sizes)
+        self.assertEqual([r.path for r in self.proxy.records], ["/bytes/%d" % n for n in sizes])
+
+    # -- failures --------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_upstreamUnreachable(self):
+        """
+        With nothing listening upstream the client gets a 502 with our Server header,
+        and the record says C{UF}.
+        """
+        yield self.upstream.stop()
+        client = yield self.request(b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(client.responses[0].status, 502)
+        self.assertEqual(client.responses[0].header(b"server"), [b"amazing-proxy"])
+        self.assertEqual(self.proxy.records[0].flags, "UF")
+        self.assertEqual(self.proxy.records[0].status, 502)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_upstreamClosesBeforeResponse(self):
+        """
+        A service that closes without answering gets the client a 502, flag C{UC}.
+        """
+        client = yield self.request(b"POST /close HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
+        self.assertEqual(client.responses[0].status, 502)
+        self.assertEqual(self.proxy.records[0].flags, "UC")
+
+    @defer.inlineCallbacks
+    def test_upstreamTimeout(self):
+        """
+        A service that does not answer within the response timeout gets the client a
+        504, flag C{UT}.
+        """
+        self.proxy.engine.responseTimeout = 0.2
+        client = yield self.request(b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(client.responses[0].status, 504)
+        self.assertEqual(self.proxy.records[0].flags, "UT")
+        self.assertIsNone(self.proxy.records[0].upstreamServiceTime)
+
+    @defer.inlineCallbacks
+    def test_upstreamDiesMidBody(self):
+        """
+        A service that dies in the middle of the body makes the proxy close the client's
+        connection: the client never sees a truncated body presented as complete.
+        """
+        client = yield self.request(b"GET /die HTTP/1.1\r\nHost: a\r\n\r\n")
+        yield client.closed
+        self.assertEqual(client.responses, [])
+        self.assertIn(b"dddddddddd", client.received)
+        yield waitUntil(lambda: self.proxy.records)
+        self.assertEqual(self.proxy.records[0].flags, "UC")
+
+    @defer.inlineCallbacks
+    def test_clientDisconnectCancelsUpstream(self):
+        """
+        A client that goes away while the service is still working makes the proxy
+        close its upstream connection; the record says C{DC} and status 0.
+        """
+        client = openClient(self.port, b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+        yield waitUntil(lambda: self.upstream.resource.pending)
+        lost = self.upstream.resource.pending[0].notifyFinish()
+        client.transport.loseConnection()
+        yield self.assertFailure(lost, Exception)
+        yield waitUntil(lambda: self.proxy.records)
+        self.assertEqual(self.proxy.records[0].flags, "DC")
+        self.assertEqual(self.proxy.records[0].status, 0)
+
+    # -- hostile input ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def assertRefused(self, data: bytes, status: int = 400):
+        client = yield self.request(data, expect=99)
+        yield client.closed
+        self.assertEqual([r.status for r in client.responses], [status])
+        self.assertEqual(self.upstream.seen, [])
+        return client
+
+    def test_malformedRequest(self):
+        """
+        Garbage gets a 400 and a closed connection; nothing reaches the service.
+        """
+        return self.assertRefused(b"THIS IS NOT HTTP\r\n\r\n")
+
+    def test_contentLengthWithTransferEncoding(self):
+        """
+        Content-Length together with Transfer-Encoding (a smuggling attempt) gets 400.
+        """
+        return self.assertRefused(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_differingContentLengths(self):
+        """
+        Two differing Content-Length headers get 400.
+        """
+        return self.assertRefused(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde")
+
+    def test_obfuscatedTransferEncoding(self):
+        """
+        A Transfer-Encoding that is not plainly chunked gets 400.
+        """
+        return self.assertRefused(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n")
+
+    def test_missingHost(self):
+        """
+        An HTTP/1.1 request without Host gets 400 (RFC 9112 3.2).
+        """
+        return self.assertRefused(b"GET /echo HTTP/1.1\r\n\r\n")
+
+
+class FastDoorBehaviourTests(BehaviourMixin, unittest.TestCase):
+    """
+    The behaviour suite against the fast (llhttp) front door.
+    """
+
+    engine = "fast"
+
+
+class WebDoorBehaviourTests(BehaviourMixin, unittest.TestCase):
+    """
+    The behaviour suite against the twisted.web front door.
+    """
+
+    engine = "web"
