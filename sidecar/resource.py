@@ -226,8 +226,12 @@ class WebDoor:
         head.append(b"\r\n")
         tunnel = self._tunnel = _Tunnel(exchange)
         channel.transport = None
+        # twisted.web's channel produces for the transport and paused reading while the
+        # request was served: let go of both.
+        transport.unregisterProducer()
         transport.protocol = tunnel
         tunnel.makeConnection(transport)
+        transport.resumeProducing()
         transport.write(b"".join(head))
         transport.registerProducer(conn, True)
         conn.transport.registerProducer(transport, True)

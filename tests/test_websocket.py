@@ -1,0 +1,90 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""
+WebSocket through both front doors, with a real WebSocket server upstream and a real
+WebSocket client (the C{websockets} library), each in its own process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from tests.support import HERE, PYTHON, Proxy, subprocessEnv, waitUntil
+
+PEER = os.path.join(HERE, "peers", "ws_peer.py")
+
+try:
+    import websockets  # noqa: F401
+except ImportError:  # pragma: no cover
+    skipWebsockets = "needs the websockets package (requirements-test.txt)"
+else:
+    skipWebsockets = None
+
+
+class _Server(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+
+
+class WebSocketMixin:
+    """
+    Subclasses set C{engine}.
+    """
+
+    engine = "fast"
+    skip = skipWebsockets
+
+    @defer.inlineCallbacks
+    def test_echoThroughProxy(self):
+        """
+        After the service answers 101, frames flow both ways untouched (text, binary
+        and a 1 MiB message come back equal), and when the client closes, the exchange
+        ends with one record of status 101 counting the tunnelled bytes.
+        """
+        server = _Server()
+        process = reactor.spawnProcess(server, PYTHON, [PYTHON, PEER, "server"], env=subprocessEnv())
+
+        def stop():
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+            return server.ended
+
+        self.addCleanup(stop)
+        yield waitUntil(lambda: server.out.strip().isdigit())
+        proxy = Proxy(int(server.out), engine=self.engine)
+        port = proxy.start(self)
+        out, err, code = yield getProcessOutputAndValue(
+            PYTHON, [PEER, "client", str(port)], env=subprocessEnv())
+        self.assertEqual((code, out.strip()), (0, b"ok 4"), err)
+        yield waitUntil(lambda: proxy.records)
+        [rec] = proxy.records
+        self.assertEqual(rec.status, 101)
+        self.assertGreater(rec.bytesReceived, 1 << 20)
+        self.assertGreater(rec.bytesSent, 1 << 20)
+
+
+class FastDoorWebSocketTests(WebSocketMixin, unittest.TestCase):
+    """
+    WebSocket through the fast door.
+    """
+
+    engine = "fast"
+
+
+class WebDoorWebSocketTests(WebSocketMixin, unittest.TestCase):
+    """
+    WebSocket through the twisted.web door.
+    """
+
+    engine = "web"
