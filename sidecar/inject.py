@@ -1,0 +1,598 @@
+# -*- test-case-name: tests.test_inject -*-
+"""
+C{sidecar-inject}: add the sidecar to Kubernetes workloads, like
+C{istioctl kube-inject}.
+
+It reads a YAML stream of Kubernetes objects and writes it back with, in the
+pod template of every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job
+and CronJob (and of those inside a C{List}):
+
+  - an init container, C{sidecar-init}, that runs C{sidecar-iptables} with
+    C{NET_ADMIN} to redirect the service port to the proxy;
+  - the proxy, C{sidecar-proxy}, as a Kubernetes native sidecar (an init
+    container with C{restartPolicy: Always}, Kubernetes 1.29+), so that it is
+    ready before the service starts, outlives it while the pod stops, and does
+    not keep a Job from completing.
+
+Other objects pass through untouched, and injecting twice gives the same output
+as injecting once: the two containers are replaced, not added again.
+
+The service port the proxy forwards to is the pod's first TCP container port,
+or the C{sidecar/service-port} annotation of the pod template. The captured
+ports default to the service port alone (C{sidecar/inbound-ports} may list
+others, or C{*}), C{sidecar/exclude-inbound-ports} are never captured, and
+C{sidecar/inject: "false"} leaves a pod template alone. Pods on the host's
+network, and pods with no port to proxy, are left alone with a note on stderr.
+
+The transformation is plain data in, plain data out (L{injectObject}); L{main}
+is the thin command-line edge around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Any, Iterable, NoReturn, Sequence, TextIO
+
+import attrs
+import yaml
+
+INIT_NAME = "sidecar-init"
+PROXY_NAME = "sidecar-proxy"
+CERTS_VOLUME = "sidecar-certs"
+CERTS_DIR = "/etc/sidecar/certs"
+
+ANNOTATION_PREFIX = "sidecar/"
+INJECT_ANNOTATION = ANNOTATION_PREFIX + "inject"
+SERVICE_PORT_ANNOTATION = ANNOTATION_PREFIX + "service-port"
+INBOUND_PORTS_ANNOTATION = ANNOTATION_PREFIX + "inbound-ports"
+EXCLUDE_PORTS_ANNOTATION = ANNOTATION_PREFIX + "exclude-inbound-ports"
+
+# Where each kind keeps its pod template: the path to the object holding
+# "metadata" and "spec" of the pods. A Pod is its own template.
+TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+class InjectionError(Exception):
+    """
+    The input cannot be injected; the message is one sentence for the user.
+    """
+
+
+@attrs.frozen
+class InjectionSettings:
+    """
+    What the injected containers look like.
+
+    @ivar proxyImage: the proxy's image (the top-level C{Dockerfile}).
+    @ivar initImage: the init container's image (C{init/Dockerfile}).
+    @ivar imagePullPolicy: for both images.
+    @ivar proxyPort: the proxy's plain HTTP port, where captured traffic goes.
+    @ivar adminPort: the proxy's admin port, serving C{/ready} for the probes.
+    @ivar tlsPort: the proxy's TLS port, used when C{tlsSecret} is set.
+    @ivar tlsSecret: the name of a Secret with C{cert.pem}, C{key.pem} and
+        C{ca.pem}; when set, captured traffic goes to the TLS port and the
+        proxy serves mutual TLS only.
+    @ivar logFormat: the proxy's access log format.
+    @ivar proxyUID: the user the proxy runs as (not root).
+    @ivar nativeSidecar: put the proxy among the init containers with
+        C{restartPolicy: Always}; otherwise it is an ordinary container, for
+        clusters older than Kubernetes 1.29.
+    """
+
+    proxyImage: str = "sidecar-proxy:latest"
+    initImage: str = "sidecar-init:latest"
+    imagePullPolicy: str = "IfNotPresent"
+    proxyPort: int = 8000
+    adminPort: int = 15000
+    tlsPort: int = 8443
+    tlsSecret: str | None = None
+    logFormat: str = "seed"
+    proxyUID: int = 1337
+    nativeSidecar: bool = True
+
+    @property
+    def captureTo(self) -> int:
+        """
+        The port captured traffic is redirected to.
+        """
+        return self.tlsPort if self.tlsSecret else self.proxyPort
+
+    @property
+    def ownPorts(self) -> tuple[int, ...]:
+        """
+        The ports the proxy itself listens on.
+        """
+        if self.tlsSecret:
+            return (self.tlsPort, self.adminPort)
+        return (self.proxyPort, self.adminPort)
+
+
+def objectName(obj: dict[str, Any]) -> str:
+    """
+    @param obj: a Kubernetes object.
+    @return: C{Kind/name}, as messages name it.
+    """
+    metadata = obj.get("metadata") or {}
+    name = metadata.get("name") or metadata.get("generateName") or "(unnamed)"
+    return f"{obj.get('kind')}/{name}"
+
+
+def _portNumber(value: object, what: str) -> int:
+    """
+    Read one port number.
+
+    @param value: an integer or a decimal string.
+    @param what: where it came from, for the error.
+    @return: the port.
+    @raise InjectionError: if it is not a port from 1 to 65535.
+    """
+    text = str(value).strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise InjectionError(f"{what} must be a port number from 1 to 65535, not {value!r}.")
+    return int(text)
+
+
+def _portList(value: object, what: str, wildcard: bool) -> list[str]:
+    """
+    Read a comma-separated port list from an annotation.
+
+    @param value: the annotation's value.
+    @param what: where it came from, for the error.
+    @param wildcard: whether C{*} (every port) is allowed.
+    @return: the ports as strings, C{["*"]} for the wildcard.
+    """
+    text = str(value).strip()
+    if wildcard and text == "*":
+        return ["*"]
+    return [str(_portNumber(part, what)) for part in text.split(",") if part.strip()]
+
+
+def _appContainers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """
+    @param spec: a pod spec.
+    @return: its containers other than the proxy.
+    """
+    return [c for c in spec.get("containers") or [] if c.get("name") != PROXY_NAME]
+
+
+def _tcpPorts(containers: Iterable[dict[str, Any]]) -> list[tuple[str, int]]:
+    """
+    @param containers: containers.
+    @return: every TCP container port, with its container's name, in order.
+    """
+    ports = []
+    for container in containers:
+        for port in container.get("ports") or []:
+            if port.get("protocol", "TCP") == "TCP" and "containerPort" in port:
+                ports.append((container.get("name", "?"), int(port["containerPort"])))
+    return ports
+
+
+def initContainer(
+    settings: InjectionSettings, inbound: Sequence[str], excluded: Sequence[str]
+) -> dict[str, Any]:
+    """
+    The init container that installs the redirect.
+
+    @param settings: the injection settings.
+    @param inbound: the ports to capture, or C{["*"]}.
+    @param excluded: more ports never to capture.
+    @return: the container.
+    """
+    args = [
+        "-p", str(settings.captureTo),
+        "-b", ",".join(inbound),
+        "-a", str(settings.adminPort),
+        "-t", str(settings.tlsPort),
+    ]
+    if excluded:
+        args += ["-d", ",".join(excluded)]
+    return {
+        "name": INIT_NAME,
+        "image": settings.initImage,
+        "imagePullPolicy": settings.imagePullPolicy,
+        "args": args,
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    }
+
+
+def _readyProbe(settings: InjectionSettings, periodSeconds: int, failureThreshold: int) -> dict[str, Any]:
+    """
+    An HTTP probe on the admin server's C{/ready}.
+
+    @param settings: the injection settings.
+    @param periodSeconds: how often.
+    @param failureThreshold: how many failures in a row count.
+    @return: the probe.
+    """
+    return {
+        "httpGet": {"path": "/ready", "port": settings.adminPort},
+        "periodSeconds": periodSeconds,
+        "failureThreshold": failureThreshold,
+    }
+
+
+def proxyContainer(settings: InjectionSettings, servicePort: int) -> dict[str, Any]:
+    """
+    The proxy container.
+
+    @param settings: the injection settings.
+    @param servicePort: the port of the service the proxy forwards to.
+    @return: the container.
+    """
+    if settings.tlsSecret:
+        listen = [
+            "--listen", "none",
+            "--tls-listen", str(settings.tlsPort),
+            "--tls-cert", f"{CERTS_DIR}/cert.pem",
+            "--tls-key", f"{CERTS_DIR}/key.pem",
+            "--tls-ca", f"{CERTS_DIR}/ca.pem",
+        ]
+        ports = [{"name": "sidecar-https", "containerPort": settings.tlsPort}]
+    else:
+        listen = ["--listen", str(settings.proxyPort)]
+        ports = [{"name": "sidecar-http", "containerPort": settings.proxyPort}]
+    ports.append({"name": "sidecar-admin", "containerPort": settings.adminPort})
+    container: dict[str, Any] = {
+        "name": PROXY_NAME,
+        "image": settings.proxyImage,
+        "imagePullPolicy": settings.imagePullPolicy,
+        "args": [
+            *listen,
+            "--upstream", str(servicePort),
+            "--admin", str(settings.adminPort),
+            "--log-format", settings.logFormat,
+            "--access-log", "-",
+        ],
+        "ports": ports,
+    }
+    if settings.nativeSidecar:
+        container["restartPolicy"] = "Always"
+    # The kubelet starts the service only once the startup probe passes (native
+    # sidecars); the readiness probe keeps the pod out of its Services when the
+    # proxy cannot serve.
+    container["startupProbe"] = _readyProbe(settings, periodSeconds=1, failureThreshold=30)
+    container["readinessProbe"] = _readyProbe(settings, periodSeconds=5, failureThreshold=3)
+    container["securityContext"] = {
+        "runAsUser": settings.proxyUID,
+        "runAsGroup": settings.proxyUID,
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if settings.tlsSecret:
+        container["volumeMounts"] = [
+            {"name": CERTS_VOLUME, "mountPath": CERTS_DIR, "readOnly": True}
+        ]
+    return container
+
+
+def _without(containers: list[dict[str, Any]] | None, names: Iterable[str]) -> list[dict[str, Any]]:
+    """
+    @param containers: a container list, or L{None}.
+    @param names: names to drop.
+    @return: the list without containers of those names.
+    """
+    drop = set(names)
+    return [c for c in containers or [] if c.get("name") not in drop]
+
+
+def injectTemplate(template: dict[str, Any], where: str, settings: InjectionSettings) -> str | None:
+    """
+    Add the init container and the proxy to one pod template, in place.
+
+    @param template: an object with the pods' C{metadata} and C{spec}.
+    @param where: the owning object's C{Kind/name}, for messages.
+    @param settings: the injection settings.
+    @return: L{None} when injected, or why the template was left alone.
+    @raise InjectionError: when the template cannot be injected as asked.
+    """
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    spec = template.get("spec")
+    if not isinstance(spec, dict):
+        raise InjectionError(f"{where} has no pod spec to inject into.")
+    if str(annotations.get(INJECT_ANNOTATION, "true")).lower() in ("false", "no", "0"):
+        return f"left {where} alone: its {INJECT_ANNOTATION} annotation says no"
+    if spec.get("hostNetwork"):
+        return f"left {where} alone: it uses the host's network, which the init container must not rewrite"
+
+    apps = _appContainers(spec)
+    ports = _tcpPorts(apps)
+    for container, port in ports:
+        if port in settings.ownPorts:
+            raise InjectionError(
+                f"{where}: container {container} uses port {port}, which the proxy needs;"
+                f" choose other ports for the proxy with --proxy-port, --admin-port or --tls-port."
+            )
+    if SERVICE_PORT_ANNOTATION in annotations:
+        servicePort = _portNumber(
+            annotations[SERVICE_PORT_ANNOTATION], f"{where}'s {SERVICE_PORT_ANNOTATION} annotation"
+        )
+    elif ports:
+        servicePort = ports[0][1]
+    else:
+        return (
+            f"left {where} alone: it has no TCP container port and no"
+            f" {SERVICE_PORT_ANNOTATION} annotation, so there is nothing to proxy"
+        )
+    if INBOUND_PORTS_ANNOTATION in annotations:
+        inbound = _portList(
+            annotations[INBOUND_PORTS_ANNOTATION], f"{where}'s {INBOUND_PORTS_ANNOTATION} annotation",
+            wildcard=True,
+        )
+    else:
+        inbound = [str(servicePort)]
+    excluded = _portList(
+        annotations.get(EXCLUDE_PORTS_ANNOTATION, ""),
+        f"{where}'s {EXCLUDE_PORTS_ANNOTATION} annotation",
+        wildcard=False,
+    )
+
+    ours = (INIT_NAME, PROXY_NAME)
+    initContainers = [initContainer(settings, inbound, excluded)]
+    containers = _without(spec.get("containers"), ours)
+    proxy = proxyContainer(settings, servicePort)
+    if settings.nativeSidecar:
+        initContainers.append(proxy)
+    else:
+        containers.append(proxy)
+    initContainers += _without(spec.get("initContainers"), ours)
+    if "initContainers" not in spec:
+        # Readers expect the init containers just before the containers.
+        reordered = {}
+        for key, value in spec.items():
+            if key == "containers":
+                reordered["initContainers"] = initContainers
+            reordered[key] = value
+        spec.clear()
+        spec.update(reordered)
+    spec["initContainers"] = initContainers
+    spec["containers"] = containers
+
+    volumes = _without(spec.get("volumes"), [CERTS_VOLUME])
+    if settings.tlsSecret:
+        # Readable by the pod's fsGroup only; the proxy runs with that group.
+        volumes.append(
+            {
+                "name": CERTS_VOLUME,
+                "secret": {"secretName": settings.tlsSecret, "defaultMode": 0o440},
+            }
+        )
+        podSecurity = spec.setdefault("securityContext", {})
+        podSecurity.setdefault("fsGroup", settings.proxyUID)
+    if volumes:
+        spec["volumes"] = volumes
+    else:
+        spec.pop("volumes", None)
+    return None
+
+
+def injectObject(obj: object, settings: InjectionSettings) -> tuple[object, list[str]]:
+    """
+    Inject one object of a YAML stream.
+
+    @param obj: the parsed document.
+    @param settings: the injection settings.
+    @return: the injected copy (the same object when there is nothing to
+        inject), and notes about what was left alone.
+    @raise InjectionError: when a workload cannot be injected as asked.
+    """
+    if not isinstance(obj, dict):
+        return obj, []
+    kind = obj.get("kind")
+    if kind == "List" or (isinstance(kind, str) and kind.endswith("List") and "items" in obj):
+        result = copy.deepcopy(obj)
+        notes: list[str] = []
+        items = []
+        for item in obj.get("items") or []:
+            injected, more = injectObject(item, settings)
+            items.append(injected)
+            notes += more
+        result["items"] = items
+        return result, notes
+    path = TEMPLATE_PATHS.get(kind)  # type: ignore[arg-type]
+    if path is None:
+        return obj, []
+    result = copy.deepcopy(obj)
+    template: Any = result
+    for key in path:
+        template = template.get(key) if isinstance(template, dict) else None
+    if not isinstance(template, dict):
+        raise InjectionError(f"{objectName(obj)} has no pod template at {'.'.join(path)}.")
+    note = injectTemplate(template, objectName(obj), settings)
+    if note is not None:
+        return obj, [note]
+    return result, []
+
+
+def injectStream(text: str, settings: InjectionSettings) -> tuple[str, list[str]]:
+    """
+    Inject every object of a YAML stream.
+
+    @param text: the YAML stream.
+    @param settings: the injection settings.
+    @return: the output YAML stream and the notes.
+    @raise InjectionError: for unparseable YAML or a workload that cannot be
+        injected.
+    """
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as e:
+        raise InjectionError(f"the input is not valid YAML ({_describeYAMLError(e)}).") from e
+    output = []
+    notes: list[str] = []
+    for document in documents:
+        injected, more = injectObject(document, settings)
+        output.append(injected)
+        notes += more
+    if not output:
+        return "", notes
+    return dumpStream(output), notes
+
+
+def dumpStream(documents: Sequence[object]) -> str:
+    """
+    Write documents as a readable YAML stream: block style, keys in their
+    original order, one C{---} before each document.
+
+    @param documents: the objects.
+    @return: the YAML text.
+    """
+    return yaml.safe_dump_all(
+        documents, explicit_start=True, sort_keys=False, default_flow_style=False, width=100
+    )
+
+
+def _describeYAMLError(error: yaml.YAMLError) -> str:
+    """
+    @param error: a PyYAML error.
+    @return: its problem and line, in a few words.
+    """
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """
+    An argument parser whose errors are one sentence on stderr.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help).\n")
+
+
+def _port(text: str) -> int:
+    try:
+        return _portNumber(text, "the port")
+    except InjectionError as e:
+        raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    """
+    @return: the command line's parser.
+    """
+    defaults = InjectionSettings()
+    p = _ArgumentParser(
+        prog="sidecar-inject",
+        description=(
+            "Add the sidecar's init container and proxy to the Pods, Deployments,"
+            " StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs of a YAML"
+            " stream; other objects pass through unchanged."
+        ),
+        epilog=(
+            f"Annotations on a pod template: {INJECT_ANNOTATION}: \"false\" skips it;"
+            f" {SERVICE_PORT_ANNOTATION} is the port the proxy forwards to (default:"
+            f" the first TCP container port); {INBOUND_PORTS_ANNOTATION} the ports"
+            f" captured (default: the service port; * for all);"
+            f" {EXCLUDE_PORTS_ANNOTATION} ports never captured."
+        ),
+    )
+    p.add_argument("-f", "--filename", default="-", help="the YAML file to read, - for stdin (default)")
+    p.add_argument("-o", "--output", default="-", help="where to write, - for stdout (default)")
+    p.add_argument("--proxy-image", default=defaults.proxyImage, help="the proxy's image (default: %(default)s)")
+    p.add_argument("--init-image", default=defaults.initImage, help="the init container's image (default: %(default)s)")
+    p.add_argument(
+        "--image-pull-policy", default=defaults.imagePullPolicy,
+        choices=("Always", "IfNotPresent", "Never"), help="for both images (default: %(default)s)",
+    )
+    p.add_argument("--proxy-port", type=_port, default=defaults.proxyPort, help="the proxy's plain HTTP port (default: %(default)s)")
+    p.add_argument("--admin-port", type=_port, default=defaults.adminPort, help="the proxy's admin port, probed at /ready (default: %(default)s)")
+    p.add_argument("--tls-port", type=_port, default=defaults.tlsPort, help="the proxy's TLS port (default: %(default)s)")
+    p.add_argument(
+        "--tls-secret", default=None, metavar="NAME",
+        help="a Secret holding cert.pem, key.pem and ca.pem: the proxy then accepts mutual TLS only",
+    )
+    p.add_argument(
+        "--log-format", default=defaults.logFormat, choices=("seed", "text", "json"),
+        help="the proxy's access log format (default: %(default)s)",
+    )
+    p.add_argument(
+        "--native-sidecar", action=argparse.BooleanOptionalAction, default=defaults.nativeSidecar,
+        help="run the proxy as a native sidecar (Kubernetes 1.29+; default) or as an ordinary container",
+    )
+    return p
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """
+    Run C{sidecar-inject}.
+
+    @param argv: the arguments, without the program name; L{None} for C{sys.argv}.
+    @param stdin: where C{-f -} reads from.
+    @param stdout: where C{-o -} writes to.
+    @param stderr: where notes and errors go.
+    @return: the exit status: 0, or 1 when the input cannot be injected (argument
+        errors exit with 2).
+    """
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    options = parser().parse_args(argv)
+    settings = InjectionSettings(
+        proxyImage=options.proxy_image,
+        initImage=options.init_image,
+        imagePullPolicy=options.image_pull_policy,
+        proxyPort=options.proxy_port,
+        adminPort=options.admin_port,
+        tlsPort=options.tls_port,
+        tlsSecret=options.tls_secret,
+        logFormat=options.log_format,
+        nativeSidecar=options.native_sidecar,
+    )
+    prog = "sidecar-inject"
+    try:
+        if options.filename == "-":
+            text = stdin.read()
+        else:
+            with open(options.filename, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        stderr.write(f"{prog}: cannot read {options.filename}: {getattr(e, 'strerror', None) or e}.\n")
+        return 1
+    try:
+        output, notes = injectStream(text, settings)
+    except InjectionError as e:
+        stderr.write(f"{prog}: {e}\n")
+        return 1
+    for note in notes:
+        stderr.write(f"{prog}: {note}.\n")
+    try:
+        if options.output == "-":
+            stdout.write(output)
+            stdout.flush()
+        else:
+            with open(options.output, "w", encoding="utf-8") as f:
+                f.write(output)
+    except OSError as e:
+        stderr.write(f"{prog}: cannot write {options.output}: {e.strerror or e}.\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
