@@ -473,22 +473,40 @@ def _describeYAMLError(error: yaml.YAMLError) -> str:
 
 class _ArgumentParser(argparse.ArgumentParser):
     """
-    An argument parser whose errors are one sentence on stderr.
+    An argument parser whose errors are one sentence on a given stream.
+
+    @ivar errors: where errors go.
     """
 
+    errors: TextIO | None = None
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help).\n")
+        """
+        Say what is wrong in one sentence and exit with status 2.
+
+        @param message: argparse's description of the problem.
+        """
+        (self.errors or sys.stderr).write(f"{self.prog}: {message} (see {self.prog} --help).\n")
+        raise SystemExit(2)
 
 
 def _port(text: str) -> int:
+    """
+    Read a port flag's value.
+
+    @param text: the value.
+    @return: the port.
+    @raise argparse.ArgumentTypeError: if it is not a port.
+    """
     try:
         return _portNumber(text, "the port")
     except InjectionError as e:
         raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
     """
+    @param errors: where usage errors go; L{None} for C{sys.stderr}.
     @return: the command line's parser.
     """
     defaults = InjectionSettings()
@@ -530,6 +548,7 @@ def parser() -> argparse.ArgumentParser:
         "--native-sidecar", action=argparse.BooleanOptionalAction, default=defaults.nativeSidecar,
         help="run the proxy as a native sidecar (Kubernetes 1.29+; default) or as an ordinary container",
     )
+    p.errors = errors
     return p
 
 
@@ -552,7 +571,7 @@ def main(
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    options = parser().parse_args(argv)
+    options = parser(stderr).parse_args(argv)
     settings = InjectionSettings(
         proxyImage=options.proxy_image,
         initImage=options.init_image,

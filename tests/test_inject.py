@@ -1,0 +1,481 @@
+# -*- test-case-name: tests.test_inject -*-
+"""
+Tests for L{sidecar.inject}, the C{sidecar-inject} command.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any
+
+import yaml
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SkipTest, TestCase
+
+from sidecar.inject import (
+    INIT_NAME,
+    PROXY_NAME,
+    InjectionError,
+    InjectionSettings,
+    injectObject,
+    injectStream,
+    main,
+)
+from tests.test_pod_netns import ROOT
+from tests.support import subprocessEnv
+
+POD_SPEC = """
+      containers:
+      - name: app
+        image: example/app:1
+        ports:
+        - name: metrics
+          containerPort: 9125
+          protocol: UDP
+        - name: http
+          containerPort: 8080
+        - name: grpc
+          containerPort: 9090
+"""
+
+
+def workload(kind: str, apiVersion: str, spec: str = POD_SPEC, annotations: str = "") -> str:
+    """
+    One workload of a kind, with a pod template.
+
+    @param kind: its kind.
+    @param apiVersion: its API version.
+    @param spec: the pod spec, indented for a template.
+    @param annotations: pod template annotations, indented for a template.
+    @return: the YAML document.
+    """
+    template = f"""
+    metadata:
+      labels:
+        app: web
+{annotations}    spec:
+{spec.strip(chr(10))}
+"""
+    if kind == "Pod":
+        body = "\n".join(line[4:] for line in template.strip("\n").splitlines())
+        return f"apiVersion: {apiVersion}\nkind: Pod\n{body.replace('metadata:', 'metadata:' + chr(10) + '  name: web', 1)}\n"
+    if kind == "CronJob":
+        inner = "\n".join("    " + line for line in template.strip("\n").splitlines())
+        return f"""apiVersion: {apiVersion}
+kind: CronJob
+metadata:
+  name: web
+spec:
+  schedule: "*/5 * * * *"
+  jobTemplate:
+    spec:
+      template:
+{inner.replace("    spec:" + chr(10), "    spec:" + chr(10) + "          restartPolicy: Never" + chr(10), 1)}
+"""
+    extra = ""
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"):
+        extra = "  selector:\n    matchLabels:\n      app: web\n"
+    if kind == "StatefulSet":
+        extra += "  serviceName: web\n"
+    if kind == "Job":
+        template = template.replace("    spec:\n", "    spec:\n      restartPolicy: Never\n", 1)
+    return f"""apiVersion: {apiVersion}
+kind: {kind}
+metadata:
+  name: web
+spec:
+{extra}  template:
+{template.strip(chr(10))}
+"""
+
+
+WORKLOADS = {
+    "Pod": "v1",
+    "Deployment": "apps/v1",
+    "StatefulSet": "apps/v1",
+    "DaemonSet": "apps/v1",
+    "ReplicaSet": "apps/v1",
+    "Job": "batch/v1",
+    "CronJob": "batch/v1",
+}
+
+OTHERS = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {app: web}
+  ports:
+  - port: 80
+    targetPort: 8080
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web
+data:
+  containers: "not a pod"
+"""
+
+
+def podSpecOf(obj: dict[str, Any]) -> dict[str, Any]:
+    """
+    @param obj: an injected workload.
+    @return: its pod spec.
+    """
+    if obj["kind"] == "Pod":
+        return obj["spec"]
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return obj["spec"]["template"]["spec"]
+
+
+def injectOne(text: str, settings: InjectionSettings | None = None) -> dict[str, Any]:
+    """
+    @param text: one YAML document.
+    @param settings: the injection settings, default ones if L{None}.
+    @return: the injected object.
+    """
+    output, notes = injectStream(text, settings or InjectionSettings())
+    [obj] = yaml.safe_load_all(output)
+    return obj
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """
+    @param spec: a pod spec.
+    @param name: a container name.
+    @return: that init container or container.
+    """
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name} in {spec}")
+
+
+class InjectTests(TestCase):
+    """
+    L{injectStream} and L{injectObject}.
+    """
+
+    def test_everyWorkloadKind(self) -> None:
+        """
+        Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and
+        CronJobs get the init container first and the proxy second among the
+        init containers, the proxy as a native sidecar, and their own
+        containers unchanged.
+        """
+        for kind, apiVersion in WORKLOADS.items():
+            spec = podSpecOf(injectOne(workload(kind, apiVersion)))
+            self.assertEqual([c["name"] for c in spec["initContainers"]], [INIT_NAME, PROXY_NAME], kind)
+            self.assertEqual(spec["initContainers"][1]["restartPolicy"], "Always")
+            self.assertEqual([c["name"] for c in spec["containers"]], ["app"], kind)
+
+    def test_outputValidates(self) -> None:
+        """
+        The injected workloads of every kind validate strictly against the
+        Kubernetes API schemas of 1.29 and of the newest release known.
+        """
+        try:
+            import kubernetes_validate
+        except ImportError:
+            raise SkipTest("needs the kubernetes-validate package (pip install -r requirements-test.txt)")
+        for kind, apiVersion in WORKLOADS.items():
+            for settings in (InjectionSettings(), InjectionSettings(tlsSecret="certs"),
+                             InjectionSettings(nativeSidecar=False)):
+                obj = injectOne(workload(kind, apiVersion), settings)
+                for version in ("1.29", kubernetes_validate.latest_version()):
+                    try:
+                        kubernetes_validate.validate(obj, version, strict=True)
+                    except kubernetes_validate.ValidationError as e:
+                        self.fail(f"{kind} with {settings}: invalid for {version}: {e.message}")
+
+    def test_otherKindsUntouched(self) -> None:
+        """
+        Objects that have no pod template pass through unchanged, whatever
+        their fields are called.
+        """
+        output, notes = injectStream(OTHERS, InjectionSettings())
+        self.assertEqual(list(yaml.safe_load_all(output)), list(yaml.safe_load_all(OTHERS)))
+        self.assertEqual(notes, [])
+
+    def test_list(self) -> None:
+        """
+        The items of a C{List}, as C{kubectl get -o yaml} prints them, are
+        injected one by one.
+        """
+        items = [yaml.safe_load(workload("Deployment", "apps/v1")), *yaml.safe_load_all(OTHERS)]
+        text = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items})
+        result = injectOne(text)
+        self.assertEqual([i["kind"] for i in result["items"]], ["Deployment", "Service", "ConfigMap"])
+        self.assertIn("initContainers", podSpecOf(result["items"][0]))
+        self.assertEqual(result["items"][1:], items[1:])
+
+    def test_idempotent(self) -> None:
+        """
+        Injecting the output again gives the same text, for every kind.
+        """
+        for kind, apiVersion in WORKLOADS.items():
+            once, _ = injectStream(workload(kind, apiVersion) + "---\n" + OTHERS, InjectionSettings())
+            twice, _ = injectStream(once, InjectionSettings())
+            self.assertEqual(twice, once, kind)
+
+    def test_reinjectionReplaces(self) -> None:
+        """
+        Injecting an injected workload with other settings replaces the two
+        containers (and the certificates volume) rather than adding more, and
+        keeps the workload's own init containers after them.
+        """
+        spec = POD_SPEC.replace(
+            "      containers:\n",
+            "      initContainers:\n      - name: migrate\n        image: example/migrate:1\n"
+            "      containers:\n",
+        )
+        first, _ = injectStream(workload("Deployment", "apps/v1", spec), InjectionSettings(tlsSecret="a"))
+        second = injectOne(first, InjectionSettings(proxyPort=9000, nativeSidecar=False))
+        spec2 = podSpecOf(second)
+        self.assertEqual([c["name"] for c in spec2["initContainers"]], [INIT_NAME, "migrate"])
+        self.assertEqual([c["name"] for c in spec2["containers"]], ["app", PROXY_NAME])
+        self.assertNotIn("volumes", spec2)
+        self.assertEqual(container(spec2, PROXY_NAME)["args"][:2], ["--listen", "9000"])
+
+    def test_servicePortIsTheFirstTCPPort(self) -> None:
+        """
+        The proxy forwards to the first TCP container port (UDP ports are not
+        HTTP), and the init container captures that port alone.
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1")))
+        proxy = container(spec, PROXY_NAME)
+        self.assertEqual(proxy["args"][proxy["args"].index("--upstream") + 1], "8080")
+        self.assertEqual(
+            container(spec, INIT_NAME)["args"],
+            ["-p", "8000", "-b", "8080", "-a", "15000", "-t", "8443"],
+        )
+
+    def test_annotations(self) -> None:
+        """
+        The pod template's annotations choose the service port, the captured
+        ports (a list, or C{*}) and the ports never captured.
+        """
+        annotations = (
+            "      annotations:\n"
+            "        sidecar/service-port: \"9090\"\n"
+            "        sidecar/inbound-ports: \"*\"\n"
+            "        sidecar/exclude-inbound-ports: \"22, 9125\"\n"
+        )
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", annotations=annotations)))
+        proxy = container(spec, PROXY_NAME)
+        self.assertEqual(proxy["args"][proxy["args"].index("--upstream") + 1], "9090")
+        self.assertEqual(
+            container(spec, INIT_NAME)["args"],
+            ["-p", "8000", "-b", "*", "-a", "15000", "-t", "8443", "-d", "22,9125"],
+        )
+
+    def test_portsFromAnnotationWithoutContainerPorts(self) -> None:
+        """
+        A pod that declares no port is injected when its template names the
+        service port in an annotation.
+        """
+        spec = "      containers:\n      - name: app\n        image: example/app:1\n"
+        annotations = "      annotations:\n        sidecar/service-port: \"3000\"\n        sidecar/inbound-ports: \"3000,3001\"\n"
+        injected = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec, annotations)))
+        self.assertEqual(container(injected, INIT_NAME)["args"][2:4], ["-b", "3000,3001"])
+
+    def test_leftAlone(self) -> None:
+        """
+        A template that says C{sidecar/inject: "false"}, a pod on the host's
+        network and a pod with no port to proxy are left unchanged, each with
+        a note saying why.
+        """
+        optOut = workload("Deployment", "apps/v1", annotations="      annotations:\n        sidecar/inject: \"false\"\n")
+        hostNetwork = workload("DaemonSet", "apps/v1", "      hostNetwork: true\n" + POD_SPEC.lstrip("\n"))
+        noPorts = workload("Job", "batch/v1", "      containers:\n      - name: app\n        image: example/app:1\n")
+        for text, reason in ((optOut, "annotation"), (hostNetwork, "host's network"), (noPorts, "no TCP container port")):
+            output, notes = injectStream(text, InjectionSettings())
+            self.assertEqual(list(yaml.safe_load_all(output)), [yaml.safe_load(text)])
+            [note] = notes
+            self.assertIn(reason, note)
+
+    def test_portConflict(self) -> None:
+        """
+        A container port that the proxy needs is refused with a sentence that
+        names the workload, the container and the port.
+        """
+        text = workload("Deployment", "apps/v1", POD_SPEC.replace("8080", "15000"))
+        with self.assertRaises(InjectionError) as caught:
+            injectStream(text, InjectionSettings())
+        self.assertIn("Deployment/web: container app uses port 15000", str(caught.exception))
+
+    def test_badAnnotation(self) -> None:
+        """
+        An annotation that is not a port is refused with a sentence naming it.
+        """
+        text = workload("Deployment", "apps/v1", annotations="      annotations:\n        sidecar/service-port: http\n")
+        with self.assertRaises(InjectionError) as caught:
+            injectStream(text, InjectionSettings())
+        self.assertIn("sidecar/service-port", str(caught.exception))
+
+    def test_ordinaryContainer(self) -> None:
+        """
+        Without native sidecars the proxy is the last ordinary container, with
+        no C{restartPolicy}, for clusters older than Kubernetes 1.29.
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1"), InjectionSettings(nativeSidecar=False)))
+        self.assertEqual([c["name"] for c in spec["initContainers"]], [INIT_NAME])
+        self.assertEqual([c["name"] for c in spec["containers"]], ["app", PROXY_NAME])
+        self.assertNotIn("restartPolicy", spec["containers"][1])
+
+    def test_mutualTLS(self) -> None:
+        """
+        With a TLS Secret, the proxy serves mutual TLS only, from the Secret
+        mounted read-only, and captured traffic goes to the TLS port; a pod
+        C{fsGroup} already set is kept.
+        """
+        spec = POD_SPEC.replace("      containers:\n", "      securityContext:\n        fsGroup: 2000\n      containers:\n")
+        injected = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec), InjectionSettings(tlsSecret="web-certs")))
+        proxy = container(injected, PROXY_NAME)
+        self.assertEqual(proxy["args"][:4], ["--listen", "none", "--tls-listen", "8443"])
+        self.assertEqual(proxy["volumeMounts"][0]["mountPath"], "/etc/sidecar/certs")
+        self.assertEqual(injected["volumes"], [{"name": "sidecar-certs", "secret": {"secretName": "web-certs", "defaultMode": 0o440}}])
+        self.assertEqual(injected["securityContext"], {"fsGroup": 2000})
+        self.assertEqual(container(injected, INIT_NAME)["args"][:2], ["-p", "8443"])
+
+    def test_inputNotChanged(self) -> None:
+        """
+        L{injectObject} returns a new object and leaves its argument alone.
+        """
+        obj = yaml.safe_load(workload("Deployment", "apps/v1"))
+        before = yaml.safe_dump(obj)
+        injectObject(obj, InjectionSettings())
+        self.assertEqual(yaml.safe_dump(obj), before)
+
+    def test_readableOutput(self) -> None:
+        """
+        The output is block-style YAML with each object's keys in their
+        original order, the init containers just before the containers, and
+        C{---} before every document.
+        """
+        output, _ = injectStream(workload("Pod", "v1") + "---\n" + OTHERS, InjectionSettings())
+        self.assertEqual(output.count("---\n"), 3)
+        self.assertTrue(output.startswith("---\napiVersion: v1\nkind: Pod\nmetadata:\n"))
+        self.assertNotIn("{", output)
+        spec = yaml.safe_load(output.split("---\n")[1])["spec"]
+        self.assertEqual(list(spec), ["initContainers", "containers"])
+
+    def test_unparseable(self) -> None:
+        """
+        YAML that cannot be parsed is refused with the problem and its line.
+        """
+        with self.assertRaises(InjectionError) as caught:
+            injectStream("kind: Pod\nspec: [\n", InjectionSettings())
+        self.assertIn("not valid YAML", str(caught.exception))
+        self.assertIn("line 3", str(caught.exception))
+
+
+class CommandTests(TestCase):
+    """
+    L{main}, the C{sidecar-inject} command line.
+    """
+
+    def inject(self, argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+        """
+        @param argv: the arguments.
+        @param stdin: the standard input.
+        @return: exit status, standard output and standard error.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = main(argv, io.StringIO(stdin), out, err)
+        except SystemExit as e:
+            code = e.code  # type: ignore[assignment]
+        return code, out.getvalue(), err.getvalue()
+
+    def test_stdinToStdout(self) -> None:
+        """
+        With no file arguments it reads standard input and writes standard
+        output.
+        """
+        code, out, err = self.inject([], workload("Pod", "v1"))
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(PROXY_NAME, out)
+
+    def test_files(self) -> None:
+        """
+        C{-f} reads a file and C{-o} writes one; the flags set the images and
+        ports.
+        """
+        source = FilePath(self.mktemp())
+        source.setContent(workload("Deployment", "apps/v1").encode())
+        target = FilePath(self.mktemp())
+        code, out, err = self.inject(
+            ["-f", source.path, "-o", target.path, "--proxy-image", "registry/proxy:2",
+             "--init-image", "registry/init:2", "--proxy-port", "15001", "--admin-port", "15020",
+             "--log-format", "json"]
+        )
+        self.assertEqual((code, out, err), (0, "", ""))
+        spec = podSpecOf(yaml.safe_load(target.getContent()))
+        proxy = container(spec, PROXY_NAME)
+        self.assertEqual(proxy["image"], "registry/proxy:2")
+        self.assertEqual(container(spec, INIT_NAME)["image"], "registry/init:2")
+        self.assertEqual(proxy["readinessProbe"]["httpGet"]["port"], 15020)
+        self.assertIn("json", proxy["args"])
+        self.assertEqual(container(spec, INIT_NAME)["args"][:2], ["-p", "15001"])
+
+    def test_notes(self) -> None:
+        """
+        What was left alone is said on standard error; the exit status is 0.
+        """
+        text = workload("Job", "batch/v1", "      containers:\n      - name: app\n        image: example/app:1\n")
+        code, out, err = self.inject([], text)
+        self.assertEqual(code, 0)
+        self.assertEqual(err, "sidecar-inject: left Job/web alone: it has no TCP container port and no"
+                              " sidecar/service-port annotation, so there is nothing to proxy.\n")
+
+    def test_empty(self) -> None:
+        """
+        Empty input gives empty output.
+        """
+        self.assertEqual(self.inject([], ""), (0, "", ""))
+
+    def test_badInput(self) -> None:
+        """
+        Unparseable YAML, a missing file, an unknown flag, a bad flag value and
+        a workload that cannot be injected each give one sentence on standard
+        error and a non-zero exit status, and no output.
+        """
+        conflict = workload("Pod", "v1", POD_SPEC.replace("8080", "8000"))
+        cases = [
+            ([], "a: [", 1, "not valid YAML"),
+            (["-f", "/nonexistent/pods.yaml"], "", 1, "cannot read /nonexistent/pods.yaml"),
+            (["--bogus"], "", 2, "unrecognized arguments: --bogus"),
+            (["--proxy-port", "http"], "", 2, "--proxy-port"),
+            (["--log-format", "xml"], "", 2, "--log-format"),
+            ([], conflict, 1, "uses port 8000"),
+        ]
+        for argv, stdin, status, words in cases:
+            code, out, err = self.inject(argv, stdin)
+            self.assertEqual((code, out), (status, ""), argv)
+            self.assertTrue(err.startswith("sidecar-inject: "), err)
+            self.assertTrue(err.endswith(".\n") and err.count("\n") == 1, err)
+            self.assertIn(words, err)
+
+    @inlineCallbacks
+    def test_module(self):
+        """
+        C{python -m sidecar.inject} runs the same command, exiting non-zero on
+        bad input.
+        """
+        ok = yield getProcessOutputAndValue(
+            sys.executable, ("-m", "sidecar.inject", "-f", ROOT.child("kube").child("httpbin-pod.yaml").path),
+            env=subprocessEnv(), path=ROOT.path,
+        )
+        self.assertEqual(ok[2], 0, ok[1])
+        self.assertIn(b"kind: Pod", ok[0])
+        bad = yield getProcessOutputAndValue(
+            sys.executable, ("-m", "sidecar.inject", "--bogus"), env=subprocessEnv(), path=ROOT.path
+        )
+        self.assertEqual(bad[2], 2)
