@@ -46,6 +46,41 @@ class UpstreamConfig:
         return f"{self.host}:{self.port}"
 
 
+TLS_MODES = ("strict", "permissive")
+
+
+@attrs.frozen
+class TLSConfig:
+    """
+    Mutual TLS: the listener, the files, who may call, and how the plain port behaves.
+
+    @ivar listen: a Twisted server endpoint string (plain TCP: the TLS layer is ours) for
+        the mutual-TLS listener, or C{None} (permissive mode only).
+    @ivar cert: PEM certificate file, optionally followed by its chain.
+    @ivar key: PEM private key file.
+    @ivar ca: PEM bundle of the CAs that client certificates must chain to.
+    @ivar allow: C{--tls-allow} values: exact SPIFFE ids or C{spiffe://TD/*}; empty
+        allows any client certificate from the CA.
+    @ivar mode: C{"strict"}, or C{"permissive"}: the plain listener also accepts TLS.
+    @ivar reloadInterval: seconds between looks at the files for rotation.
+    """
+
+    listen: Optional[str]
+    cert: str
+    key: str
+    ca: str
+    allow: Tuple[str, ...] = ()
+    mode: str = "strict"
+    reloadInterval: float = 1.0
+
+    @property
+    def permissive(self) -> bool:
+        """
+        Whether the plain listener also accepts mutual TLS.
+        """
+        return self.mode == "permissive"
+
+
 @attrs.frozen
 class ProxyConfig:
     """
@@ -59,6 +94,7 @@ class ProxyConfig:
     @ivar engine: C{"fast"} (the llhttp front door) or C{"web"} (twisted.web).
     @ivar admin: a Twisted server endpoint string for the admin site, or C{None}.
     @ivar maxHeaderBytes: the largest request head accepted (431 beyond).
+    @ivar tls: mutual TLS settings, or C{None} for none.
     """
 
     listen: Optional[str] = "tcp:8000"
@@ -70,3 +106,4 @@ class ProxyConfig:
     admin: Optional[str] = "tcp:15000"
     maxHeaderBytes: int = 64 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
+    tls: Optional[TLSConfig] = None

@@ -67,8 +67,22 @@ class SidecarService(MultiService):
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         self.listeners = []
+        self.tls = None
+        if config.tls is not None:
+            from sidecar.tls import MutualTLS
+
+            self.tls = MutualTLS.fromConfig(config.tls, reactor)
+            reload = TimerService(config.tls.reloadInterval, self.tls.reload)
+            reload.clock = reactor
+            reload.setServiceParent(self)
         if config.listen is not None:
-            self.listeners.append(self._listen(config.listen, self.proxyFactory()))
+            plain = self.proxyFactory()
+            if self.tls is not None and config.tls.permissive:
+                plain = self.tls.permissiveFactory(plain, self.engine, config.maxHeaderBytes)
+            self.listeners.append(self._listen(config.listen, plain))
+        if self.tls is not None and config.tls.listen is not None:
+            self.listeners.append(
+                self._listen(config.tls.listen, self.tls.serverFactory(self.engine, config.maxHeaderBytes)))
 
     def proxyFactory(self) -> Any:
         """

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
+import attrs
 from twisted.python import usage
 
 from sidecar.config import ENGINES, LOG_FORMATS, ProxyConfig, UpstreamConfig
+from sidecar.config import TLS_MODES, TLSConfig
 
 
 def _endpoint(flag: str, value: str, allowNone: bool = True) -> Optional[str]:
@@ -90,6 +92,46 @@ def _accessLog(value: str) -> Optional[str]:
     return os.path.abspath(value)
 
 
+def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSConfig]:
+    """
+    The mutual-TLS flags as a L{TLSConfig}, or C{None} without C{--tls-listen} or
+    permissive mode.  The files are read and checked here, so that a missing,
+    unreadable or mismatched one stops the start with a sentence naming it.
+    """
+    from sidecar.tls import AllowPolicy, InvalidSpiffeId, TLSFileError, TLSFiles, loadMaterial
+
+    mode = (options["tls-mode"] or "").strip().lower()
+    if mode not in TLS_MODES:
+        raise usage.UsageError(f"--tls-mode: {options['tls-mode']!r} is not one of {', '.join(TLS_MODES)}.")
+    tlsListen = None
+    if options["tls-listen"] is not None:
+        if options["tls-listen"].strip().lower().startswith("ssl:"):
+            raise usage.UsageError("--tls-listen: give a port or a tcp: endpoint; the sidecar adds the TLS layer itself.")
+        tlsListen = _endpoint("--tls-listen", options["tls-listen"])
+    allow = tuple(options.get("tls-allow", ()))
+    given = [flag for flag in ("tls-cert", "tls-key", "tls-ca") if options[flag]]
+    if tlsListen is None and mode == "strict":
+        if given or allow:
+            raise usage.UsageError(f"--{(given or ['tls-allow'])[0]}: mutual TLS needs --tls-listen (or --tls-mode permissive).")
+        return None
+    if mode == "permissive" and listen is None:
+        raise usage.UsageError("--tls-mode permissive: needs the plain --listen port, which accepts both there.")
+    for flag in ("tls-cert", "tls-key", "tls-ca"):
+        if not options[flag]:
+            raise usage.UsageError(f"--{flag}: mutual TLS needs --tls-cert, --tls-key and --tls-ca.")
+    try:
+        AllowPolicy.fromStrings(allow)
+    except InvalidSpiffeId as e:
+        raise usage.UsageError(f"--tls-allow: {e}.")
+    given = [options[flag] for flag in ("tls-cert", "tls-key", "tls-ca")]
+    try:
+        loadMaterial(TLSFiles(*given))
+    except TLSFileError as e:
+        raise usage.UsageError(str(e))
+    paths = [os.path.abspath(path) for path in given]  # twistd may change directory later
+    return TLSConfig(listen=tlsListen, cert=paths[0], key=paths[1], ca=paths[2], allow=allow, mode=mode)
+
+
 class Options(usage.Options):
     """
     C{twistd sidecar} flags.  Each bad value is refused with one sentence naming it.
@@ -114,7 +156,19 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["tls-listen", None, None, "Mutual-TLS listener: a port (all interfaces) or a Twisted TCP endpoint."],
+        ["tls-cert", None, None, "Mutual TLS: PEM certificate of this workload (the file may hold the chain)."],
+        ["tls-key", None, None, "Mutual TLS: PEM private key of --tls-cert."],
+        ["tls-ca", None, None, "Mutual TLS: PEM bundle of the CAs that client certificates must chain to."],
+        ["tls-mode", None, "strict", "strict, or permissive: the plain --listen port also accepts mutual TLS."],
     ]
+
+    def opt_tls_allow(self, value: str) -> None:
+        """
+        Mutual TLS: a client SPIFFE id allowed to call, exact or spiffe://TRUST.DOMAIN/* (repeatable; without
+        it any client certificate from the CA is allowed).
+        """
+        self.setdefault("tls-allow", []).append(value)
 
     def postOptions(self) -> None:
         """
@@ -154,8 +208,12 @@ class Options(usage.Options):
             admin=_endpoint("--admin", self["admin"]),
             maxHeaderBytes=maxHeaderBytes,
         )
-        if listen is None:
-            raise usage.UsageError("--listen: none leaves the proxy with no listener.")
+        tls = _tlsConfig(self, listen)
+        if tls is not None:
+            self["config"] = attrs.evolve(self["config"], tls=tls)
+        if listen is None and (tls is None or tls.listen is None):
+            raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
+
 
 
 def makeService(options: Options):
