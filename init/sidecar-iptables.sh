@@ -176,13 +176,20 @@ usable() {
     command -v "$1" >/dev/null 2>&1 && "$1" -w 5 -t nat -S PREROUTING >/dev/null 2>&1
 }
 
+# legacy_nat_exists: true when this namespace has a legacy nat table. Asking
+# iptables-legacy itself would create an empty one, which would then be left behind.
+legacy_nat_exists() {
+    [ -r /proc/net/ip_tables_names ] && grep -qx nat /proc/net/ip_tables_names
+}
+
 # Pick the iptables backend: the variant suffix of the command names.
 choose_backend() {
     case $BACKEND in
         nft) SUFFIX=-nft ;;
         legacy) SUFFIX=-legacy ;;
         auto)
-            if command -v iptables-legacy >/dev/null 2>&1 && has_chain iptables-legacy; then
+            if legacy_nat_exists && command -v iptables-legacy >/dev/null 2>&1 &&
+                has_chain iptables-legacy; then
                 SUFFIX=-legacy
             elif usable iptables-nft; then
                 SUFFIX=-nft

@@ -346,19 +346,6 @@ class StandInTests(TestCase):
         self.assertIn("# rules as ip6tables-nft-save prints them", out)
 
     @inlineCallbacks
-    def test_autoPrefersTheBackendHoldingTheChain(self):
-        """
-        The automatic backend is the one whose nat table already holds the
-        chain, so a second run never splits the rules across backends.
-        """
-        out, _, code = yield self.script("-n", STUB_HAS_CHAIN="iptables-legacy", STUB_JUMPS="1")
-        self.assertEqual(code, 0)
-        self.assertEqual(
-            out.splitlines(),
-            [f"iptables-legacy -w 5 -t nat -F {CHAIN}", *chainRules("iptables-legacy")],
-        )
-
-    @inlineCallbacks
     def test_autoPrefersNft(self):
         """
         With no chain anywhere, the automatic backend is nft.
@@ -647,3 +634,21 @@ class AutoBackendTests(TestCase):
         self.assertEqual((trace("legacy"), trace("nft")), (legacy, []))
         self.namespace.run(["sh", SCRIPT.path, "clean"])
         self.assertEqual((trace("legacy"), trace("nft")), ([], []))
+
+    def test_autoLeavesLegacyAlone(self):
+        """
+        An automatic run and C{clean} in a namespace without legacy tables use
+        nft and do not create an empty legacy nat table by looking for one.
+        """
+        return deferToThread(self._nftOnly)
+
+    def _nftOnly(self) -> None:
+        def legacyTables() -> str:
+            return self.namespace.run(["cat", "/proc/net/ip_tables_names"], check=False).stdout
+
+        before = legacyTables()
+        self.namespace.run(["sh", SCRIPT.path])
+        self.assertIn(f":{CHAIN} -", ourTrace(
+            self.namespace.run(["iptables-nft-save", "-t", "nat"]).stdout))
+        self.namespace.run(["sh", SCRIPT.path, "clean"])
+        self.assertEqual(legacyTables(), before)
