@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 if __package__ in (None, ""):
     # Run as a script (python3 bench/run.py): make the bench package importable.
@@ -124,8 +124,9 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         type=commaList,
         default=None,
         metavar="PEER[,PEER]",
-        help="run only these peers (default: all, variants included): "
-        + ", ".join(BUILTIN_PEER_NAMES),
+        help="run only these of the built-in peers (default: all): "
+        + ", ".join(BUILTIN_PEER_NAMES)
+        + "; variants always run",
     )
     parser.add_argument(
         "--workloads",
@@ -225,7 +226,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
                 f"unknown peer(s) {', '.join(unknown) or '(none given)'};"
                 f" choose from {', '.join(names)}"
             )
-        peers = [peer for peer in peers if peer.name in options.only]
+        # A variant is declared to be run: --only chooses among the other peers.
+        peers = [
+            peer
+            for peer in peers
+            if peer.name in options.only or peer.name not in BUILTIN_PEER_NAMES
+        ]
     options.peers = peers
     return options
 
@@ -290,16 +296,23 @@ class Session:
         """
         print(message, file=sys.stderr, flush=True)
 
-    def start(self, name: str, argv: Sequence[str], cpu: int | None, **kwargs) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cpu: int | None,
+        environment: Mapping[str, str] | None = None,
+    ) -> Child:
         """
         Start a process of ours, pinned, and remember it so that it is stopped.
 
         @param name: the log file's stem and the name in messages.
         @param argv: the command.
         @param cpu: the CPU to pin it to.
+        @param environment: its environment; ours when L{None}.
         @return: the child.
         """
-        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", **kwargs)
+        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", environment)
         self._children.append(child)
         return child
 
@@ -414,13 +427,12 @@ class Session:
         try:
             for name in options.workloads:
                 workload = WORKLOADS[name]
+                load = (options.connections, options.threads, self.loadCpu)
                 if options.warmup:
-                    runWrk(port, workload, options.warmup, options.connections,
-                           options.threads, self.loadCpu)
+                    runWrk(port, workload, options.warmup, *load)
                 before = child.cpuTicks() if child is not None else None
                 began = time.monotonic()
-                summary, output = runWrk(port, workload, options.duration,
-                                         options.connections, options.threads, self.loadCpu)
+                summary, output = runWrk(port, workload, options.duration, *load)
                 after = child.cpuTicks() if child is not None else None
                 window = time.monotonic() - began
                 if options.verbose:
@@ -515,8 +527,18 @@ def renderReport(session: Session, results: dict[tuple[str, str], Measurement]) 
     options = session.options
     peerNames = [peer.name for peer in options.peers]
     variants = [peer.name for peer in options.peers if peer.name not in BUILTIN_PEER_NAMES]
-    outcomes = [evaluate(target, results) for target in TARGETS]
-    outcomes += [evaluate(target, results) for target in variantTargets(variants, options.workloads)]
+    # Ratios between peers or workloads left out by --only / --workloads are not shown;
+    # those of a peer that failed are, as n/a with the reason.
+    targets = [
+        target
+        for target in TARGETS
+        if target.numeratorPeer in peerNames
+        and target.denominatorPeer in peerNames
+        and target.workload in options.workloads
+    ]
+    if "ours-fast" in peerNames:
+        targets += variantTargets(variants, options.workloads)
+    outcomes = [evaluate(target, results) for target in targets]
     parts = [
         "## sidecar benchmark",
         "",
@@ -534,7 +556,9 @@ def renderReport(session: Session, results: dict[tuple[str, str], Measurement]) 
         "",
         "### Ratios (same session)",
         "",
-        renderRatios(outcomes),
+        renderRatios(outcomes)
+        if outcomes
+        else "No ratio: the peers and workloads chosen pair up in none of them.",
     ]
     skipped = renderSkipped(session.skipped)
     if skipped:

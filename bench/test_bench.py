@@ -316,10 +316,17 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_only(self) -> None:
         """
-        C{--only} keeps the named peers, in running order.
+        C{--only} keeps the named built-in peers, in running order.
         """
         options = run.parseArguments(["--only", "ours-fast,direct"])
         self.assertEqual([peer.name for peer in options.peers], ["direct", "ours-fast"])
+
+    def test_onlyKeepsVariants(self) -> None:
+        """
+        A declared variant runs whatever C{--only} says about the built-in peers.
+        """
+        options = run.parseArguments(["--only", "ours-fast", "--variant", "m=--admin tcp:0"])
+        self.assertEqual([peer.name for peer in options.peers], ["ours-fast", "ours-m"])
 
     def test_badInput(self) -> None:
         """
