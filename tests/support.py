@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import httptools
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.web import resource, server
 
 from sidecar.config import UpstreamConfig
@@ -58,6 +58,28 @@ class _Seen:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
+class _Zeros:
+    """
+    A pull producer of C{size} zero bytes, 64 KiB at a time.
+    """
+
+    def __init__(self, request: server.Request, size: int) -> None:
+        self.request = request
+        self.left = size
+
+    def resumeProducing(self) -> None:
+        n = min(self.left, 65536)
+        self.left -= n
+        if n:
+            self.request.write(b"\0" * n)
+        if not self.left:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
 class UpstreamResource(resource.Resource):
     """
     The scripted upstream service.  Paths:
@@ -79,6 +101,13 @@ class UpstreamResource(resource.Resource):
         self.pending: List[server.Request] = []
 
     def render(self, request: server.Request) -> Any:
+        if request.path.startswith(b"/sink"):
+            request.content.seek(0, 2)
+            body = b"\0" * 0
+            size = request.content.tell()
+            self.seen.append(_Seen(request, b""))
+            request.setHeader(b"content-type", b"text/plain")
+            return b"%d" % size
         body = request.content.read()
         self.seen.append(_Seen(request, body))
         parts = request.path.split(b"/")
@@ -131,6 +160,13 @@ class UpstreamResource(resource.Resource):
             request.channel.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"d" * 10)
             reactor.callLater(0.05, request.channel.transport.abortConnection)
             return server.NOT_DONE_YET
+        if name == b"stream":
+            request.setHeader(b"content-length", b"%d" % arg)
+            request.registerProducer(_Zeros(request, arg), False)
+            return server.NOT_DONE_YET
+        if name == b"sink":
+            request.setHeader(b"content-type", b"text/plain")
+            return b"%d" % len(body)
         if name == b"head-cl":
             request.setHeader(b"content-length", b"1000")
             return b"h" * 1000
@@ -351,3 +387,126 @@ def waitUntil(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> 
 
 
 PYTHON = sys.executable
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago (for child processes that must be
+    told their port).
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Child(ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended = defer.Deferred()
+        self.status: Any = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.status = reason.value
+        self.ended.callback(None)
+
+
+class ChildProcess:
+    """
+    A child process started by a test, ended by its PID when the test ends.
+    """
+
+    def __init__(self, case: Any, argv: List[str], env: Optional[Dict[str, str]] = None,
+                 stopSignal: int = 9) -> None:
+        import signal
+
+        self.protocol = _Child()
+        self.process = reactor.spawnProcess(self.protocol, argv[0], argv, env=env or subprocessEnv())
+        self.pid = self.process.pid
+
+        def stop() -> Any:
+            if not self.protocol.ended.called:
+                try:
+                    os.kill(self.pid, stopSignal)
+                except ProcessLookupError:
+                    pass
+                # Whatever the signal, the child is gone within 10 s.
+                later = reactor.callLater(10, lambda: self.protocol.ended.called or os.kill(self.pid, signal.SIGKILL))
+                self.protocol.ended.addBoth(lambda r: later.active() and later.cancel())
+            return self.protocol.ended
+
+        case.addCleanup(stop)
+
+    @property
+    def out(self) -> bytes:
+        return self.protocol.out
+
+    @property
+    def err(self) -> bytes:
+        return self.protocol.err
+
+    def rssKiB(self, field: str = "VmRSS") -> int:
+        """
+        A memory figure of the child from C{/proc/PID/status}, in KiB.
+        """
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise ValueError(field)
+
+
+def portAnswers(port: int) -> defer.Deferred:
+    """
+    Fire with C{True} once something accepts TCP connections on 127.0.0.1:C{port}.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    answered = []
+
+    def attempt() -> None:
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1), Protocol())
+
+        def ok(p: Any) -> None:
+            answered.append(True)
+            p.transport.loseConnection()
+
+        d.addCallbacks(ok, lambda f: None)
+
+    def check() -> bool:
+        if not answered:
+            attempt()
+        return bool(answered)
+
+    return waitUntil(check, timeout=15, interval=0.1)
+
+
+def startSidecar(case: Any, *args: str) -> defer.Deferred:
+    """
+    Start C{twistd -n sidecar ARGS} from this working tree on a free port; fire with
+    C{(child, port)} once it accepts connections.
+    """
+    port = freePort()
+    argv = [PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sidecar",
+            "--listen", f"tcp:{port}:interface=127.0.0.1", *args]
+    child = ChildProcess(case, argv)
+    return portAnswers(port).addCallback(lambda _: (child, port))
+
+
+def startHttpbin(case: Any) -> defer.Deferred:
+    """
+    Start httpbin under gunicorn on a free loopback port; fire with C{(child, port)}.
+    """
+    port = freePort()
+    # SIGTERM: gunicorn's master then stops its worker (a SIGKILL would orphan it).
+    child = ChildProcess(case, [PYTHON, "-m", "gunicorn", "-w", "1", "--graceful-timeout", "1",
+                                "-b", f"127.0.0.1:{port}", "httpbin:app"], stopSignal=15)
+    return portAnswers(port).addCallback(lambda _: (child, port))
