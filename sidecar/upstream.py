@@ -53,6 +53,8 @@ class UpstreamConnection(Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.state = CONNECTING
+        #: Reading is paused because the client reads slower than we do.
+        self.paused = False
         self.parser: Any = None
         self.reused = False
         self.idleSince = 0.0
@@ -115,10 +117,12 @@ class UpstreamConnection(Protocol):
     # -- the producer of the response body ------------------------------------------
 
     def pauseProducing(self) -> None:
+        self.paused = True
         if self.transport is not None:
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         if self.transport is not None:
             self.transport.resumeProducing()
 
@@ -357,6 +361,10 @@ class UpstreamPool:
             conn.state = CLOSED
             conn.abandon()
             return
+        if conn.paused:
+            # The client's transport paused us during the response's last read; an idle
+            # connection must read, or it would miss the service closing it.
+            conn.resumeProducing()
         conn.state = IDLE
         conn.idleSince = self.clock.seconds()
         self.idle.append(conn)

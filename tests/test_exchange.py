@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_exchange -*-
+"""
+The exchange and the upstream pool driven by hand: a fast door over a
+L{StringTransport}, upstream connections made from L{MemoryReactorClock.tcpClients}.
+No network, no real time.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from sidecar.config import UpstreamConfig
+from sidecar.downstream import DownstreamProtocol
+from sidecar.exchange import Engine
+from sidecar.stats import Recorder
+from sidecar.upstream import IDLE, UpstreamPool
+
+
+class Harness:
+    """
+    One engine on a memory reactor, and helpers to play client and service.
+    """
+
+    def __init__(self, responseTimeout: float = 10.0, idleTimeout: float = 4.0) -> None:
+        self.reactor = MemoryReactorClock()
+        self.records = []
+        self.recorder = Recorder([self.records.append])
+        self.pool = UpstreamPool(self.reactor, self.reactor,
+                                 UpstreamConfig(port=8080, responseTimeout=responseTimeout,
+                                                idleTimeout=idleTimeout))
+        self.engine = Engine(self.reactor, self.pool, self.recorder, b"amazing-proxy", responseTimeout)
+
+    def client(self) -> tuple:
+        door = DownstreamProtocol(self.engine)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 4444))
+        door.makeConnection(transport)
+        return door, transport
+
+    def connectUpstream(self, index: int = -1) -> tuple:
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        conn = factory.buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        return conn, transport
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class ExchangeTests(unittest.SynchronousTestCase):
+    """
+    Exchanges end in exactly one record, however they end.
+    """
+
+    def test_roundTrip(self):
+        """
+        A request goes upstream with the forwarding headers; the response comes back
+        with our Server header; the connection returns to the pool; one record.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        conn, upstream = h.connectUpstream()
+        sent = upstream.value()
+        self.assertTrue(sent.startswith(b"GET /x HTTP/1.1\r\nHost: svc\r\n"))
+        self.assertIn(b"X-Forwarded-For: 10.1.2.3\r\n", sent)
+        h.reactor.advance(0.25)
+        conn.dataReceived(OK)
+        self.assertEqual(client.value(), b"HTTP/1.1 200 OK\r\nServer: amazing-proxy\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(h.pool.idle, [conn])
+        [rec] = h.records
+        self.assertEqual((rec.status, rec.flags, rec.bytesSent, rec.upstreamServiceTime, rec.duration),
+                         (200, "-", 2, 0.25, 0.25))
+        self.assertEqual(h.recorder.requestsActive, 0)
+
+    def test_timeout(self):
+        """
+        No response head within the timeout: 504, flag UT, the upstream connection is
+        aborted and not pooled.
+        """
+        h = Harness(responseTimeout=3)
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        h.reactor.advance(2.9)
+        self.assertEqual(client.value(), b"")
+        h.reactor.advance(0.2)
+        self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
+        self.assertIn(b"Server: amazing-proxy\r\n", client.value())
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual(h.pool.idle, [])
+        self.assertEqual([r.flags for r in h.records], ["UT"])
+
+    def test_connectFailure(self):
+        """
+        A refused connect: 502, flag UF.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        factory = h.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertIn(b"HTTP/1.1 502 Bad Gateway\r\n", client.value())
+        self.assertEqual([r.flags for r in h.records], ["UF"])
+        self.assertEqual(h.pool.connectFailures, 1)
+        self.flushLoggedErrors()
+
+    def test_staleConnectionRetried(self):
+        """
+        A pooled connection that turns out closed before any response byte makes the
+        proxy send an idempotent request again on a new connection, once.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        door.dataReceived(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 1, "the pooled connection is reused")
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(h.reactor.tcpClients), 2, "a new connection for the retry")
+        conn2, upstream2 = h.connectUpstream()
+        self.assertTrue(upstream2.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        conn2.dataReceived(OK)
+        self.assertEqual(client.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertEqual([r.flags for r in h.records], ["-", "-"])
+
+    def test_postNotRetried(self):
+        """
+        A POST on a pooled connection that closes gets a 502, not a second try.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        door.dataReceived(b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\n\r\nz")
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertIn(b"HTTP/1.1 502 Bad Gateway", client.value())
+        self.assertEqual([r.flags for r in h.records], ["-", "UC"])
+
+    def test_clientGone(self):
+        """
+        A client that disconnects aborts the upstream connection; one record, DC.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        door.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(0, "DC")])
+        self.assertEqual(h.pool.active, 0)
+
+    def test_clientGoneWhileConnecting(self):
+        """
+        A client that disconnects while the upstream connect is under way cancels it.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        connector = h.reactor.connectors[0]
+        door.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(connector._disconnected)
+        self.assertEqual([r.flags for r in h.records], ["DC"])
+
+    def test_pausedConnectionResumedWhenPooled(self):
+        """
+        A connection paused by a slow client when its response completed is resumed as
+        it goes back to the pool (else it could never see the service close it).
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        conn.pauseProducing()  # what the client's full transport does
+        self.assertEqual(upstream.producerState, "paused")
+        conn.dataReceived(b"cd")
+        self.assertEqual(conn.state, IDLE)
+        self.assertEqual(upstream.producerState, "producing")
+
+    def test_idleConnectionsExpire(self):
+        """
+        An idle connection older than the idle timeout is closed by the sweep and not
+        reused.
+        """
+        h = Harness(idleTimeout=4)
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        h.reactor.advance(5)
+        h.pool.sweep()
+        self.assertEqual(h.pool.idle, [])
+        self.assertTrue(upstream.disconnecting)
+
+    def test_upstreamMalformed(self):
+        """
+        A service that answers with garbage: 502, flag UPE.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(b"SPAM SPAM SPAM\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 502 Bad Gateway", client.value())
+        self.assertEqual([r.flags for r in h.records], ["UPE"])
+
+    def test_oversizedHead(self):
+        """
+        A request head over the limit: 431 and close, nothing sent upstream.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 431 ", client.value())
+        self.assertTrue(client.disconnecting)
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(431, "DPE")])
