@@ -104,10 +104,10 @@ ip netns exec "$NS" "$PYTHON" -m gunicorn --workers 1 --bind "0.0.0.0:$SERVICE_P
 PIDS+=($!)
 (cd "$ROOT" && PYTHONPATH="$ROOT" PYTHONUNBUFFERED=1 exec ip netns exec "$NS" \
     "$PYTHON" -m twisted sidecar --listen "$PROXY_PORT" --upstream "$SERVICE_PORT" \
-    --log-format seed --access-log -) >"$WORK/proxy.log" 2>&1 &
+    --log-format seed --access-log - --drain-timeout 0) >"$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
 wait_for "httpbin" in_pod curl -sf --noproxy '*' "http://127.0.0.1:$SERVICE_PORT/status/200"
-wait_for "the sidecar" bash -c "exec 3<>/dev/tcp/$POD_IP/$PROXY_PORT"
+wait_for "the sidecar" curl -sf --noproxy "*" "http://$POD_IP:15000/ready"
 echo "both are up"
 
 say "The article's three requests, from this host to the service port $POD_IP:$SERVICE_PORT"

@@ -23,7 +23,6 @@ import random
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ SCRIPT = ROOT.child("init").child("sidecar-iptables.sh")
 
 SERVICE_PORT = 80
 PROXY_PORT = 8000
+ADMIN_PORT = 15000
 
 # How long a spawned program may take to start answering, and how often to look.
 READY_TIMEOUT = 30.0
@@ -68,6 +68,11 @@ def proxyCommand() -> list[str]:
         "seed",
         "--access-log",
         "-",
+        # End at once on SIGTERM in cleanup, rather than after the drain period.
+        "--drain-timeout",
+        "0",
+        "--admin",
+        str(ADMIN_PORT),
     ]
 
 
@@ -406,16 +411,24 @@ class Pod:
     def startProxy(self) -> None:
         """
         Start the sidecar on 8000 in front of 80 in the pod, from this working
-        tree, and wait until it accepts connections on the pod's address.
+        tree, and wait until its admin server says it is ready to the pod's
+        address from outside, as the kubelet's probes ask.
         """
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT.path
         env["PYTHONUNBUFFERED"] = "1"
         self.spawn(proxyCommand(), self.proxyLog, env=env, cwd=ROOT.path)
         pollUntil(
-            lambda: canConnect(self.namespace.podAddress, PROXY_PORT),
-            f"the proxy in the pod; its log:\n{self.proxyLog.getContent()!r}",
+            lambda: self.curl([self.adminURL("/ready")], check=False)[0] == 200,
+            f"the proxy's /ready in the pod; its log:\n{self.proxyLog.getContent()!r}",
         )
+
+    def adminURL(self, path: str) -> str:
+        """
+        @param path: a path on the proxy's admin server.
+        @return: its URL at the pod's address.
+        """
+        return f"http://{self.namespace.podAddress}:{ADMIN_PORT}{path}"
 
     def curl(
         self, argv: Sequence[str], inside: bool = False, check: bool = True
@@ -459,19 +472,6 @@ class Pod:
             f"{count} records in the proxy's log:\n{self.proxyLog.getContent()!r}",
         )
         return seedRecords(self.proxyLog.getContent().decode())
-
-
-def canConnect(host: str, port: int) -> bool:
-    """
-    @param host: an address.
-    @param port: a TCP port.
-    @return: whether a TCP connection to it succeeds now.
-    """
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def stopProcess(process: subprocess.Popen[bytes]) -> None:
@@ -587,6 +587,25 @@ class PodScenarioMixin:
         records = pod.proxyRecords(1)
         self.assertEqual([record["Response Status"] for record in records], ["418"])
 
+    def test_probesReachTheAdminServer(self):
+        """
+        Even when every inbound port is captured (C{-b '*'}), the proxy's
+        admin port is not: the kubelet's probe, C{GET /ready} on port 15000 at
+        the pod's address from outside, reaches the admin server, while port
+        80 still goes through the proxy.
+        """
+        return deferToThread(self._probes)
+
+    def _probes(self) -> None:
+        pod = self.pod
+        pod.initScript("-b", "*")
+        pod.startService()
+        pod.startProxy()
+        status, headers, body = pod.curl([pod.adminURL("/ready")])
+        self.assertEqual(status, 200, body)
+        _, headers, _ = pod.curl([pod.url("/get")])
+        self.assertEqual(headers.get("server"), "amazing-proxy")
+
     def test_secondRunChangesNothing(self):
         """
         Running the init script twice leaves the same nat rules as running it
@@ -658,3 +677,50 @@ class LegacyPodTests(PodScenarioMixin, TestCase):
     """
 
     backend = "legacy"
+
+
+class PodDemoScriptTests(TestCase):
+    """
+    C{scripts/pod-demo.sh}, which C{make pod-demo} runs.
+    """
+
+    demo = ROOT.child("scripts").child("pod-demo.sh")
+
+    def test_shellcheckFindsNothing(self):
+        """
+        C{shellcheck} reports nothing about the demo script.
+        """
+        if shutil.which("shellcheck") is None:
+            raise SkipTest("needs the shellcheck program (apt-get install shellcheck)")
+        done = run(["shellcheck", self.demo.path], check=False)
+        self.assertEqual((done.returncode, done.stdout), (0, ""))
+
+    def test_demoShowsInterceptionAndCleansUp(self):
+        """
+        The demo prints the article's three answers with
+        C{Server: amazing-proxy}, the proxy's three records (the POST's
+        request size 15), httpbin answering the pod directly, an unchanged
+        second run and a clean one; it exits 0 and leaves no namespace behind.
+        """
+        reason = missingForPod("nft")
+        if reason is None and shutil.which("iptables-save") is None:
+            reason = "needs the iptables-save program, which is not on PATH"
+        if reason is not None:
+            raise SkipTest(reason)
+        return deferToThread(self._demo)
+
+    def _demo(self) -> None:
+        env = dict(os.environ, PYTHON=sys.executable)
+        done = subprocess.run(
+            ["bash", self.demo.path], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=120, env=env, cwd=ROOT.path,
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        out = done.stdout
+        self.assertEqual(out.count("Server: amazing-proxy"), 3, out)
+        self.assertEqual(len(seedRecords(out)), 3, out)
+        self.assertIn("Request Size: 15", out)
+        self.assertEqual(out.count("Server: gunicorn"), 3, out)
+        self.assertIn("same rules as after the first run", out)
+        namespace = re.search(r"network namespace (\S+),", out).group(1)  # type: ignore[union-attr]
+        self.assertNotIn(namespace, run(["ip", "netns", "list"]).stdout)
