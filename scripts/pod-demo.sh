@@ -102,9 +102,14 @@ say "The service (httpbin on 0.0.0.0:$SERVICE_PORT) and the sidecar (on $PROXY_P
 ip netns exec "$NS" "$PYTHON" -m gunicorn --workers 1 --bind "0.0.0.0:$SERVICE_PORT" httpbin:app \
     >"$WORK/httpbin.log" 2>&1 &
 PIDS+=($!)
+proxy_flags=(--listen "$PROXY_PORT" --upstream "$SERVICE_PORT" --admin 15000
+    --log-format seed --access-log -)
+# A proxy that drains on SIGTERM would keep the demo's exit waiting for the drain.
+if (cd "$ROOT" && PYTHONPATH="$ROOT" "$PYTHON" -m twisted sidecar --help) | grep -q -- --drain-timeout; then
+    proxy_flags+=(--drain-timeout 0)
+fi
 (cd "$ROOT" && PYTHONPATH="$ROOT" PYTHONUNBUFFERED=1 exec ip netns exec "$NS" \
-    "$PYTHON" -m twisted sidecar --listen "$PROXY_PORT" --upstream "$SERVICE_PORT" \
-    --log-format seed --access-log - --drain-timeout 0) >"$WORK/proxy.log" 2>&1 &
+    "$PYTHON" -m twisted sidecar "${proxy_flags[@]}") >"$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
 wait_for "httpbin" in_pod curl -sf --noproxy '*' "http://127.0.0.1:$SERVICE_PORT/status/200"
 wait_for "the sidecar" curl -sf --noproxy "*" "http://$POD_IP:15000/ready"

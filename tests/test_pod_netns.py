@@ -53,9 +53,10 @@ def proxyCommand() -> list[str]:
     The sidecar's command line, as the article's proxy container runs it.
 
     @return: the argv that starts the proxy on 8000 in front of 80, logging
-        the article's statistics to its standard output.
+        the article's statistics to its standard output, with its admin
+        server on 15000.
     """
-    return [
+    argv = [
         sys.executable,
         "-m",
         "twisted",
@@ -68,12 +69,15 @@ def proxyCommand() -> list[str]:
         "seed",
         "--access-log",
         "-",
-        # End at once on SIGTERM in cleanup, rather than after the drain period.
-        "--drain-timeout",
-        "0",
         "--admin",
         str(ADMIN_PORT),
     ]
+    from sidecar.tap import Options
+
+    if any(parameter[0] == "drain-timeout" for parameter in Options.optParameters):
+        # A proxy that drains on SIGTERM ends at once in cleanup this way.
+        argv += ["--drain-timeout", "0"]
+    return argv
 
 
 def missingForNamespaces(programs: Sequence[str] = ()) -> str | None:
