@@ -315,10 +315,13 @@ class NetworkNamespace:
             match = re.search(r"inet (\S+)", line)
             if match:
                 taken.append(ipaddress.ip_interface(match.group(1)).network)
-        for line in run(["ip", "-4", "route", "show"]).stdout.splitlines():
-            destination = line.split()[0]
-            if destination != "default":
-                taken.append(ipaddress.ip_network(destination, strict=False))
+        for line in run(["ip", "-4", "route", "show", "table", "all"]).stdout.splitlines():
+            for word in line.split()[:2]:
+                try:
+                    taken.append(ipaddress.ip_network(word, strict=False))
+                except ValueError:
+                    continue
+                break
         blocks = 2 ** (30 - POD_NETWORKS.prefixlen)
         for _ in range(100):
             index = random.randrange(blocks)
