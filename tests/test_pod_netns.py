@@ -9,7 +9,9 @@ namespace run httpbin on port 80 and the sidecar on port 8000, and
 C{init/sidecar-iptables.sh -p 8000 -b 80} redirects inbound traffic, exactly
 as the init container does in the article's Pod. The requests come from this
 host's namespace to the pod's address, so they cross the veth like traffic from
-another pod. Every test runs once per iptables backend (nft and legacy).
+another pod. Every scenario runs once per iptables backend (nft and legacy),
+and C{scripts/pod-demo.sh}, which does the same for people to watch, runs
+under test too.
 
 These tests need root (namespaces and iptables) and skip, saying so, without it.
 """
@@ -140,18 +142,19 @@ def run(
     return done
 
 
-def pollUntil(predicate: Callable[[], bool], what: str) -> None:
+def pollUntil(predicate: Callable[[], bool], what: Callable[[], str]) -> None:
     """
     Poll a readiness check until it holds, for at most L{READY_TIMEOUT} seconds.
 
     @param predicate: returns C{True} once the thing waited for is there.
-    @param what: what is waited for, for the failure message.
+    @param what: says what is waited for (with any log worth showing), for
+        the failure message; called only on failure.
     @raise AssertionError: if it never holds in time.
     """
     deadline = time.monotonic() + READY_TIMEOUT
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
+            raise AssertionError(f"gave up waiting for {what()}")
         time.sleep(POLL_INTERVAL)
 
 
@@ -412,7 +415,7 @@ class Pod:
         pollUntil(
             lambda: self.curl([f"http://127.0.0.1:{SERVICE_PORT}/status/204"], inside=True, check=False)[0]
             == 204,
-            f"httpbin in the pod; its log:\n{self.serviceLog.getContent()!r}",
+            lambda: f"httpbin in the pod; its log:\n{self.serviceLog.getContent()!r}",
         )
 
     def startProxy(self) -> None:
@@ -427,7 +430,7 @@ class Pod:
         self.spawn(proxyCommand(), self.proxyLog, env=env, cwd=ROOT.path)
         pollUntil(
             lambda: self.curl([self.adminURL("/ready")], check=False)[0] == 200,
-            f"the proxy's /ready in the pod; its log:\n{self.proxyLog.getContent()!r}",
+            lambda: f"the proxy's /ready in the pod; its log:\n{self.proxyLog.getContent()!r}",
         )
 
     def adminURL(self, path: str) -> str:
@@ -476,7 +479,7 @@ class Pod:
         """
         pollUntil(
             lambda: len(seedRecords(self.proxyLog.getContent().decode())) >= count,
-            f"{count} records in the proxy's log:\n{self.proxyLog.getContent()!r}",
+            lambda: f"{count} records in the proxy's log:\n{self.proxyLog.getContent()!r}",
         )
         return seedRecords(self.proxyLog.getContent().decode())
 
