@@ -46,6 +46,51 @@ class UpstreamConfig:
         return f"{self.host}:{self.port}"
 
 
+@attrs.frozen
+class MeshLabels:
+    """
+    Who this workload is, for the C{destination_*} labels of Istio's metrics; each is
+    C{"unknown"} when neither a flag nor the pod's environment tells.
+
+    @ivar workload: the workload (Deployment, StatefulSet...) name.
+    @ivar namespace: the workload's namespace.
+    @ivar app: the C{app} label.
+    @ivar version: the C{version} label.
+    @ivar service: the service's host name, C{NAME.NAMESPACE.svc.cluster.local}.
+    @ivar principal: this workload's SPIFFE id (reported under mutual TLS only).
+    @ivar cluster: the cluster id.
+    """
+
+    workload: str = "unknown"
+    namespace: str = "unknown"
+    app: str = "unknown"
+    version: str = "unknown"
+    service: str = "unknown"
+    principal: str = "unknown"
+    cluster: str = "unknown"
+
+
+@attrs.frozen
+class LifecycleConfig:
+    """
+    Readiness, drain and shutdown.
+
+    @ivar drainTimeout: seconds the listeners stay open after draining starts, every
+        response saying C{Connection: close}.
+    @ivar shutdownGrace: seconds after the drain period that in-flight requests may
+        still take before the process exits anyway.
+    @ivar readyRequiresUpstream: C{/ready} answers 503 while the service refuses a TCP
+        connect.
+    @ivar waitForUpstream: seconds at start-up that readiness waits for the service to
+        accept a TCP connect; C{None} to not wait.
+    """
+
+    drainTimeout: float = 5.0
+    shutdownGrace: float = 20.0
+    readyRequiresUpstream: bool = False
+    waitForUpstream: Optional[float] = None
+
+
 TLS_MODES = ("strict", "permissive")
 
 
@@ -95,6 +140,8 @@ class ProxyConfig:
     @ivar admin: a Twisted server endpoint string for the admin site, or C{None}.
     @ivar maxHeaderBytes: the largest request head accepted (431 beyond).
     @ivar tls: mutual TLS settings, or C{None} for none.
+    @ivar mesh: who this workload is, for the metrics' labels.
+    @ivar lifecycle: readiness, drain and shutdown settings.
     """
 
     listen: Optional[str] = "tcp:8000"
@@ -107,3 +154,5 @@ class ProxyConfig:
     maxHeaderBytes: int = 64 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
     tls: Optional[TLSConfig] = None
+    mesh: MeshLabels = MeshLabels()
+    lifecycle: LifecycleConfig = LifecycleConfig()

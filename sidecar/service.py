@@ -21,6 +21,9 @@ from sidecar.config import ProxyConfig
 from sidecar.exchange import Engine
 from sidecar.stats import Recorder
 from sidecar.upstream import UpstreamPool
+from sidecar.admin import adminSite
+from sidecar.drain import Lifecycle, openConnections
+from sidecar.metrics import SidecarCollector
 
 log = Logger()
 
@@ -84,6 +87,38 @@ class SidecarService(MultiService):
             self.listeners.append(
                 self._listen(config.tls.listen, self.tls.serverFactory(self.engine, config.maxHeaderBytes)))
 
+        self._assembleAdmin()
+
+    def _assembleAdmin(self) -> None:
+        """
+        The metrics collector, the lifecycle (readiness, drain, exit) and the admin site.
+        """
+        from sidecar import __version__
+
+        config, reactor = self.config, self.reactor
+        self.startTime = reactor.seconds()
+        self.collector = SidecarCollector(
+            self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
+            localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "")
+        self.adminListeners = []
+        self.lifecycle = Lifecycle(
+            reactor, config.lifecycle, self.engine, self.recorder, self.listeners, config.upstream,
+            connections=lambda: openConnections(reactor, lambda: [s.factory for s in self.listeners]),
+            flush=self.accessLog.flush if self.accessLog is not None else (lambda: None),
+            announce=self._readyLine,
+            adminListeners=lambda: self.adminListeners,
+        )
+        if config.admin is not None:
+            site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime)
+            self.adminListeners.append(self._listen(config.admin, site))
+        self.lifecycle.setServiceParent(self)
+
+    def _readyLine(self, addresses: list) -> str:
+        proxied = addresses[:len(self.listeners)]
+        admin = addresses[len(self.listeners):]
+        return (f"sidecar ready: listening on {', '.join(proxied)} ({self.config.engine} front door), "
+                f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}")
+
     def proxyFactory(self) -> Any:
         """
         The factory of the configured front door.
@@ -104,8 +139,8 @@ class SidecarService(MultiService):
 
     def startService(self) -> None:
         MultiService.startService(self)
-        log.info("sidecar proxying {listen} to {upstream} ({engine} front door)",
-                 listen=self.config.listen, upstream=self.pool.address, engine=self.config.engine)
+        # The start-up line (listening addresses, upstream) is logged by the lifecycle
+        # once every listener listens and readiness is reached.
 
     def stopService(self):
         d = MultiService.stopService(self)

@@ -156,6 +156,16 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
+        ["shutdown-grace", None, "20", "Seconds after the drain period that in-flight requests may take before exit."],
+        ["wait-for-upstream", None, None, "Seconds at start-up that readiness waits for the service to accept a connection."],
+        ["workload", None, None, "destination_workload label (default: ISTIO_META_WORKLOAD_NAME, or POD_NAME less its suffix)."],
+        ["namespace", None, None, "destination_workload_namespace label (default: POD_NAMESPACE)."],
+        ["app", None, None, "destination_app label (default: APP)."],
+        ["app-version", None, None, "destination_version label (default: APP_VERSION)."],
+        ["service-host", None, None, "destination_service label (default: APP.NAMESPACE.svc.cluster.local)."],
+        ["principal", None, None, "This workload's SPIFFE id for destination_principal (default: from the certificate, "
+                                  "or spiffe://TRUST_DOMAIN/ns/POD_NAMESPACE/sa/SERVICE_ACCOUNT)."],
         ["tls-listen", None, None, "Mutual-TLS listener: a port (all interfaces) or a Twisted TCP endpoint."],
         ["tls-cert", None, None, "Mutual TLS: PEM certificate of this workload (the file may hold the chain)."],
         ["tls-key", None, None, "Mutual TLS: PEM private key of --tls-cert."],
@@ -169,6 +179,43 @@ class Options(usage.Options):
         it any client certificate from the CA is allowed).
         """
         self.setdefault("tls-allow", []).append(value)
+
+    optFlags = [
+        ["ready-requires-upstream", None, "/ready answers 503 while the service refuses a TCP connect."],
+    ]
+
+    def _lifecycleAndLabels(self) -> None:
+        """
+        The drain, readiness and metrics-label flags, into C{self["config"]}.
+        """
+        import attrs
+
+        from sidecar.config import LifecycleConfig
+        from sidecar.metrics import workloadLabels
+
+        wait = None
+        if self["wait-for-upstream"] is not None:
+            wait = _seconds("--wait-for-upstream", self["wait-for-upstream"], allowZero=True) or None
+        lifecycle = LifecycleConfig(
+            drainTimeout=_seconds("--drain-timeout", self["drain-timeout"], allowZero=True),
+            shutdownGrace=_seconds("--shutdown-grace", self["shutdown-grace"], allowZero=True),
+            readyRequiresUpstream=bool(self["ready-requires-upstream"]),
+            waitForUpstream=wait,
+        )
+        labels = {}
+        for flag, name in (("workload", "workload"), ("namespace", "namespace"), ("app", "app"),
+                           ("app-version", "version"), ("service-host", "service"), ("principal", "principal")):
+            value = self[flag]
+            if value is None:
+                continue
+            value = value.strip()
+            if not value or not value.isprintable():
+                raise usage.UsageError(f"--{flag}: the value must be non-empty printable text on one line.")
+            labels[name] = value
+        if "principal" in labels and not labels["principal"].startswith("spiffe://"):
+            raise usage.UsageError(f"--principal: {labels['principal']!r} is not a SPIFFE id (spiffe://...).")
+        mesh = workloadLabels(os.environ, **labels)
+        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh)
 
     def postOptions(self) -> None:
         """
@@ -208,12 +255,12 @@ class Options(usage.Options):
             admin=_endpoint("--admin", self["admin"]),
             maxHeaderBytes=maxHeaderBytes,
         )
+        self._lifecycleAndLabels()
         tls = _tlsConfig(self, listen)
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
         if listen is None and (tls is None or tls.listen is None):
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
-
 
 
 def makeService(options: Options):
@@ -224,4 +271,7 @@ def makeService(options: Options):
 
     from sidecar.service import makeService as assemble
 
-    return assemble(options["config"], reactor)
+    service = assemble(options["config"], reactor)
+    # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
+    service.lifecycle.handleSignals = True
+    return service

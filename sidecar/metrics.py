@@ -1,0 +1,394 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Exposition: Istio's standard metrics and the proxy's own, read from the recorder when
+someone scrapes, never per request.
+
+L{SidecarCollector} is a C{prometheus_client} custom collector: its C{collect} turns the
+L{sidecar.stats.Recorder}'s plain counters into metric families with Istio's names and
+labels, so that Istio's dashboards and queries work unchanged.  L{prometheusText} renders
+them with C{prometheus_client}'s exposition code, L{statsJSON} as JSON.  Nothing here
+touches a reactor: everything is a function of the objects handed in.
+
+L{workloadLabels} works out who this workload is (the C{destination_*} labels) from
+flags and the usual pod environment variables.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from sidecar.config import MeshLabels
+from sidecar.stats import Histogram, Recorder
+
+#: The content type of L{prometheusText}: the Prometheus text format 0.0.4, as Envoy's
+#: C{/stats/prometheus} serves it.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+UNKNOWN = "unknown"
+
+#: Istio's standard labels of the request metrics, in Istio's order.
+ISTIO_LABELS: Tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+
+#: The characters of the random suffixes Kubernetes gives pod names (no vowels, no
+#: look-alikes), as in C{k8s.io/apimachinery/pkg/util/rand}.
+_SUFFIX = "[bcdfghjklmnpqrstvwxz2456789]"
+_DEPLOYMENT_POD = re.compile(rf"^(.+)-{_SUFFIX}{{6,10}}-{_SUFFIX}{{5}}$")
+_GENERATED_POD = re.compile(rf"^(.+)-{_SUFFIX}{{5}}$")
+_STATEFUL_POD = re.compile(r"^(.+)-\d+$")
+_SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/[^/]+$")
+
+
+def workloadFromPodName(podName: str) -> str:
+    """
+    The workload a pod belongs to, from its name, the way Istio guesses it without the
+    API server: C{reviews-v1-545db77b95-2ps7q} (a Deployment's pod) and C{agent-x7k2p}
+    (a DaemonSet's or Job's) drop their generated suffixes, C{web-0} (a StatefulSet's)
+    its ordinal.
+    """
+    for pattern in (_DEPLOYMENT_POD, _GENERATED_POD, _STATEFUL_POD):
+        match = pattern.match(podName)
+        if match is not None:
+            return match.group(1)
+    return podName
+
+
+def workloadLabels(
+    environ: Mapping[str, str],
+    workload: Optional[str] = None,
+    namespace: Optional[str] = None,
+    app: Optional[str] = None,
+    version: Optional[str] = None,
+    service: Optional[str] = None,
+    principal: Optional[str] = None,
+) -> MeshLabels:
+    """
+    Who this workload is: each value from its flag when given, else from the pod's
+    environment, else C{unknown}.
+
+      - workload: C{ISTIO_META_WORKLOAD_NAME}, else C{POD_NAME} less its generated
+        suffix (L{workloadFromPodName});
+      - namespace: C{POD_NAMESPACE};
+      - app and version: C{APP} and C{APP_VERSION} (set them from the pod's C{app} and
+        C{version} labels with the downward API);
+      - service: C{APP.NAMESPACE.svc.cluster.local} when both are known (Istio's
+        C{destination_service} is the service's host name);
+      - principal: C{spiffe://TRUST_DOMAIN/ns/POD_NAMESPACE/sa/SERVICE_ACCOUNT}, the
+        trust domain defaulting to C{cluster.local};
+      - cluster: C{ISTIO_META_CLUSTER_ID}.
+    """
+
+    def pick(flag: Optional[str], *names: str) -> str:
+        if flag:
+            return flag
+        for name in names:
+            value = environ.get(name, "").strip()
+            if value:
+                return value
+        return UNKNOWN
+
+    if not workload:
+        workload = environ.get("ISTIO_META_WORKLOAD_NAME", "").strip()
+    if not workload and environ.get("POD_NAME", "").strip():
+        workload = workloadFromPodName(environ["POD_NAME"].strip())
+    namespace = pick(namespace, "POD_NAMESPACE")
+    app = pick(app, "APP")
+    if not service and app != UNKNOWN and namespace != UNKNOWN:
+        service = f"{app}.{namespace}.svc.cluster.local"
+    account = environ.get("SERVICE_ACCOUNT", "").strip()
+    if not principal and account and namespace != UNKNOWN:
+        trustDomain = environ.get("TRUST_DOMAIN", "").strip() or "cluster.local"
+        principal = f"spiffe://{trustDomain}/ns/{namespace}/sa/{account}"
+    return MeshLabels(
+        workload=workload or UNKNOWN,
+        namespace=namespace,
+        app=app,
+        version=pick(version, "APP_VERSION"),
+        service=service or UNKNOWN,
+        principal=principal or UNKNOWN,
+        cluster=pick(None, "ISTIO_META_CLUSTER_ID"),
+    )
+
+
+def staticLabels(mesh: MeshLabels) -> Dict[str, str]:
+    """
+    The labels that are the same on every request series of this process (all but the
+    source principal and namespace, the protocol, code, flags, security policy and the
+    destination principal).
+    """
+    service = mesh.service
+    if service != UNKNOWN:
+        serviceName, _, rest = service.partition(".")
+        serviceNamespace = rest.partition(".")[0] or mesh.namespace
+    else:
+        serviceName, serviceNamespace = mesh.app, mesh.namespace
+    canonical = mesh.app if mesh.app != UNKNOWN else mesh.workload
+    return {
+        "reporter": "destination",
+        "source_workload": UNKNOWN,
+        "source_app": UNKNOWN,
+        "source_version": UNKNOWN,
+        "source_cluster": UNKNOWN,
+        "source_canonical_service": UNKNOWN,
+        "source_canonical_revision": UNKNOWN,
+        "destination_workload": mesh.workload,
+        "destination_workload_namespace": mesh.namespace,
+        "destination_app": mesh.app,
+        "destination_version": mesh.version,
+        "destination_service": service,
+        "destination_service_name": serviceName or UNKNOWN,
+        "destination_service_namespace": serviceNamespace or UNKNOWN,
+        "destination_canonical_service": canonical,
+        "destination_canonical_revision": mesh.version if mesh.version != UNKNOWN else "latest",
+        "destination_cluster": mesh.cluster,
+        "grpc_response_status": "",
+    }
+
+
+def requestProtocol(protocol: str) -> str:
+    """
+    Istio's C{request_protocol} for a record's protocol: C{http} for every HTTP version.
+    """
+    return "http" if protocol.upper().startswith("HTTP") else protocol.lower() or UNKNOWN
+
+
+def seriesLabels(key: Tuple[str, int, str, str, bool], static: Mapping[str, str],
+                 principal: str) -> Tuple[str, ...]:
+    """
+    The Istio label values, in L{ISTIO_LABELS} order, of the recorder's series C{key}.
+
+    Under mutual TLS the source principal is the client's SPIFFE id (and its namespace
+    the source namespace) and the destination principal our own; otherwise both are
+    C{unknown}, as Istio reports plaintext traffic.
+    """
+    protocol, status, flags, peer, mutualTLS = key
+    labels = dict(static)
+    labels["request_protocol"] = requestProtocol(protocol)
+    labels["response_code"] = str(status)
+    labels["response_flags"] = flags or "-"
+    labels["connection_security_policy"] = "mutual_tls" if mutualTLS else "none"
+    labels["source_principal"] = peer if (mutualTLS and peer) else UNKNOWN
+    match = _SPIFFE.match(labels["source_principal"])
+    labels["source_workload_namespace"] = match.group(1) if match else UNKNOWN
+    labels["destination_principal"] = principal if mutualTLS else UNKNOWN
+    return tuple(labels[name] for name in ISTIO_LABELS)
+
+
+class _Merged:
+    """
+    The sum of the recorder's series that share one Istio label set (HTTP/1.0 and 1.1
+    are both C{http}).
+    """
+
+    __slots__ = ("requests", "duration", "requestBytes", "responseBytes")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.requests = 0
+        self.duration = Histogram(bounds)
+        self.requestBytes = Histogram(bounds)
+        self.responseBytes = Histogram(bounds)
+
+    def add(self, series: Any) -> None:
+        self.requests += series.requests
+        for mine, theirs in ((self.duration, series.duration),
+                             (self.requestBytes, series.requestBytes),
+                             (self.responseBytes, series.responseBytes)):
+            mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
+            mine.sum += theirs.sum
+            mine.count += theirs.count
+
+
+def _buckets(histogram: Histogram) -> List[Tuple[str, float]]:
+    return [(floatToGoString(bound), count) for bound, count in histogram.cumulative()]
+
+
+class SidecarCollector:
+    """
+    A C{prometheus_client} collector that reads the recorder, the pool and the engine
+    each time it is collected.
+
+    @ivar recorder: the L{Recorder} of this sidecar.
+    @ivar pool: the L{sidecar.upstream.UpstreamPool} (C{active}, C{connecting}, C{idle},
+        C{connects}, C{connectFailures}).
+    @ivar engine: the L{sidecar.exchange.Engine} (C{draining}).
+    @ivar mesh: who this workload is.
+    @ivar startTime: when the process started, in seconds since the epoch.
+    @ivar version: the sidecar's version, for C{sidecar_build_info}.
+    @ivar localPrincipal: returns our own SPIFFE id from the certificate in use under
+        mutual TLS, or C{""}; it wins over C{mesh.principal}.
+    """
+
+    def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
+                 startTime: float, version: str = "",
+                 localPrincipal: Callable[[], str] = lambda: "") -> None:
+        self.recorder = recorder
+        self.localPrincipal = localPrincipal
+        self.pool = pool
+        self.engine = engine
+        self.mesh = mesh
+        self.startTime = startTime
+        self.version = version
+        self._static = staticLabels(mesh)
+
+    def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
+        """
+        The recorder's series under their Istio labels (sorted, so that the output is
+        stable from one scrape to the next).
+        """
+        merged: Dict[Tuple[str, ...], _Merged] = {}
+        principal = self.localPrincipal() or self.mesh.principal
+        for key, series in list(self.recorder.series.items()):
+            labels = seriesLabels(key, self._static, principal)
+            into = merged.get(labels)
+            if into is None:
+                into = merged[labels] = _Merged(series.duration.bounds)
+            into.add(series)
+        return dict(sorted(merged.items()))
+
+    def collect(self) -> Iterator[Metric]:
+        """
+        Every metric family, read now.
+        """
+        requests = CounterMetricFamily(
+            "istio_requests_total", "Requests received by this workload's sidecar.",
+            labels=ISTIO_LABELS)
+        duration = HistogramMetricFamily(
+            "istio_request_duration_milliseconds",
+            "Time from the request head to the last response byte, in milliseconds.",
+            labels=ISTIO_LABELS)
+        requestBytes = HistogramMetricFamily(
+            "istio_request_bytes", "Request body sizes, in bytes.", labels=ISTIO_LABELS)
+        responseBytes = HistogramMetricFamily(
+            "istio_response_bytes", "Response body sizes, in bytes.", labels=ISTIO_LABELS)
+        for labels, series in self.requestSeries().items():
+            requests.add_metric(labels, series.requests)
+            duration.add_metric(labels, _buckets(series.duration), series.duration.sum)
+            requestBytes.add_metric(labels, _buckets(series.requestBytes), series.requestBytes.sum)
+            responseBytes.add_metric(labels, _buckets(series.responseBytes), series.responseBytes.sum)
+        yield requests
+        yield duration
+        yield requestBytes
+        yield responseBytes
+        yield from self.sidecarMetrics()
+
+    def sidecarMetrics(self) -> Iterator[Metric]:
+        """
+        The proxy's own gauges and counters, under C{sidecar_}.
+        """
+        recorder, pool = self.recorder, self.pool
+        yield GaugeMetricFamily(
+            "sidecar_downstream_connections_active", "Client connections open now.",
+            value=recorder.downstreamConnectionsActive)
+        yield CounterMetricFamily(
+            "sidecar_downstream_connections_total", "Client connections accepted.",
+            value=recorder.downstreamConnectionsTotal)
+        yield GaugeMetricFamily(
+            "sidecar_requests_active",
+            "Requests in flight now (an upgraded stream counts until it closes).",
+            value=recorder.requestsActive)
+        upstream = GaugeMetricFamily(
+            "sidecar_upstream_connections", "Connections to the service, by pool state.",
+            labels=("state",))
+        upstream.add_metric(("active",), pool.active)
+        upstream.add_metric(("idle",), len(pool.idle))
+        upstream.add_metric(("connecting",), pool.connecting)
+        yield upstream
+        yield CounterMetricFamily(
+            "sidecar_upstream_connects_total", "Connections made to the service.",
+            value=pool.connects)
+        yield CounterMetricFamily(
+            "sidecar_upstream_connect_failures_total", "Connects to the service that failed.",
+            value=pool.connectFailures)
+        yield CounterMetricFamily(
+            "sidecar_downstream_received_bytes_total",
+            "Body bytes received from clients, counted as each request ends.",
+            value=recorder.downstreamBytesReceived)
+        yield CounterMetricFamily(
+            "sidecar_downstream_sent_bytes_total",
+            "Body bytes sent to clients, counted as each request ends.",
+            value=recorder.downstreamBytesSent)
+        yield GaugeMetricFamily(
+            "sidecar_draining", "1 while the sidecar drains (responses say Connection: close).",
+            value=1 if self.engine.draining else 0)
+        yield GaugeMetricFamily(
+            "sidecar_process_start_time_seconds",
+            "When the sidecar process started, in seconds since the epoch.",
+            value=self.startTime)
+        info = GaugeMetricFamily("sidecar_build_info", "The sidecar's version.", labels=("version",))
+        info.add_metric((self.version,), 1)
+        yield info
+
+
+def prometheusText(collector: SidecarCollector) -> bytes:
+    """
+    The Prometheus text exposition (format 0.0.4) of C{collector}, by
+    C{prometheus_client}'s own code.
+    """
+    return generate_latest(collector)  # type: ignore[arg-type]
+
+
+def statsJSON(collector: SidecarCollector) -> Dict[str, object]:
+    """
+    The same families as L{prometheusText}, as plain data: each counter and gauge sample
+    with its labels and value, each histogram series with its count, sum and cumulative
+    buckets.
+    """
+    stats: List[Dict[str, object]] = []
+    for family in collector.collect():
+        if family.type == "histogram":
+            bySeries: Dict[Tuple[Tuple[str, str], ...], Dict[str, Any]] = {}
+            for sample in family.samples:
+                labels = {k: v for k, v in sample.labels.items() if k != "le"}
+                entry = bySeries.setdefault(tuple(sorted(labels.items())), {
+                    "name": family.name, "type": "histogram", "labels": labels,
+                    "count": 0, "sum": 0.0, "buckets": [],
+                })
+                if sample.name.endswith("_bucket"):
+                    entry["buckets"].append([sample.labels["le"], sample.value])
+                elif sample.name.endswith("_count"):
+                    entry["count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    entry["sum"] = sample.value
+            stats.extend(bySeries.values())
+        else:
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                stats.append({"name": sample.name, "type": family.type,
+                              "labels": dict(sample.labels), "value": sample.value})
+    return {"stats": stats}
