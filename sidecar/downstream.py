@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
+from sidecar.transport import BUFFER_SIZE, writers
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
 #: Why reading from the client is paused (a bit each; reading resumes when none is left).
@@ -89,6 +90,7 @@ class DownstreamProtocol(Protocol):
         self._advancing = False
         self._closing = False
         self._chunkedOut = False
+        self._head = b""
         self._producer: Any = None
         self._tunnel: Optional[Exchange] = None
         self._early: Optional[List[bytes]] = None
@@ -109,6 +111,7 @@ class DownstreamProtocol(Protocol):
             self.clientIP = host
             self.clientAddress = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
         self._parser = httptools.HttpRequestParser(self)
+        self._write, self._writeSequence = writers(self.transport)
         recorder = self.engine.recorder
         recorder.downstreamConnectionsActive += 1
         recorder.downstreamConnectionsTotal += 1
@@ -243,7 +246,7 @@ class DownstreamProtocol(Protocol):
         return []
 
     def writeInterim(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._write(data)
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
         headers = head.headers
@@ -265,7 +268,10 @@ class DownstreamProtocol(Protocol):
                     else:
                         closing = True
                 conn = exchange.conn
-                if conn is not None and self._producer is None:
+                if (conn is not None and self._producer is None
+                        and (head.contentLength is None or head.contentLength > BUFFER_SIZE)):
+                    # A body that may not fit one buffer: let a slow client pause the
+                    # service.  (A smaller one is at most one buffer; no need.)
                     self._producer = conn
                     self.transport.registerProducer(conn, True)
             if closing:
@@ -276,23 +282,44 @@ class DownstreamProtocol(Protocol):
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        # Held until the body of the same upstream read, or the end of that read (see
+        # L{flush}): one send instead of two for most responses.
+        self._head = b"".join(parts)
+
+    def flush(self) -> None:
+        """
+        Send a response head still held back (the upstream's read is over).
+        """
+        head = self._head
+        if head:
+            self._head = b""
+            self._write(head)
 
     def writeBody(self, data: bytes) -> None:
         if not data:
             return
+        head, self._head = self._head, b""
         if self._chunkedOut:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            if head:
+                self._writeSequence((head, b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self._writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        elif head:
+            self._writeSequence((head, data))
         else:
-            self.transport.write(data)
+            self._write(data)
 
     def finishResponse(self, exchange: Exchange) -> None:
+        head, self._head = self._head, b""
         if self._chunkedOut:
             self._chunkedOut = False
-            self.transport.write(b"0\r\n\r\n")
+            self._write(head + b"0\r\n\r\n")
+        elif head:
+            self._write(head)
         self._done(exchange)
 
     def abortResponse(self, exchange: Exchange) -> None:
+        self.flush()
         exchange.mustClose = True
         self._chunkedOut = False
         self._done(exchange)
@@ -312,10 +339,11 @@ class DownstreamProtocol(Protocol):
         head.append(b"\r\n")
         if exchange.method != b"HEAD":
             head.append(body)
-        self.transport.write(b"".join(head))
+        self._write(b"".join(head))
         self._done(exchange)
 
     def startTunnel(self, exchange: Exchange, conn: Any) -> None:
+        self.flush()
         self._tunnel = exchange
         self._current = None
         self._producer = conn

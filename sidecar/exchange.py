@@ -213,7 +213,7 @@ class Exchange:
         else:
             framed = [data]
         if conn is not None and conn.transport is not None:
-            conn.transport.writeSequence(framed)
+            conn.writeSequence(framed)
         else:
             self.pending.extend(framed)
             self.pendingBytes += len(data)
@@ -231,7 +231,7 @@ class Exchange:
         if self.req.chunked:
             # Trailers are dropped: the last chunk and an empty trailer section.
             if self.conn is not None:
-                self.conn.transport.write(b"0\r\n\r\n")
+                self.conn.write(b"0\r\n\r\n")
             else:
                 self.pending.append(b"0\r\n\r\n")
         if self.conn is not None and not self.upgraded:
@@ -267,11 +267,11 @@ class Exchange:
         conn.attach(self, reused)
         self.upstreamStart = self.engine.clock.seconds()
         if self.pending:
-            conn.transport.writeSequence([self.req.head] + self.pending)
+            conn.writeSequence([self.req.head] + self.pending)
             self.pending = []
             self.pendingBytes = 0
         else:
-            conn.transport.write(self.req.head)
+            conn.write(self.req.head)
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()
@@ -362,7 +362,7 @@ class Exchange:
         """
         self.bytesReceived += len(data)
         if self.conn is not None:
-            self.conn.transport.write(data)
+            self.conn.write(data)
 
     def tunnelClosed(self) -> None:
         """

@@ -173,6 +173,16 @@ class WebDoor:
             self._producer = conn
             request.registerProducer(conn, True)
 
+    def flush(self) -> None:
+        """
+        The upstream's read is over: make twisted.web send the response head if no body
+        has made it do so yet.
+        """
+        request = self.request
+        if not self._finished and self._tunnel is None and not request.startedWriting and request.code:
+            if self.exchange is not None and self.exchange.headSent:
+                request.write(b"")
+
     def writeBody(self, data: bytes) -> None:
         if self._tunnel is not None:
             self._tunnel.transport.write(data)

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.config import UpstreamConfig
+from sidecar.transport import writers
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -132,6 +133,13 @@ class UpstreamConnection(Protocol):
     # -- the transport's side --------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.write, self.writeSequence = writers(self.transport)
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
         self.pool.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -144,6 +152,7 @@ class UpstreamConnection(Protocol):
             exchange.tunnelToClient(data)
             return
         self.responseStarted = True
+        door = exchange.door
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -161,6 +170,9 @@ class UpstreamConnection(Protocol):
             if self.exchange is not None:
                 self.exchange.upstreamProtocolError(str(e))
             self.transport.abortConnection()
+        flush = getattr(door, "flush", None)
+        if flush is not None:
+            flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.pool.lost(self)

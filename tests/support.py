@@ -99,6 +99,7 @@ class UpstreamResource(resource.Resource):
         resource.Resource.__init__(self)
         self.seen: List[_Seen] = []
         self.pending: List[server.Request] = []
+        self.timers: List[Any] = []
 
     def render(self, request: server.Request) -> Any:
         if request.path.startswith(b"/sink"):
@@ -149,6 +150,12 @@ class UpstreamResource(resource.Resource):
                 b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\n"
                 b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Public: yes\r\n"
                 b"Content-Length: 2\r\n\r\nok")
+            return server.NOT_DONE_YET
+        if name == b"late":
+            # The head now, the body a while later (server-sent events, long polls).
+            transport = request.channel.transport
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+            self.timers.append(reactor.callLater(0.5, lambda: transport.connected and transport.write(b"late")))
             return server.NOT_DONE_YET
         if name == b"never":
             self.pending.append(request)
@@ -202,6 +209,9 @@ class Upstream:
         return self.port.getHost().port
 
     def stop(self) -> Any:
+        for timer in self.resource.timers:
+            if timer.active():
+                timer.cancel()
         for request in self.resource.pending:
             if request.channel is not None and request.channel.transport is not None:
                 request.channel.transport.abortConnection()

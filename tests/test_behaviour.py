@@ -236,6 +236,19 @@ class BehaviourMixin:
         yield waitUntil(lambda: client.responses and client.responses[-1].status == 200)
         self.assertEqual(json.loads(client.responses[-1].body)["length"], 5)
 
+    @defer.inlineCallbacks
+    def test_headNotHeldForBody(self):
+        """
+        A response head reaches the client as soon as the service sends it, before a
+        body that comes later.
+        """
+        client = openClient(self.port, b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.addCleanup(closeClient, client)
+        yield waitUntil(lambda: b"200 OK" in client.received, timeout=0.4)
+        self.assertNotIn(b"late", client.received)
+        yield waitUntil(lambda: client.responses)
+        self.assertEqual(client.responses[0].body, b"late")
+
     # -- connections -----------------------------------------------------------------
 
     @defer.inlineCallbacks
