@@ -152,6 +152,10 @@ class ProxyConfig:
     engine: str = "fast"
     admin: Optional[str] = "tcp:15000"
     maxHeaderBytes: int = 64 * 1024
+    #: Seconds a client connection may sit idle between requests (C{None}: forever).
+    clientIdleTimeout: Optional[float] = 300.0
+    #: Seconds a client may take to send a request head before a 408 (C{None}: forever).
+    requestHeadTimeout: Optional[float] = 30.0
     extra: Tuple[Tuple[str, str], ...] = ()
     tls: Optional[TLSConfig] = None
     mesh: MeshLabels = MeshLabels()

@@ -76,6 +76,13 @@ class DownstreamProtocol(Protocol):
     #: When set, every request on this connection is answered 403 with this body (an
     #: identity the authorization policy refuses).
     denial: Optional[bytes] = None
+    #: Reads so far, and what L{sweepDoors} last saw of it.
+    activity = 0
+    sweptActivity = -1
+    idleSince: Optional[float] = None
+    #: A request head has begun and not ended; since when (as L{sweepDoors} saw it).
+    inHead = False
+    headSince: Optional[float] = None
 
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
@@ -105,6 +112,7 @@ class DownstreamProtocol(Protocol):
     # -- connection ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.engine.doors.add(self)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host is not None:
@@ -123,6 +131,7 @@ class DownstreamProtocol(Protocol):
                 pass
 
     def dataReceived(self, data: bytes) -> None:
+        self.activity += 1
         if self._tunnel is not None:
             self._tunnel.tunnelToUpstream(data)
             return
@@ -146,6 +155,7 @@ class DownstreamProtocol(Protocol):
             self._refuse(400, str(e))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.engine.doors.discard(self)
         self.engine.recorder.downstreamConnectionsActive -= 1
         self._closing = True
         tunnel, self._tunnel = self._tunnel, None
@@ -161,6 +171,7 @@ class DownstreamProtocol(Protocol):
     # -- parser callbacks (llhttp) ---------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.inHead = True
         self._url = b""
         self._headers = []
         self._headBytes = 0
@@ -187,6 +198,8 @@ class DownstreamProtocol(Protocol):
             raise self._refusal
 
     def on_headers_complete(self) -> None:
+        self.inHead = False
+        self.headSince = None
         if not self._identified:
             self._identified = True
             self.identify()
@@ -421,6 +434,19 @@ class DownstreamProtocol(Protocol):
             refusal, self._refusal = self._refusal, None
             self._refuse(refusal.status, refusal.message)
 
+    def busy(self) -> bool:
+        """
+        Whether a request or a tunnel is in progress on this connection.
+        """
+        return bool(self._current is not None or self._queue or self._tunnel is not None or self.inHead)
+
+    def headTimedOut(self) -> None:
+        """
+        The request head did not arrive in time (a slow or stalled client): 408, close.
+        """
+        self.inHead = False
+        self._refuse(408, "request head not received in time")
+
     def _close(self) -> None:
         if not self._closing:
             self._closing = True
@@ -466,6 +492,27 @@ class DownstreamProtocol(Protocol):
         exchange.mustClose = True
         self._current = exchange
         exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, f"Bad request: {message}\n".encode("utf-8", "replace"))
+
+
+def sweepDoors(doors: Any, now: float, idleTimeout: Optional[float], headTimeout: Optional[float]) -> None:
+    """
+    Close client connections idle longer than C{idleTimeout}, and answer 408 on those
+    whose request head has taken longer than C{headTimeout} (slowloris).  Called about
+    once a second: one pass over the connections instead of a timer per request.
+    """
+    for door in list(doors):
+        if door.activity != door.sweptActivity:
+            door.sweptActivity = door.activity
+            door.idleSince = now
+        if door.inHead and door._current is None and not door._queue:
+            if door.headSince is None:
+                door.headSince = now
+            elif headTimeout is not None and now - door.headSince >= headTimeout:
+                door.headTimedOut()
+                continue
+        if idleTimeout is not None and not door.busy() and door.idleSince is not None:
+            if now - door.idleSince >= idleTimeout:
+                door._close()
 
 
 class DownstreamFactory(Factory):

@@ -133,6 +133,8 @@ class Engine:
     responseTimeout: Optional[float] = 60.0
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
+    #: The fast door's open client connections (for timeouts and drain).
+    doors: set = attrs.field(factory=set)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """

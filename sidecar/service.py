@@ -69,6 +69,7 @@ class SidecarService(MultiService):
             responseTimeout=config.upstream.responseTimeout,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
+        TimerService(1.0, self.sweepClients).setServiceParent(self)
         self.listeners = []
         self.tls = None
         if config.tls is not None:
@@ -130,6 +131,15 @@ class SidecarService(MultiService):
         from sidecar.downstream import DownstreamFactory
 
         return DownstreamFactory(self.engine, self.config.maxHeaderBytes)
+
+    def sweepClients(self) -> None:
+        """
+        Enforce the client idle and request-head timeouts.
+        """
+        from sidecar.downstream import sweepDoors
+
+        sweepDoors(self.engine.doors, self.reactor.seconds(), self.config.clientIdleTimeout,
+                   self.config.requestHeadTimeout)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
         service = StreamServerEndpointService(serverFromString(self.reactor, description), factory)

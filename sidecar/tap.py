@@ -156,6 +156,8 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
+        ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
         ["shutdown-grace", None, "20", "Seconds after the drain period that in-flight requests may take before exit."],
         ["wait-for-upstream", None, None, "Seconds at start-up that readiness waits for the service to accept a connection."],
@@ -254,6 +256,8 @@ class Options(usage.Options):
             engine=engine,
             admin=_endpoint("--admin", self["admin"]),
             maxHeaderBytes=maxHeaderBytes,
+            clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
+            requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
         )
         self._lifecycleAndLabels()
         tls = _tlsConfig(self, listen)
