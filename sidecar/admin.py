@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -91,21 +92,64 @@ def _json(request: Any, data: Any) -> bytes:
     return json.dumps(data, indent=2, sort_keys=False).encode("utf-8") + b"\n"
 
 
+#: Runs C{f(*args)} somewhere and gives its result: in the service, a thread of the
+#: reactor's pool; in tests, right away.
+Offload = Callable[..., "Deferred[Any]"]
+
+
+def inline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """
+    The L{Offload} that runs C{f} at once, in the reactor thread.
+    """
+    return maybeDeferred(f, *args)
+
+
+def _renderLater(request: Any, d: Deferred[bytes], contentType: bytes) -> Any:
+    """
+    Answer C{request} with the bytes C{d} gives, unless the client has gone.
+    """
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def done(body: bytes) -> None:
+        if gone:
+            return
+        request.setHeader(b"Content-Type", contentType)
+        request.setHeader(b"Cache-Control", b"no-cache, max-age=0")
+        request.write(body)
+        request.finish()
+
+    def failed(failure: Any) -> None:
+        log.failure("rendering {path} failed", failure, path=request.path.decode("latin-1"))
+        if not gone:
+            request.write(_text(request, 500, "rendering failed\n"))
+            request.finish()
+
+    d.addCallbacks(done, failed)
+    return NOT_DONE_YET
+
+
+def _jsonBytes(data: Any) -> bytes:
+    return json.dumps(data, indent=2).encode("utf-8") + b"\n"
+
+
 class PrometheusResource(Resource):
     """
-    C{GET /stats/prometheus}.
+    C{GET /stats/prometheus}: the numbers are copied in the reactor thread (cheap), the
+    text is formatted by C{offload} (a thread: with many series it takes milliseconds
+    that proxied requests should not wait for).
     """
 
     isLeaf = True
 
-    def __init__(self, collector: SidecarCollector) -> None:
+    def __init__(self, collector: SidecarCollector, offload: Offload = inline) -> None:
         Resource.__init__(self)
         self.collector = collector
+        self.offload = offload
 
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
-        request.setHeader(b"Cache-Control", b"no-cache, max-age=0")
-        return prometheusText(self.collector)
+    def render_GET(self, request: Any) -> Any:
+        snapshot = self.collector.snapshot()
+        return _renderLater(request, self.offload(prometheusText, snapshot), CONTENT_TYPE.encode("ascii"))
 
 
 class StatsResource(Resource):
@@ -113,10 +157,11 @@ class StatsResource(Resource):
     C{GET /stats}: JSON, or Prometheus text with C{?format=prometheus}.
     """
 
-    def __init__(self, collector: SidecarCollector) -> None:
+    def __init__(self, collector: SidecarCollector, offload: Offload = inline) -> None:
         Resource.__init__(self)
         self.collector = collector
-        self.putChild(b"prometheus", PrometheusResource(collector))
+        self.offload = offload
+        self.putChild(b"prometheus", PrometheusResource(collector, offload))
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":
@@ -129,7 +174,9 @@ class StatsResource(Resource):
             return self.children[b"prometheus"].render_GET(request)
         if formats[-1] != b"json":
             return _text(request, 400, "format must be json or prometheus\n")
-        return _json(request, statsJSON(self.collector))
+        snapshot = self.collector.snapshot()
+        d = self.offload(lambda: _jsonBytes(statsJSON(snapshot)))
+        return _renderLater(request, d, b"application/json")
 
 
 class ServerInfoResource(Resource):
@@ -269,7 +316,7 @@ class AdminSite(Site):
 
 
 def adminResource(collector: SidecarCollector, lifecycle: Any, config: Any,
-                  info: Callable[[], Dict[str, Any]]) -> Resource:
+                  info: Callable[[], Dict[str, Any]], offload: Offload = inline) -> Resource:
     """
     The admin resource tree.
 
@@ -277,9 +324,10 @@ def adminResource(collector: SidecarCollector, lifecycle: Any, config: Any,
     @param lifecycle: the L{sidecar.drain.Lifecycle} (readiness, drain, exit).
     @param config: the effective L{sidecar.config.ProxyConfig}.
     @param info: returns C{/server_info}'s content.
+    @param offload: runs the formatting of the metrics.
     """
     root = AdminRoot(IndexResource())
-    root.putChild(b"stats", StatsResource(collector))
+    root.putChild(b"stats", StatsResource(collector, offload))
     root.putChild(b"server_info", ServerInfoResource(info))
     root.putChild(b"config_dump", ConfigDumpResource(config))
     root.putChild(b"ready", ReadyResource(lifecycle))
@@ -309,11 +357,13 @@ def serverInfo(version: str, lifecycle: Any, config: Any, clock: Any, startTime:
 
 
 def adminSite(collector: SidecarCollector, lifecycle: Any, config: Any, version: str,
-              clock: Any, startTime: float) -> AdminSite:
+              clock: Any, startTime: float, offload: Offload = inline) -> AdminSite:
     """
     The admin site of one sidecar.
 
     @param clock: the reactor: uptime, and the HTTP channels' timeouts.
+    @param offload: runs the formatting of the metrics (the service passes a thread
+        pool's).
     """
     info = lambda: serverInfo(version, lifecycle, config, clock, startTime)  # noqa: E731
-    return AdminSite(adminResource(collector, lifecycle, config, info), reactor=clock)
+    return AdminSite(adminResource(collector, lifecycle, config, info, offload), reactor=clock)

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 
 from sidecar.config import LifecycleConfig
 
@@ -99,6 +100,18 @@ def openConnections(reactor: Any, factories: Callable[[], Iterable[Any]]) -> Lis
             seen.add(id(selectable))
             found.append(selectable)
     return found
+
+
+def closeGracefully(transport: Any) -> None:
+    """
+    Close a client connection once its last bytes are written: through its TLS layer
+    when it has one (so that the client gets a C{close_notify}), else its transport.
+    """
+    protocol = getattr(transport, "protocol", None)
+    if isinstance(protocol, ProtocolWrapper):
+        protocol.loseConnection()
+    else:
+        transport.loseConnection()
 
 
 def listeningAddresses(listeners: Sequence[Any]) -> Deferred[List[str]]:
@@ -413,7 +426,7 @@ class Lifecycle(Service):
         written, then exit.
         """
         for transport in self.connections():
-            transport.loseConnection()
+            closeGracefully(transport)
         self._waitForClose()
 
     def _waitForClose(self) -> None:

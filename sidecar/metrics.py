@@ -16,6 +16,7 @@ flags and the usual pod environment variables.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -28,7 +29,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from sidecar.config import MeshLabels
-from sidecar.stats import Histogram, Recorder
+from sidecar.stats import Histogram, Recorder, Series
 
 #: The content type of L{prometheusText}: the Prometheus text format 0.0.4, as Envoy's
 #: C{/stats/prometheus} serves it.
@@ -233,6 +234,23 @@ class _Merged:
             mine.count += theirs.count
 
 
+def _copyHistogram(histogram: Histogram) -> Histogram:
+    copy = Histogram(histogram.bounds)
+    copy.counts = list(histogram.counts)
+    copy.sum = histogram.sum
+    copy.count = histogram.count
+    return copy
+
+
+def _copySeries(series: Any) -> Any:
+    copy = Series()
+    copy.requests = series.requests
+    copy.duration = _copyHistogram(series.duration)
+    copy.requestBytes = _copyHistogram(series.requestBytes)
+    copy.responseBytes = _copyHistogram(series.responseBytes)
+    return copy
+
+
 def _buckets(histogram: Histogram) -> List[Tuple[str, float]]:
     return [(floatToGoString(bound), count) for bound, count in histogram.cumulative()]
 
@@ -264,6 +282,28 @@ class SidecarCollector:
         self.startTime = startTime
         self.version = version
         self._static = staticLabels(mesh)
+
+    def snapshot(self) -> SidecarCollector:
+        """
+        A collector over a copy of every number, taken now: cheap (a few lists per
+        series), so that the formatting, which is not, can run in another thread while
+        the reactor goes on recording.
+        """
+        recorder, pool = self.recorder, self.pool
+        frozenRecorder = SimpleNamespace(
+            series={key: _copySeries(series) for key, series in list(recorder.series.items())},
+            downstreamConnectionsActive=recorder.downstreamConnectionsActive,
+            downstreamConnectionsTotal=recorder.downstreamConnectionsTotal,
+            requestsActive=recorder.requestsActive,
+            downstreamBytesReceived=recorder.downstreamBytesReceived,
+            downstreamBytesSent=recorder.downstreamBytesSent,
+        )
+        frozenPool = SimpleNamespace(active=pool.active, idle=[None] * len(pool.idle), connecting=pool.connecting,
+                                     connects=pool.connects, connectFailures=pool.connectFailures)
+        frozenEngine = SimpleNamespace(draining=bool(self.engine.draining))
+        principal = self.localPrincipal()
+        return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
+                                self.startTime, self.version, localPrincipal=lambda: principal)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """

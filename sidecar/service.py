@@ -110,9 +110,23 @@ class SidecarService(MultiService):
             adminListeners=lambda: self.adminListeners,
         )
         if config.admin is not None:
-            site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime)
+            site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime,
+                             offload=self._offload)
             self.adminListeners.append(self._listen(config.admin, site))
         self.lifecycle.setServiceParent(self)
+
+    def _offload(self, f: Any, *args: Any) -> Any:
+        """
+        Run C{f(*args)} in the reactor's thread pool (formatting the metrics), or right
+        away on a reactor without one.
+        """
+        from twisted.internet.defer import maybeDeferred
+        from twisted.internet.threads import deferToThreadPool
+
+        getThreadPool = getattr(self.reactor, "getThreadPool", None)
+        if getThreadPool is None:
+            return maybeDeferred(f, *args)
+        return deferToThreadPool(self.reactor, getThreadPool(), f, *args)
 
     def _readyLine(self, addresses: list) -> str:
         proxied = addresses[:len(self.listeners)]

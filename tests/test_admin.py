@@ -14,6 +14,7 @@ import attrs
 import httptools
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -96,6 +97,36 @@ class ReadEndpointTests(AdminSiteMixin, SynchronousTestCase):
         families = {f.name: f for f in text_string_to_metric_families(response.body.decode())}
         counts = {s.labels["response_code"]: s.value for s in families["istio_requests"].samples}
         self.assertEqual(counts, {"200": 2, "404": 1})
+
+    def test_formattingOffloaded(self) -> None:
+        """
+        The metrics are formatted by the site's C{offload} (a thread pool in the
+        service), from a snapshot taken when the request arrived; the response waits for
+        it.
+        """
+        pending: list = []
+
+        def offload(f: Any, *args: Any) -> Deferred:
+            d: Deferred = Deferred()
+            pending.append((d, f, args))
+            return d
+
+        self.site = adminSite(self.fixture.collector, self.lifecycle, self.config, "1.2.3",
+                              self.harness.reactor, startTime=0.0, offload=offload)
+        transport = StringTransport(peerAddress=LOOPBACK)
+        channel = self.site.buildProtocol(LOOPBACK)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /stats/prometheus HTTP/1.1\r\nHost: admin\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.fixture.recorder.record(record(200))
+        d, f, args = pending.pop()
+        d.callback(f(*args))
+        response = Response(transport.value())
+        self.assertEqual(response.status, 200)
+        families = {f.name: f for f in text_string_to_metric_families(response.body.decode())}
+        self.assertEqual({s.labels["response_code"]: s.value for s in families["istio_requests"].samples},
+                         {"200": 2, "404": 1})
+        channel.connectionLost(None)
 
     def test_statsFormatPrometheus(self) -> None:
         """

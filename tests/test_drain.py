@@ -12,6 +12,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -22,6 +23,7 @@ from sidecar.drain import (
     INITIALIZING,
     LIVE,
     Lifecycle,
+    closeGracefully,
     installTermHandler,
     listeningAddresses,
     openConnections,
@@ -481,3 +483,25 @@ class PlumbingTests(SynchronousTestCase):
         self.assertEqual(result, ["127.0.0.1:15001", "[::1]:15002"])
         # The listener's own Deferred still gives the port to whoever asks next.
         self.assertIsInstance(self.successResultOf(listeners[0]._waitingForPort), Port)
+
+    def test_closeGracefully(self) -> None:
+        """
+        A connection with a TLS layer (a L{ProtocolWrapper}) is closed through that layer,
+        so that the client gets a close_notify; a plain one through its transport.
+        """
+        closed: List[str] = []
+
+        class TLSLayer(ProtocolWrapper):
+            def loseConnection(self) -> None:
+                closed.append("layer")
+
+        class Transport:
+            def __init__(self, protocol: Any) -> None:
+                self.protocol = protocol
+
+            def loseConnection(self) -> None:
+                closed.append("transport")
+
+        closeGracefully(Transport(TLSLayer(WrappingFactory(None), None)))
+        closeGracefully(Transport(object()))
+        self.assertEqual(closed, ["layer", "transport"])

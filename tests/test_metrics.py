@@ -205,6 +205,23 @@ class PrometheusTextTests(SynchronousTestCase):
                     if s.name == "istio_requests_total" and s.labels["response_code"] == "200")
         self.assertEqual(total, 4)
 
+    def test_snapshot(self) -> None:
+        """
+        A snapshot holds the numbers of the moment it was taken: records and gauge
+        changes that come later (while another thread formats it) do not show in it.
+        """
+        snapshot = self.fixture.collector.snapshot()
+        self.fixture.recorder.record(record(200, sent=5))
+        self.fixture.recorder.requestsActive = 9
+        self.fixture.engine.draining = True
+        frozen = families(prometheusText(snapshot))
+        self.assertEqual(families(prometheusText(snapshot)).keys(), self.parsed.keys())
+        counts = {s.labels["response_code"]: s.value for s in frozen["istio_requests"].samples
+                  if s.labels["response_code"] == "200"}
+        self.assertEqual(counts, {"200": 3})
+        self.assertEqual(frozen["sidecar_requests_active"].samples[0].value, 0)
+        self.assertEqual(frozen["sidecar_draining"].samples[0].value, 0)
+
     def test_jsonSameNumbers(self) -> None:
         """
         C{/stats}'s JSON holds the same numbers as the Prometheus text: each counter value
