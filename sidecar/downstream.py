@@ -147,7 +147,7 @@ class DownstreamProtocol(Protocol):
         except httptools.HttpParserUpgrade as e:
             self._upgradeRequested(data[e.args[0]:])
         except httptools.HttpParserCallbackError:
-            refusal = self._refusal
+            refusal, self._refusal = self._refusal, None
             if refusal is None:
                 raise
             self._refuse(refusal.status, refusal.message)
@@ -398,7 +398,9 @@ class DownstreamProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def _begin(self, exchange: Exchange) -> None:
-        if self.denial is not None:
+        if exchange.malformed is not None:
+            exchange.clientProtocolError(exchange.malformed)
+        elif self.denial is not None:
             exchange.reject(403, UNAUTHORIZED, self.denial)
         else:
             exchange.begin()
@@ -469,19 +471,20 @@ class DownstreamProtocol(Protocol):
         trusted to frame another request.
         """
         self._pause(_ERROR)
-        parsing = self._parsing
-        if parsing is not None and parsing is self._current:
-            # The body of the request being served is malformed.
-            self._parsing = None
-            parsing.clientProtocolError(f"Bad request: {message}\n".encode("utf-8", "replace"))
+        body = f"Bad request: {message}\n".encode("utf-8", "replace")
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None:
+            # The body of a request already accepted is malformed: it is refused in its
+            # turn, and never goes upstream whole.
+            if parsing is self._current:
+                parsing.clientProtocolError(body)
+            else:
+                parsing.malformed = body
             return
         if self._current is not None or self._queue:
             # Answer in order: after the requests already accepted.
             self._refusal = _Refusal(status, message)
             return
-        parsing, self._parsing = self._parsing, None
-        if parsing is not None and parsing is not self._current:
-            parsing.downstreamLost()
         method = b"-"
         try:
             method = self._parser.get_method()
@@ -491,7 +494,7 @@ class DownstreamProtocol(Protocol):
         exchange = self.engine.exchange(self, method, self._url or b"-", "1.1", req)
         exchange.mustClose = True
         self._current = exchange
-        exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, f"Bad request: {message}\n".encode("utf-8", "replace"))
+        exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, body)
 
 
 def sweepDoors(doors: Any, now: float, idleTimeout: Optional[float], headTimeout: Optional[float]) -> None:

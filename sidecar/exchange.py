@@ -159,7 +159,7 @@ class Exchange:
         "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
         "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
         "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
-        "mustClose",
+        "mustClose", "malformed",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -190,6 +190,9 @@ class Exchange:
         self.readingPaused = False
         #: The client connection cannot be reused after this exchange.
         self.mustClose = False
+        #: The 400 body to answer with in this exchange's turn: its request turned out
+        #: malformed while it waited behind another.
+        self.malformed: Optional[bytes] = None
 
     # -- the client side -------------------------------------------------------------
 
@@ -339,8 +342,9 @@ class Exchange:
                 self.engine.pool.release(conn)
             else:
                 conn.abandon()
-        self.door.finishResponse(self)
+        # The record first: finishing may start the next pipelined exchange at once.
         self._end()
+        self.door.finishResponse(self)
 
     def upgradeAccepted(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """
@@ -388,8 +392,8 @@ class Exchange:
                      upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
                      path=self.target.decode("latin-1"))
             self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
-            self.door.abortResponse(self)
             self._end()
+            self.door.abortResponse(self)
             return
         if (reused and not responseStarted and not self.retried and self.method in IDEMPOTENT
                 and not self.req.chunked and not self.req.contentLength and not self.req.upgrade):
@@ -419,8 +423,8 @@ class Exchange:
                  path=self.target.decode("latin-1"), detail=detail)
         self.flags.append(UPSTREAM_PROTOCOL_ERROR)
         if self.headSent:
-            self.door.abortResponse(self)
             self._end()
+            self.door.abortResponse(self)
         else:
             self._localReply(502, b"upstream sent a malformed response")
 
@@ -468,16 +472,16 @@ class Exchange:
 
     def _localReply(self, status: int, body: bytes) -> None:
         if self.headSent:
-            self.door.abortResponse(self)
             self._end()
+            self.door.abortResponse(self)
             return
         self.status = status
         self.headSent = True
         self.bytesSent += 0 if self.method == b"HEAD" else len(body)
         if not self.requestDone:
             self.mustClose = True
-        self.door.localReply(self, status, body)
         self._end()
+        self.door.localReply(self, status, body)
 
     def _cancelTimeout(self) -> None:
         if self.timeout is not None:

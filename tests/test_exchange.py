@@ -267,3 +267,29 @@ class ClientTimeoutTests(unittest.SynchronousTestCase):
         sweepDoors(h.engine.doors, 10, 10, 30)
         self.assertTrue(idleTransport.disconnecting)
         self.assertFalse(waitingTransport.disconnecting, "a request in flight is not idleness")
+
+
+class PipelinedErrorTests(unittest.SynchronousTestCase):
+    """
+    A malformed request behind one in flight is answered in its turn, never forwarded.
+    """
+
+    def test_malformedBodyBehindRequestInFlight(self):
+        """
+        The first request is answered; the second, whose chunked body is malformed, gets
+        a 400 after it and the connection closes; the service sees only the first.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET + b"POST /y HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n")
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertNotIn(b"POST /y", upstream.value())
+        replies = client.value()
+        self.assertIn(b"HTTP/1.1 200 OK", replies)
+        self.assertIn(b"HTTP/1.1 400 Bad Request", replies)
+        self.assertLess(replies.index(b"200 OK"), replies.index(b"400 Bad Request"))
+        self.assertTrue(client.disconnecting)
+        self.assertEqual([(r.path, r.status) for r in h.records], [("/x", 200), ("/y", 400)])
+        self.assertEqual(h.recorder.requestsActive, 0)
