@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 from cryptography import x509
@@ -625,9 +625,7 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         if peer is None:  # not reachable with VERIFY_FAIL_IF_NO_PEER_CERT; refuse anyway
             self.denial = DENIAL_BODY
             return
-        certificate = peer.to_cryptography()
-        der = certificate.public_bytes(serialization.Encoding.DER)
-        admission = admit(self.tls.policy, self.tls.context.material.localId, certificate, der)
+        admission = self.tls.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
         self.peerPrincipal = admission.principal
         self._extra = [(XFCC, admission.xfcc)]
         if not admission.allowed:
@@ -721,6 +719,10 @@ class PermissiveFactory(Factory):
         return _FirstByte(self, addr)
 
 
+#: How many client certificates' admissions L{MutualTLS} remembers.
+ADMISSION_MEMORY = 4096
+
+
 class MutualTLS:
     """
     Everything one sidecar needs for mutual TLS: the rotating context, the policy and
@@ -741,6 +743,7 @@ class MutualTLS:
         self.handshakes = 0
         self.handshakeFailures = 0
         self.denials = 0
+        self._admissions: Dict[Tuple[bytes, str], Admission] = {}
 
     @classmethod
     def fromConfig(cls, config: Any, clock: Any) -> MutualTLS:
@@ -760,6 +763,23 @@ class MutualTLS:
             allowed=", ".join(str(r) for r in self.policy.rules) or "any client certificate from the CA",
         )
         return self
+
+    def admission(self, der: bytes) -> Admission:
+        """
+        L{admit} for the client certificate C{der}, remembered: a workload reconnects
+        with the same certificate for hours, and parsing it costs more than the rest of
+        a request.  The memory is keyed by the whole certificate and our own id, is
+        bounded, and starts afresh when full.
+        """
+        localId = self.context.material.localId
+        key = (der, localId)
+        admission = self._admissions.get(key)
+        if admission is None:
+            if len(self._admissions) >= ADMISSION_MEMORY:
+                self._admissions.clear()
+            admission = admit(self.policy, localId, x509.load_der_x509_certificate(der), der)
+            self._admissions[key] = admission
+        return admission
 
     @property
     def material(self) -> ServerMaterial:

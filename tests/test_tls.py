@@ -707,3 +707,70 @@ class OptionsTests(unittest.TestCase):
                                                                *self.tlsFlags))
         self.assertIn("--tls-mode:", self.refused("--tls-mode", "lenient", "--tls-listen", "8443", *self.tlsFlags))
         self.assertIn("adds the TLS layer itself", self.refused("--tls-listen", "ssl:8443", *self.tlsFlags))
+
+
+class AdmissionMemoryTests(unittest.TestCase):
+    """
+    L{MutualTLS.admission} parses a client certificate once, not at every connection.
+    """
+
+    def setUp(self) -> None:
+        self.mesh = writeMesh(self.mktemp())
+        files = TLSFiles(self.mesh.crt("backend"), self.mesh.key("backend"),
+                         os.path.join(self.mesh.directory, "ca.crt"))
+        self.tls = MutualTLS(RotatingServerContext(files), AllowPolicy.fromStrings([FRONTEND_ID]),
+                             MemoryReactorClock())
+
+    def der(self, name: str) -> bytes:
+        return self.mesh.issued[name].certificate.public_bytes(serialization.Encoding.DER)
+
+    def test_remembered(self) -> None:
+        """
+        The same certificate gets the same admission object; another certificate its
+        own, decided on its own.
+        """
+        first = self.tls.admission(self.der("frontend"))
+        self.assertIs(self.tls.admission(self.der("frontend")), first)
+        self.assertTrue(first.allowed)
+        other = self.tls.admission(self.der("evil"))
+        self.assertEqual((other.principal, other.allowed), (EVIL_ID, False))
+
+    def test_bounded(self) -> None:
+        """
+        The memory starts afresh when full, so it never holds more than its bound.
+        """
+        from sidecar import tls
+
+        self.patch(tls, "ADMISSION_MEMORY", 1)
+        self.tls.admission(self.der("frontend"))
+        self.tls.admission(self.der("evil"))
+        self.assertEqual(len(self.tls._admissions), 1)
+
+
+class BenchConfigTests(unittest.TestCase):
+    """
+    The Envoy peer of C{bench/tls_bench.py} is configured for the same mutual TLS.
+    """
+
+    def test_envoyMutualTLS(self) -> None:
+        """
+        Envoy requires and verifies client certificates against the CA, speaks TLS
+        1.2-1.3 with ALPN http/1.1, sets XFCC with the URI, and allows one principal.
+        """
+        from pathlib import Path
+
+        from bench.tls_bench import envoyMutualTLSConfig
+
+        certs = {k: Path(f"/x/{k}") for k in ("ca", "backend.crt", "backend.key")}
+        config = envoyMutualTLSConfig(1, 2, 3, certs)
+        chain = config["static_resources"]["listeners"][0]["filter_chains"][0]
+        tlsContext = chain["transport_socket"]["typed_config"]
+        self.assertTrue(tlsContext["require_client_certificate"])
+        common = tlsContext["common_tls_context"]
+        self.assertEqual(common["validation_context"]["trusted_ca"]["filename"], "/x/ca")
+        self.assertEqual(common["alpn_protocols"], ["http/1.1"])
+        self.assertEqual(common["tls_params"]["tls_minimum_protocol_version"], "TLSv1_2")
+        manager = chain["filters"][0]["typed_config"]
+        self.assertEqual((manager["forward_client_cert_details"], manager["set_current_client_cert_details"]),
+                         ("SANITIZE_SET", {"uri": True}))
+        self.assertEqual(manager["http_filters"][0]["name"], "envoy.filters.http.rbac")

