@@ -411,7 +411,7 @@ class DrainProcessTests(SynchronousTestCase):
         self.assertIsNone(slow.error)
         self.assertEqual(slow.result[0], 200)
         self.assertEqual(code, 0, sidecar.text())
-        self.assertLess(exited - slow.ended, 1.5)
+        self.assertLess(exited - slow.ended, 3.0)
         self.assertLess(exited - signalled, drain + grace)
         log = sidecar.accessLog.getContent().decode()
         self.assertIn('"GET /delay/4 HTTP/1.1" 200', log)
@@ -430,7 +430,7 @@ class DrainProcessTests(SynchronousTestCase):
         sidecar.signal(signal.SIGTERM)
         code = sidecar.wait(drain + grace + 5)
         self.assertEqual(code, 0, sidecar.text())
-        self.assertLess(time.monotonic() - signalled, drain + grace + 1.5)
+        self.assertLess(time.monotonic() - signalled, drain + grace + 3.0)
         slow.join(10)
         self.assertIsNotNone(slow.error)
         log = sidecar.accessLog.getContent().decode()
@@ -448,7 +448,7 @@ class DrainProcessTests(SynchronousTestCase):
         signalled = time.monotonic()
         sidecar.signal(signal.SIGTERM)
         self.assertEqual(sidecar.wait(10), 0, sidecar.text())
-        self.assertLess(time.monotonic() - signalled, 2.0)
+        self.assertLess(time.monotonic() - signalled, 5.0)
 
     def test_quitquitquit(self) -> None:
         """
@@ -462,7 +462,7 @@ class DrainProcessTests(SynchronousTestCase):
         status, _, body = sidecar.admin("POST", "/quitquitquit")
         self.assertEqual((status, body), (200, b"OK\n"))
         self.assertEqual(sidecar.wait(10), 0, sidecar.text())
-        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertLess(time.monotonic() - started, 5.0)
 
     def test_waitForUpstream(self) -> None:
         """
