@@ -614,11 +614,24 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         DownstreamProtocol.__init__(self, engine, maxHeaderBytes)
         self.tls = tls
         self._handshaken = False
+        self._handshakeTimer: Any = None
         self._extra: List[Tuple[bytes, bytes]] = []
+
+    def connectionMade(self) -> None:
+        DownstreamProtocol.connectionMade(self)
+        self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        self.tls.handshakeTimeouts += 1
+        self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
         self._handshaken = True
         self.tls.handshakes += 1
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None:
+            timer.cancel()
 
     def identify(self) -> None:
         peer = self.transport.getPeerCertificate()
@@ -640,6 +653,9 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         return self._extra
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None:
+            timer.cancel()
         if not self._handshaken:
             self.tls.handshakeFailures += 1
         DownstreamProtocol.connectionLost(self, reason)
@@ -719,6 +735,10 @@ class PermissiveFactory(Factory):
         return _FirstByte(self, addr)
 
 
+#: Seconds a client has to complete its TLS handshake (a client that connects and never
+#: finishes would otherwise hold its connection forever).
+HANDSHAKE_TIMEOUT = 10.0
+
 #: How many client certificates' admissions L{MutualTLS} remembers.
 ADMISSION_MEMORY = 4096
 
@@ -732,6 +752,8 @@ class MutualTLS:
     @ivar handshakeFailures: connections that ended before their handshake completed
         (no certificate, wrong CA, expired, old protocol, or a client that left).
     @ivar denials: connections refused by the policy (their requests get 403).
+    @ivar handshakeTimeouts: connections cut off for not finishing their handshake in
+        C{handshakeTimeout} seconds (also counted in C{handshakeFailures}).
     """
 
     def __init__(self, context: RotatingServerContext, policy: AllowPolicy, clock: Any,
@@ -743,6 +765,9 @@ class MutualTLS:
         self.handshakes = 0
         self.handshakeFailures = 0
         self.denials = 0
+        self.handshakeTimeouts = 0
+        #: Seconds a client has to complete its TLS handshake before it is cut off.
+        self.handshakeTimeout = HANDSHAKE_TIMEOUT
         self._admissions: Dict[Tuple[bytes, str], Admission] = {}
 
     @classmethod

@@ -464,10 +464,9 @@ class FakeTLSTransport(StringTransport):
         return self.peer
 
 
-class DoorTests(unittest.TestCase):
+class DoorFixture(unittest.TestCase):
     """
-    L{MutualTLSDownstreamProtocol} learns the client at its first request, adds the
-    XFCC header upstream, and answers 403 to refused identities.
+    A mutual-TLS door on a fake reactor, with fake TLS transports.
     """
 
     def setUp(self) -> None:
@@ -491,6 +490,14 @@ class DoorTests(unittest.TestCase):
         door.makeConnection(transport)
         door.handshakeCompleted()
         return door, transport, cert.public_bytes(serialization.Encoding.DER)
+
+
+
+class DoorTests(DoorFixture):
+    """
+    L{MutualTLSDownstreamProtocol} learns the client at its first request, adds the
+    XFCC header upstream, and answers 403 to refused identities.
+    """
 
     def test_allowed(self) -> None:
         """
@@ -774,3 +781,35 @@ class BenchConfigTests(unittest.TestCase):
         self.assertEqual((manager["forward_client_cert_details"], manager["set_current_client_cert_details"]),
                          ("SANITIZE_SET", {"uri": True}))
         self.assertEqual(manager["http_filters"][0]["name"], "envoy.filters.http.rbac")
+
+
+class HandshakeTimeoutTests(DoorFixture):
+    """
+    A client that connects but never finishes its handshake is cut off.
+    """
+
+    def test_timeout(self) -> None:
+        """
+        Without a completed handshake the connection is aborted after
+        C{handshakeTimeout} seconds of the injected clock, and counted.
+        """
+        door = MutualTLSDownstreamFactory(self.engine, 64 * 1024, self.tls).buildProtocol(None)
+        transport = StringTransport()
+        door.makeConnection(transport)
+        self.reactor.advance(self.tls.handshakeTimeout - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        door.connectionLost()
+        self.assertEqual((self.tls.handshakeTimeouts, self.tls.handshakeFailures), (1, 1))
+
+    def test_completed(self) -> None:
+        """
+        A completed handshake cancels the timer; so does a connection that ends first.
+        """
+        door, transport, _ = self.connect("frontend")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        other = MutualTLSDownstreamFactory(self.engine, 64 * 1024, self.tls).buildProtocol(None)
+        other.makeConnection(StringTransport())
+        other.connectionLost()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
