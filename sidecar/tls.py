@@ -38,6 +38,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -708,6 +709,17 @@ class _FirstByte(Protocol):
         inner, self.inner = self.inner, None
         if inner is not None:
             inner.connectionLost(reason)
+
+    def loseConnection(self) -> None:
+        """
+        Close gracefully: through the TLS layer when the connection turned out to be
+        TLS (so buffered bytes and C{close_notify} go out first), else the transport.
+        """
+        inner = self.inner
+        if isinstance(inner, ProtocolWrapper):
+            inner.loseConnection()
+        else:
+            self.transport.loseConnection()
 
 
 class PermissiveFactory(Factory):

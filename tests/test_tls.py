@@ -813,3 +813,32 @@ class HandshakeTimeoutTests(DoorFixture):
         other.makeConnection(StringTransport())
         other.connectionLost()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class PermissiveCloseTests(unittest.TestCase):
+    """
+    Closing a permissive connection goes through its TLS layer when it has one.
+    """
+
+    def test_loseConnection(self) -> None:
+        """
+        L{_FirstByte.loseConnection} asks the TLS wrapper to close (close_notify first)
+        and closes a plain connection's transport directly.
+        """
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        from sidecar.tls import _FirstByte
+
+        closed = []
+        wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
+        wrapper.loseConnection = lambda: closed.append("tls")  # type: ignore[method-assign]
+        plain = PermissiveFactory(Factory.forProtocol(Protocol), Factory())
+        proto = _FirstByte(plain, None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.inner = wrapper
+        proto.loseConnection()
+        self.assertEqual((closed, transport.disconnecting), (["tls"], False))
+        proto.inner = Protocol()
+        proto.loseConnection()
+        self.assertTrue(transport.disconnecting)
