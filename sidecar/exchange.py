@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Protocol
 import attrs
 from twisted.logger import Logger
 
-from sidecar.headers import RequestHead, ResponseHead, bodyForbidden, responseHead
+from sidecar.headers import RequestHead, ResponseHead, bodyForbidden
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTime
@@ -93,6 +93,9 @@ class Door(Protocol):
 
     def writeInterim(self, data: bytes) -> None:
         """Send an interim response (C{100 Continue}) to the client."""
+
+    def flush(self) -> None:
+        """The upstream's read is over: send anything held back."""
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
         """Send the response head to the client."""
@@ -309,13 +312,12 @@ class Exchange:
 
     # -- the upstream connection's side ---------------------------------------------
 
-    def responseHead(self, status: int, reason: bytes, headers: list, upstreamKeepAlive: bool) -> None:
+    def responseHead(self, status: int, reason: bytes, head: ResponseHead) -> None:
         """
-        The upstream's (final) response head arrived.
+        The upstream's (final) response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
-        head = responseHead(headers, self.engine.serverHeader)
         self.status = status
         self.headSent = True
         if not self.requestDone:

@@ -36,6 +36,22 @@ HOP_BY_HOP = frozenset(
 #: Headers the proxy owns on the upstream request: a client's copy is dropped.
 _OWNED_REQUEST = frozenset([b"x-forwarded-proto", b"x-forwarded-client-cert", b"expect"])
 
+# What the rules do with a header, by lower-cased name (one dict lookup per header on
+# the hot path; a name not listed passes unchanged).
+(_DROP, _CONNECTION, _FRAMING, _UPGRADE, _EXPECT, _HOST, _FORWARDED_FOR, _REQUEST_ID,
+ _USER_AGENT, _LENGTH, _SERVER) = range(11)
+_REQUEST_KINDS = {name: _DROP for name in HOP_BY_HOP | _OWNED_REQUEST}
+_REQUEST_KINDS.update({
+    b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
+    b"expect": _EXPECT, b"host": _HOST, b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-request-id": _REQUEST_ID, b"user-agent": _USER_AGENT, b"content-length": _LENGTH,
+})
+_RESPONSE_KINDS = {name: _DROP for name in HOP_BY_HOP}
+_RESPONSE_KINDS.update({
+    b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
+    b"server": _DROP, b"content-length": _LENGTH,
+})
+
 
 def newRequestId(_bits=random.getrandbits) -> str:
     """
@@ -107,43 +123,49 @@ def requestHead(
     @return: the head to send upstream and what the proxy learnt from it.
     """
     result = RequestHead()
-    dropped = HOP_BY_HOP
     out: Headers = []
     append = out.append
     forwarded: List[bytes] = []
     upgradeValue = None
     connection: List[bytes] = []
     host = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in dropped or lower in _OWNED_REQUEST:
-            if lower == b"connection":
-                connection.extend(connectionTokens(value))
-            elif lower == b"transfer-encoding":
-                # llhttp has already refused anything but a final "chunked".
-                result.chunked = True
-            elif lower == b"upgrade":
-                upgradeValue = value
-            elif lower == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    result.expectContinue = True
-                else:
-                    append((name, value))
+    kinds = _REQUEST_KINDS
+    for pair in headers:
+        kind = kinds.get(pair[0].lower())
+        if kind is None:
+            append(pair)
             continue
-        if lower == b"host":
+        name, value = pair
+        if kind == _DROP:
+            continue
+        if kind == _CONNECTION:
+            connection.extend(connectionTokens(value))
+        elif kind == _FRAMING:
+            # llhttp has already refused anything but a final "chunked".
+            result.chunked = True
+        elif kind == _UPGRADE:
+            upgradeValue = value
+        elif kind == _EXPECT:
+            if value.strip().lower() == b"100-continue":
+                result.expectContinue = True
+            else:
+                append(pair)
+        elif kind == _HOST:
             if host is not None:
                 result.error = "more than one Host header"
             host = value
-        elif lower == b"x-forwarded-for":
+            append(pair)
+        elif kind == _FORWARDED_FOR:
             forwarded.append(value)
-            continue
-        elif lower == b"x-request-id":
+        elif kind == _REQUEST_ID:
             result.requestId = value.decode("latin-1")
-        elif lower == b"user-agent":
+            append(pair)
+        elif kind == _USER_AGENT:
             result.userAgent = value.decode("latin-1")
-        elif lower == b"content-length":
+            append(pair)
+        else:  # _LENGTH
             result.contentLength = int(value)
-        append((name, value))
+            append(pair)
 
     if connection:
         named = set(connection)
@@ -192,11 +214,13 @@ class ResponseHead:
         headers (the front door adds those).
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
+    @ivar chunked: the upstream framed the body as chunked.
     """
 
     headers: Headers
     contentLength: Optional[int] = None
     upgrade: Optional[bytes] = None
+    chunked: bool = False
 
 
 def responseHead(headers: Headers, server: bytes) -> ResponseHead:
@@ -209,30 +233,31 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     @param headers: the upstream's headers.
     @param server: our C{Server} header value.
     """
-    out: Headers = []
+    out: Headers = [(b"Server", server)]
     append = out.append
     connection: List[bytes] = []
     contentLength = None
     upgrade = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                connection.extend(connectionTokens(value))
-            elif lower == b"upgrade":
-                upgrade = value
-            continue
-        if lower == b"server":
-            continue
-        if lower == b"content-length":
-            contentLength = int(value)
-        append((name, value))
+    chunked = False
+    kinds = _RESPONSE_KINDS
+    for pair in headers:
+        kind = kinds.get(pair[0].lower())
+        if kind is None:
+            append(pair)
+        elif kind == _LENGTH:
+            contentLength = int(pair[1])
+            append(pair)
+        elif kind == _CONNECTION:
+            connection.extend(connectionTokens(pair[1]))
+        elif kind == _FRAMING:
+            chunked = True
+        elif kind == _UPGRADE:
+            upgrade = pair[1]
     if connection:
         named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
-    out.insert(0, (b"Server", server))
-    return ResponseHead(out, contentLength, upgrade)
+    return ResponseHead(out, contentLength, upgrade, chunked)
 
 
 def bodyForbidden(method: bytes, status: int) -> bool:

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.config import UpstreamConfig
+from sidecar.headers import responseHead
 from sidecar.transport import writers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,9 +171,7 @@ class UpstreamConnection(Protocol):
             if self.exchange is not None:
                 self.exchange.upstreamProtocolError(str(e))
             self.transport.abortConnection()
-        flush = getattr(door, "flush", None)
-        if flush is not None:
-            flush()
+        door.flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.pool.lost(self)
@@ -221,12 +220,11 @@ class UpstreamConnection(Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if not self._headOnly and status not in (204, 304):
+        head = responseHead(self._headers, exchange.engine.serverHeader)
+        if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
-            chunked = any(n.lower() == b"transfer-encoding" for n, _ in self._headers)
-            length = any(n.lower() == b"content-length" for n, _ in self._headers)
-            self._eofBody = not chunked and not length
-        exchange.responseHead(status, self._reason, self._headers, parser.should_keep_alive())
+            self._eofBody = head.contentLength is None and not head.chunked
+        exchange.responseHead(status, self._reason, head)
         if self._headOnly:
             self._stop = _STOP_HEAD
             raise _HeadDone()
@@ -259,7 +257,7 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.tunnel = True
-        exchange.responseHead(101, self._reason, self._headers, False)
+        exchange.responseHead(101, self._reason, responseHead(self._headers, exchange.engine.serverHeader))
         exchange.upgradeAccepted(self, leftover)
 
 
