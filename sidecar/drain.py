@@ -371,6 +371,11 @@ class Lifecycle(Service):
 
     def _drainPeriodOver(self) -> None:
         self.closeListeners()
+        # Keep-alive clients with nothing in flight would only hear "Connection: close"
+        # on their next request: close them now.
+        for door in list(self.engine.doors):
+            if not door.busy() and door.transport is not None:
+                closeGracefully(door.transport)
         if self.exiting:
             self._shutdownTail()
 

@@ -104,7 +104,7 @@ class SidecarService(MultiService):
         self.adminListeners = []
         self.lifecycle = Lifecycle(
             reactor, config.lifecycle, self.engine, self.recorder, self.listeners, config.upstream,
-            connections=lambda: openConnections(reactor, lambda: [s.factory for s in self.listeners]),
+            connections=self._clientConnections,
             flush=self.accessLog.flush if self.accessLog is not None else (lambda: None),
             announce=self._readyLine,
             adminListeners=lambda: self.adminListeners,
@@ -127,6 +127,18 @@ class SidecarService(MultiService):
         if getThreadPool is None:
             return maybeDeferred(f, *args)
         return deferToThreadPool(self.reactor, getThreadPool(), f, *args)
+
+    def _clientConnections(self) -> list:
+        """
+        The open client connections: the fast door's registry (which sees connections
+        paused both ways), and a scan of the reactor for the other doors.
+        """
+        found = [door.transport for door in self.engine.doors if door.transport is not None]
+        seen = {id(t) for t in found}
+        for transport in openConnections(self.reactor, lambda: [s.factory for s in self.listeners]):
+            if id(transport) not in seen and id(getattr(transport, "protocol", None)) not in seen:
+                found.append(transport)
+        return found
 
     def _readyLine(self, addresses: list) -> str:
         proxied = addresses[:len(self.listeners)]

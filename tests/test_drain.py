@@ -50,6 +50,22 @@ class FakeListener:
 class FakeEngine:
     draining = False
 
+    def __init__(self) -> None:
+        self.doors: set = set()
+
+
+class FakeDoor:
+    """
+    A fast-door connection as the drain sees it: busy or not, closed or not.
+    """
+
+    def __init__(self, busy: bool) -> None:
+        self._busy = busy
+        self.transport = FakeTransport()
+
+    def busy(self) -> bool:
+        return self._busy
+
 
 class FakeTransport:
     """
@@ -253,6 +269,21 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual([listener.stops for listener in harness.listeners], [1, 1])
         harness.reactor.advance(100)
         self.assertFalse(harness.stopped)
+
+    def test_idleKeepAliveClosedAfterDrainPeriod(self) -> None:
+        """
+        When the drain period ends, keep-alive client connections with nothing in
+        flight are closed; one serving a request is left to finish.
+        """
+        harness = Harness(self, drainTimeout=5.0)
+        idle, busy = FakeDoor(False), FakeDoor(True)
+        harness.engine.doors.update([idle, busy])
+        harness.start().startDrain()
+        harness.reactor.advance(4.9)
+        self.assertFalse(idle.transport.losing)
+        harness.reactor.advance(0.1)
+        self.assertTrue(idle.transport.losing)
+        self.assertFalse(busy.transport.losing)
 
     def test_terminateIdleExitsAfterDrainPeriod(self) -> None:
         """
