@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Protocol
 import attrs
 from twisted.logger import Logger
 
-from sidecar.headers import RequestHead, ResponseHead, bodyForbidden
+from sidecar.headers import RequestHead, ResponseHead
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTime
@@ -43,7 +43,6 @@ UPSTREAM_PROTOCOL_ERROR = "UPE"
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
-OVERFLOW = "UO"
 
 
 @attrs.frozen
@@ -522,10 +521,3 @@ class Exchange:
             door.peerPrincipal,
             door.mutualTLS,
         ))
-
-
-def noBody(exchange: Exchange, status: int) -> bool:
-    """
-    Whether the response to C{exchange} with C{status} carries no body.
-    """
-    return bodyForbidden(exchange.method, status)

@@ -81,7 +81,7 @@ class ArticleMixin:
 
         yield waitUntil(lambda: len(blocks()) == 3)
         expected = [
-            (f"/get?query=param", 0, len(get[2]), 200),
+            ("/get?query=param", 0, len(get[2]), 200),
             ("/post", 15, len(post[2]), 200),
             ("/status/429", 0, 0, 429),
         ]
