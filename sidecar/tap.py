@@ -177,8 +177,7 @@ class Options(usage.Options):
 
     def opt_tls_allow(self, value: str) -> None:
         """
-        Mutual TLS: a client SPIFFE id allowed to call, exact or spiffe://TRUST.DOMAIN/* (repeatable; without
-        it any client certificate from the CA is allowed).
+        Mutual TLS: a client SPIFFE id allowed to call, exact or spiffe://TD/* (repeatable; default: any from the CA).
         """
         self.setdefault("tls-allow", []).append(value)
 
