@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
-from sidecar.transport import BUFFER_SIZE, writers
+from sidecar.transport import BUFFER_SIZE, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
 #: Why reading from the client is paused (a bit each; reading resumes when none is left).
@@ -119,16 +119,10 @@ class DownstreamProtocol(Protocol):
             self.clientIP = host
             self.clientAddress = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
         self._parser = httptools.HttpRequestParser(self)
-        self._write, self._writeSequence = writers(self.transport)
+        self._write, self._writeSequence = prepare(self.transport)
         recorder = self.engine.recorder
         recorder.downstreamConnectionsActive += 1
         recorder.downstreamConnectionsTotal += 1
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
 
     def dataReceived(self, data: bytes) -> None:
         self.activity += 1

@@ -296,9 +296,8 @@ class Exchange:
         self.connector = None
         if self.finished:
             return
-        log.warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
-                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), reason=reason.getErrorMessage())
+        self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
+                   reason=reason.getErrorMessage())
         self.flags.append(UPSTREAM_CONNECT_FAILURE)
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection failure")
@@ -389,9 +388,7 @@ class Exchange:
         if self.finished:
             return
         if self.headSent:
-            log.warn("upstream {upstream} closed in the middle of the response to {method} {path}",
-                     upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
-                     path=self.target.decode("latin-1"))
+            self._warn("upstream {upstream} closed in the middle of the response to {method} {path}")
             self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
             self._end()
             self.door.abortResponse(self)
@@ -402,9 +399,8 @@ class Exchange:
             self.retried = True
             self.engine.pool.acquire(self, fresh=True)
             return
-        log.warn("upstream {upstream} closed before answering {method} {path}: {reason}",
-                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), reason=reason.getErrorMessage())
+        self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
+                   reason=reason.getErrorMessage())
         self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection termination")
@@ -419,9 +415,8 @@ class Exchange:
             conn.abandon()
         if self.finished:
             return
-        log.warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
-                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), detail=detail)
+        self._warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
+                   detail=detail)
         self.flags.append(UPSTREAM_PROTOCOL_ERROR)
         if self.headSent:
             self._end()
@@ -465,9 +460,8 @@ class Exchange:
             conn.abandon()
         if self.finished or self.headSent:
             return
-        log.warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
-                 upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), seconds=self.engine.responseTimeout)
+        self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
+                   seconds=self.engine.responseTimeout)
         self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
         self._localReply(504, b"upstream request timeout")
 
@@ -483,6 +477,13 @@ class Exchange:
             self.mustClose = True
         self._end()
         self.door.localReply(self, status, body)
+
+    def _warn(self, format: str, **fields: Any) -> None:
+        """
+        Log why this exchange failed, naming the upstream, the method and the path.
+        """
+        log.warn(format, upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+                 path=self.target.decode("latin-1"), **fields)
 
     def _cancelTimeout(self) -> None:
         if self.timeout is not None:

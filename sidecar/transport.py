@@ -4,7 +4,7 @@ Optimistic writes for the hot path.
 
 Twisted's TCP C{write()} always buffers and sends on the next poll: every response costs
 an C{epoll} registration, one more reactor event and a deregistration.  Like asyncio's
-transports, L{writers} sends at once when nothing is queued, and hands whatever the
+transports, the writers of L{prepare} send at once when nothing is queued, and hands whatever the
 kernel did not take to the transport's own C{write()}, so ordering, buffering and
 producer backpressure stay Twisted's.
 """
@@ -24,11 +24,18 @@ Write = Callable[[bytes], None]
 WriteSequence = Callable[[Sequence[bytes]], None]
 
 
-def writers(transport: Any) -> Tuple[Write, WriteSequence]:
+def prepare(transport: Any) -> Tuple[Write, WriteSequence]:
     """
-    C{(write, writeSequence)} for C{transport}: direct socket sends for a plain TCP
+    Ready C{transport} for the hot path (no Nagle delay, L{BUFFER_SIZE} reads) and
+    return C{(write, writeSequence)} for it: direct socket sends for a plain TCP
     connection, the transport's own methods for anything else (TLS, tests).
     """
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        try:
+            setNoDelay(True)
+        except OSError:
+            pass
     if not isinstance(transport, tcp.Connection):
         return transport.write, transport.writeSequence
     transport.bufferSize = BUFFER_SIZE

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from sidecar.config import UpstreamConfig
 from sidecar.headers import responseHead
-from sidecar.transport import writers
+from sidecar.transport import prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -134,13 +134,7 @@ class UpstreamConnection(Protocol):
     # -- the transport's side --------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.write, self.writeSequence = writers(self.transport)
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            try:
-                setNoDelay(True)
-            except OSError:
-                pass
+        self.write, self.writeSequence = prepare(self.transport)
         self.pool.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
