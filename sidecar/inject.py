@@ -12,7 +12,12 @@ and CronJob (and of those inside a C{List}):
   - the proxy, C{sidecar-proxy}, as a Kubernetes native sidecar (an init
     container with C{restartPolicy: Always}, Kubernetes 1.29+), so that it is
     ready before the service starts, outlives it while the pod stops, and does
-    not keep a Job from completing.
+    not keep a Job from completing. Its startup and readiness probes ask the
+    admin server's C{/ready}; its liveness probe asks C{/server_info}, which
+    stays 200 while the process runs, so a proxy draining (when C{/ready} is
+    503) is not killed. The downward API gives it the pod's name, namespace,
+    service account and C{app} and C{version} labels (L{DOWNWARD_ENV}), which
+    fill the C{destination_*} labels of its Istio metrics.
 
 Other objects pass through untouched, and injecting twice gives the same output
 as injecting once: the two containers are replaced, not added again.
@@ -49,6 +54,25 @@ SERVICE_PORT_ANNOTATION = ANNOTATION_PREFIX + "service-port"
 INBOUND_PORTS_ANNOTATION = ANNOTATION_PREFIX + "inbound-ports"
 EXCLUDE_PORTS_ANNOTATION = ANNOTATION_PREFIX + "exclude-inbound-ports"
 
+# The proxy's environment, from the downward API: each variable and the pod
+# field it holds. sidecar.metrics reads them for Istio's destination_* labels
+# (workload from POD_NAME, principal from POD_NAMESPACE and SERVICE_ACCOUNT). A
+# label the pod lacks gives an empty value, which the metrics report as
+# "unknown".
+DOWNWARD_ENV: tuple[tuple[str, str], ...] = (
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ("APP", "metadata.labels['app']"),
+    ("APP_VERSION", "metadata.labels['version']"),
+)
+
+# The admin server's paths the probes ask: /ready turns 503 while the proxy
+# drains (or is not serving yet), /server_info answers 200 as long as the
+# process runs.
+READY_PATH = "/ready"
+LIVE_PATH = "/server_info"
+
 # Where each kind keeps its pod template: the path to the object holding
 # "metadata" and "spec" of the pods. A Pod is its own template.
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -77,7 +101,8 @@ class InjectionSettings:
     @ivar initImage: the init container's image (C{init/Dockerfile}).
     @ivar imagePullPolicy: for both images.
     @ivar proxyPort: the proxy's plain HTTP port, where captured traffic goes.
-    @ivar adminPort: the proxy's admin port, serving C{/ready} for the probes.
+    @ivar adminPort: the proxy's admin port, serving C{/ready} and
+        C{/server_info} for the probes.
     @ivar tlsPort: the proxy's TLS port, used when C{tlsSecret} is set.
     @ivar tlsSecret: the name of a Secret with C{cert.pem}, C{key.pem} and
         C{ca.pem}; when set, captured traffic goes to the TLS port and the
@@ -211,20 +236,43 @@ def initContainer(
     }
 
 
-def _readyProbe(settings: InjectionSettings, periodSeconds: int, failureThreshold: int) -> dict[str, Any]:
+def _adminProbe(
+    settings: InjectionSettings,
+    path: str,
+    periodSeconds: int,
+    failureThreshold: int,
+    timeoutSeconds: int | None = None,
+) -> dict[str, Any]:
     """
-    An HTTP probe on the admin server's C{/ready}.
+    An HTTP probe on the admin server.
 
     @param settings: the injection settings.
+    @param path: the admin path asked.
     @param periodSeconds: how often.
     @param failureThreshold: how many failures in a row count.
+    @param timeoutSeconds: how long one answer may take; L{None} for
+        Kubernetes' default (1 s).
     @return: the probe.
     """
-    return {
-        "httpGet": {"path": "/ready", "port": settings.adminPort},
+    probe: dict[str, Any] = {
+        "httpGet": {"path": path, "port": settings.adminPort},
         "periodSeconds": periodSeconds,
-        "failureThreshold": failureThreshold,
     }
+    if timeoutSeconds is not None:
+        probe["timeoutSeconds"] = timeoutSeconds
+    probe["failureThreshold"] = failureThreshold
+    return probe
+
+
+def downwardEnv() -> list[dict[str, Any]]:
+    """
+    @return: the proxy's environment variables from the downward API
+        (L{DOWNWARD_ENV}).
+    """
+    return [
+        {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+        for name, path in DOWNWARD_ENV
+    ]
 
 
 def proxyContainer(settings: InjectionSettings, servicePort: int) -> dict[str, Any]:
@@ -259,15 +307,23 @@ def proxyContainer(settings: InjectionSettings, servicePort: int) -> dict[str, A
             "--log-format", settings.logFormat,
             "--access-log", "-",
         ],
+        "env": downwardEnv(),
         "ports": ports,
     }
     if settings.nativeSidecar:
         container["restartPolicy"] = "Always"
     # The kubelet starts the service only once the startup probe passes (native
     # sidecars); the readiness probe keeps the pod out of its Services when the
-    # proxy cannot serve.
-    container["startupProbe"] = _readyProbe(settings, periodSeconds=1, failureThreshold=30)
-    container["readinessProbe"] = _readyProbe(settings, periodSeconds=5, failureThreshold=3)
+    # proxy cannot serve. The liveness probe (which starts once the startup
+    # probe passed) must not ask /ready: that is 503 while the proxy drains,
+    # and a liveness failure would restart a proxy finishing its requests. It
+    # asks /server_info, which fails only when the process does not answer:
+    # about 30 s of that (3 misses 10 s apart, 3 s each) restarts the proxy.
+    container["startupProbe"] = _adminProbe(settings, READY_PATH, periodSeconds=1, failureThreshold=30)
+    container["readinessProbe"] = _adminProbe(settings, READY_PATH, periodSeconds=5, failureThreshold=3)
+    container["livenessProbe"] = _adminProbe(
+        settings, LIVE_PATH, periodSeconds=10, failureThreshold=3, timeoutSeconds=3
+    )
     container["securityContext"] = {
         "runAsUser": settings.proxyUID,
         "runAsGroup": settings.proxyUID,
@@ -534,7 +590,7 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
         choices=("Always", "IfNotPresent", "Never"), help="for both images (default: %(default)s)",
     )
     p.add_argument("--proxy-port", type=_port, default=defaults.proxyPort, help="the proxy's plain HTTP port (default: %(default)s)")
-    p.add_argument("--admin-port", type=_port, default=defaults.adminPort, help="the proxy's admin port, probed at /ready (default: %(default)s)")
+    p.add_argument("--admin-port", type=_port, default=defaults.adminPort, help="the proxy's admin port, probed at /ready and /server_info (default: %(default)s)")
     p.add_argument("--tls-port", type=_port, default=defaults.tlsPort, help="the proxy's TLS port (default: %(default)s)")
     p.add_argument(
         "--tls-secret", default=None, metavar="NAME",

@@ -6,6 +6,7 @@ Tests for L{sidecar.inject}, the C{sidecar-inject} command.
 from __future__ import annotations
 
 import io
+import re
 import sys
 from typing import Any
 
@@ -13,9 +14,11 @@ import yaml
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from sidecar.drain import DRAINING
 from sidecar.inject import (
+    DOWNWARD_ENV,
     INIT_NAME,
     PROXY_NAME,
     InjectionError,
@@ -24,8 +27,67 @@ from sidecar.inject import (
     injectStream,
     main,
 )
+from sidecar.metrics import MeshLabels, workloadLabels
+from tests.test_admin import AdminSiteMixin
 from tests.test_pod_netns import ROOT
 from tests.support import subprocessEnv
+
+# The proxy's environment as Kubernetes gives it: these variables, these pod
+# fields. sidecar.metrics reads these names.
+EXPECTED_ENV = [
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ("APP", "metadata.labels['app']"),
+    ("APP_VERSION", "metadata.labels['version']"),
+]
+
+# The fieldRef paths the API server accepts in a container's env (the
+# description of EnvVarSource.fieldRef in the Kubernetes API; the JSON schemas
+# do not check them, the API server does). Labels and annotations take one key.
+ENV_FIELD_PATHS = re.compile(
+    r"^(metadata\.(name|namespace|uid)|spec\.(nodeName|serviceAccountName)"
+    r"|status\.(hostIP|hostIPs|podIP|podIPs)"
+    r"|metadata\.(labels|annotations)\['[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?'\])$"
+)
+
+
+def proxyEnv(proxy: dict[str, Any]) -> list[tuple[str, str]]:
+    """
+    @param proxy: the proxy container.
+    @return: its environment as (variable, pod field) pairs, checking that
+        each is a plain C{fieldRef} of API version C{v1}.
+    """
+    result = []
+    for var in proxy["env"]:
+        assert set(var) == {"name", "valueFrom"}, var
+        assert set(var["valueFrom"]) == {"fieldRef"}, var
+        assert var["valueFrom"]["fieldRef"]["apiVersion"] == "v1", var
+        result.append((var["name"], var["valueFrom"]["fieldRef"]["fieldPath"]))
+    return result
+
+
+def resolveEnv(pod: dict[str, Any], proxy: dict[str, Any]) -> dict[str, str]:
+    """
+    What the kubelet sets the proxy's downward API variables to.
+
+    @param pod: a Pod, as the API server holds it.
+    @param proxy: its proxy container.
+    @return: the environment; a missing label gives an empty value, as in
+        Kubernetes.
+    """
+    environ = {}
+    for name, path in proxyEnv(proxy):
+        label = re.match(r"^metadata\.labels\['(.+)'\]$", path)
+        if label:
+            value = pod["metadata"].get("labels", {}).get(label.group(1), "")
+        elif path == "spec.serviceAccountName":
+            value = pod["spec"].get("serviceAccountName", "default")
+        else:
+            section, field = path.split(".")
+            value = pod[section][field]
+        environ[name] = value
+    return environ
 
 POD_SPEC = """
       containers:
@@ -241,7 +303,26 @@ class InjectTests(TestCase):
         self.assertEqual([c["name"] for c in spec2["initContainers"]], [INIT_NAME, "migrate"])
         self.assertEqual([c["name"] for c in spec2["containers"]], ["app", PROXY_NAME])
         self.assertNotIn("volumes", spec2)
-        self.assertEqual(container(spec2, PROXY_NAME)["args"][:2], ["--listen", "9000"])
+        proxy = container(spec2, PROXY_NAME)
+        self.assertEqual(proxy["args"][:2], ["--listen", "9000"])
+        self.assertEqual(proxyEnv(proxy), EXPECTED_ENV)
+        self.assertEqual(proxy["livenessProbe"]["httpGet"]["path"], "/server_info")
+
+    def test_reinjectionReplacesTheProxysEnvironment(self) -> None:
+        """
+        A proxy container edited after injection (an environment variable
+        added, a downward API path changed, the liveness probe pointed at
+        C{/ready}) is replaced whole on re-injection: the environment is the
+        injector's, each variable once.
+        """
+        once = yaml.safe_load(injectStream(workload("Deployment", "apps/v1"), InjectionSettings())[0])
+        proxy = container(podSpecOf(once), PROXY_NAME)
+        proxy["env"].append({"name": "EXTRA", "value": "1"})
+        proxy["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] = "metadata.uid"
+        proxy["livenessProbe"]["httpGet"]["path"] = "/ready"
+        again = container(podSpecOf(injectOne(yaml.safe_dump(once))), PROXY_NAME)
+        self.assertEqual(proxyEnv(again), EXPECTED_ENV)
+        self.assertEqual(again["livenessProbe"]["httpGet"]["path"], "/server_info")
 
     def test_servicePortIsTheFirstTCPPort(self) -> None:
         """
@@ -329,6 +410,72 @@ class InjectTests(TestCase):
         self.assertEqual([c["name"] for c in spec["containers"]], ["app", PROXY_NAME])
         self.assertNotIn("restartPolicy", spec["containers"][1])
 
+    def test_downwardEnvironment(self) -> None:
+        """
+        In every kind, native sidecar or not, plain or mutual TLS, the proxy
+        gets C{POD_NAME}, C{POD_NAMESPACE}, C{SERVICE_ACCOUNT}, C{APP} and
+        C{APP_VERSION} from the pod's name, namespace, service account and
+        C{app} and C{version} labels, as C{fieldRef}s whose paths the API
+        server accepts in an environment variable.
+        """
+        self.assertEqual(list(DOWNWARD_ENV), EXPECTED_ENV)
+        for name, path in EXPECTED_ENV:
+            self.assertRegex(path, ENV_FIELD_PATHS, name)
+        for kind, apiVersion in WORKLOADS.items():
+            for settings in (InjectionSettings(), InjectionSettings(tlsSecret="certs"),
+                             InjectionSettings(nativeSidecar=False)):
+                spec = podSpecOf(injectOne(workload(kind, apiVersion), settings))
+                self.assertEqual(proxyEnv(container(spec, PROXY_NAME)), EXPECTED_ENV, kind)
+                self.assertNotIn("env", container(spec, INIT_NAME))
+                self.assertNotIn("env", container(spec, "app"))
+
+    def test_environmentFillsTheMetricsLabels(self) -> None:
+        """
+        The environment the kubelet makes of the injected variables gives the
+        metrics the destination workload, namespace, app, version, service and
+        SPIFFE principal; a pod without a C{version} label reports it
+        C{unknown}.
+        """
+        pod = yaml.safe_load(workload("Pod", "v1"))
+        pod["metadata"].update(name="web-7d4b9c8f5-x2k9z", namespace="shop")
+        pod["metadata"]["labels"]["version"] = "v2"
+        pod["spec"]["serviceAccountName"] = "web-sa"
+        injected = injectOne(yaml.safe_dump(pod))
+        environ = resolveEnv(injected, container(injected["spec"], PROXY_NAME))
+        self.assertEqual(
+            workloadLabels(environ),
+            MeshLabels(
+                workload="web", namespace="shop", app="web", version="v2",
+                service="web.shop.svc.cluster.local",
+                principal="spiffe://cluster.local/ns/shop/sa/web-sa", cluster="unknown",
+            ),
+        )
+        del injected["metadata"]["labels"]["version"]
+        environ = resolveEnv(injected, container(injected["spec"], PROXY_NAME))
+        self.assertEqual(environ["APP_VERSION"], "")
+        self.assertEqual(workloadLabels(environ).version, "unknown")
+
+    def test_probes(self) -> None:
+        """
+        The proxy's startup and readiness probes ask the admin port's
+        C{/ready}; its liveness probe asks C{/server_info} on the admin port,
+        never C{/ready} (503 while draining), and tolerates a few slow answers:
+        at least 30 s of failures before a restart, more than the default 1 s
+        per answer. The admin port follows the settings.
+        """
+        for settings in (InjectionSettings(), InjectionSettings(adminPort=15020),
+                         InjectionSettings(nativeSidecar=False), InjectionSettings(tlsSecret="certs")):
+            proxy = container(podSpecOf(injectOne(workload("Deployment", "apps/v1"), settings)), PROXY_NAME)
+            admin = settings.adminPort
+            for probe in ("startupProbe", "readinessProbe"):
+                self.assertEqual(proxy[probe]["httpGet"], {"path": "/ready", "port": admin})
+            liveness = proxy["livenessProbe"]
+            self.assertEqual(liveness["httpGet"], {"path": "/server_info", "port": admin})
+            self.assertGreaterEqual(liveness["periodSeconds"] * liveness["failureThreshold"], 30)
+            self.assertGreater(liveness["timeoutSeconds"], 1)
+            self.assertLessEqual(liveness["timeoutSeconds"], liveness["periodSeconds"])
+            self.assertNotIn("initialDelaySeconds", liveness)
+
     def test_mutualTLS(self) -> None:
         """
         With a TLS Secret, the proxy serves mutual TLS only, from the Secret
@@ -374,6 +521,32 @@ class InjectTests(TestCase):
             injectStream("kind: Pod\nspec: [\n", InjectionSettings())
         self.assertIn("not valid YAML", str(caught.exception))
         self.assertIn("line 3", str(caught.exception))
+
+
+class ProbePathTests(AdminSiteMixin, SynchronousTestCase):
+    """
+    The injected probes' paths against the proxy's real admin site.
+    """
+
+    def probe(self, kind: str) -> int:
+        """
+        @param kind: C{readinessProbe} or C{livenessProbe}.
+        @return: the status the admin site gives that probe of an injected
+            proxy now.
+        """
+        proxy = container(podSpecOf(injectOne(workload("Deployment", "apps/v1"))), PROXY_NAME)
+        return self.request("GET", proxy[kind]["httpGet"]["path"]).status
+
+    def test_drainingProxyStaysAlive(self) -> None:
+        """
+        While the proxy serves, both probes pass; once it drains, the
+        readiness probe fails (the pod leaves its Services) and the liveness
+        probe still passes (the kubelet does not kill the draining proxy).
+        """
+        self.assertEqual((self.probe("readinessProbe"), self.probe("livenessProbe")), (200, 200))
+        self.lifecycle.startDrain()
+        self.assertEqual(self.lifecycle.state, DRAINING)
+        self.assertEqual((self.probe("readinessProbe"), self.probe("livenessProbe")), (503, 200))
 
 
 class CommandTests(TestCase):
@@ -422,6 +595,7 @@ class CommandTests(TestCase):
         self.assertEqual(proxy["image"], "registry/proxy:2")
         self.assertEqual(container(spec, INIT_NAME)["image"], "registry/init:2")
         self.assertEqual(proxy["readinessProbe"]["httpGet"]["port"], 15020)
+        self.assertEqual(proxy["livenessProbe"]["httpGet"], {"path": "/server_info", "port": 15020})
         self.assertIn("json", proxy["args"])
         self.assertEqual(container(spec, INIT_NAME)["args"][:2], ["-p", "15001"])
 

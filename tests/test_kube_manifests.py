@@ -23,6 +23,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sidecar.inject import INIT_NAME, PROXY_NAME, InjectionSettings, injectStream
+from tests.test_inject import ENV_FIELD_PATHS, EXPECTED_ENV, proxyEnv
 from tests.test_iptables_script import STUB, STUB_NAMES
 from tests.test_pod_netns import ROOT, SCRIPT
 
@@ -195,8 +196,9 @@ class ManifestTests(TestCase):
         In every pod the init script runs first, with C{NET_ADMIN} and
         C{NET_RAW}; the proxy follows as a native sidecar (C{restartPolicy:
         Always}) not running as root, with startup and readiness probes on the
-        admin server's C{/ready} at the port its C{--admin} flag names; the
-        service comes after both.
+        admin server's C{/ready} and a liveness probe on its C{/server_info}
+        (not C{/ready}, which fails while the proxy drains), all at the port
+        its C{--admin} flag names; the service comes after both.
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
@@ -210,7 +212,25 @@ class ManifestTests(TestCase):
             admin = int(flagValue(proxy["args"], "--admin"))  # type: ignore[arg-type]
             for probe in ("startupProbe", "readinessProbe"):
                 self.assertEqual(proxy[probe]["httpGet"], {"path": "/ready", "port": admin}, name)
+            self.assertEqual(
+                proxy["livenessProbe"]["httpGet"], {"path": "/server_info", "port": admin}, name
+            )
             self.assertEqual([c["name"] for c in spec["containers"]], ["service"])
+
+    def test_proxyEnvironment(self) -> None:
+        """
+        In every manifest the proxy, and only the proxy, gets the pod's name,
+        namespace, service account and C{app} and C{version} labels from the
+        downward API, under the names its metrics read, with field paths the
+        API server accepts (the schemas do not check those).
+        """
+        for name, spec in podSpecs():
+            init, proxy = spec["initContainers"][:2]
+            self.assertEqual(proxyEnv(proxy), EXPECTED_ENV, name)
+            for _, path in proxyEnv(proxy):
+                self.assertRegex(path, ENV_FIELD_PATHS, name)
+            for other in [init, *spec["containers"]]:
+                self.assertNotIn("env", other, name)
 
     def test_captureMatchesTheProxy(self) -> None:
         """
