@@ -26,7 +26,6 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 
 from sidecar.config import LifecycleConfig
 
@@ -108,8 +107,10 @@ def closeGracefully(transport: Any) -> None:
     when it has one (so that the client gets a C{close_notify}), else its transport.
     """
     protocol = getattr(transport, "protocol", None)
-    if isinstance(protocol, ProtocolWrapper):
-        protocol.loseConnection()
+    # A TLS wrapper, or a permissive port's first-byte switch, closes through TLS.
+    close = getattr(protocol, "loseConnection", None)
+    if close is not None:
+        close()
     else:
         transport.loseConnection()
 

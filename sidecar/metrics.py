@@ -269,11 +269,15 @@ class SidecarCollector:
     @ivar version: the sidecar's version, for C{sidecar_build_info}.
     @ivar localPrincipal: returns our own SPIFFE id from the certificate in use under
         mutual TLS, or C{""}; it wins over C{mesh.principal}.
+    @ivar tls: the L{sidecar.tls.MutualTLS} counters (C{handshakes},
+        C{handshakeFailures}, C{handshakeTimeouts}, C{denials}, C{context.rotations},
+        C{context.failures}), or C{None} without mutual TLS.
     """
 
     def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
                  startTime: float, version: str = "",
-                 localPrincipal: Callable[[], str] = lambda: "") -> None:
+                 localPrincipal: Callable[[], str] = lambda: "", tls: Any = None) -> None:
+        self.tls = tls
         self.recorder = recorder
         self.localPrincipal = localPrincipal
         self.pool = pool
@@ -302,8 +306,14 @@ class SidecarCollector:
                                      connects=pool.connects, connectFailures=pool.connectFailures)
         frozenEngine = SimpleNamespace(draining=bool(self.engine.draining))
         principal = self.localPrincipal()
+        tls = self.tls
+        frozenTLS = None if tls is None else SimpleNamespace(
+            handshakes=tls.handshakes, handshakeFailures=tls.handshakeFailures,
+            handshakeTimeouts=tls.handshakeTimeouts, denials=tls.denials,
+            context=SimpleNamespace(rotations=tls.context.rotations, failures=tls.context.failures))
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
-                                self.startTime, self.version, localPrincipal=lambda: principal)
+                                self.startTime, self.version, localPrincipal=lambda: principal,
+                                tls=frozenTLS)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -392,6 +402,23 @@ class SidecarCollector:
         info = GaugeMetricFamily("sidecar_build_info", "The sidecar's version.", labels=("version",))
         info.add_metric((self.version,), 1)
         yield info
+        tls = self.tls
+        if tls is not None:
+            for name, help, value in (
+                ("sidecar_tls_handshakes_total", "Mutual TLS handshakes completed.", tls.handshakes),
+                ("sidecar_tls_handshake_failures_total",
+                 "Connections that ended before their TLS handshake completed.", tls.handshakeFailures),
+                ("sidecar_tls_handshake_timeouts_total",
+                 "Connections cut off for not finishing their TLS handshake in time.", tls.handshakeTimeouts),
+                ("sidecar_tls_denials_total",
+                 "Connections whose client identity the policy refused (their requests get 403).", tls.denials),
+                ("sidecar_tls_rotations_total", "Times new certificate material was put in use.",
+                 tls.context.rotations),
+                ("sidecar_tls_rotation_failures_total",
+                 "Changed certificate files that were refused (the old material stayed in use).",
+                 tls.context.failures),
+            ):
+                yield CounterMetricFamily(name, help, value=value)
 
 
 def prometheusText(collector: SidecarCollector) -> bytes:

@@ -100,7 +100,8 @@ class SidecarService(MultiService):
         self.startTime = reactor.seconds()
         self.collector = SidecarCollector(
             self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
-            localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "")
+            localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
+            tls=self.tls)
         self.adminListeners = []
         self.lifecycle = Lifecycle(
             reactor, config.lifecycle, self.engine, self.recorder, self.listeners, config.upstream,

@@ -517,8 +517,9 @@ class PlumbingTests(SynchronousTestCase):
 
     def test_closeGracefully(self) -> None:
         """
-        A connection with a TLS layer (a L{ProtocolWrapper}) is closed through that layer,
-        so that the client gets a close_notify; a plain one through its transport.
+        A connection with a TLS layer (a L{ProtocolWrapper}, or a permissive port's
+        first-byte switch) is closed through it, so that the client gets a close_notify;
+        a plain one through its transport.
         """
         closed: List[str] = []
 
@@ -533,6 +534,12 @@ class PlumbingTests(SynchronousTestCase):
             def loseConnection(self) -> None:
                 closed.append("transport")
 
+        class FirstByteSwitch:
+            # A permissive port's protocol: closes through TLS when the client spoke TLS.
+            def loseConnection(self) -> None:
+                closed.append("switch")
+
         closeGracefully(Transport(TLSLayer(WrappingFactory(None), None)))
+        closeGracefully(Transport(FirstByteSwitch()))
         closeGracefully(Transport(object()))
-        self.assertEqual(closed, ["layer", "transport"])
+        self.assertEqual(closed, ["layer", "switch", "transport"])

@@ -379,3 +379,37 @@ class WorkloadLabelsTests(SynchronousTestCase):
         With neither flags nor environment, every label is C{unknown}.
         """
         self.assertEqual(workloadLabels({}), MeshLabels())
+
+
+class TLSMetricsTests(SynchronousTestCase):
+    """
+    Under mutual TLS, the handshake, denial and rotation counters are exported.
+    """
+
+    def test_tlsCounters(self):
+        """
+        The L{sidecar.tls.MutualTLS} counters appear as C{sidecar_tls_*_total}, taken
+        from the snapshot at scrape time; without mutual TLS there are none.
+        """
+        from types import SimpleNamespace
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from sidecar.config import MeshLabels
+        from sidecar.metrics import SidecarCollector, prometheusText
+        from sidecar.stats import Recorder
+
+        tls = SimpleNamespace(handshakes=7, handshakeFailures=2, handshakeTimeouts=1, denials=3,
+                              context=SimpleNamespace(rotations=4, failures=1))
+        pool = SimpleNamespace(active=0, idle=[], connecting=0, connects=0, connectFailures=0)
+        engine = SimpleNamespace(draining=False)
+        collector = SidecarCollector(Recorder(), pool, engine, MeshLabels(), 0.0, "v", tls=tls)
+        text = prometheusText(collector.snapshot()).decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        self.assertEqual(
+            [values[n] for n in ("sidecar_tls_handshakes_total", "sidecar_tls_handshake_failures_total",
+                                 "sidecar_tls_handshake_timeouts_total", "sidecar_tls_denials_total",
+                                 "sidecar_tls_rotations_total", "sidecar_tls_rotation_failures_total")],
+            [7, 2, 1, 3, 4, 1])
+        plain = prometheusText(SidecarCollector(Recorder(), pool, engine, MeshLabels(), 0.0, "v")).decode()
+        self.assertNotIn("sidecar_tls_", plain)
