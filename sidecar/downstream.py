@@ -465,7 +465,7 @@ class DownstreamProtocol(Protocol):
         trusted to frame another request.
         """
         self._pause(_ERROR)
-        body = f"Bad request: {message}\n".encode("utf-8", "replace")
+        body = f"{_reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
         parsing, self._parsing = self._parsing, None
         if parsing is not None:
             # The body of a request already accepted is malformed: it is refused in its

@@ -20,7 +20,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from sidecar.exchange import UNAUTHORIZED, Engine, Exchange
+from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
 from sidecar.headers import Headers, ResponseHead, requestHead
 
 _CHUNK = 64 * 1024
@@ -97,7 +97,7 @@ class WebDoor:
         self._bodyDone = length == 0
         request.notifyFinish().addErrback(self._clientGone)
         if req.error is not None:
-            exchange.reject(400, "DPE", f"Bad request: {req.error}\n".encode())
+            exchange.reject(400, DOWNSTREAM_PROTOCOL_ERROR, f"Bad Request: {req.error}\n".encode())
             return
         if denial is not None:
             exchange.reject(403, UNAUTHORIZED, denial)

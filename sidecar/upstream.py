@@ -177,8 +177,9 @@ class UpstreamConnection(Protocol):
             return
         if self.tunnel:
             exchange.tunnelClosed()
-        elif self._eofBody:
-            # A response delimited by the end of the connection ends here.
+        elif self._eofBody and reason.check(ConnectionDone):
+            # A response delimited by the end of the connection ends with a clean close
+            # (a reset is a truncation, below).
             exchange.responseComplete(False)
         else:
             exchange.upstreamLost(reason, self.reused, self.responseStarted)

@@ -293,3 +293,41 @@ class PipelinedErrorTests(unittest.SynchronousTestCase):
         self.assertTrue(client.disconnecting)
         self.assertEqual([(r.path, r.status) for r in h.records], [("/x", 200), ("/y", 400)])
         self.assertEqual(h.recorder.requestsActive, 0)
+
+
+class EndOfConnectionBodyTests(unittest.SynchronousTestCase):
+    """
+    A response without Content-Length or chunking ends with the upstream's connection.
+    """
+
+    def start(self):
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\npart")
+        return h, client, conn
+
+    def test_cleanClose(self):
+        """
+        A clean close completes the body: the client gets it chunked, then the last
+        chunk, and the connection stays open.
+        """
+        h, client, conn = self.start()
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(client.value().endswith(b"4\r\npart\r\n0\r\n\r\n"))
+        self.assertFalse(client.disconnecting)
+        self.assertEqual([(r.status, r.flags, r.bytesSent) for r in h.records], [(200, "-", 4)])
+
+    def test_reset(self):
+        """
+        A reset is a truncation: no last chunk, the client's connection is closed, flag
+        UC.
+        """
+        from twisted.internet.error import ConnectionLost
+
+        h, client, conn = self.start()
+        conn.connectionLost(Failure(ConnectionLost()))
+        self.assertNotIn(b"0\r\n\r\n", client.value())
+        self.assertTrue(client.disconnecting)
+        self.assertEqual([r.flags for r in h.records], ["UC"])
