@@ -243,6 +243,7 @@ class Exchange:
                 self.pending.append(b"0\r\n\r\n")
         if self.conn is not None and not self.upgraded:
             self.conn.requestSent()
+            self._armTimeout()
 
     def downstreamLost(self) -> None:
         """
@@ -284,10 +285,9 @@ class Exchange:
             self.door.resumeReading()
         if self.requestDone:
             conn.requestSent()
+            self._armTimeout()
         else:
             conn.streamRequestFrom(self.door)
-        if self.engine.responseTimeout:
-            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         """
@@ -484,6 +484,14 @@ class Exchange:
         """
         log.warn(format, upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
                  path=self.target.decode("latin-1"), **fields)
+
+    def _armTimeout(self) -> None:
+        """
+        The whole request is with the service: from now on it has C{responseTimeout}
+        seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
+        """
+        if self.engine.responseTimeout and self.timeout is None and not self.headSent:
+            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
         if self.timeout is not None:

@@ -150,7 +150,7 @@ class Options(usage.Options):
         ["server-header", None, "amazing-proxy", "The Server header set on every response."],
         ["access-log", None, "-", "Access log: a file path, - for stdout, or none."],
         ["log-format", None, "text", "Access log format: seed, text or json."],
-        ["upstream-timeout", None, "60", "Seconds to wait for the service's response head (0: no limit)."],
+        ["upstream-timeout", None, "60", "Seconds from the end of the request to the service's response head (0: no limit)."],
         ["connect-timeout", None, "5", "Seconds allowed to connect to the service."],
         ["upstream-idle-timeout", None, "4", "Seconds an idle pooled upstream connection is kept."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],

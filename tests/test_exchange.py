@@ -97,6 +97,22 @@ class ExchangeTests(unittest.SynchronousTestCase):
         self.assertEqual(h.pool.idle, [])
         self.assertEqual([r.flags for r in h.records], ["UT"])
 
+    def test_timeoutStartsWhenRequestComplete(self):
+        """
+        A slow upload is not cut short: the timeout counts from the end of the request.
+        """
+        h = Harness(responseTimeout=3)
+        door, client = h.client()
+        door.dataReceived(b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\n12345")
+        conn, upstream = h.connectUpstream()
+        h.reactor.advance(10)
+        self.assertEqual(client.value(), b"")
+        door.dataReceived(b"67890")
+        h.reactor.advance(2.9)
+        self.assertEqual(client.value(), b"")
+        h.reactor.advance(0.2)
+        self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
+
     def test_connectFailure(self):
         """
         A refused connect: 502, flag UF.
