@@ -252,13 +252,7 @@ class Exchange:
         if self.finished:
             return
         self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
-        self._cancelTimeout()
-        if self.connector is not None:
-            self.connector.disconnect()
-            self.connector = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        self._dropUpstream()
         self._end()
 
     # -- the pool's side -------------------------------------------------------------
@@ -443,13 +437,7 @@ class Exchange:
         self.requestDone = True
         if self.finished:
             return
-        self._cancelTimeout()
-        if self.connector is not None:
-            self.connector.disconnect()
-            self.connector = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        self._dropUpstream()
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
 
@@ -484,6 +472,18 @@ class Exchange:
         """
         log.warn(format, upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
                  path=self.target.decode("latin-1"), **fields)
+
+    def _dropUpstream(self) -> None:
+        """
+        Give up on the upstream side: the timer, a connect under way, the connection.
+        """
+        self._cancelTimeout()
+        if self.connector is not None:
+            self.connector.disconnect()
+            self.connector = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abandon()
 
     def _armTimeout(self) -> None:
         """
