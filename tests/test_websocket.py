@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import signal
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from tests.support import HERE, PYTHON, Proxy, subprocessEnv, waitUntil
+from tests.support import HERE, PYTHON, ChildProcess, Proxy, subprocessEnv, waitUntil
 
 PEER = os.path.join(HERE, "peers", "ws_peer.py")
 
@@ -23,18 +23,6 @@ except ImportError:  # pragma: no cover
     skipWebsockets = "needs the websockets package (requirements-test.txt)"
 else:
     skipWebsockets = None
-
-
-class _Server(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
 
 
 class WebSocketMixin:
@@ -52,15 +40,7 @@ class WebSocketMixin:
         and a 1 MiB message come back equal), and when the client closes, the exchange
         ends with one record of status 101 counting the tunnelled bytes.
         """
-        server = _Server()
-        process = reactor.spawnProcess(server, PYTHON, [PYTHON, PEER, "server"], env=subprocessEnv())
-
-        def stop():
-            if process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-            return server.ended
-
-        self.addCleanup(stop)
+        server = ChildProcess(self, [PYTHON, PEER, "server"], stopSignal=signal.SIGTERM)
         yield waitUntil(lambda: server.out.strip().isdigit())
         proxy = Proxy(int(server.out), engine=self.engine)
         port = proxy.start(self)
