@@ -246,11 +246,14 @@ class UpstreamConnection(Protocol):
         exchange = self.exchange
         if exchange is None:
             return
-        if self._status != 101:
-            # llhttp thinks the connection was upgraded but no 101 arrived.
-            exchange.upstreamProtocolError("upgrade without 101")
+        if self._status != 101 or not exchange.req.upgrade:
+            # No 101, or a 101 to a request that did not ask to switch protocols.
+            exchange.upstreamProtocolError("101 Switching Protocols without an upgrade request"
+                                           if self._status == 101 else "upgrade without 101")
             self.transport.abortConnection()
             return
+        # Nothing more of the request goes up as HTTP: stop pausing the client for it.
+        self.requestSent()
         self.tunnel = True
         exchange.responseHead(101, self._reason, responseHead(self._headers, exchange.engine.serverHeader))
         exchange.upgradeAccepted(self, leftover)

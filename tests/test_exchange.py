@@ -230,6 +230,20 @@ class ExchangeTests(unittest.SynchronousTestCase):
         self.assertIn(b"HTTP/1.1 502 Bad Gateway", client.value())
         self.assertEqual([r.flags for r in h.records], ["UPE"])
 
+    def test_switchingProtocolsUnasked(self):
+        """
+        A 101 to a request that did not ask to upgrade (here while its body is still
+        arriving) is an upstream protocol error: 502, flag UPE, nothing spliced.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(b"POST /x HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\n12345")
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 502 Bad Gateway", client.value())
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual([r.flags for r in h.records], ["UPE"])
+
     def test_oversizedHead(self):
         """
         A request head over the limit: 431 and close, nothing sent upstream.
