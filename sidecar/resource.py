@@ -12,16 +12,18 @@ file past 100 KB, so memory stays bounded but uploads are not streamed).
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.web.proxy import ReverseProxyResource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
-from sidecar.headers import Headers, ResponseHead, requestHead
+from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
 
 _CHUNK = 64 * 1024
 
@@ -282,11 +284,59 @@ class SidecarProxyResource(ReverseProxyResource):
         return NOT_DONE_YET
 
 
+class _RefusalDoor:
+    """
+    The door of a request twisted.web refused before it became a L{Request}: it can
+    only send the proxy's own answer and close.
+    """
+
+    peerPrincipal = ""
+    mutualTLS = False
+
+    def __init__(self, channel: HTTPChannel) -> None:
+        self.channel = channel
+        peer = channel.transport.getPeer()
+        self.clientIP = getattr(peer, "host", "-")
+        self.clientAddress = f"{self.clientIP}:{getattr(peer, 'port', 0)}"
+
+    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+        self.channel.transport.write(
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, HTTPStatus(status).phrase.encode("ascii"), exchange.engine.serverHeader,
+               len(body), body))
+
+    def resumeReading(self) -> None:
+        pass
+
+
+class SidecarChannel(HTTPChannel):
+    """
+    twisted.web's channel, whose answer to a malformed request (a bare C{400 Bad
+    Request}) becomes the proxy's: our C{Server} header, a body, and a record.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        engine = self.site.engine
+        door = _RefusalDoor(self)
+        exchange = engine.exchange(door, b"-", b"-", "1.1", RequestHead(forwardedFor=door.clientIP))
+        exchange.reject(400, DOWNSTREAM_PROTOCOL_ERROR, b"Bad Request: malformed request\n")
+        self.loseConnection()
+
+
 class SidecarSite(Site):
     """
-    A L{Site} for the proxy: no C{Server} header of its own, no request log (the
-    sidecar's access log has the records).
+    A L{Site} for the proxy: channels that answer malformed requests as the proxy, no
+    request log (the sidecar's access log has the records).
+
+    @ivar engine: the shared L{Engine}.
     """
+
+    protocol = SidecarChannel
+
+    def __init__(self, resource: SidecarProxyResource) -> None:
+        Site.__init__(self, resource)
+        self.engine = resource.engine
 
     def log(self, request: Request) -> None:
         pass

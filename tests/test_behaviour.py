@@ -349,11 +349,16 @@ class BehaviourMixin:
         self.assertEqual(self.upstream.seen, [])
         return client
 
+    @defer.inlineCallbacks
     def test_malformedRequest(self):
         """
-        Garbage gets a 400 and a closed connection; nothing reaches the service.
+        Garbage gets a 400 with our Server header and a closed connection; nothing
+        reaches the service; the record says DPE.
         """
-        return self.assertRefused(b"THIS IS NOT HTTP\r\n\r\n")
+        client = yield self.assertRefused(b"THIS IS NOT HTTP\r\n\r\n")
+        self.assertEqual(client.responses[0].header(b"server"), [b"amazing-proxy"])
+        yield waitUntil(lambda: self.proxy.records)
+        self.assertEqual([(r.status, r.flags) for r in self.proxy.records], [(400, "DPE")])
 
     def test_contentLengthWithTransferEncoding(self):
         """
