@@ -27,6 +27,8 @@ class UpstreamConfig:
     @ivar idleTimeout: seconds an idle pooled connection is kept; below the usual
         keep-alive of servers (Node 5 s, nginx 75 s) so that we close before they do.
     @ivar maxIdle: how many idle connections the pool keeps at most.
+    @ivar maxConnections: connections to the service open or opening at most.
+    @ivar maxPending: requests waiting for a connection at most.
     """
 
     host: str = "127.0.0.1"
@@ -35,6 +37,10 @@ class UpstreamConfig:
     responseTimeout: Optional[float] = 60.0
     idleTimeout: float = 4.0
     maxIdle: int = 128
+    #: Envoy's circuit-breaker defaults: connections open or opening at most, and
+    #: requests waiting for one at most (past that, 503 with flag UO).
+    maxConnections: int = 1024
+    maxPending: int = 1024
 
     @property
     def address(self) -> str:

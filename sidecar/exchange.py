@@ -43,6 +43,7 @@ UPSTREAM_PROTOCOL_ERROR = "UPE"
 DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
+UPSTREAM_OVERFLOW = "UO"
 
 
 @attrs.frozen
@@ -161,7 +162,7 @@ class Exchange:
         "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
         "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
         "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
-        "mustClose", "malformed",
+        "mustClose", "malformed", "waiting",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -195,6 +196,8 @@ class Exchange:
         #: The 400 body to answer with in this exchange's turn: its request turned out
         #: malformed while it waited behind another.
         self.malformed: Optional[bytes] = None
+        #: Waiting in the pool for a connection (the pool is at its limit).
+        self.waiting = False
 
     # -- the client side -------------------------------------------------------------
 
@@ -441,6 +444,16 @@ class Exchange:
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
 
+    def overflow(self) -> None:
+        """
+        The pool is at its connection limit and its queue is full: 503, flag C{UO}.
+        """
+        self._warn("upstream {upstream} overflow: {method} {path} refused, "
+                   "the connection limit is reached and the queue is full")
+        self.flags.append(UPSTREAM_OVERFLOW)
+        self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
+                              b"reset reason: overflow")
+
     def _timedOut(self) -> None:
         self.timeout = None
         conn, self.conn = self.conn, None
@@ -475,9 +488,12 @@ class Exchange:
 
     def _dropUpstream(self) -> None:
         """
-        Give up on the upstream side: the timer, a connect under way, the connection.
+        Give up on the upstream side: the timer, a wait or a connect under way, the
+        connection.
         """
         self._cancelTimeout()
+        if self.waiting:
+            self.engine.pool.cancel(self)
         if self.connector is not None:
             self.connector.disconnect()
             self.connector = None

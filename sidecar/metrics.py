@@ -303,7 +303,8 @@ class SidecarCollector:
             downstreamBytesSent=recorder.downstreamBytesSent,
         )
         frozenPool = SimpleNamespace(active=pool.active, idle=[None] * len(pool.idle), connecting=pool.connecting,
-                                     connects=pool.connects, connectFailures=pool.connectFailures)
+                                     connects=pool.connects, connectFailures=pool.connectFailures,
+                                     pending=[None] * len(pool.pending), overflows=pool.overflows)
         frozenEngine = SimpleNamespace(draining=bool(self.engine.draining))
         principal = self.localPrincipal()
         tls = self.tls
@@ -384,6 +385,14 @@ class SidecarCollector:
         yield CounterMetricFamily(
             "sidecar_upstream_connect_failures_total", "Connects to the service that failed.",
             value=pool.connectFailures)
+        yield GaugeMetricFamily(
+            "sidecar_upstream_pending_requests",
+            "Requests waiting for a connection to the service (the pool is at its limit).",
+            value=len(pool.pending))
+        yield CounterMetricFamily(
+            "sidecar_upstream_overflows_total",
+            "Requests refused with 503 (UO): connection limit reached and the queue full.",
+            value=pool.overflows)
         yield CounterMetricFamily(
             "sidecar_downstream_received_bytes_total",
             "Body bytes received from clients, counted as each request ends.",

@@ -79,6 +79,16 @@ def _seconds(flag: str, value: str, allowZero: bool) -> float:
     return seconds
 
 
+def _count(flag: str, value: str, least: int) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = least - 1
+    if count < least:
+        raise usage.UsageError(f"{flag}: {value!r} must be a whole number of at least {least}.")
+    return count
+
+
 def _accessLog(value: str) -> Optional[str]:
     if value == "-":
         return "-"
@@ -153,6 +163,8 @@ class Options(usage.Options):
         ["upstream-timeout", None, "60", "Seconds from the end of the request to the service's response head (0: no limit)."],
         ["connect-timeout", None, "5", "Seconds allowed to connect to the service."],
         ["upstream-idle-timeout", None, "4", "Seconds an idle pooled upstream connection is kept."],
+        ["upstream-max-connections", None, "1024", "Connections to the service at most (Envoy's circuit breaker)."],
+        ["upstream-max-pending", None, "1024", "Requests waiting for a connection at most; past it, 503 (UO)."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
@@ -248,6 +260,8 @@ class Options(usage.Options):
                 connectTimeout=_seconds("--connect-timeout", self["connect-timeout"], allowZero=False),
                 responseTimeout=responseTimeout or None,
                 idleTimeout=_seconds("--upstream-idle-timeout", self["upstream-idle-timeout"], allowZero=False),
+                maxConnections=_count("--upstream-max-connections", self["upstream-max-connections"], 1),
+                maxPending=_count("--upstream-max-pending", self["upstream-max-pending"], 0),
             ),
             serverHeader=server,
             accessLog=_accessLog(self["access-log"]),

@@ -7,7 +7,8 @@ Each L{UpstreamConnection} parses responses with llhttp (C{httptools}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, List, Optional
 
 import httptools
 from twisted.internet.error import ConnectionDone
@@ -296,6 +297,10 @@ class UpstreamPool:
     @ivar connecting: connects under way.
     @ivar connects: successful connects so far.
     @ivar connectFailures: failed connects so far.
+
+    At most C{config.maxConnections} connections are open or opening; past that,
+    exchanges wait (at most C{config.maxPending} of them) for one to be released, and
+    the next get a 503 with flag C{UO}, as with Envoy's circuit breakers.
     """
 
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig) -> None:
@@ -308,6 +313,10 @@ class UpstreamPool:
         self.connecting = 0
         self.connects = 0
         self.connectFailures = 0
+        #: Exchanges waiting for a connection (at C{maxConnections}), oldest first.
+        self.pending: Deque[Exchange] = deque()
+        #: Requests refused with 503 because C{maxPending} were already waiting.
+        self.overflows = 0
 
     def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -328,12 +337,52 @@ class UpstreamPool:
                     return
                 conn.state = CLOSED
                 conn.transport.loseConnection()
+        if self.active + self.connecting >= self.config.maxConnections:
+            # Envoy's circuit breakers: wait for a connection, or overflow.
+            if len(self.pending) >= self.config.maxPending:
+                self.overflows += 1
+                exchange.overflow()
+                return
+            exchange.waiting = True
+            self.pending.append(exchange)
+            return
+        self._connect(exchange)
+
+    def _connect(self, exchange: Exchange) -> None:
         self.connecting += 1
         attempt = _ConnectAttempt(self, exchange)
         connector = self.reactor.connectTCP(
             self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
         )
         exchange.setConnector(connector)
+
+    def _nextWaiting(self) -> Optional[Exchange]:
+        pending = self.pending
+        while pending:
+            exchange = pending.popleft()
+            exchange.waiting = False
+            if not exchange.finished:
+                return exchange
+        return None
+
+    def _capacityFreed(self) -> None:
+        """
+        A connection slot is free: connect for the exchanges waiting for one.
+        """
+        while self.pending and self.active + self.connecting < self.config.maxConnections:
+            exchange = self._nextWaiting()
+            if exchange is not None:
+                self._connect(exchange)
+
+    def cancel(self, exchange: Exchange) -> None:
+        """
+        C{exchange} no longer waits for a connection (its client left).
+        """
+        exchange.waiting = False
+        try:
+            self.pending.remove(exchange)
+        except ValueError:
+            pass
 
     def connected(self, conn: UpstreamConnection) -> None:
         """
@@ -356,6 +405,7 @@ class UpstreamPool:
         """
         self.connecting -= 1
         self.connectFailures += 1
+        self._capacityFreed()
 
     def release(self, conn: UpstreamConnection) -> None:
         """
@@ -364,15 +414,20 @@ class UpstreamPool:
         conn.exchange = None
         if conn.state != ACTIVE:
             return
+        if conn.paused:
+            # The client's transport paused us during the response's last read; an idle
+            # connection must read, or it would miss the service closing it.
+            conn.resumeProducing()
+        if self.pending and conn.transport is not None:
+            waiting = self._nextWaiting()
+            if waiting is not None:
+                waiting.upstreamConnected(conn, True)
+                return
         self.active -= 1
         if conn.transport is None or len(self.idle) >= self.config.maxIdle:
             conn.state = CLOSED
             conn.abandon()
             return
-        if conn.paused:
-            # The client's transport paused us during the response's last read; an idle
-            # connection must read, or it would miss the service closing it.
-            conn.resumeProducing()
         conn.state = IDLE
         conn.idleSince = self.clock.seconds()
         self.idle.append(conn)
@@ -385,6 +440,8 @@ class UpstreamPool:
             self.idle.remove(conn)
         elif conn.state == ACTIVE:
             self.active -= 1
+            conn.state = CLOSED
+            self._capacityFreed()
         conn.state = CLOSED
 
     def sweep(self) -> None:

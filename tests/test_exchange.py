@@ -361,3 +361,69 @@ class EndOfConnectionBodyTests(unittest.SynchronousTestCase):
         self.assertNotIn(b"0\r\n\r\n", client.value())
         self.assertTrue(client.disconnecting)
         self.assertEqual([r.flags for r in h.records], ["UC"])
+
+
+class CircuitBreakerTests(unittest.SynchronousTestCase):
+    """
+    The pool's limits, as Envoy's circuit breakers: at most C{maxConnections}, at most
+    C{maxPending} waiting, then 503 UO.
+    """
+
+    def harness(self) -> Harness:
+        h = Harness()
+        h.pool.config = UpstreamConfig(port=8080, maxConnections=1, maxPending=1)
+        return h
+
+    def test_waitThenOverflow(self):
+        """
+        With one connection allowed and one wait: the first request connects, the
+        second waits (no new connect), the third gets 503 UO at once; when the first
+        response ends, the second goes out on the same connection.
+        """
+        h = self.harness()
+        first, firstClient = h.client()
+        second, secondClient = h.client()
+        third, thirdClient = h.client()
+        first.dataReceived(GET)
+        second.dataReceived(GET)
+        third.dataReceived(GET)
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertEqual(len(h.pool.pending), 1)
+        self.assertIn(b"HTTP/1.1 503 Service Unavailable", thirdClient.value())
+        self.assertEqual([r.flags for r in h.records], ["UO"])
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        self.assertEqual(upstream.value().count(b"GET /x HTTP/1.1"), 2)
+        conn.dataReceived(OK)
+        self.assertIn(b"200 OK", firstClient.value())
+        self.assertIn(b"200 OK", secondClient.value())
+        self.assertEqual(len(h.reactor.tcpClients), 1)
+        self.assertEqual((h.pool.active, len(h.pool.idle), len(h.pool.pending), h.pool.overflows), (0, 1, 0, 1))
+
+    def test_waitingClientLeaves(self):
+        """
+        A client that leaves while waiting frees its place in the queue.
+        """
+        h = self.harness()
+        first, _ = h.client()
+        second, _ = h.client()
+        first.dataReceived(GET)
+        second.dataReceived(GET)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(h.pool.pending), 0)
+        self.assertEqual([r.flags for r in h.records], ["DC"])
+
+    def test_closedConnectionFreesSlot(self):
+        """
+        When the connection in use closes, a waiting request gets a new connect.
+        """
+        h = self.harness()
+        first, firstClient = h.client()
+        second, _ = h.client()
+        first.dataReceived(GET)
+        second.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertIn(b"502", firstClient.value())
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        self.assertEqual(len(h.pool.pending), 0)

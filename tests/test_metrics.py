@@ -171,6 +171,8 @@ class PrometheusTextTests(SynchronousTestCase):
         recorder.requestsActive = 1
         pool.active, pool.connecting, pool.connects, pool.connectFailures = 3, 1, 11, 4
         pool.idle.extend([object(), object()])
+        pool.pending.extend([object()] * 5)
+        pool.overflows = 9
         self.fixture.engine.draining = True
         parsed = families(prometheusText(self.fixture.collector))
 
@@ -189,6 +191,8 @@ class PrometheusTextTests(SynchronousTestCase):
         self.assertEqual(value("sidecar_upstream_connections", state="connecting"), 1)
         self.assertEqual(value("sidecar_upstream_connects_total"), 11)
         self.assertEqual(value("sidecar_upstream_connect_failures_total"), 4)
+        self.assertEqual(value("sidecar_upstream_pending_requests"), 5)
+        self.assertEqual(value("sidecar_upstream_overflows_total"), 9)
         self.assertEqual(value("sidecar_downstream_received_bytes_total"), 15)
         self.assertEqual(value("sidecar_downstream_sent_bytes_total"), 2172)
         self.assertEqual(value("sidecar_draining"), 1)
@@ -401,7 +405,8 @@ class TLSMetricsTests(SynchronousTestCase):
 
         tls = SimpleNamespace(handshakes=7, handshakeFailures=2, handshakeTimeouts=1, denials=3,
                               context=SimpleNamespace(rotations=4, failures=1))
-        pool = SimpleNamespace(active=0, idle=[], connecting=0, connects=0, connectFailures=0)
+        pool = SimpleNamespace(active=0, idle=[], connecting=0, connects=0, connectFailures=0, pending=[],
+                               overflows=0)
         engine = SimpleNamespace(draining=False)
         collector = SidecarCollector(Recorder(), pool, engine, MeshLabels(), 0.0, "v", tls=tls)
         text = prometheusText(collector.snapshot()).decode()

@@ -70,6 +70,8 @@ class OptionsTests(unittest.TestCase):
         self.assertRefused("--connect-timeout", "--connect-timeout", "0")
         self.assertRefused("--server-header", "--server-header", "a\r\nX-Injected: 1")
         self.assertRefused("--max-header-bytes", "--max-header-bytes", "12")
+        self.assertRefused("--upstream-max-connections", "--upstream-max-connections", "0")
+        self.assertRefused("--upstream-max-pending", "--upstream-max-pending", "many")
 
     def test_unwritableLog(self):
         """
