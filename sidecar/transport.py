@@ -27,22 +27,42 @@ WriteSequence = Callable[[Sequence[bytes]], None]
 def prepare(transport: Any) -> Tuple[Write, WriteSequence]:
     """
     Ready C{transport} for the hot path (no Nagle delay, L{BUFFER_SIZE} reads) and
-    return C{(write, writeSequence)} for it: direct socket sends for a plain TCP
-    connection, the transport's own methods for anything else (TLS, tests).
+    return C{(write, writeSequence)} for it.
+
+    For a plain TCP connection these send directly.  For a TLS layer over TCP (mutual
+    TLS), the layer's own methods are returned, and the TCP transport under it is given
+    the direct sends, so that TLS records leave at once too.  Anything else (tests,
+    other transports) keeps its own methods.
     """
-    setNoDelay = getattr(transport, "setTcpNoDelay", None)
-    if setNoDelay is not None:
-        try:
-            setNoDelay(True)
-        except OSError:
-            pass
-    if not isinstance(transport, tcp.Connection):
-        return transport.write, transport.writeSequence
+    if isinstance(transport, tcp.Connection):
+        _tune(transport)
+        return _optimistic(transport)
+    inner = getattr(transport, "transport", None)
+    if isinstance(inner, tcp.Connection):
+        _tune(inner)
+        if "write" not in vars(inner):
+            inner.write, inner.writeSequence = _optimistic(inner)
+    return transport.write, transport.writeSequence
+
+
+def _tune(transport: tcp.Connection) -> None:
+    try:
+        transport.setTcpNoDelay(True)
+    except OSError:
+        pass
     transport.bufferSize = BUFFER_SIZE
+
+
+def _optimistic(transport: tcp.Connection) -> Tuple[Write, WriteSequence]:
+    """
+    Direct-send C{write} and C{writeSequence} for C{transport}, falling back to (and
+    capturing now) the transport's own buffered methods.
+    """
     sock = transport.socket
     send = sock.send
     sendmsg = sock.sendmsg
     fallback = transport.write
+    fallbackSequence = transport.writeSequence
 
     def idle() -> bool:
         return not (transport._tempDataLen or transport.dataBuffer or transport.disconnecting
@@ -65,14 +85,14 @@ def prepare(transport: Any) -> Tuple[Write, WriteSequence]:
 
     def writeSequence(parts: Sequence[bytes]) -> None:
         if not idle():
-            transport.writeSequence(parts)
+            fallbackSequence(parts)
             return
         try:
             sent = sendmsg(parts)
         except BlockingIOError:
             sent = 0
         except OSError:
-            transport.writeSequence(parts)
+            fallbackSequence(parts)
             return
         for part in parts:
             size = len(part)
