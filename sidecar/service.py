@@ -14,7 +14,6 @@ from typing import IO, Any, Optional
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
 
 from sidecar.accesslog import FORMATS, AccessLog
 from sidecar.config import ProxyConfig
@@ -24,9 +23,6 @@ from sidecar.upstream import UpstreamPool
 from sidecar.admin import adminSite
 from sidecar.drain import Lifecycle, openConnections
 from sidecar.metrics import SidecarCollector
-
-log = Logger()
-
 
 def openAccessLog(path: Optional[str]) -> Optional[IO[str]]:
     """
@@ -173,11 +169,6 @@ class SidecarService(MultiService):
         service._raiseSynchronously = True
         service.setServiceParent(self)
         return service
-
-    def startService(self) -> None:
-        MultiService.startService(self)
-        # The start-up line (listening addresses, upstream) is logged by the lifecycle
-        # once every listener listens and readiness is reached.
 
     def stopService(self):
         d = MultiService.stopService(self)
