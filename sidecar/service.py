@@ -69,7 +69,7 @@ class SidecarService(MultiService):
         self.listeners = []
         self.tls = None
         if config.tls is not None:
-            from sidecar.tls import MutualTLS
+            from sidecar.mtls import MutualTLS
 
             self.tls = MutualTLS.fromConfig(config.tls, reactor)
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)

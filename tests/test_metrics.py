@@ -392,7 +392,7 @@ class TLSMetricsTests(SynchronousTestCase):
 
     def test_tlsCounters(self):
         """
-        The L{sidecar.tls.MutualTLS} counters appear as C{sidecar_tls_*_total}, taken
+        The L{sidecar.mtls.MutualTLS} counters appear as C{sidecar_tls_*_total}, taken
         from the snapshot at scrape time; without mutual TLS there are none.
         """
         from types import SimpleNamespace

@@ -25,27 +25,22 @@ from sidecar.exchange import Engine
 from sidecar.headers import requestHead
 from sidecar.stats import Recorder
 from sidecar.tap import Options
-from sidecar.tls import (
+from sidecar.mtls import MutualTLS, MutualTLSDownstreamFactory, PermissiveFactory
+from sidecar.spiffe import (
     DENIAL_BODY,
     AllowPolicy,
     AllowRule,
     InvalidSpiffeId,
-    MutualTLS,
-    MutualTLSDownstreamFactory,
     PeerIdentity,
-    PermissiveFactory,
-    RotatingServerContext,
     SpiffeId,
-    TLSFileError,
-    TLSFiles,
     admit,
     identityFromURIs,
-    loadMaterial,
     parseAllowRule,
     parseSpiffeId,
     peerIdentity,
     xfccElement,
 )
+from sidecar.tls import RotatingServerContext, TLSFileError, TLSFiles, loadMaterial
 from sidecar.upstream import UpstreamPool
 from tests.tlsfixtures import EVIL_ID, FRONTEND_ID, SERVER_ID, KubernetesSecret, writeMesh
 
@@ -746,9 +741,9 @@ class AdmissionMemoryTests(unittest.TestCase):
         """
         The memory starts afresh when full, so it never holds more than its bound.
         """
-        from sidecar import tls
+        from sidecar import mtls
 
-        self.patch(tls, "ADMISSION_MEMORY", 1)
+        self.patch(mtls, "ADMISSION_MEMORY", 1)
         self.tls.admission(self.der("frontend"))
         self.tls.admission(self.der("evil"))
         self.assertEqual(len(self.tls._admissions), 1)
@@ -827,7 +822,7 @@ class PermissiveCloseTests(unittest.TestCase):
         """
         from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-        from sidecar.tls import _FirstByte
+        from sidecar.mtls import _FirstByte
 
         closed = []
         wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
