@@ -14,7 +14,7 @@ import json
 import time
 from typing import IO, Callable, Dict, Optional
 
-from sidecar.exchange import Record
+from sidecar.record import Record
 
 
 def _ms(seconds: Optional[float]) -> Optional[int]:

@@ -21,7 +21,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
+from sidecar.exchange import Engine, Exchange
+from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.transport import BUFFER_SIZE, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 

@@ -22,7 +22,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
+from sidecar.exchange import Engine, Exchange
+from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
 
 _CHUNK = 64 * 1024

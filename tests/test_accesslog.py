@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sidecar.accesslog import AccessLog, formatJSON, formatSeed, formatText
-from sidecar.exchange import Record
+from sidecar.record import Record
 
 REC = Record(
     startTime=1552246620.5, duration=0.001979348, upstreamServiceTime=0.0015, bytesReceived=15,

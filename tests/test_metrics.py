@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidecar.config import MeshLabels, UpstreamConfig
-from sidecar.exchange import Engine, Record
+from sidecar.exchange import Engine
+from sidecar.record import Record
 from sidecar.metrics import (
     ISTIO_LABELS,
     SidecarCollector,
