@@ -1,21 +1,31 @@
 # -*- test-case-name: tests.test_exchange -*-
 """
-One request/response pair in flight, and the immutable record it leaves behind.
+The protocol-neutral engine: one request/response stream in flight between a front
+door and an upstream stream, and the interfaces of both.
 
-An L{Exchange} sits between a front door (anything with the L{Door} methods: the fast
-L{sidecar.downstream.DownstreamProtocol} or the twisted.web adapter in
-L{sidecar.resource}) and an upstream connection from the L{sidecar.upstream.UpstreamPool}.
-It owns the timing, the byte counts, the response flags and the backpressure between the
-two sides, and hands exactly one L{Record} to the recorder when it ends, however it ends.
+  - a L{Door} is the downstream codec's response encoder (the fast HTTP/1.1 door of
+    L{sidecar.downstream}, the twisted.web door of L{sidecar.resource}, an HTTP/2
+    stream): the exchange tells it what to send, never how;
+  - an L{UpstreamStream} is the mirror image on the service's side (HTTP/1.1 in
+    L{sidecar.upstream}): send head, body, end; pause; abandon.  An L{UpstreamPool}
+    hands them out;
+  - an L{Exchange} owns the timing, the byte counts, the response flags and the
+    backpressure between the two, applies the forwarding policy, and hands exactly one
+    L{Record} to the recorder when it ends, however it ends.  Where it stands is one
+    value, L{Phase}, and every change of it goes through L{Exchange._go}.
+
+The exchange never writes bytes and imports no adapter.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+import enum
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Protocol, Sequence
 
 import attrs
 from twisted.logger import Logger
 
+from sidecar.doors import Doors
 from sidecar.headers import RequestHead, ResponseHead
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
@@ -24,11 +34,10 @@ from sidecar.record import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IPushProducer, IReactorTime
     from twisted.python.failure import Failure
 
     from sidecar.stats import Recorder
-    from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 log = Logger()
 
@@ -36,21 +45,23 @@ log = Logger()
 #: have been closed by the service (RFC 9110 9.2.2), provided the request has no body.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
-#: Request body bytes kept while the upstream connection is not there yet; past this the
+#: Request body bytes kept while the upstream stream is not there yet; past this the
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
 
+
 class Door(Protocol):
     """
-    What an L{Exchange} needs of the front door it came through.
+    What an L{Exchange} needs of the front door it came through: a response encoder
+    (Envoy's C{ResponseEncoder}) and a tap on the client's reading.
     """
 
     clientAddress: str
     peerPrincipal: str
     mutualTLS: bool
 
-    def writeInterim(self, data: bytes) -> None:
-        """Send an interim response (C{100 Continue}) to the client."""
+    def sendContinue(self) -> None:
+        """Tell the client to go on sending its body (C{100 Continue})."""
 
     def flush(self) -> None:
         """The upstream's read is over: send anything held back."""
@@ -70,14 +81,112 @@ class Door(Protocol):
     def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
         """Send a response made by the proxy itself."""
 
-    def startTunnel(self, exchange: Exchange, conn: UpstreamConnection) -> None:
-        """Splice the client and C{conn} after a 101."""
+    def startTunnel(self, exchange: Exchange, stream: UpstreamStream) -> None:
+        """After a 101, pass bytes both ways; C{stream} is the producer of the
+        service's bytes (register it with the client's transport)."""
 
     def pauseReading(self) -> None:
         """Stop reading from the client until L{resumeReading}."""
 
     def resumeReading(self) -> None:
         """Read from the client again."""
+
+
+class UpstreamStream(Protocol):
+    """
+    One request/response stream to the service, as the exchange drives it.  It is the
+    producer of the response (an C{IPushProducer}: a slow client pauses it) and frames
+    what it sends in its own protocol.  It answers through the exchange's
+    C{upstream*}/C{response*}/C{tunnel*} methods.
+    """
+
+    def sendRequest(self, exchange: Exchange, reused: bool, body: Sequence[bytes], end: bool) -> None:
+        """Send the exchange's request head, the body bytes already received, and,
+        when C{end}, the end of the request."""
+
+    def sendBody(self, data: bytes) -> None:
+        """Send request body bytes (after a 101: tunnel bytes)."""
+
+    def sendEnd(self) -> None:
+        """The request body is complete."""
+
+    def streamFrom(self, producer: IPushProducer) -> None:
+        """Pause C{producer} (the client) while the service reads slower than it sends,
+        until the request ends."""
+
+    def closeWrite(self) -> None:
+        """After a 101: the client will send no more (half-close towards the service)."""
+
+    def abandon(self) -> None:
+        """Close without a word: the stream is not reused."""
+
+    def pauseProducing(self) -> None:
+        """Stop reading the response."""
+
+    def resumeProducing(self) -> None:
+        """Read the response again."""
+
+
+class UpstreamPool(Protocol):
+    """
+    Where exchanges get upstream streams: it calls back L{Exchange.upstreamConnected},
+    L{Exchange.upstreamConnectFailed} or L{Exchange.overflow}.
+    """
+
+    address: str
+
+    def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
+        """Find a stream for C{exchange} (C{fresh}: not a reused connection)."""
+
+    def cancel(self, exchange: Exchange) -> None:
+        """C{exchange} no longer wants a stream (its client left)."""
+
+    def release(self, stream: UpstreamStream) -> None:
+        """C{stream}'s response ended cleanly: it may serve another exchange."""
+
+
+class Phase(enum.Enum):
+    """
+    Where an exchange stands.  The request body's arrival (L{Exchange.requestDone}) is
+    a fact about the client, not a phase: a response may start before it ends.
+    """
+
+    #: Its head has arrived; it waits its turn behind pipelined requests.
+    NEW = "new"
+    #: Asked the pool for a stream (connecting, or waiting for a free connection).
+    ACQUIRING = "acquiring"
+    #: It has an upstream stream; the request is going up.
+    SENDING = "sending"
+    #: The whole request is with the service; the response timeout runs.
+    AWAITING = "awaiting"
+    #: The response head went to the client; the body follows.
+    RESPONDING = "responding"
+    #: The service switched protocols: bytes pass both ways untouched.
+    TUNNEL = "tunnel"
+    #: Over, and recorded.
+    DONE = "done"
+
+
+#: Every change of phase an exchange may make (L{Exchange._go} checks it).
+TRANSITIONS: Dict[Phase, FrozenSet[Phase]] = {
+    Phase.NEW: frozenset([Phase.ACQUIRING, Phase.DONE]),
+    Phase.ACQUIRING: frozenset([Phase.SENDING, Phase.AWAITING, Phase.DONE]),
+    Phase.SENDING: frozenset([Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
+    Phase.AWAITING: frozenset([Phase.ACQUIRING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
+    Phase.RESPONDING: frozenset([Phase.DONE]),
+    Phase.TUNNEL: frozenset([Phase.DONE]),
+    Phase.DONE: frozenset(),
+}
+
+NEW, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = (
+    Phase.NEW, Phase.ACQUIRING, Phase.SENDING, Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE)
+_ANSWERED = frozenset([RESPONDING, TUNNEL])
+
+
+class IllegalTransition(Exception):
+    """
+    An exchange was asked to move between phases that are not connected: a bug.
+    """
 
 
 @attrs.define(slots=True, eq=False)
@@ -94,8 +203,8 @@ class Engine:
     responseTimeout: Optional[float] = 60.0
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
-    #: The fast door's open client connections (for timeouts and drain).
-    doors: set = attrs.field(factory=set)
+    #: The open client connections of every front door (for timeouts and drain).
+    doors: Doors = attrs.field(factory=Doors)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -107,20 +216,25 @@ class Engine:
 
 class Exchange:
     """
-    One request/response pair in flight.
+    One request/response stream in flight.
 
     The front door calls L{begin} when the exchange may use the upstream, then
     L{requestBody} and L{requestComplete} as the body arrives, and L{downstreamLost} if
-    the client goes away.  The upstream connection calls L{responseHead},
-    L{responseBody}, L{responseComplete}, or L{upstreamLost}.
+    the client goes away.  The pool calls L{upstreamConnected},
+    L{upstreamConnectFailed} or L{overflow}; the upstream stream calls
+    L{responseHead}, L{responseBody}, L{responseComplete}, L{upstreamReadDone} and
+    L{upstreamLost} (or L{upgradeAccepted} and the C{tunnel*} methods after a 101).
+
+    @ivar phase: where it stands (L{Phase}).
+    @ivar requestDone: the client's request has all arrived.
+    @ivar mustClose: the client connection cannot be reused after this exchange.
     """
 
     __slots__ = (
-        "engine", "door", "method", "target", "version", "req", "start", "conn",
-        "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
-        "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
-        "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
-        "mustClose", "malformed", "waiting",
+        "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
+        "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
+        "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
+        "mustClose", "malformed",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -132,8 +246,8 @@ class Exchange:
         self.version = version
         self.req = req
         self.start = start
-        self.conn: Optional[UpstreamConnection] = None
-        self.connector: Any = None
+        self.phase = NEW
+        self.stream: Optional[UpstreamStream] = None
         self.pending: List[bytes] = []
         self.pendingBytes = 0
         self.requestDone = False
@@ -144,73 +258,82 @@ class Exchange:
         self.upstreamStart = 0.0
         self.upstreamServiceTime: Optional[float] = None
         self.timeout: Any = None
-        self.finished = False
         self.retried = False
-        self.headSent = False
-        self.upgraded = False
         self.readingPaused = False
-        #: The client connection cannot be reused after this exchange.
         self.mustClose = False
         #: The 400 body to answer with in this exchange's turn: its request turned out
         #: malformed while it waited behind another.
         self.malformed: Optional[bytes] = None
-        #: Waiting in the pool for a connection (the pool is at its limit).
-        self.waiting = False
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the exchange is over (and recorded).
+        """
+        return self.phase is DONE
+
+    @property
+    def headSent(self) -> bool:
+        """
+        Whether a response head (the service's or the proxy's) has gone to the client.
+        """
+        return self.phase in _ANSWERED or (self.phase is DONE and self.status != 0)
+
+    def _go(self, phase: Phase) -> None:
+        """
+        The one place where the phase changes.
+        """
+        if phase not in TRANSITIONS[self.phase]:
+            raise IllegalTransition(f"{self.phase.value} -> {phase.value}")
+        self.phase = phase
 
     # -- the client side -------------------------------------------------------------
 
     def begin(self) -> None:
         """
         The exchange may now talk to the client and the upstream: answer C{Expect:
-        100-continue} and ask the pool for a connection.
+        100-continue} and ask the pool for a stream.
         """
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
-            self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.door.sendContinue()
+        self._go(ACQUIRING)
         self.engine.pool.acquire(self)
 
     def requestBody(self, data: bytes) -> None:
         """
-        Request body bytes from the client (already de-chunked).
+        Request body bytes from the client (decoded: no framing).
         """
-        if self.finished:
+        phase = self.phase
+        if phase is DONE:
             return
         self.bytesReceived += len(data)
-        conn = self.conn
-        if self.req.chunked:
-            framed = [b"%x\r\n" % len(data), data, b"\r\n"]
-        else:
-            framed = [data]
-        if conn is not None and conn.transport is not None:
-            conn.writeSequence(framed)
-        else:
-            self.pending.extend(framed)
-            self.pendingBytes += len(data)
-            if self.pendingBytes > PENDING_LIMIT and not self.readingPaused:
-                self.readingPaused = True
-                self.door.pauseReading()
+        if phase is SENDING or phase is RESPONDING or phase is TUNNEL:
+            self.stream.sendBody(data)  # type: ignore[union-attr]
+            return
+        self.pending.append(data)
+        self.pendingBytes += len(data)
+        if self.pendingBytes > PENDING_LIMIT and not self.readingPaused:
+            self.readingPaused = True
+            self.door.pauseReading()
 
     def requestComplete(self) -> None:
         """
         The client's request (head and body) has all arrived.
         """
         self.requestDone = True
-        if self.finished:
-            return
-        if self.req.chunked:
-            # Trailers are dropped: the last chunk and an empty trailer section.
-            if self.conn is not None:
-                self.conn.write(b"0\r\n\r\n")
-            else:
-                self.pending.append(b"0\r\n\r\n")
-        if self.conn is not None and not self.upgraded:
-            self.conn.requestSent()
+        phase = self.phase
+        if phase is SENDING:
+            self.stream.sendEnd()  # type: ignore[union-attr]
+            self._go(AWAITING)
             self._armTimeout()
+        elif phase is RESPONDING:
+            self.stream.sendEnd()  # type: ignore[union-attr]
 
     def downstreamLost(self) -> None:
         """
         The client went away before the exchange ended: cancel the upstream side.
         """
-        if self.finished:
+        if self.phase is DONE:
             return
         self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
         self._dropUpstream()
@@ -218,38 +341,33 @@ class Exchange:
 
     # -- the pool's side -------------------------------------------------------------
 
-    def upstreamConnected(self, conn: UpstreamConnection, reused: bool) -> None:
+    def upstreamConnected(self, stream: UpstreamStream, reused: bool) -> None:
         """
-        The pool gives us C{conn}: send the head and whatever body has arrived.
+        The pool gives us C{stream}: send the head and whatever body has arrived.
         """
-        self.connector = None
-        if self.finished:
-            self.engine.pool.release(conn)
+        if self.phase is not ACQUIRING:
+            self.engine.pool.release(stream)
             return
-        self.conn = conn
-        conn.attach(self, reused)
+        self.stream = stream
         self.upstreamStart = self.engine.clock.seconds()
-        if self.pending:
-            conn.writeSequence([self.req.head] + self.pending)
-            self.pending = []
-            self.pendingBytes = 0
-        else:
-            conn.write(self.req.head)
+        pending, self.pending = self.pending, []
+        self.pendingBytes = 0
+        done = self.requestDone
+        self._go(AWAITING if done else SENDING)
+        stream.sendRequest(self, reused, pending, done)
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()
-        if self.requestDone:
-            conn.requestSent()
+        if done:
             self._armTimeout()
-        else:
-            conn.streamRequestFrom(self.door)
+        elif self.phase is SENDING:
+            stream.streamFrom(self.door)  # type: ignore[arg-type]
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         """
         No connection to the service could be made.
         """
-        self.connector = None
-        if self.finished:
+        if self.phase is not ACQUIRING:
             return
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
@@ -257,22 +375,27 @@ class Exchange:
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection failure")
 
-    def setConnector(self, connector: Any) -> None:
+    def overflow(self) -> None:
         """
-        Remember the connect attempt under way, so that a client that leaves cancels it.
+        The pool is at its connection limit and its queue is full: 503, flag C{UO}.
         """
-        self.connector = connector
+        self._warn("upstream {upstream} overflow: {method} {path} refused, "
+                   "the connection limit is reached and the queue is full")
+        self.flags.append(UPSTREAM_OVERFLOW)
+        self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
+                              b"reset reason: overflow")
 
-    # -- the upstream connection's side ---------------------------------------------
+    # -- the upstream stream's side --------------------------------------------------
 
     def responseHead(self, status: int, reason: bytes, head: ResponseHead) -> None:
         """
-        The upstream's (final) response head arrived, after the forwarding rules.
+        The upstream's final response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         self.status = status
-        self.headSent = True
+        if status != 101:
+            self._go(RESPONDING)
         if not self.requestDone:
             # The service answered before the client finished sending: the rest of the
             # body goes nowhere and the connections can't be reused.
@@ -281,32 +404,41 @@ class Exchange:
 
     def responseBody(self, data: bytes) -> None:
         """
-        Response body bytes from the upstream (de-chunked).
+        Response body bytes from the upstream (decoded: no framing).
         """
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
+    def upstreamReadDone(self) -> None:
+        """
+        The upstream stream has handled one read: the door may send what it held back.
+        """
+        self.door.flush()
+
     def responseComplete(self, reusable: bool) -> None:
         """
-        The upstream's response ended; C{reusable} says whether its connection may serve
+        The upstream's response ended; C{reusable} says whether its stream may serve
         another request.
         """
-        conn, self.conn = self.conn, None
-        if conn is not None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
             if reusable and self.requestDone:
-                self.engine.pool.release(conn)
+                self.engine.pool.release(stream)
             else:
-                conn.abandon()
+                stream.abandon()
         # The record first: finishing may start the next pipelined exchange at once.
         self._end()
         self.door.finishResponse(self)
 
-    def upgradeAccepted(self, conn: UpstreamConnection, leftover: bytes) -> None:
+    def upgradeAccepted(self, leftover: bytes) -> None:
         """
-        The upstream answered 101: from now on bytes flow both ways untouched.
+        The upstream answered 101 (its head went through L{responseHead}): from now on
+        bytes flow both ways untouched.
         """
-        self.upgraded = True
-        self.door.startTunnel(self, conn)
+        self._go(TUNNEL)
+        stream = self.stream
+        self.door.startTunnel(self, stream)  # type: ignore[arg-type]
+        stream.streamFrom(self.door)  # type: ignore[union-attr,arg-type]
         if leftover:
             self.tunnelToClient(leftover)
 
@@ -322,36 +454,39 @@ class Exchange:
         Bytes from the client on an upgraded connection.
         """
         self.bytesReceived += len(data)
-        if self.conn is not None:
-            self.conn.write(data)
+        if self.stream is not None:
+            self.stream.sendBody(data)
 
     def tunnelClosed(self) -> None:
         """
         Either side of an upgraded connection closed: the exchange is over.
         """
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
         self._end()
 
     def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
         """
-        The upstream connection closed before the response was complete.
+        The upstream stream closed before the response was complete.
         """
         self._cancelTimeout()
-        self.conn = None
-        if self.finished:
+        self.stream = None
+        phase = self.phase
+        if phase is DONE:
             return
-        if self.headSent:
+        if phase is RESPONDING:
             self._warn("upstream {upstream} closed in the middle of the response to {method} {path}")
             self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
             self._end()
             self.door.abortResponse(self)
             return
-        if (reused and not responseStarted and not self.retried and self.method in IDEMPOTENT
-                and not self.req.chunked and not self.req.contentLength and not self.req.upgrade):
+        if (reused and not responseStarted and not self.retried and phase is AWAITING
+                and self.method in IDEMPOTENT and not self.req.chunked and not self.req.contentLength
+                and not self.req.upgrade):
             # A pooled connection the service had closed: once more, on a new connection.
             self.retried = True
+            self._go(ACQUIRING)
             self.engine.pool.acquire(self, fresh=True)
             return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
@@ -362,22 +497,18 @@ class Exchange:
 
     def upstreamProtocolError(self, detail: str) -> None:
         """
-        The upstream sent something that is not HTTP/1.1.
+        The upstream sent something its codec could not parse.
         """
         self._cancelTimeout()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
-        if self.finished:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase is DONE:
             return
         self._warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
                    detail=detail)
         self.flags.append(UPSTREAM_PROTOCOL_ERROR)
-        if self.headSent:
-            self._end()
-            self.door.abortResponse(self)
-        else:
-            self._localReply(502, b"upstream sent a malformed response")
+        self._localReply(502, b"upstream sent a malformed response")
 
     # -- endings ---------------------------------------------------------------------
 
@@ -396,28 +527,18 @@ class Exchange:
         """
         self.mustClose = True
         self.requestDone = True
-        if self.finished:
+        if self.phase is DONE:
             return
         self._dropUpstream()
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
 
-    def overflow(self) -> None:
-        """
-        The pool is at its connection limit and its queue is full: 503, flag C{UO}.
-        """
-        self._warn("upstream {upstream} overflow: {method} {path} refused, "
-                   "the connection limit is reached and the queue is full")
-        self.flags.append(UPSTREAM_OVERFLOW)
-        self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
-                              b"reset reason: overflow")
-
     def _timedOut(self) -> None:
         self.timeout = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
-        if self.finished or self.headSent:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase is not AWAITING:
             return
         self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
                    seconds=self.engine.responseTimeout)
@@ -425,12 +546,15 @@ class Exchange:
         self._localReply(504, b"upstream request timeout")
 
     def _localReply(self, status: int, body: bytes) -> None:
-        if self.headSent:
+        """
+        Answer with the proxy's own response, or, when the service's response has
+        started, cut the client off: a truncated body is never presented as complete.
+        """
+        if self.phase in _ANSWERED:
             self._end()
             self.door.abortResponse(self)
             return
         self.status = status
-        self.headSent = True
         self.bytesSent += 0 if self.method == b"HEAD" else len(body)
         if not self.requestDone:
             self.mustClose = True
@@ -447,24 +571,21 @@ class Exchange:
     def _dropUpstream(self) -> None:
         """
         Give up on the upstream side: the timer, a wait or a connect under way, the
-        connection.
+        stream.
         """
         self._cancelTimeout()
-        if self.waiting:
+        if self.phase is ACQUIRING:
             self.engine.pool.cancel(self)
-        if self.connector is not None:
-            self.connector.disconnect()
-            self.connector = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
 
     def _armTimeout(self) -> None:
         """
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and not self.headSent:
+        if self.engine.responseTimeout and self.timeout is None and self.phase is AWAITING:
             self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
@@ -473,18 +594,17 @@ class Exchange:
             self.timeout = None
 
     def _end(self) -> None:
-        if self.finished:
+        if self.phase is DONE:
             return
-        self.finished = True
-        self.engine.recorder.requestsActive -= 1
+        self._go(DONE)
+        engine = self.engine
+        engine.recorder.requestsActive -= 1
         self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()
-        engine = self.engine
         door = self.door
-        target = self.target
-        self.engine.recorder.record(Record(
+        engine.recorder.record(Record(
             self.start,
             engine.clock.seconds() - self.start,
             self.upstreamServiceTime,
@@ -492,7 +612,7 @@ class Exchange:
             self.bytesSent,
             self.status,
             self.method.decode("latin-1"),
-            target.decode("latin-1"),
+            self.target.decode("latin-1"),
             "HTTP/" + self.version,
             self.req.authority,
             engine.pool.address,

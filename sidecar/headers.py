@@ -76,7 +76,9 @@ class RequestHead:
     """
     What the proxy learnt from a client's request head, and the head to send upstream.
 
-    @ivar head: the request head for the upstream, ready to write.
+    @ivar headers: the headers for the upstream, in order, without framing
+        (C{Content-Length}, C{Transfer-Encoding}): the upstream codec writes framing
+        from L{contentLength} and L{chunked}, the proxy's own parse.
     @ivar authority: the C{Host} header (empty if none).
     @ivar requestId: the C{X-Request-Id} sent upstream (the client's or a new one).
     @ivar forwardedFor: the C{X-Forwarded-For} value sent upstream.
@@ -89,7 +91,7 @@ class RequestHead:
     @ivar error: a sentence when the head must be refused with a 400, else C{None}.
     """
 
-    head: bytes = b""
+    headers: Headers = attrs.field(factory=list)
     authority: str = ""
     requestId: str = ""
     forwardedFor: str = ""
@@ -111,7 +113,8 @@ def requestHead(
     extra: Headers = (),  # type: ignore[assignment]
 ) -> RequestHead:
     """
-    Apply the forwarding rules to a client's request head.
+    Apply the forwarding rules to a client's request head.  Returns header lists, never
+    bytes: each codec (L{sidecar.http1} for HTTP/1.1) serialises them.
 
     @param method: the request method, as sent.
     @param target: the request target, as sent (passed through unchanged).
@@ -163,9 +166,8 @@ def requestHead(
         elif kind == _USER_AGENT:
             result.userAgent = value.decode("latin-1")
             append(pair)
-        else:  # _LENGTH
+        else:  # _LENGTH: framing, written by the upstream codec from the parse
             result.contentLength = int(value)
-            append(pair)
 
     if connection:
         named = set(connection)
@@ -191,17 +193,10 @@ def requestHead(
         result.requestId = newRequestId()
         out.append((b"X-Request-Id", result.requestId.encode("ascii")))
     out.extend(extra)
-    if result.chunked:
-        out.append((b"Transfer-Encoding", b"chunked"))
     if result.upgrade:
         out.append((b"Connection", b"Upgrade"))
         out.append((b"Upgrade", upgradeValue))  # type: ignore[arg-type]
-
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in out:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    result.head = b"".join(parts)
+    result.headers = out
     return result
 
 
@@ -210,8 +205,9 @@ class ResponseHead:
     """
     An upstream response head after the forwarding rules.
 
-    @ivar headers: the headers to send to the client, without framing or connection
-        headers (the front door adds those).
+    @ivar headers: the headers to send to the client, without framing
+        (C{Content-Length}, C{Transfer-Encoding}) or connection headers: the front door
+        writes those from L{contentLength}, the upstream codec's parse.
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
@@ -245,8 +241,8 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         if kind is None:
             append(pair)
         elif kind == _LENGTH:
+            # Framing: the front door writes it from the parse.
             contentLength = int(pair[1])
-            append(pair)
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:

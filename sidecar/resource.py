@@ -12,7 +12,6 @@ file past 100 KB, so memory stays bounded but uploads are not streamed).
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IPushProducer
@@ -22,6 +21,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from sidecar import http1
 from sidecar.exchange import Engine, Exchange
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
@@ -130,9 +130,14 @@ class WebDoor:
 
     def pauseProducing(self) -> None:
         self._pauses |= _UPSTREAM_FULL
+        if self._tunnel is not None:
+            self._tunnel.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._pauses &= ~_UPSTREAM_FULL
+        if self._tunnel is not None:
+            self._tunnel.transport.resumeProducing()
+            return
         self._pump()
 
     def stopProducing(self) -> None:
@@ -147,7 +152,7 @@ class WebDoor:
 
     # -- response --------------------------------------------------------------------
 
-    def writeInterim(self, data: bytes) -> None:
+    def sendContinue(self) -> None:
         """
         twisted.web has answered C{Expect: 100-continue} itself.
         """
@@ -169,12 +174,15 @@ class WebDoor:
                 break
         for name, value in head.headers:
             out.addRawHeader(name, value)
+        if head.contentLength is not None and status >= 200 and status != 204:
+            # Framing from the upstream codec's parse; twisted.web chunks without it.
+            out.setRawHeaders(b"content-length", [b"%d" % head.contentLength])
         if self.engine.draining or exchange.mustClose:
             out.setRawHeaders(b"connection", [b"close"])
-        conn = exchange.conn
-        if conn is not None and self._producer is None:
-            self._producer = conn
-            request.registerProducer(conn, True)
+        stream = exchange.stream
+        if stream is not None and self._producer is None:
+            self._producer = stream
+            request.registerProducer(stream, True)
 
     def flush(self) -> None:
         """
@@ -221,7 +229,7 @@ class WebDoor:
         request.write(body)
         request.finish()
 
-    def startTunnel(self, exchange: Exchange, conn: Any) -> None:
+    def startTunnel(self, exchange: Exchange, stream: Any) -> None:
         """
         After a 101, take the client's transport from twisted.web and splice it to the
         upstream connection.
@@ -233,10 +241,6 @@ class WebDoor:
         transport = channel.transport
         channel.setTimeout(None)
         reason, response = self._upgradeHead
-        head = [b"HTTP/1.1 101 %s\r\n" % reason]
-        for name, value in response.headers + [(b"Connection", b"Upgrade"), (b"Upgrade", response.upgrade or b"")]:
-            head += [name, b": ", value, b"\r\n"]
-        head.append(b"\r\n")
         tunnel = self._tunnel = _Tunnel(exchange)
         channel.transport = None
         # twisted.web's channel produces for the transport and paused reading while the
@@ -245,9 +249,8 @@ class WebDoor:
         transport.protocol = tunnel
         tunnel.makeConnection(transport)
         transport.resumeProducing()
-        transport.write(b"".join(head))
-        transport.registerProducer(conn, True)
-        conn.transport.registerProducer(transport, True)
+        transport.write(http1.switchingProtocols(reason, response.headers, response.upgrade or b""))
+        transport.registerProducer(stream, True)
 
     def _unhook(self) -> None:
         if self._producer is not None:
@@ -301,11 +304,7 @@ class _RefusalDoor:
         self.clientAddress = f"{self.clientIP}:{getattr(peer, 'port', 0)}"
 
     def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
-        self.channel.transport.write(
-            b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, HTTPStatus(status).phrase.encode("ascii"), exchange.engine.serverHeader,
-               len(body), body))
+        self.channel.transport.write(http1.localReply(status, exchange.engine.serverHeader, body, True, False))
 
     def resumeReading(self) -> None:
         pass

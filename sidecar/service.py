@@ -159,10 +159,8 @@ class SidecarService(MultiService):
         """
         Enforce the client idle and request-head timeouts.
         """
-        from sidecar.downstream import sweepDoors
-
-        sweepDoors(self.engine.doors, self.reactor.seconds(), self.config.clientIdleTimeout,
-                   self.config.requestHeadTimeout)
+        self.engine.doors.sweep(self.reactor.seconds(), self.config.clientIdleTimeout,
+                                self.config.requestHeadTimeout)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
         service = StreamServerEndpointService(serverFromString(self.reactor, description), factory)
