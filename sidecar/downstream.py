@@ -328,11 +328,11 @@ class DownstreamProtocol(Protocol):
         self._chunkedOut = False
         self._done(exchange)
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
         closing = exchange.mustClose or self._closing or exchange.req.upgrade or self.engine.draining
         exchange.mustClose = closing
         self._write(http1.localReply(status, self.engine.serverHeader, body, closing,
-                                     exchange.version == "1.0", exchange.method != b"HEAD"))
+                                     exchange.version == "1.0", exchange.method != b"HEAD", headers))
         self._done(exchange)
 
     def startTunnel(self, exchange: Exchange, stream: Any) -> None:

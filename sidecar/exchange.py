@@ -26,7 +26,8 @@ import attrs
 from twisted.logger import Logger
 
 from sidecar.doors import Doors
-from sidecar.headers import RequestHead, ResponseHead
+from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
+from sidecar.headers import Header, RequestHead, ResponseHead
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
@@ -78,8 +79,8 @@ class Door(Protocol):
     def abortResponse(self, exchange: Exchange) -> None:
         """The response cannot be completed: close the client's connection."""
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
-        """Send a response made by the proxy itself."""
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Sequence[Header] = ()) -> None:
+        """Send a response made by the proxy itself (C{headers} beyond its own)."""
 
     def startTunnel(self, exchange: Exchange, stream: UpstreamStream) -> None:
         """After a 101, pass bytes both ways; C{stream} is the producer of the
@@ -153,6 +154,8 @@ class Phase(enum.Enum):
 
     #: Its head has arrived; it waits its turn behind pipelined requests.
     NEW = "new"
+    #: The request-head filters are deciding (one of them waits on a Deferred).
+    FILTERING = "filtering"
     #: Asked the pool for a stream (connecting, or waiting for a free connection).
     ACQUIRING = "acquiring"
     #: It has an upstream stream; the request is going up.
@@ -169,7 +172,8 @@ class Phase(enum.Enum):
 
 #: Every change of phase an exchange may make (L{Exchange._go} checks it).
 TRANSITIONS: Dict[Phase, FrozenSet[Phase]] = {
-    Phase.NEW: frozenset([Phase.ACQUIRING, Phase.DONE]),
+    Phase.NEW: frozenset([Phase.FILTERING, Phase.ACQUIRING, Phase.DONE]),
+    Phase.FILTERING: frozenset([Phase.ACQUIRING, Phase.DONE]),
     Phase.ACQUIRING: frozenset([Phase.SENDING, Phase.AWAITING, Phase.DONE]),
     Phase.SENDING: frozenset([Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
     Phase.AWAITING: frozenset([Phase.ACQUIRING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
@@ -178,8 +182,9 @@ TRANSITIONS: Dict[Phase, FrozenSet[Phase]] = {
     Phase.DONE: frozenset(),
 }
 
-NEW, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = (
-    Phase.NEW, Phase.ACQUIRING, Phase.SENDING, Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE)
+NEW, FILTERING, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = (
+    Phase.NEW, Phase.FILTERING, Phase.ACQUIRING, Phase.SENDING, Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL,
+    Phase.DONE)
 _ANSWERED = frozenset([RESPONDING, TUNNEL])
 
 
@@ -205,6 +210,10 @@ class Engine:
     draining: bool = False
     #: The open client connections of every front door (for timeouts and drain).
     doors: Doors = attrs.field(factory=Doors)
+    #: The filters every exchange runs, or C{None} (then they cost nothing).
+    filters: Optional[FilterChain] = None
+    #: Other upstreams a filter or route may choose by name (C{Call.upstream}).
+    pools: Dict[str, UpstreamPool] = attrs.field(factory=dict)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -234,7 +243,7 @@ class Exchange:
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
-        "mustClose", "malformed",
+        "mustClose", "malformed", "pool", "call", "held",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -264,6 +273,11 @@ class Exchange:
         #: The 400 body to answer with in this exchange's turn: its request turned out
         #: malformed while it waited behind another.
         self.malformed: Optional[bytes] = None
+        self.pool: UpstreamPool = engine.pool
+        #: What the filters see, when there are filters.
+        self.call: Optional[Call] = None
+        #: Response events held while response-head filters decide.
+        self.held: Optional[List[Any]] = None
 
     @property
     def finished(self) -> bool:
@@ -291,13 +305,71 @@ class Exchange:
 
     def begin(self) -> None:
         """
-        The exchange may now talk to the client and the upstream: answer C{Expect:
-        100-continue} and ask the pool for a stream.
+        The exchange may now talk to the client and the upstream: run the request-head
+        filters, then answer C{Expect: 100-continue} and ask the pool for a stream.
         """
+        chain = self.engine.filters
+        if chain is not None:
+            req = self.req
+            door = self.door
+            call = self.call = Call(self.method, self.target, req.authority, req.headers,
+                                    door.clientAddress, door.peerPrincipal)
+            if chain.requestBodies and (req.chunked or req.contentLength):
+                # Filters may change the body's length: send it chunked.
+                req.contentLength = None
+                req.chunked = True
+            if chain.requestHeads:
+                self._go(FILTERING)
+                chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,
+                               self._filterFailed)
+                return
+        self._acquire()
+
+    def _requestFiltered(self) -> None:
+        """
+        The request-head filters are done: answer as one of them asked, or go on.
+        """
+        if self.phase is DONE:
+            return
+        call = self.call
+        reply = call.reply  # type: ignore[union-attr]
+        if reply is not None:
+            if reply.flag:
+                self.flags.append(reply.flag)
+            self.flags.extend(call.flags)  # type: ignore[union-attr]
+            self.mustClose = self.mustClose or not self.requestDone
+            self._localReply(reply.status, reply.body, reply.headers)
+            return
+        self.flags.extend(call.flags)  # type: ignore[union-attr]
+        self.target = call.path  # type: ignore[union-attr]
+        if call.upstream is not None:  # type: ignore[union-attr]
+            pool = self.engine.pools.get(call.upstream)  # type: ignore[union-attr]
+            if pool is None:
+                self._filterFailed(FilterFailed("route", f"no upstream named {call.upstream!r}"))  # type: ignore[union-attr]
+                return
+            self.pool = pool
+        self._acquire()
+
+    def _acquire(self) -> None:
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
             self.door.sendContinue()
         self._go(ACQUIRING)
-        self.engine.pool.acquire(self)
+        self.pool.acquire(self)
+
+    def _filterFailed(self, failure: FilterFailed) -> None:
+        """
+        A filter raised or its Deferred failed: 500 (or a cut connection once the
+        response has started), flag C{FE}, the filter named in the log.
+        """
+        if self.phase is DONE:
+            return
+        self._warn("filter {filter} failed on {method} {path}: {reason}", filter=failure.filter,
+                   reason=failure.reason)
+        self.held = None
+        self._dropUpstream()
+        self.flags.append(FILTER_ERROR)
+        self.mustClose = self.mustClose or not self.requestDone
+        self._localReply(500, b"filter error\n")
 
     def requestBody(self, data: bytes) -> None:
         """
@@ -307,6 +379,14 @@ class Exchange:
         if phase is DONE:
             return
         self.bytesReceived += len(data)
+        if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
+            try:
+                data = self.engine.filters.requestBody(self.call, data)  # type: ignore[union-attr]
+            except Exception as e:
+                self._filterFailed(FilterFailed("request body filter", e))
+                return
+            if not data:
+                return
         if phase is SENDING or phase is RESPONDING or phase is TUNNEL:
             self.stream.sendBody(data)  # type: ignore[union-attr]
             return
@@ -346,7 +426,7 @@ class Exchange:
         The pool gives us C{stream}: send the head and whatever body has arrived.
         """
         if self.phase is not ACQUIRING:
-            self.engine.pool.release(stream)
+            self.pool.release(stream)
             return
         self.stream = stream
         self.upstreamStart = self.engine.clock.seconds()
@@ -393,6 +473,55 @@ class Exchange:
         """
         self._cancelTimeout()
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
+        call = self.call
+        if call is not None and status != 101:
+            chain = self.engine.filters
+            if chain.responseBodies and head.contentLength is not None:  # type: ignore[union-attr]
+                # Filters may change the body's length: the door frames it anew.
+                head.contentLength = None
+            if chain.responseHeads:  # type: ignore[union-attr]
+                call.status = status
+                call.responseHeaders = head.headers
+                self.held = []
+                chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
+                               lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                return
+        self._startResponse(status, reason, head)
+
+    def _responseFiltered(self, status: int, reason: bytes, head: ResponseHead) -> None:
+        """
+        The response-head filters are done: send the (changed) head and what was held,
+        or the local reply a filter asked for instead.
+        """
+        held, self.held = self.held, None
+        if self.phase is DONE or held is None:
+            return
+        call = self.call
+        reply = call.reply  # type: ignore[union-attr]
+        if reply is not None:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.abandon()
+            if reply.flag:
+                self.flags.append(reply.flag)
+            self._localReply(reply.status, reply.body, reply.headers)
+            return
+        head.headers = call.responseHeaders  # type: ignore[union-attr]
+        if call.status != status:  # type: ignore[union-attr]
+            # A filter changed the status: the door writes the standard reason.
+            status, reason = call.status, b""  # type: ignore[union-attr]
+        self._startResponse(status, reason, head)
+        for event in held:
+            if self.phase is DONE:
+                return
+            if event is None:
+                self._end()
+                self.door.finishResponse(self)
+                return
+            self.responseBody(event)
+        self.door.flush()
+
+    def _startResponse(self, status: int, reason: bytes, head: ResponseHead) -> None:
         self.status = status
         if status != 101:
             self._go(RESPONDING)
@@ -406,6 +535,17 @@ class Exchange:
         """
         Response body bytes from the upstream (decoded: no framing).
         """
+        if self.call is not None:
+            if self.held is not None:
+                self.held.append(data)
+                return
+            chain = self.engine.filters
+            if chain.responseBodies:  # type: ignore[union-attr]
+                try:
+                    data = chain.responseBody(self.call, data)  # type: ignore[union-attr]
+                except Exception as e:
+                    self._filterFailed(FilterFailed("response body filter", e))
+                    return
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
@@ -423,9 +563,12 @@ class Exchange:
         stream, self.stream = self.stream, None
         if stream is not None:
             if reusable and self.requestDone:
-                self.engine.pool.release(stream)
+                self.pool.release(stream)
             else:
                 stream.abandon()
+        if self.held is not None:
+            self.held.append(None)
+            return
         # The record first: finishing may start the next pipelined exchange at once.
         self._end()
         self.door.finishResponse(self)
@@ -487,7 +630,7 @@ class Exchange:
             # A pooled connection the service had closed: once more, on a new connection.
             self.retried = True
             self._go(ACQUIRING)
-            self.engine.pool.acquire(self, fresh=True)
+            self.pool.acquire(self, fresh=True)
             return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
@@ -545,7 +688,7 @@ class Exchange:
         self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
         self._localReply(504, b"upstream request timeout")
 
-    def _localReply(self, status: int, body: bytes) -> None:
+    def _localReply(self, status: int, body: bytes, headers: Sequence[Header] = ()) -> None:
         """
         Answer with the proxy's own response, or, when the service's response has
         started, cut the client off: a truncated body is never presented as complete.
@@ -559,13 +702,13 @@ class Exchange:
         if not self.requestDone:
             self.mustClose = True
         self._end()
-        self.door.localReply(self, status, body)
+        self.door.localReply(self, status, body, headers)
 
     def _warn(self, format: str, **fields: Any) -> None:
         """
         Log why this exchange failed, naming the upstream, the method and the path.
         """
-        log.warn(format, upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+        log.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
                  path=self.target.decode("latin-1"), **fields)
 
     def _dropUpstream(self) -> None:
@@ -575,7 +718,7 @@ class Exchange:
         """
         self._cancelTimeout()
         if self.phase is ACQUIRING:
-            self.engine.pool.cancel(self)
+            self.pool.cancel(self)
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
@@ -604,7 +747,7 @@ class Exchange:
             self.readingPaused = False
             self.door.resumeReading()
         door = self.door
-        engine.recorder.record(Record(
+        record = Record(
             self.start,
             engine.clock.seconds() - self.start,
             self.upstreamServiceTime,
@@ -615,7 +758,7 @@ class Exchange:
             self.target.decode("latin-1"),
             "HTTP/" + self.version,
             self.req.authority,
-            engine.pool.address,
+            self.pool.address,
             ",".join(self.flags) if self.flags else "-",
             self.req.requestId,
             self.req.forwardedFor,
@@ -623,4 +766,9 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
-        ))
+        )
+        engine.recorder.record(record)
+        if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]
+            for failure in engine.filters.logged(record):  # type: ignore[union-attr]
+                self._warn("filter {filter} failed on the record of {method} {path}: {reason}",
+                           filter=failure.filter, reason=failure.reason)

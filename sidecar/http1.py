@@ -23,6 +23,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: not forwarded).
 LAST_CHUNK = b"0\r\n\r\n"
 
+#: Headers a local reply never takes from a filter: the proxy frames its own replies.
+_FRAMING = frozenset([b"content-length", b"transfer-encoding", b"connection", b"server"])
+
 _REASONS: Dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
@@ -67,9 +70,10 @@ def requestHead(method: bytes, target: bytes, headers: Sequence[Header],
 def responseHead(status: int, statusReason: bytes, headers: Sequence[Header]) -> bytes:
     """
     The head of a response to a client, always HTTP/1.1; C{headers} already carry the
-    framing and connection headers the front door chose.
+    framing and connection headers the front door chose.  An empty C{statusReason}
+    becomes the standard one.
     """
-    return _serialise([b"HTTP/1.1 %d %s\r\n" % (status, statusReason)], headers)
+    return _serialise([b"HTTP/1.1 %d %s\r\n" % (status, statusReason or reason(status))], headers)
 
 
 def switchingProtocols(statusReason: bytes, headers: Sequence[Header], upgrade: bytes) -> bytes:
@@ -80,18 +84,29 @@ def switchingProtocols(statusReason: bytes, headers: Sequence[Header], upgrade: 
 
 
 def localReply(status: int, server: bytes, body: bytes, close: bool, keepAlive10: bool,
-               withBody: bool = True) -> bytes:
+               withBody: bool = True, headers: Sequence[Header] = ()) -> bytes:
     """
     A response made by the proxy itself (an error, a refusal): plain text with a length.
 
     @param close: say C{Connection: close}.
     @param keepAlive10: say C{Connection: keep-alive} (an HTTP/1.0 client kept open).
     @param withBody: send the body (not for C{HEAD}); the length is the body's anyway.
+    @param headers: more headers (a filter's C{WWW-Authenticate}, C{Retry-After});
+        a C{Content-Type} among them replaces C{text/plain}.
     """
+    contentType = b"text/plain"
+    extra = []
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            contentType = value
+        elif name.lower() not in _FRAMING:
+            extra.append((name, value))
     parts = [
-        b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-        % (status, reason(status), server, len(body))
+        b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+        % (status, reason(status), server, contentType, len(body))
     ]
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
     if close:
         parts.append(b"Connection: close\r\n")
     elif keepAlive10:

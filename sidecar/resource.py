@@ -214,7 +214,7 @@ class WebDoor:
             self._finished = True
             self.request.transport.loseConnection()
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
         self._unhook()
         if self._finished:
             return
@@ -223,6 +223,9 @@ class WebDoor:
         request.setResponseCode(status)
         request.setHeader(b"server", self.engine.serverHeader)
         request.setHeader(b"content-type", b"text/plain")
+        for name, value in headers:
+            if name.lower() not in (b"content-length", b"transfer-encoding", b"connection", b"server"):
+                request.setHeader(name, value)
         request.setHeader(b"content-length", b"%d" % len(body))
         if exchange.mustClose or self.engine.draining:
             request.setHeader(b"connection", b"close")
@@ -303,7 +306,7 @@ class _RefusalDoor:
         self.clientIP = getattr(peer, "host", "-")
         self.clientAddress = f"{self.clientIP}:{getattr(peer, 'port', 0)}"
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
         self.channel.transport.write(http1.localReply(status, exchange.engine.serverHeader, body, True, False))
 
     def resumeReading(self) -> None:
