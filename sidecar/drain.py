@@ -10,8 +10,10 @@ timeline of a drain::
     says Connection: close                are refused          earlier as soon as no
                                                                request is in flight
 
-A drain starts on SIGTERM, C{POST /quitquitquit} (both then exit) or C{POST
-/drain_listeners} (which does not).  A second SIGTERM exits at once.  The clock, the
+A drain starts on SIGTERM (which then exits) or C{POST /drain_listeners} (which does
+not).  A second SIGTERM exits at once.  C{POST /quitquitquit} is Envoy's: no drain
+period, the listeners close at once and the process exits as soon as nothing is in
+flight, after C{drainTimeout} seconds at the latest.  The clock, the
 reactor and the ways to find the open client connections are passed in, so that all of
 it runs on a L{twisted.internet.testing.MemoryReactorClock} in the tests.
 """
@@ -364,21 +366,36 @@ class Lifecycle(Service):
 
     def quit(self) -> None:
         """
-        C{/quitquitquit}: drain and exit, like a first SIGTERM (calling it again does
-        not hurry the exit).
+        C{/quitquitquit}, as Envoy's (what a Job's last step calls): exit as soon as
+        nothing is in flight.  The listeners close and idle keep-alive clients are let
+        go at once, without the drain period; a request in flight is waited for, at
+        most C{drainTimeout} seconds.  The first check runs on the next turn, once the
+        answer to the call is on its way.  Calling it again, or after SIGTERM, does not
+        hurry the exit.
         """
-        if not self.exiting:
-            self.terminate()
+        if self.exiting:
+            return
+        self.exiting = True
+        self.startDrain()
+        self._later(0, self._quitNow)
+
+    def _quitNow(self) -> None:
+        self.closeListeners()
+        self._releaseIdleClients()
+        self._shutdownTail(self.config.drainTimeout)
 
     def _drainPeriodOver(self) -> None:
         self.closeListeners()
+        self._releaseIdleClients()
+        if self.exiting:
+            self._shutdownTail()
+
+    def _releaseIdleClients(self) -> None:
         # Keep-alive clients with nothing in flight would only hear "Connection: close"
         # on their next request: close them now.
         for door in list(self.engine.doors):
             if not door.busy() and door.transport is not None:
                 closeGracefully(door.transport)
-        if self.exiting:
-            self._shutdownTail()
 
     def closeListeners(self) -> None:
         """
@@ -393,9 +410,13 @@ class Lifecycle(Service):
         log.info("drain period over: listeners closed, {active} requests in flight",
                  active=self.recorder.requestsActive)
 
-    def _shutdownTail(self) -> None:
+    def _shutdownTail(self, grace: Optional[float] = None) -> None:
+        """
+        Exit once nothing is in flight, or after C{grace} seconds (default
+        C{shutdownGrace}) at the latest.
+        """
         if self._deadline is None:
-            self._deadline = self._later(self.config.shutdownGrace, self._graceOver)
+            self._deadline = self._later(self.config.shutdownGrace if grace is None else grace, self._graceOver)
         self._idleCheck()
 
     def _idleCheck(self) -> None:
