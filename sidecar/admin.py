@@ -283,7 +283,7 @@ class IndexResource(Resource):
         ("GET", "/config_dump", "the effective configuration"),
         ("GET", "/ready", "200 LIVE while serving, 503 otherwise"),
         ("POST", "/drain_listeners", "start draining (loopback only)"),
-        ("POST", "/quitquitquit", "drain and exit (loopback only)"),
+        ("POST", "/quitquitquit", "exit once nothing is in flight (loopback only)"),
         ("POST", "/healthcheck/fail", "make /ready answer 503 (loopback only)"),
         ("POST", "/healthcheck/ok", "undo /healthcheck/fail (loopback only)"),
     )
