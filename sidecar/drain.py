@@ -333,19 +333,22 @@ class Lifecycle(Service):
 
     # -- drain and exit --------------------------------------------------------------
 
-    def startDrain(self) -> None:
+    def startDrain(self, announce: bool = True) -> None:
         """
         Start draining (once): C{/ready} answers 503, every response says C{Connection:
         close}, and the listeners close after C{drainTimeout} seconds.
+
+        @param announce: log the drain's start (L{quit} says its own line).
         """
         if self.drainStarted is not None:
             return
         self.drainStarted = self.reactor.seconds()
         self.state = DRAINING
         self.engine.draining = True
-        log.info("draining: /ready answers 503, responses say Connection: close, "
-                 "the listeners close in {seconds} s ({active} requests in flight)",
-                 seconds=self.config.drainTimeout, active=self.recorder.requestsActive)
+        if announce:
+            log.info("draining: /ready answers 503, responses say Connection: close, "
+                     "the listeners close in {seconds} s ({active} requests in flight)",
+                     seconds=self.config.drainTimeout, active=self.recorder.requestsActive)
         self._later(self.config.drainTimeout, self._drainPeriodOver)
 
     def terminate(self) -> None:
@@ -376,16 +379,19 @@ class Lifecycle(Service):
         if self.exiting:
             return
         self.exiting = True
-        self.startDrain()
+        log.info("quitquitquit: closing the listeners, exiting once nothing is in flight "
+                 "({active} requests now; {seconds} s at most)",
+                 active=self.recorder.requestsActive, seconds=self.config.drainTimeout)
+        self.startDrain(announce=False)
         self._later(0, self._quitNow)
 
     def _quitNow(self) -> None:
-        self.closeListeners()
+        self.closeListeners("quitquitquit")
         self._releaseIdleClients()
         self._shutdownTail(self.config.drainTimeout)
 
     def _drainPeriodOver(self) -> None:
-        self.closeListeners()
+        self.closeListeners("drain period over")
         self._releaseIdleClients()
         if self.exiting:
             self._shutdownTail()
@@ -397,9 +403,11 @@ class Lifecycle(Service):
             if not door.busy() and door.transport is not None:
                 closeGracefully(door.transport)
 
-    def closeListeners(self) -> None:
+    def closeListeners(self, why: str = "drain period over") -> None:
         """
         Stop accepting connections on the proxy's listeners (the admin site stays).
+
+        @param why: what the log line says caused it.
         """
         if self.listenersClosed:
             return
@@ -407,8 +415,8 @@ class Lifecycle(Service):
         for listener in list(self.listeners):
             if listener.running:
                 listener.stopService()
-        log.info("drain period over: listeners closed, {active} requests in flight",
-                 active=self.recorder.requestsActive)
+        log.info("{why}: listeners closed, {active} requests in flight",
+                 why=why, active=self.recorder.requestsActive)
 
     def _shutdownTail(self, grace: Optional[float] = None) -> None:
         """
@@ -468,7 +476,7 @@ class Lifecycle(Service):
     def _graceOver(self) -> None:
         self._deadline = None
         remaining = list(self.connections())
-        log.warn("shutdown grace over: closing {connections} connections with {active} "
+        log.warn("shutdown deadline reached: closing {connections} connections with {active} "
                  "requests in flight", connections=len(remaining),
                  active=self.recorder.requestsActive)
         for transport in remaining:
