@@ -28,6 +28,7 @@ from tests.test_iptables_script import STUB, STUB_NAMES
 from tests.test_pod_netns import ROOT, SCRIPT
 
 KUBE = ROOT.child("kube")
+BARE = KUBE.child("bare")
 
 # The oldest Kubernetes with native sidecars on by default, and the newest the
 # schemas know.
@@ -178,6 +179,22 @@ class ManifestTests(TestCase):
                     except kubernetes_validate.ValidationError as e:
                         self.fail(f"{path.basename()}: {doc['kind']} invalid for {version}: {e.message}")
 
+    def test_manifestsAreTheInjectorsText(self) -> None:
+        """
+        Each manifest is, byte for byte, what C{sidecar-inject} writes for its
+        commented source in C{kube/bare/} (as C{make kube} runs it), so the
+        comments are the injector's round trip of the source's; and each
+        source holds the bare objects above.
+        """
+        self.assertEqual(sorted(p.basename() for p in BARE.globChildren("*.yaml")), sorted(MANIFESTS))
+        for name, (bare, settings) in MANIFESTS.items():
+            source = BARE.child(name).getContent().decode()
+            self.assertEqual(loadAll(BARE.child(name)), list(yaml.safe_load_all(bare)), name)
+            output, notes = injectStream(source, settings)
+            self.assertEqual(notes, [])
+            self.assertEqual(KUBE.child(name).getContent().decode(), output, name)
+            self.assertTrue(output.startswith("# "), name)
+
     def test_manifestsAreTheInjectorsOutput(self) -> None:
         """
         Each manifest holds exactly the objects C{sidecar-inject} makes of the
@@ -196,9 +213,10 @@ class ManifestTests(TestCase):
         In every pod the init script runs first, with C{NET_ADMIN} and
         C{NET_RAW}; the proxy follows as a native sidecar (C{restartPolicy:
         Always}) not running as root, with startup and readiness probes on the
-        admin server's C{/ready} and a liveness probe on its C{/server_info}
-        (not C{/ready}, which fails while the proxy drains), all at the port
-        its C{--admin} flag names; the service comes after both.
+        health port's C{/healthz/ready} and a liveness probe on its
+        C{/stats/prometheus} (not C{/healthz/ready}, which fails while the
+        proxy drains), all at the port its C{--health} flag names (15021 by
+        default), with requests and limits; the service comes after both.
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
@@ -209,12 +227,13 @@ class ManifestTests(TestCase):
             self.assertNotIn("restartPolicy", init)
             self.assertEqual(proxy["restartPolicy"], "Always")
             self.assertIs(proxy["securityContext"]["runAsNonRoot"], True)
-            admin = int(flagValue(proxy["args"], "--admin"))  # type: ignore[arg-type]
+            health = int(flagValue(proxy["args"], "--health") or 15021)
             for probe in ("startupProbe", "readinessProbe"):
-                self.assertEqual(proxy[probe]["httpGet"], {"path": "/ready", "port": admin}, name)
+                self.assertEqual(proxy[probe]["httpGet"], {"path": "/healthz/ready", "port": health}, name)
             self.assertEqual(
-                proxy["livenessProbe"]["httpGet"], {"path": "/server_info", "port": admin}, name
+                proxy["livenessProbe"]["httpGet"], {"path": "/stats/prometheus", "port": health}, name
             )
+            self.assertEqual(set(proxy["resources"]), {"requests", "limits"}, name)
             self.assertEqual([c["name"] for c in spec["containers"]], ["service"])
 
     def test_proxyEnvironment(self) -> None:
@@ -237,7 +256,8 @@ class ManifestTests(TestCase):
         The init script redirects the service's port (the proxy's
         C{--upstream}) to the port the proxy listens on: the plain one, or the
         TLS one when the plain listener is off; and it never captures the
-        admin port.
+        admin port (loopback only, 15000 unless C{--admin} says) or the
+        health port (15021 unless C{--health} says).
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
@@ -247,7 +267,10 @@ class ManifestTests(TestCase):
             self.assertEqual(
                 flagValue(init["args"], "-b"), flagValue(proxy["args"], "--upstream"), name
             )
-            self.assertEqual(flagValue(init["args"], "-a"), flagValue(proxy["args"], "--admin"))
+            admin = flagValue(proxy["args"], "--admin") or "tcp:15000:interface=127.0.0.1"
+            self.assertEqual(admin, f"tcp:{flagValue(init['args'], '-a')}:interface=127.0.0.1", name)
+            health = flagValue(proxy["args"], "--health") or "15021"
+            self.assertIn(health, flagValue(init["args"], "-d").split(","), name)
 
     def test_mutualTLSMountsTheSecret(self) -> None:
         """
