@@ -111,3 +111,28 @@ class PrivateAttributeTests(unittest.TestCase):
         port = yield got
         self.assertNotEqual(port.getHost().port, 0)
         self.assertEqual(port.getHost().host, "127.0.0.1")
+
+
+class ListenErrorTests(unittest.TestCase):
+    """
+    The listeners report a port they cannot open at once, through the public
+    L{twisted.application.strports.service}, so C{twistd} stops at start-up.
+    """
+
+    def test_portInUse(self):
+        """
+        Starting the sidecar's service on a port already taken raises
+        L{CannotListenError} synchronously, from C{privilegedStartService}.
+        """
+        from twisted.internet.error import CannotListenError
+
+        from sidecar.service import makeService
+        from sidecar.tap import Options
+
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        options = Options()
+        options.parseOptions(["--listen", f"tcp:{taken.getHost().port}:interface=127.0.0.1",
+                              "--admin", "none", "--access-log", "none"])
+        service = makeService(options["config"], reactor)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
