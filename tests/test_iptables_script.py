@@ -33,10 +33,12 @@ CHAIN = "SIDECAR_INBOUND"
 
 # A stand-in for every iptables command the script may call. It appends its
 # name and arguments to $STUB_LOG and answers from the environment:
-#   STUB_HAS_CHAIN  names of the commands whose nat table holds the chain
-#   STUB_JUMPS      how many PREROUTING jumps to the chain there are
-#   STUB_UNUSABLE   names of the commands that fail as without root
-#   STUB_FAIL       a piece of a command line that makes the command fail
+#   STUB_HAS_CHAIN   names of the commands whose nat table holds our chains
+#   STUB_CHAINS      which of our chains those are (default SIDECAR_INBOUND)
+#   STUB_JUMPS       how many PREROUTING jumps to SIDECAR_INBOUND there are
+#   STUB_OUT_JUMPS   how many OUTPUT jumps to SIDECAR_OUTPUT there are
+#   STUB_UNUSABLE    names of the commands that fail as without root
+#   STUB_FAIL        a piece of a command line that makes the command fail
 STUB = """#!/bin/sh
 name=${0##*/}
 echo "$name $*" >>"$STUB_LOG"
@@ -47,9 +49,13 @@ case " ${STUB_UNUSABLE:-} " in
     *" $name "*) echo "$name: Permission denied (you must be root)" >&2; exit 4 ;;
 esac
 case "$*" in
-    *"-S SIDECAR_INBOUND")
+    *"-S SIDECAR_"*)
+        chain=${*##* }
         case " ${STUB_HAS_CHAIN:-} " in
-            *" $name "*) echo "-N SIDECAR_INBOUND"; exit 0 ;;
+            *" $name "*)
+                case " ${STUB_CHAINS:-SIDECAR_INBOUND} " in
+                    *" $chain "*) echo "-N $chain"; exit 0 ;;
+                esac ;;
         esac
         echo "iptables: No chain/target/match by that name." >&2
         exit 1 ;;
@@ -58,6 +64,14 @@ case "$*" in
         i=0
         while [ "$i" -lt "${STUB_JUMPS:-0}" ]; do
             echo "-A PREROUTING -p tcp -j SIDECAR_INBOUND"
+            i=$((i + 1))
+        done
+        exit 0 ;;
+    *"-S OUTPUT")
+        echo "-P OUTPUT ACCEPT"
+        i=0
+        while [ "$i" -lt "${STUB_OUT_JUMPS:-0}" ]; do
+            echo "-A OUTPUT -p tcp -j SIDECAR_OUTPUT"
             i=$((i + 1))
         done
         exit 0 ;;
@@ -129,9 +143,9 @@ def changes(calls: list[str]) -> list[str]:
     ]
 
 
-class StandInTests(TestCase):
+class StandInCase(TestCase):
     """
-    The script's commands, run against stand-in iptables commands.
+    A test case that runs the script against stand-in iptables commands.
     """
 
     def setUp(self) -> None:
@@ -175,6 +189,12 @@ class StandInTests(TestCase):
         """
         return self.log.getContent().decode().splitlines()
 
+
+class StandInTests(StandInCase):
+    """
+    The script's commands, run against stand-in iptables commands.
+    """
+
     def test_shellcheckFindsNothing(self):
         """
         C{shellcheck} reports nothing about the script.
@@ -190,14 +210,18 @@ class StandInTests(TestCase):
     def test_helpNamesEveryOption(self):
         """
         C{-h} prints a usage text naming every option and its environment
-        variable and exits 0 without touching iptables.
+        variable, inbound and outbound, and exits 0 without touching iptables.
         """
         out, _, code = yield self.script("-h")
         self.assertEqual(code, 0)
-        for word in ("-p PORT", "-b PORTS", "-d PORTS", "-a PORT", "-t PORT", "-i BACKEND",
+        for word in ("-p PORT", "-b PORTS", "-d PORTS", "-a PORT", "-t PORT", "-B BACKEND",
+                     "-o PORT", "-u UIDS", "-g GIDS", "-i CIDRS", "-x CIDRS", "-q PORTS",
                      "-n", "clean", "SIDECAR_PROXY_PORT", "SIDECAR_INBOUND_PORTS",
                      "SIDECAR_EXCLUDE_PORTS", "SIDECAR_ADMIN_PORT", "SIDECAR_TLS_PORT",
-                     "SIDECAR_IPTABLES", "SIDECAR_DRY_RUN", "SIDECAR_IPV6"):
+                     "SIDECAR_IPTABLES", "SIDECAR_DRY_RUN", "SIDECAR_IPV6",
+                     "SIDECAR_OUTBOUND_PORT", "SIDECAR_PROXY_UID", "SIDECAR_PROXY_GID",
+                     "SIDECAR_OUTBOUND_CIDRS", "SIDECAR_OUTBOUND_EXCLUDE_CIDRS",
+                     "SIDECAR_OUTBOUND_EXCLUDE_PORTS"):
             self.assertIn(word, out)
         self.assertEqual(self.calls(), [])
 
@@ -209,7 +233,7 @@ class StandInTests(TestCase):
         admin 15000), redirects port 80 to 8000, jumps to the chain from
         C{PREROUTING} for TCP last, and prints the resulting nat table.
         """
-        out, err, code = yield self.script("-i", "nft")
+        out, err, code = yield self.script("-B", "nft")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(changes(self.calls()), freshRules("iptables-nft"))
         self.assertEqual(self.calls()[-1], "iptables-nft-save -t nat")
@@ -221,7 +245,7 @@ class StandInTests(TestCase):
         C{-n} prints the commands that would change the rules, one a line,
         and runs only read-only queries.
         """
-        out, err, code = yield self.script("-n", "-i", "nft")
+        out, err, code = yield self.script("-n", "-B", "nft")
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines(), freshRules("iptables-nft"))
         self.assertIn("dry run", err)
@@ -232,7 +256,7 @@ class StandInTests(TestCase):
         """
         C{SIDECAR_DRY_RUN=1} is the same as C{-n}.
         """
-        out, _, code = yield self.script("-i", "nft", SIDECAR_DRY_RUN="1")
+        out, _, code = yield self.script("-B", "nft", SIDECAR_DRY_RUN="1")
         self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-nft")))
         self.assertEqual(changes(self.calls()), [])
 
@@ -244,7 +268,7 @@ class StandInTests(TestCase):
         gives the same rules as running it once.
         """
         _, _, code = yield self.script(
-            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="1"
+            "-B", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="1"
         )
         self.assertEqual(code, 0)
         self.assertEqual(
@@ -258,7 +282,7 @@ class StandInTests(TestCase):
         If C{PREROUTING} jumps to the chain more than once, the extra jumps go.
         """
         _, _, code = yield self.script(
-            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="3"
+            "-B", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="3"
         )
         self.assertEqual(code, 0)
         self.assertEqual(
@@ -272,7 +296,7 @@ class StandInTests(TestCase):
         C{-b '*'} redirects every TCP port but the excluded ones; C{-d} adds
         exclusions after the proxy's own ports, each port once.
         """
-        out, _, code = yield self.script("-n", "-i", "nft", "-b", "*", "-d", "22,8000,15000,5432")
+        out, _, code = yield self.script("-n", "-B", "nft", "-b", "*", "-d", "22,8000,15000,5432")
         self.assertEqual(code, 0)
         prefix = f"iptables-nft -w 5 -t nat -A {CHAIN}"
         self.assertEqual(
@@ -292,7 +316,7 @@ class StandInTests(TestCase):
         An empty C{-b} installs the chain with its exclusions but redirects
         nothing.
         """
-        out, _, code = yield self.script("-n", "-i", "nft", "-b", "")
+        out, _, code = yield self.script("-n", "-B", "nft", "-b", "")
         self.assertEqual(code, 0)
         self.assertNotIn("REDIRECT", out)
 
@@ -323,7 +347,7 @@ class StandInTests(TestCase):
         A flag overrides its environment variable.
         """
         out, _, code = yield self.script(
-            "-n", "-i", "nft", "-p", "9100", "-a", "9901", "-t", "9443",
+            "-n", "-B", "nft", "-p", "9100", "-a", "9901", "-t", "9443",
             SIDECAR_PROXY_PORT="9000", SIDECAR_IPTABLES="legacy",
         )
         self.assertEqual(code, 0)
@@ -337,7 +361,7 @@ class StandInTests(TestCase):
         With IPv6, the same rules go into C{ip6tables} of the same backend,
         and both tables are printed.
         """
-        out, _, code = yield self.script("-i", "nft", SIDECAR_IPV6="on")
+        out, _, code = yield self.script("-B", "nft", SIDECAR_IPV6="on")
         self.assertEqual(code, 0)
         self.assertEqual(
             changes(self.calls()), freshRules("iptables-nft") + freshRules("ip6tables-nft")
@@ -368,7 +392,7 @@ class StandInTests(TestCase):
         chain, touches nothing else, and prints the nat table.
         """
         out, _, code = yield self.script(
-            "-i", "nft", "clean", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="2"
+            "-B", "nft", "clean", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="2"
         )
         self.assertEqual(code, 0)
         prefix = "iptables-nft -w 5 -t nat"
@@ -384,7 +408,7 @@ class StandInTests(TestCase):
         """
         C{clean} where the script never ran changes nothing and succeeds.
         """
-        _, _, code = yield self.script("-i", "nft", "clean")
+        _, _, code = yield self.script("-B", "nft", "clean")
         self.assertEqual((code, changes(self.calls())), (0, []))
 
     @inlineCallbacks
@@ -394,7 +418,7 @@ class StandInTests(TestCase):
         no longer has an IPv6 address.
         """
         _, _, code = yield self.script(
-            "-i", "nft", "clean", SIDECAR_IPV6="auto", STUB_HAS_CHAIN="ip6tables-nft"
+            "-B", "nft", "clean", SIDECAR_IPV6="auto", STUB_HAS_CHAIN="ip6tables-nft"
         )
         self.assertEqual(code, 0)
         self.assertIn(f"ip6tables-nft -w 5 -t nat -X {CHAIN}", changes(self.calls()))
@@ -406,7 +430,7 @@ class StandInTests(TestCase):
         command failed, and exits non-zero, so the pod does not start
         uncaptured.
         """
-        out, err, code = yield self.script("-i", "nft", STUB_FAIL="-A PREROUTING")
+        out, err, code = yield self.script("-B", "nft", STUB_FAIL="-A PREROUTING")
         self.assertEqual(code, 1)
         self.assertIn("-A PREROUTING -p tcp -j SIDECAR_INBOUND", err)
         self.assertIn("failed", err)
@@ -421,17 +445,19 @@ class StandInTests(TestCase):
         tools.makedirs()
         for tool in ("grep", "tr"):
             FilePath(shutil.which(tool)).linkTo(tools.child(tool))  # type: ignore[arg-type]
-        out, err, code = yield self.script("-i", "nft", PATH=tools.path)
+        out, err, code = yield self.script("-B", "nft", PATH=tools.path)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("cannot find iptables-nft", err)
 
     @inlineCallbacks
     def test_badInputIsOneSentence(self):
         """
-        A bad port, port list, backend, option or argument gets one sentence on
-        stderr naming it (and a pointer to C{-h}), exit status 2, and no
-        iptables call.
+        A bad port, port list, id list, CIDR list, backend, option or
+        argument, or an outbound option without outbound capture or outbound
+        capture without the proxy's owner, gets one sentence on stderr naming
+        it (and a pointer to C{-h}), exit status 2, and no iptables call.
         """
+        out = ("-o", "15001", "-u", "1337")
         cases = [
             (("-p", "0"), {}, "-p"),
             (("-p", "65536"), {}, "-p"),
@@ -439,7 +465,32 @@ class StandInTests(TestCase):
             (("-b", "80,x"), {}, "'x'"),
             (("-d", "8,,9"), {}, "-d"),
             (("-a", "-1"), {}, "-a"),
-            (("-i", "iptables"), {}, "auto, nft or legacy"),
+            (("-B", "iptables"), {}, "auto, nft or legacy"),
+            ((), {"SIDECAR_IPTABLES": "nf"}, "'nf'"),
+            (("-o", "15001"), {}, "-u"),
+            (("-o", "http", "-u", "1"), {}, "-o"),
+            (("-o", "15001", "-u", "istio-proxy"), {}, "'istio-proxy'"),
+            (("-o", "15001", "-g", "1,,2"), {}, "-g"),
+            (("-o", "15001", "-u", "4294967295"), {}, "'4294967295'"),
+            ((*out, "-i", "10.0.0.0/33"), {}, "'10.0.0.0/33'"),
+            ((*out, "-i", "10.0.0.0/"), {}, "'10.0.0.0/'"),
+            ((*out, "-i", "010.0.0.0/8"), {}, "'010.0.0.0/8'"),
+            ((*out, "-i", "10.0.0/8"), {}, "'10.0.0/8'"),
+            ((*out, "-i", "256.0.0.0/8"), {}, "'256.0.0.0/8'"),
+            ((*out, "-x", "2001:db8:::1"), {}, "'2001:db8:::1'"),
+            ((*out, "-x", "1:2:3:4:5:6:7:8:9"), {}, "'1:2:3:4:5:6:7:8:9'"),
+            ((*out, "-x", "2001:db8::/129"), {}, "'2001:db8::/129'"),
+            ((*out, "-x", "fe80::1%eth0"), {}, "'fe80::1%eth0'"),
+            ((*out, "-x", "*"), {}, "-x"),
+            ((*out, "-x", "10.0.0.0/8,,"), {}, "-x"),
+            ((*out, "-q", "5432,0"), {}, "'0'"),
+            (("-u", "1337"), {}, "-u"),
+            (("-g", "1337"), {}, "-g"),
+            (("-i", "10.0.0.0/8"), {}, "-i"),
+            (("-x", "10.0.0.0/8"), {}, "-x"),
+            (("-q", "5432"), {}, "-q"),
+            ((), {"SIDECAR_PROXY_UID": "1337"}, "-u"),
+            ((), {"SIDECAR_OUTBOUND_PORT": "15001"}, "-u"),
             (("-z",), {}, "-z"),
             (("-p",), {}, "-p needs a value"),
             (("cleanup",), {}, "'cleanup'"),
@@ -456,6 +507,170 @@ class StandInTests(TestCase):
             self.assertIn(named, first)
             self.assertIn("-h", hint)
         self.assertEqual(self.calls(), [])
+
+
+GOLDEN = FilePath(__file__).sibling("golden").child("iptables")
+
+OUTBOUND_CHAINS = "SIDECAR_INBOUND SIDECAR_REDIRECT SIDECAR_IN_REDIRECT SIDECAR_OUTPUT"
+
+# The golden cases: a file name under tests/golden/iptables/ (without
+# ".golden"), the script's arguments after "-n -B nft", and the stand-ins'
+# environment (IPv6 off unless a case turns it on).
+GOLDEN_CASES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
+    ("inbound-default", (), {}),
+    ("inbound-only-ipv6", ("-b", "*", "-d", "22"), {"SIDECAR_IPV6": "on"}),
+    ("outbound-uid", ("-o", "15001", "-u", "1337"), {}),
+    ("outbound-gid", ("-o", "15001", "-g", "1337"), {}),
+    ("outbound-uid-gid-ipv6", ("-o", "15001", "-u", "1337,1338", "-g", "1337"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-exclude", ("-o", "15001", "-u", "1337", "-x",
+                          "10.96.0.0/12,fd00::/8,169.254.169.254", "-q", "5432,3306"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-include", ("-o", "15001", "-u", "1337", "-i", "10.0.0.0/8,2001:db8::/32"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-include-loopback", ("-o", "15001", "-u", "1337", "-i", "127.0.0.0/8,10.0.0.0/8"),
+     {}),
+    ("outbound-include-nothing", ("-o", "15001", "-u", "1337", "-i", ""), {}),
+    ("outbound-no-inbound", ("-b", "", "-o", "15001", "-u", "1337"), {}),
+    ("outbound-every-inbound-port", ("-b", "*", "-d", "22", "-p", "15006", "-t", "",
+                                     "-o", "15001", "-u", "1337"), {}),
+    ("outbound-environment", (), {
+        "SIDECAR_OUTBOUND_PORT": "15001", "SIDECAR_PROXY_UID": "1337",
+        "SIDECAR_PROXY_GID": "1338", "SIDECAR_OUTBOUND_CIDRS": "10.0.0.0/8",
+        "SIDECAR_OUTBOUND_EXCLUDE_CIDRS": "10.96.0.0/12",
+        "SIDECAR_OUTBOUND_EXCLUDE_PORTS": "22"}),
+    ("outbound-rerun", ("-o", "15001", "-u", "1337"), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+    ("outbound-rerun-without-inbound", ("-b", "", "-o", "15001", "-u", "1337"), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+    ("outbound-turned-off", (), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "2"}),
+    ("clean-everything-ipv6", ("clean",), {
+        "SIDECAR_IPV6": "on", "STUB_HAS_CHAIN": "iptables-nft ip6tables-nft",
+        "STUB_CHAINS": OUTBOUND_CHAINS, "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+]
+
+
+class GoldenTests(StandInCase):
+    """
+    The dry run's commands for a set of flag combinations, compared line for
+    line with golden files, as Istio's istio-iptables tests do. With
+    C{REFRESH_GOLDEN=1} in the environment the files are rewritten from what
+    the script prints now (review the diff before committing it).
+    """
+
+    @inlineCallbacks
+    def test_dryRunsMatchGoldenFiles(self):
+        """
+        For every case, the dry run exits 0 and prints exactly the commands of
+        its golden file, and runs no command that changes anything.
+        """
+        refresh = os.environ.get("REFRESH_GOLDEN") == "1"
+        for name, argv, env in GOLDEN_CASES:
+            out, err, code = yield self.script("-n", "-B", "nft", *argv, **env)
+            self.assertEqual(code, 0, f"{name}: {err}")
+            golden = GOLDEN.child(f"{name}.golden")
+            if refresh:
+                GOLDEN.makedirs(ignoreExistingDirectory=True)
+                golden.setContent(out.encode())
+            self.assertEqual(out.splitlines(), golden.getContent().decode().splitlines(), name)
+        self.assertEqual(changes(self.calls()), [])
+
+    def test_everyGoldenFileHasItsCase(self):
+        """
+        No golden file is left over from a case that no longer exists.
+        """
+        names = {f"{name}.golden" for name, _, _ in GOLDEN_CASES}
+        self.assertEqual({path.basename() for path in GOLDEN.children()}, names)
+
+    @inlineCallbacks
+    def test_outboundRulesInIstioOrder(self):
+        """
+        The outbound chain has Istio's order: excluded ports; then for each
+        proxy user and group, its own-pod calls through the inbound rules, the
+        application's loopback traffic returned, its own traffic returned;
+        then loopback, excluded CIDRs, and the captured CIDRs last. The
+        captured and redirect chains exist before anything jumps to them, and
+        the OUTPUT jump comes last.
+        """
+        out, _, code = yield self.script(
+            "-n", "-B", "nft", "-o", "15001", "-u", "1337", "-g", "1338",
+            "-x", "10.96.0.0/12", "-q", "22", "-i", "10.0.0.0/8",
+        )
+        self.assertEqual(code, 0)
+        prefix = "iptables-nft -w 5 -t nat -A SIDECAR_OUTPUT"
+        lines = out.splitlines()
+        self.assertEqual(
+            [line for line in lines if line.startswith(prefix)],
+            [
+                f"{prefix} -p tcp --dport 22 -j RETURN",
+                f"{prefix} -o lo ! -d 127.0.0.1/32 -p tcp -m owner --uid-owner 1337 -j SIDECAR_IN_REDIRECT",
+                f"{prefix} -o lo -m owner ! --uid-owner 1337 -j RETURN",
+                f"{prefix} -m owner --uid-owner 1337 -j RETURN",
+                f"{prefix} -o lo ! -d 127.0.0.1/32 -p tcp -m owner --gid-owner 1338 -j SIDECAR_IN_REDIRECT",
+                f"{prefix} -o lo -m owner ! --gid-owner 1338 -j RETURN",
+                f"{prefix} -m owner --gid-owner 1338 -j RETURN",
+                f"{prefix} -d 127.0.0.1/32 -j RETURN",
+                f"{prefix} -d 10.96.0.0/12 -j RETURN",
+                f"{prefix} -d 10.0.0.0/8 -j SIDECAR_REDIRECT",
+            ],
+        )
+        created = [lines.index(f"iptables-nft -w 5 -t nat -N {chain}")
+                   for chain in OUTBOUND_CHAINS.split()]
+        firstRule = min(i for i, line in enumerate(lines) if " -A " in line)
+        self.assertTrue(max(created) < firstRule, lines)
+        self.assertEqual(lines[-1], "iptables-nft -w 5 -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT")
+
+    @inlineCallbacks
+    def test_outboundRerunKeepsOneJumpEach(self):
+        """
+        A second run with outbound capture flushes and refills all four chains,
+        adds no jump, and deletes extra OUTPUT jumps down to one.
+        """
+        _, _, code = yield self.script(
+            "-B", "nft", "-o", "15001", "-u", "1337", STUB_HAS_CHAIN="iptables-nft",
+            STUB_CHAINS=OUTBOUND_CHAINS, STUB_JUMPS="1", STUB_OUT_JUMPS="3",
+        )
+        self.assertEqual(code, 0)
+        made = changes(self.calls())
+        self.assertEqual(
+            [call for call in made if " -N " in call or " -X " in call], []
+        )
+        self.assertEqual(
+            [call.split()[-1] for call in made if " -F " in call], OUTBOUND_CHAINS.split()
+        )
+        self.assertEqual(
+            [call for call in made if "OUTPUT -p tcp" in call or "PREROUTING" in call],
+            ["iptables-nft -w 5 -t nat -D OUTPUT -p tcp -j SIDECAR_OUTPUT"] * 2,
+        )
+
+    @inlineCallbacks
+    def test_oldBackendSpellingStillWorks(self):
+        """
+        C{-i nft}, C{-i legacy} and C{-i auto}, the backend's flag before
+        outbound capture took C{-i} for Istio's included CIDRs, still choose
+        the backend, with or without outbound capture.
+        """
+        out, _, code = yield self.script("-n", "-i", "legacy")
+        self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-legacy")))
+        out, _, code = yield self.script("-n", "-i", "nft", "-o", "15001", "-u", "1")
+        self.assertEqual(code, 0)
+        self.assertIn("iptables-nft -w 5 -t nat -A SIDECAR_OUTPUT -j SIDECAR_REDIRECT", out)
+
+    @inlineCallbacks
+    def test_outboundFailureExitsNonZero(self):
+        """
+        If the OUTPUT jump cannot be added, the script says which command
+        failed and exits non-zero, so the pod does not start half captured.
+        """
+        _, err, code = yield self.script(
+            "-B", "nft", "-o", "15001", "-u", "1337", STUB_FAIL="-A OUTPUT"
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("-A OUTPUT -p tcp -j SIDECAR_OUTPUT", err)
 
 
 class RealBackendMixin:
@@ -489,7 +704,7 @@ class RealBackendMixin:
         @return: what it printed.
         """
         return self.namespace.run(
-            ["sh", SCRIPT.path, "-i", self.backend, *argv]
+            ["sh", SCRIPT.path, "-B", self.backend, *argv]
         ).stdout
 
     def trace(self, family: str = "iptables") -> list[str]:
@@ -628,7 +843,7 @@ class AutoBackendTests(TestCase):
         def trace(backend: str) -> list[str]:
             return ourTrace(self.namespace.run([f"iptables-{backend}-save", "-t", "nat"]).stdout)
 
-        self.namespace.run(["sh", SCRIPT.path, "-i", "legacy"])
+        self.namespace.run(["sh", SCRIPT.path, "-B", "legacy"])
         legacy = trace("legacy")
         self.namespace.run(["sh", SCRIPT.path])
         self.assertEqual((trace("legacy"), trace("nft")), (legacy, []))
