@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from typing import Iterable
 
 from twisted.internet.defer import inlineCallbacks
@@ -27,6 +29,8 @@ from tests.test_pod_netns import (
     missingForNamespaces,
     normalizedRules,
     ourTrace,
+    pollUntil,
+    stopProcess,
 )
 
 CHAIN = "SIDECAR_INBOUND"
@@ -696,15 +700,16 @@ class RealBackendMixin:
             raise SkipTest(reason)
         self.namespace = NetworkNamespace(self, "ipt")  # type: ignore[arg-type]
 
-    def script(self, *argv: str) -> str:
+    def script(self, *argv: str, ipv6: str = "auto") -> str:
         """
         Run the script in the namespace with this backend; fail if it fails.
 
         @param argv: more arguments.
+        @param ipv6: C{SIDECAR_IPV6}: C{"auto"}, C{"on"} or C{"off"}.
         @return: what it printed.
         """
         return self.namespace.run(
-            ["sh", SCRIPT.path, "-B", self.backend, *argv]
+            ["env", f"SIDECAR_IPV6={ipv6}", "sh", SCRIPT.path, "-B", self.backend, *argv]
         ).stdout
 
     def trace(self, family: str = "iptables") -> list[str]:
@@ -737,6 +742,73 @@ class RealBackendMixin:
             ],
         )
         self.assertIn(f"-A {CHAIN} -p tcp -j REDIRECT --to-ports 15001", out)
+
+    def test_realOutboundRules(self):
+        """
+        The kernel accepts the outbound rules for IPv4 and IPv6, in Istio's
+        order and with their loopback addresses; a second run leaves the same
+        rules; a run without C{-o} removes the outbound chains and jump and
+        keeps the inbound ones; C{clean} removes everything in both families.
+        """
+        return deferToThread(self._outboundRules)
+
+    def _outboundRules(self) -> None:
+        argv = ["-o", "15001", "-u", "1337", "-g", "1338", "-q", "22",
+                "-x", "10.96.0.0/12,fd00::/8", "-i", "10.0.0.0/8,2001:db8::/32"]
+        self.script(*argv, ipv6="on")
+        for family, loopback, excluded, included in (
+            ("iptables", "127.0.0.1/32", "10.96.0.0/12", "10.0.0.0/8"),
+            ("ip6tables", "::1/128", "fd00::/8", "2001:db8::/32"),
+        ):
+            out = "-A SIDECAR_OUTPUT"
+            self.assertEqual(
+                self.trace(family),
+                [
+                    f":{CHAIN} -",
+                    ":SIDECAR_IN_REDIRECT -",
+                    ":SIDECAR_OUTPUT -",
+                    ":SIDECAR_REDIRECT -",
+                    f"-A PREROUTING -p tcp -j {CHAIN}",
+                    "-A OUTPUT -p tcp -j SIDECAR_OUTPUT",
+                    f"-A {CHAIN} -i lo -j RETURN",
+                    *(f"-A {CHAIN} -p tcp -m tcp --dport {port} -j RETURN"
+                      for port in (8000, 8443, 15000)),
+                    f"-A {CHAIN} -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8000",
+                    *(f"-A SIDECAR_IN_REDIRECT -p tcp -m tcp --dport {port} -j RETURN"
+                      for port in (8000, 8443, 15000)),
+                    "-A SIDECAR_IN_REDIRECT -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8000",
+                    f"{out} -p tcp -m tcp --dport 22 -j RETURN",
+                    *(line
+                      for owner in ("--uid-owner 1337", "--gid-owner 1338")
+                      for line in (
+                          f"{out} ! -d {loopback} -o lo -p tcp -m owner {owner} -j SIDECAR_IN_REDIRECT",
+                          f"{out} -o lo -m owner ! {owner} -j RETURN",
+                          f"{out} -m owner {owner} -j RETURN",
+                      )),
+                    f"{out} -d {loopback} -j RETURN",
+                    f"{out} -d {excluded} -j RETURN",
+                    f"{out} -d {included} -j SIDECAR_REDIRECT",
+                    "-A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+                ],
+                family,
+            )
+        saved = {family: normalizedRules(self.namespace.run(
+            [f"{family}-{self.backend}-save", "-t", "nat"]).stdout)
+            for family in ("iptables", "ip6tables")}
+        self.script(*argv, ipv6="on")
+        self.assertEqual(
+            {family: normalizedRules(self.namespace.run(
+                [f"{family}-{self.backend}-save", "-t", "nat"]).stdout)
+             for family in ("iptables", "ip6tables")},
+            saved,
+        )
+        self.script(ipv6="on")
+        inboundOnly = [line for line in self.trace() if "SIDECAR_INBOUND" in line]
+        self.assertEqual(self.trace(), inboundOnly)
+        self.assertEqual(self.trace("ip6tables"), inboundOnly)
+        self.script(*argv, ipv6="on")
+        self.script("clean")
+        self.assertEqual((self.trace("iptables"), self.trace("ip6tables")), ([], []))
 
     def test_ipv6FollowsThePod(self):
         """
@@ -867,3 +939,258 @@ class AutoBackendTests(TestCase):
             self.namespace.run(["iptables-nft-save", "-t", "nat"]).stdout))
         self.namespace.run(["sh", SCRIPT.path, "clean"])
         self.assertEqual(legacyTables(), before)
+
+
+# A tiny TCP server for the traffic tests: argv is a label and the addresses
+# to listen on ("HOST,PORT"). It prints "ready" once listening, then answers
+# every connection with one line, "LABEL ORIGINAL-DESTINATION", where the
+# original destination is what SO_ORIGINAL_DST says (the address the client
+# asked for, before any REDIRECT), or the local address where no connection
+# tracking took place, and closes it.
+LABEL_SERVER = r"""
+import selectors, socket, struct, sys
+SO_ORIGINAL_DST = 80
+label = sys.argv[1]
+selector = selectors.DefaultSelector()
+for spec in sys.argv[2:]:
+    host, port = spec.rsplit(",", 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((host, int(port)))
+    listener.listen(16)
+    selector.register(listener, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        connection, _ = key.fileobj.accept()
+        try:
+            if connection.family == socket.AF_INET6:
+                raw = connection.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                port = struct.unpack("!H", raw[2:4])[0]
+                original = "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port)
+            else:
+                raw = connection.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                port = struct.unpack("!H", raw[2:4])[0]
+                original = "%s:%d" % (socket.inet_ntoa(raw[4:8]), port)
+        except OSError:
+            local = connection.getsockname()
+            original = ("[%s]:%d" if ":" in local[0] else "%s:%d") % local[:2]
+        connection.sendall(("%s %s\n" % (label, original)).encode())
+        connection.close()
+"""
+
+# The client: connects to HOST PORT and prints the server's line, or
+# "refused"/"timeout".
+LABEL_CLIENT = r"""
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+        print(s.makefile().readline().strip())
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")
+"""
+
+# The user and group ids of the proxy and of the application in the traffic
+# tests; neither needs to exist in /etc/passwd.
+PROXY_ID = 1337
+APP_ID = 1000
+
+POD_V4, PEER_V4 = "192.0.2.1", "192.0.2.2"          # TEST-NET-1: captured
+OTHER_POD_V4, OTHER_PEER_V4 = "198.51.100.1", "198.51.100.2"  # TEST-NET-2
+POD_V6, PEER_V6 = "2001:db8:5ca::1", "2001:db8:5ca::2"  # documentation prefix
+
+
+class OutboundTrafficMixin:
+    """
+    Real connections through the outbound rules: a pod namespace joined by a
+    veth pair to a peer namespace, both made for the test, addressed from the
+    documentation ranges (nothing leaves the two namespaces). Tiny servers
+    answer with their name and the connection's original destination: the
+    pod's outbound listener (127.0.0.1 and ::1 port 15001), its inbound proxy
+    port (8000), its service (80), and the peer (7000 and 5432). Clients run
+    as the application's or the proxy's user with C{setpriv}.
+
+    @cvar backend: C{"nft"} or C{"legacy"}.
+    """
+
+    backend: str
+
+    def setUp(self) -> None:
+        """
+        Skip, saying why, unless root with the programs; then make the pod and
+        the peer, link them and start the servers.
+        """
+        reason = missingForNamespaces(
+            (f"iptables-{self.backend}", f"ip6tables-{self.backend}",
+             f"iptables-{self.backend}-save", "setpriv")
+        )
+        if reason is not None:
+            raise SkipTest(reason)
+        self.pod = NetworkNamespace(self, "out")  # type: ignore[arg-type]
+        self.peer = NetworkNamespace(self, "peer")  # type: ignore[arg-type]
+        self.pod.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+                    "netns", self.peer.name)
+        for namespace, addresses in (
+            (self.pod, (f"{POD_V4}/24", f"{OTHER_POD_V4}/24", f"{POD_V6}/64")),
+            (self.peer, (f"{PEER_V4}/24", f"{OTHER_PEER_V4}/24", f"{PEER_V6}/64")),
+        ):
+            for address in addresses:
+                namespace.ip("addr", "add", address, "dev", "eth0", "nodad")
+            namespace.ip("link", "set", "eth0", "up")
+        self.serve(self.pod, "outbound", ("127.0.0.1,15001", "::1,15001"))
+        self.serve(self.pod, "inbound", ("0.0.0.0,8000", "::,8000"))
+        self.serve(self.pod, "service", ("0.0.0.0,80", "::,80"))
+        self.serve(self.peer, "peer", ("0.0.0.0,7000", "::,7000", "0.0.0.0,5432"))
+
+    def serve(self, namespace: NetworkNamespace, label: str, addresses: tuple[str, ...]) -> None:
+        """
+        Start a L{LABEL_SERVER} in a namespace and wait until it listens; it is
+        ended by its process id when the test ends.
+
+        @param namespace: where.
+        @param label: its name in its answers.
+        @param addresses: C{"HOST,PORT"} to listen on.
+        """
+        output = FilePath(self.mktemp())  # type: ignore[attr-defined]
+        output.parent().makedirs(ignoreExistingDirectory=True)
+        with output.open("w") as sink:
+            process = subprocess.Popen(
+                namespace.execArgv([sys.executable, "-I", "-c", LABEL_SERVER, label, *addresses]),
+                stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            )
+        self.addCleanup(stopProcess, process)  # type: ignore[attr-defined]
+        pollUntil(
+            lambda: b"ready" in output.getContent() or process.poll() is not None,
+            lambda: f"the {label} server; its output: {output.getContent()!r}",
+        )
+        if process.poll() is not None:
+            raise AssertionError(f"the {label} server exited: {output.getContent()!r}")
+
+    def connect(self, host: str, port: int, uid: int = APP_ID, gid: int | None = None,
+                namespace: NetworkNamespace | None = None) -> str:
+        """
+        Connect from the pod as a given user and group, and say who answered.
+
+        @param host: the address to connect to.
+        @param port: the port.
+        @param uid: the client's user id.
+        @param gid: its group id (by default the same number as C{uid}).
+        @param namespace: where the client runs (by default the pod), as root
+            when it is not the pod.
+        @return: the answering server's line, such as C{"peer 192.0.2.2:7000"}.
+        """
+        client = [sys.executable, "-I", "-c", LABEL_CLIENT, host, str(port)]
+        if namespace is None:
+            namespace = self.pod
+            client = ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}",
+                      "--clear-groups", *client]
+        return namespace.run(client).stdout.strip()
+
+    def script(self, *argv: str) -> None:
+        """
+        Run the init script in the pod with this backend (IPv6 follows the
+        pod, which has an IPv6 address); fail if it fails.
+
+        @param argv: its arguments.
+        """
+        self.pod.run(["sh", SCRIPT.path, "-B", self.backend, *argv])
+
+    def test_outboundTraffic(self):
+        """
+        With C{-o 15001 -u 1337 -x 198.51.100.0/24 -q 5432}: the
+        application's connections to the peer, over IPv4 and IPv6, land on
+        the outbound listener, which reads the peer's address as their
+        original destination; the proxy's own connections reach the peer;
+        loopback and the pod's own address reach the service directly from
+        the application; the proxy calling its own pod's address goes through
+        the inbound proxy port; the excluded CIDR and port reach the peer;
+        and the peer's connections to the pod still go inbound. Running it
+        again changes nothing.
+        """
+        return deferToThread(self._outbound)
+
+    def _outbound(self) -> None:
+        argv = ("-p", "8000", "-b", "80", "-o", "15001", "-u", str(PROXY_ID),
+                "-x", "198.51.100.0/24", "-q", "5432")
+        self.script(*argv)
+        self.script(*argv)
+        connect = self.connect
+        expected = [
+            ((PEER_V4, 7000), {}, f"outbound {PEER_V4}:7000"),
+            ((PEER_V6, 7000), {}, f"outbound [{PEER_V6}]:7000"),
+            ((PEER_V4, 7000), {"uid": PROXY_ID}, f"peer {PEER_V4}:7000"),
+            ((PEER_V6, 7000), {"uid": PROXY_ID}, f"peer [{PEER_V6}]:7000"),
+            (("127.0.0.1", 80), {}, "service 127.0.0.1:80"),
+            (("::1", 80), {}, "service [::1]:80"),
+            ((POD_V4, 80), {}, f"service {POD_V4}:80"),
+            (("127.0.0.1", 80), {"uid": PROXY_ID}, "service 127.0.0.1:80"),
+            ((POD_V4, 80), {"uid": PROXY_ID}, f"inbound {POD_V4}:80"),
+            ((POD_V6, 80), {"uid": PROXY_ID}, f"inbound [{POD_V6}]:80"),
+            ((OTHER_PEER_V4, 7000), {}, f"peer {OTHER_PEER_V4}:7000"),
+            ((PEER_V4, 5432), {}, f"peer {PEER_V4}:5432"),
+            ((POD_V4, 80), {"namespace": self.peer}, f"inbound {POD_V4}:80"),
+        ]
+        answers = [connect(*where, **who) for where, who, _ in expected]  # type: ignore[arg-type]
+        self.assertEqual(answers, [answer for _, _, answer in expected])
+
+    def test_groupAndIncludedCIDRs(self):
+        """
+        With C{-g 1337 -i 192.0.2.0/24}: a process of any user in the proxy's
+        group reaches the peer directly; the application's connections to the
+        included network land on the outbound listener and those to other
+        networks, IPv4 or IPv6, reach the peer.
+        """
+        return deferToThread(self._groupAndIncluded)
+
+    def _groupAndIncluded(self) -> None:
+        self.script("-o", "15001", "-g", str(PROXY_ID), "-i", "192.0.2.0/24")
+        self.assertEqual(
+            [
+                self.connect(PEER_V4, 7000),
+                self.connect(PEER_V4, 7000, uid=APP_ID, gid=PROXY_ID),
+                self.connect(OTHER_PEER_V4, 7000),
+                self.connect(PEER_V6, 7000),
+            ],
+            [f"outbound {PEER_V4}:7000", f"peer {PEER_V4}:7000",
+             f"peer {OTHER_PEER_V4}:7000", f"peer [{PEER_V6}]:7000"],
+        )
+
+    def test_cleanStopsCapture(self):
+        """
+        After C{clean}, the application's connections reach the peer directly
+        and no rule of ours is left, in either family.
+        """
+        return deferToThread(self._clean)
+
+    def _clean(self) -> None:
+        self.script("-o", "15001", "-u", str(PROXY_ID))
+        self.assertEqual(self.connect(PEER_V4, 7000), f"outbound {PEER_V4}:7000")
+        self.script("clean")
+        self.assertEqual(
+            [self.connect(PEER_V4, 7000), self.connect(PEER_V6, 7000)],
+            [f"peer {PEER_V4}:7000", f"peer [{PEER_V6}]:7000"],
+        )
+        for family in ("iptables", "ip6tables"):
+            saved = self.pod.run([f"{family}-{self.backend}-save", "-t", "nat"]).stdout
+            self.assertEqual(ourTrace(saved), [], family)
+
+
+class NftOutboundTrafficTests(OutboundTrafficMixin, TestCase):
+    """
+    Outbound capture with C{iptables-nft}.
+    """
+
+    backend = "nft"
+
+
+class LegacyOutboundTrafficTests(OutboundTrafficMixin, TestCase):
+    """
+    Outbound capture with C{iptables-legacy}.
+    """
+
+    backend = "legacy"
