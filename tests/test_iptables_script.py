@@ -1005,6 +1005,28 @@ OTHER_POD_V4, OTHER_PEER_V4 = "198.51.100.1", "198.51.100.2"  # TEST-NET-2
 POD_V6, PEER_V6 = "2001:db8:5ca::1", "2001:db8:5ca::2"  # documentation prefix
 
 
+def unprivilegedPython() -> str:
+    """
+    Find a Python interpreter that the application's and the proxy's users
+    can run (this one may live in a directory only root can enter).
+
+    @return: its path.
+    @raise SkipTest: if there is none.
+    """
+    for python in (sys.executable, "/usr/bin/python3"):
+        for uid in (APP_ID, PROXY_ID):
+            done = subprocess.run(
+                ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 python, "-I", "-c", "pass"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+            )
+            if done.returncode != 0:
+                break
+        else:
+            return python
+    raise SkipTest(f"needs a Python that users {APP_ID} and {PROXY_ID} can run")
+
+
 class OutboundTrafficMixin:
     """
     Real connections through the outbound rules: a pod namespace joined by a
@@ -1031,6 +1053,7 @@ class OutboundTrafficMixin:
         )
         if reason is not None:
             raise SkipTest(reason)
+        self.python = unprivilegedPython()
         self.pod = NetworkNamespace(self, "out")  # type: ignore[arg-type]
         self.peer = NetworkNamespace(self, "peer")  # type: ignore[arg-type]
         self.pod.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
@@ -1084,7 +1107,7 @@ class OutboundTrafficMixin:
             when it is not the pod.
         @return: the answering server's line, such as C{"peer 192.0.2.2:7000"}.
         """
-        client = [sys.executable, "-I", "-c", LABEL_CLIENT, host, str(port)]
+        client = [self.python, "-I", "-c", LABEL_CLIENT, host, str(port)]
         if namespace is None:
             namespace = self.pod
             client = ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}",
