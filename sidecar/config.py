@@ -158,6 +158,8 @@ class ProxyConfig:
     engine: str = "fast"
     admin: Optional[str] = "tcp:15000"
     maxHeaderBytes: int = 64 * 1024
+    #: The largest request body accepted, in bytes (413 beyond; C{None}: no limit).
+    maxRequestBytes: Optional[int] = None
     #: Seconds a client connection may sit idle between requests (C{None}: forever).
     clientIdleTimeout: Optional[float] = 300.0
     #: Seconds a client may take to send a request head before a 408 (C{None}: forever).
