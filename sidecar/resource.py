@@ -519,6 +519,8 @@ class StreamingRequest(Request):
         try:
             self.render(resource)
         except BaseException:
+            # The 500 ends the connection: the body of this request is still to come.
+            self.channel.persistent = False
             self.processingFailed(Failure())
 
     def handleContentChunk(self, data: bytes) -> None:

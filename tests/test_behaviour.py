@@ -538,6 +538,19 @@ class BehaviourMixin:
         self.assertEqual(json.loads(client.responses[0].body)["length"], 10)
 
     @defer.inlineCallbacks
+    def test_maxRequestBytesNoContinue(self):
+        """
+        A client that asks for C{100 Continue} with a Content-Length past
+        C{maxRequestBytes} gets the 413 alone, never told to go on.
+        """
+        self.proxy.engine.maxRequestBytes = 10
+        client = yield self.request(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n", expect=99)
+        yield client.closed
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 413 "), client.received)
+        self.assertNotIn(b"100 Continue", client.received)
+
+    @defer.inlineCallbacks
     def test_maxRequestBytesChunked(self):
         """
         With C{maxRequestBytes}, a chunked body that grows past it gets 413 and a closed
