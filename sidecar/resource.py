@@ -19,8 +19,8 @@ Two ways to serve it:
     C{engine.maxRequestBytes} still refuses a larger body with 413, but only after
     twisted.web has read it; C{OPTIONS *} is answered by twisted.web itself.
 
-Private attributes of twisted.web's L{HTTPChannel} read here, each for a reason given
-where it is read: C{_command}, C{_path}, C{_version} (the request line, known at the
+Private attributes of twisted.web's L{HTTPChannel} read here (listed with the others in
+L{sidecar.compat}), each for a reason given where it is read: C{_command}, C{_path}, C{_version} (the request line, known at the
 end of the head, before twisted.web would give it to the request),
 C{_receivedHeaderSize} and C{_receivedHeaderCount} (to answer 414/431 rather than a
 bare 400), and the C{_respondToBadRequestAndDisconnect} hook.
