@@ -568,6 +568,39 @@ class BehaviourMixin:
         yield waitUntil(lambda: self.proxy.records)
         self.assertEqual(self.proxy.records[0].status, 413)
 
+    @defer.inlineCallbacks
+    def test_malformedChunkMidBody(self):
+        """
+        A chunked body that turns malformed after its first chunk has been streamed gets
+        400 and a closed connection, the record says DPE, and the service never sees the
+        request completed.
+        """
+        client = openClient(self.port, b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"5\r\nhello\r\n", expect=99)
+        self.addCleanup(closeClient, client)
+        yield waitUntil(lambda: self.proxy.engine.recorder.requestsActive == 1)
+        client.transport.write(b"zz\r\nworld\r\n0\r\n\r\n")
+        yield client.closed
+        self.assertEqual([r.status for r in client.responses], [400])
+        self.assertEqual(self.upstream.seen, [])
+        yield waitUntil(lambda: self.proxy.records)
+        self.assertEqual([(r.status, r.flags) for r in self.proxy.records], [(400, "DPE")])
+
+    @defer.inlineCallbacks
+    def test_pipelinedBodies(self):
+        """
+        Two requests with bodies (one by length, one chunked) pipelined in one write each
+        reach the service whole, and are answered in order.
+        """
+        client = yield self.request(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndefg\r\n0\r\n\r\n"
+            b"GET /bytes/1 HTTP/1.1\r\nHost: a\r\n\r\n", expect=3)
+        echoes = [json.loads(r.body) for r in client.responses[:2]]
+        self.assertEqual([e["sha256"] for e in echoes],
+                         [hashlib.sha256(b"abc").hexdigest(), hashlib.sha256(b"defg").hexdigest()])
+        self.assertEqual(client.responses[2].body, b"x")
+
 
 class RawUpstreamMixin:
     """
@@ -606,6 +639,26 @@ class RawUpstreamMixin:
         self.addCleanup(closeClient, client)
         yield waitUntil(lambda: upstream.received.endswith(b"first-half"), timeout=5)
         self.assertIn(b"Content-Length: 20\r\n", upstream.received)
+
+    @defer.inlineCallbacks
+    def test_answerBeforeBodyEnds(self):
+        """
+        A service that answers while the client is still sending its body: the client
+        gets the answer with C{Connection: close}, then the connection closes (the rest
+        of the body goes nowhere) and the record is the service's status.
+        """
+        upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+        port = self.startProxy(upstream)
+        client = openClient(port, b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"p" * 1000,
+                            expect=99)
+        self.addCleanup(closeClient, client)
+        yield waitUntil(lambda: client.responses)
+        self.assertEqual(client.responses[0].body, b"early")
+        self.assertEqual(client.responses[0].header(b"connection"), [b"close"])
+        client.transport.write(b"p" * 5000)
+        yield client.closed
+        yield waitUntil(lambda: self.proxy.records)
+        self.assertEqual([r.status for r in self.proxy.records], [200])
 
     @defer.inlineCallbacks
     def test_uploadBackpressure(self):
