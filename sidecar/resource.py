@@ -28,6 +28,7 @@ bare 400), and the C{_respondToBadRequestAndDisconnect} hook.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any, Optional
@@ -53,6 +54,9 @@ _EXCHANGE = 2  # the exchange holds body bytes until its upstream is connected
 #: Control characters that may not appear in a header value (RFC 9110 5.5: only HTAB,
 #: SP and visible characters; twisted.web itself refuses only NUL, CR and LF).
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+
+#: A protocol version as a request line ends with it (C{HTTP/2.0}, C{RTSP/1.0}).
+_VERSION = re.compile(rb"^[A-Z]+/[0-9]\.[0-9]$")
 
 #: How many headers a request may have (Envoy's default, as the fast door).
 MAX_HEADERS = 100
@@ -647,6 +651,13 @@ class SidecarChannel(HTTPChannel):
             else:
                 self._refuse(431, "request header section too large")
             return
+        if size == 0 and line:
+            # The request line: a well-formed version other than HTTP/1.0 and 1.1 is
+            # 505, as on the fast door (twisted.web would answer 400).
+            version = line.rsplit(b" ", 1)[-1]
+            if _VERSION.match(version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
+                self._refuse(505, f"{version.decode('ascii')} is not supported")
+                return
         HTTPChannel.lineReceived(self, line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -479,6 +479,12 @@ class BehaviourMixin:
         yield self.request(b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Tab: a\tb\r\n\r\n")
         self.assertEqual(self.upstream.seen[0].header(b"x-tab"), [b"a\tb"])
 
+    def test_unsupportedVersion(self):
+        """
+        A request line with HTTP/2.0 gets 505 and nothing reaches the service.
+        """
+        return self.assertRefused(b"GET /echo HTTP/2.0\r\nHost: a\r\n\r\n", 505)
+
     @defer.inlineCallbacks
     def test_tooManyHeaders(self):
         """
