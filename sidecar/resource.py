@@ -331,7 +331,7 @@ class WebDoor:
         elif not self._finished and data:
             self.request.write(data)
 
-    def _closing(self, exchange: Exchange) -> None:
+    def _endsConnection(self, exchange: Exchange) -> None:
         """
         The client connection ends with this response: tell twisted.web's channel, so
         that it closes rather than reading on in the middle of a request body.
@@ -344,7 +344,7 @@ class WebDoor:
         self._unhook()
         if not self._finished:
             self._finished = True
-            self._closing(exchange)
+            self._endsConnection(exchange)
             self.request.finish()
 
     def abortResponse(self, exchange: Exchange) -> None:
@@ -369,7 +369,7 @@ class WebDoor:
         request.setHeader(b"content-length", b"%d" % len(body))
         if exchange.mustClose or self.engine.draining:
             request.setHeader(b"connection", b"close")
-        self._closing(exchange)
+        self._endsConnection(exchange)
         request.write(body)
         request.finish()
 
