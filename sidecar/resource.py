@@ -89,8 +89,9 @@ class _Tunnel(Protocol):
     Takes over the client's transport from twisted.web after a 101.
     """
 
-    def __init__(self, exchange: Exchange, channel: Any) -> None:
+    def __init__(self, exchange: Exchange, channel: Optional[SidecarChannel]) -> None:
         self.exchange = exchange
+        #: The L{SidecarChannel} it took over (its activity and registry), if any.
         self.channel = channel
 
     def dataReceived(self, data: bytes) -> None:
@@ -102,9 +103,8 @@ class _Tunnel(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.exchange.tunnelClosed()
         channel, self.channel = self.channel, None
-        gone = getattr(channel, "_gone", None)
-        if gone is not None:
-            gone()
+        if channel is not None:
+            channel._gone()
 
 
 @implementer(IPushProducer)
@@ -389,9 +389,10 @@ class WebDoor:
         for name, value in response.headers + [(b"Connection", b"Upgrade"), (b"Upgrade", response.upgrade or b"")]:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
-        tunnel = self._tunnel = _Tunnel(exchange, channel)
-        if isinstance(channel, SidecarChannel):
-            channel._tunnel = tunnel
+        ours = channel if isinstance(channel, SidecarChannel) else None
+        tunnel = self._tunnel = _Tunnel(exchange, ours)
+        if ours is not None:
+            ours._tunnel = tunnel
         channel.transport = None
         # twisted.web's channel produces for the transport and paused reading while the
         # request was served: let go of both.
