@@ -79,6 +79,8 @@ class RequestHead:
     @ivar headers: the headers for the upstream, in order, without framing
         (C{Content-Length}, C{Transfer-Encoding}): the upstream codec writes framing
         from L{contentLength} and L{chunked}, the proxy's own parse.
+    @ivar target: the request target to send upstream (the client's, or what a front
+        door or a filter made of it; the record keeps the client's).
     @ivar authority: the C{Host} header (empty if none).
     @ivar requestId: the C{X-Request-Id} sent upstream (the client's or a new one).
     @ivar forwardedFor: the C{X-Forwarded-For} value sent upstream.
@@ -92,6 +94,7 @@ class RequestHead:
     """
 
     headers: Headers = attrs.field(factory=list)
+    target: bytes = b""
     authority: str = ""
     requestId: str = ""
     forwardedFor: str = ""
@@ -117,7 +120,8 @@ def requestHead(
     bytes: each codec (L{sidecar.http1} for HTTP/1.1) serialises them.
 
     @param method: the request method, as sent.
-    @param target: the request target, as sent (passed through unchanged).
+    @param target: the request target to send upstream (the client's, unchanged, on
+        the fast door).
     @param version: C{"1.1"} or C{"1.0"}.
     @param headers: the client's headers, in order and case.
     @param clientIP: the client's address, appended to C{X-Forwarded-For}.
@@ -125,7 +129,7 @@ def requestHead(
     @param extra: headers the proxy adds (e.g. C{X-Forwarded-Client-Cert}).
     @return: the head to send upstream and what the proxy learnt from it.
     """
-    result = RequestHead()
+    result = RequestHead(target=target)
     out: Headers = []
     append = out.append
     forwarded: List[bytes] = []

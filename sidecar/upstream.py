@@ -93,7 +93,7 @@ class UpstreamConnection(Protocol):
         self._eofBody = False
         req = exchange.req
         chunked = self._chunked = req.chunked
-        parts = [http1.requestHead(exchange.method, exchange.target, req.headers, req.contentLength, chunked)]
+        parts = [http1.requestHead(exchange.method, req.target, req.headers, req.contentLength, chunked)]
         if chunked:
             for data in body:
                 parts += http1.chunk(data)
