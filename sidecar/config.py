@@ -158,6 +158,9 @@ class ProxyConfig:
     engine: str = "fast"
     admin: Optional[str] = "tcp:15000"
     maxHeaderBytes: int = 64 * 1024
+    #: Request headers with an underscore in their name: C{"allow"} (Envoy's and
+    #: Istio's default), C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
     #: Seconds a client connection may sit idle between requests (C{None}: forever).
     clientIdleTimeout: Optional[float] = 300.0
     #: Seconds a client may take to send a request head before a 408 (C{None}: forever).

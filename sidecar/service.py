@@ -63,6 +63,7 @@ class SidecarService(MultiService):
             reactor, self.pool, self.recorder,
             serverHeader=config.serverHeader.encode("ascii"),
             responseTimeout=config.upstream.responseTimeout,
+            headersWithUnderscores=config.headersWithUnderscores,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)

@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from sidecar.config import ENGINES, LOG_FORMATS, ProxyConfig, UpstreamConfig
 from sidecar.config import TLS_MODES, TLSConfig
+from sidecar.headers import UNDERSCORE_ACTIONS
 
 
 def _endpoint(flag: str, value: str, allowNone: bool = True) -> Optional[str]:
@@ -168,6 +169,8 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["headers-with-underscores", None, "allow",
+         "Request headers with an underscore in their name: allow, drop or reject (400)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
@@ -252,6 +255,10 @@ class Options(usage.Options):
             maxHeaderBytes = -1
         if maxHeaderBytes < 1024:
             raise usage.UsageError("--max-header-bytes: must be a whole number of at least 1024.")
+        underscores = self["headers-with-underscores"].strip().lower()
+        if underscores not in UNDERSCORE_ACTIONS:
+            raise usage.UsageError(f"--headers-with-underscores: {self['headers-with-underscores']!r} "
+                                   f"is not one of {', '.join(UNDERSCORE_ACTIONS)}.")
         self["config"] = ProxyConfig(
             listen=listen,
             upstream=UpstreamConfig(
@@ -269,6 +276,7 @@ class Options(usage.Options):
             engine=engine,
             admin=_endpoint("--admin", self["admin"]),
             maxHeaderBytes=maxHeaderBytes,
+            headersWithUnderscores=underscores,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
         )

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from sidecar.exchange import Engine
-from tests.support import Proxy, RawUpstream, closeClient, rawRequest, waitUntil
+from tests.support import Proxy, RawUpstream, closeClient, rawRequest, startSidecar, waitUntil
 
 #: The head the proxy adds for a client on 127.0.0.1 that sent C{X-Request-Id: rid}.
 _FORWARDED = b"X-Request-Id: rid\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
@@ -348,6 +348,28 @@ class WebDoorRequestHardeningTests(RequestHardeningMixin, unittest.TestCase):
 
     engine = "web"
     refusalExpect = 1
+
+
+class UnderscoreFlagTests(unittest.TestCase):
+    """
+    C{--headers-with-underscores} reaches the engine of a real C{twistd sidecar}.
+    """
+
+    @defer.inlineCallbacks
+    def test_rejectFlag(self):
+        """
+        Started with C{--headers-with-underscores reject}, the sidecar answers 400 to a
+        request with C{my_header} and forwards one without.
+        """
+        upstream = RawUpstream()
+        upstreamPort = upstream.start(self)
+        child, port = yield startSidecar(self, "--upstream", str(upstreamPort), "--admin", "none",
+                                         "--access-log", "none", "--headers-with-underscores", "reject")
+        refused = yield rawRequest(port, b"GET /a HTTP/1.1\r\nHost: a\r\nmy_header: 1\r\n\r\n", expect=99)
+        served = yield rawRequest(port, b"GET /b HTTP/1.1\r\nHost: a\r\nmy-header: 1\r\n\r\n")
+        self.addCleanup(closeClient, served)
+        self.assertEqual([r.status for r in refused.responses + served.responses], [400, 200])
+        self.assertEqual(upstream.targets, [b"/b"])
 
 
 class EngineDefaultTests(unittest.SynchronousTestCase):
