@@ -91,11 +91,23 @@ _AUTHORITY = re.compile(
 )
 
 
+#: The bytes of a reg-name (unreserved and sub-delims) and the port's C{:}: a Host made
+#: of these only is checked without the regular expression.
+_PLAIN_AUTHORITY = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:"
+
+
 def validAuthority(value: bytes) -> bool:
     """
     Whether C{value} is a valid C{Host} header value (RFC 9112 3.2, RFC 3986 3.2.2-3):
     a host and an optional numeric port no larger than 65535.
     """
+    if not value.translate(None, _PLAIN_AUTHORITY):
+        # The common case, in a fraction of the regular expression's time.
+        colon = value.find(b":")
+        if colon < 0:
+            return True
+        port = value[colon + 1:]
+        return port.isdigit() and (len(port) < 5 or (len(port) == 5 and port <= b"65535"))
     match = _AUTHORITY.match(value)
     if match is None:
         return False

@@ -124,6 +124,24 @@ class RequestHardeningMixin:
             b"GET /x HTTP/1.1\r\nHost: a\r\nX-Request-Id: rid\r\n"
             b"X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n"])
 
+    @defer.inlineCallbacks
+    def test_requestInBodyStaysBody(self):
+        """
+        A request hidden in a body (with a forged client-cert header) reaches the service
+        as body bytes under the proxy's own C{Content-Length}; the service parses two
+        requests, the client's two, and never the hidden one.
+        """
+        hidden = b"GET /SMUGGLED HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: By=spiffe://evil\r\n\r\n"
+        client = yield self.request(
+            b"POST /attacker HTTP/1.1\r\nHost: a\r\nX-Request-Id: rid\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /next HTTP/1.1\r\nHost: a\r\nX-Request-Id: rid\r\n\r\n" % (len(hidden), hidden), expect=2)
+        self.assertEqual([r.body for r in client.responses], [b"target=/attacker", b"target=/next"])
+        self.assertEqual(self.upstream.targets, [b"/attacker", b"/next"])
+        self.assertEqual(b"".join(self.upstream.received),
+                         b"POST /attacker HTTP/1.1\r\nHost: a\r\n" + _FORWARDED
+                         + b"Content-Length: %d\r\n\r\n%s" % (len(hidden), hidden)
+                         + b"GET /next HTTP/1.1\r\nHost: a\r\n" + _FORWARDED + b"\r\n")
+
     # -- 9. Host ---------------------------------------------------------------------
 
     def test_invalidHost(self):
