@@ -24,10 +24,6 @@ class RequestHardeningMixin:
     """
 
     engine = "fast"
-    #: How many responses to wait for after a refusal: the fast door closes at once
-    #: (99: wait for the close); the web door answers C{Connection: close} but keeps
-    #: the connection open, which is its own defect (issue 8, 11), not tested here.
-    refusalExpect = 99
 
     def setUp(self) -> None:
         self.upstream = RawUpstream()
@@ -47,10 +43,11 @@ class RequestHardeningMixin:
     @defer.inlineCallbacks
     def assertRefused(self, data: bytes, status: int = 400):
         """
-        C{data} gets C{status} (and the fast door closes the connection), the service
-        is never contacted, and the record says C{DPE}.
+        C{data} gets C{status}, the connection is closed, the service is never
+        contacted, and the record says C{DPE}.
         """
-        client = yield self.request(data, expect=self.refusalExpect)
+        client = yield self.request(data, expect=99)
+        yield client.closed
         self.assertTrue(client.responses, f"no response to {data!r}")
         self.assertEqual(client.responses[0].status, status, data)
         self.assertEqual(self.upstream.received, [], data)
@@ -365,7 +362,6 @@ class WebDoorRequestHardeningTests(RequestHardeningMixin, unittest.TestCase):
     """
 
     engine = "web"
-    refusalExpect = 1
 
 
 class UnderscoreFlagTests(unittest.TestCase):
