@@ -119,12 +119,12 @@ class DownstreamProtocol(Protocol):
         self._headBytes = 0
         self._inBody = False
         self._identified = False
-        #: The bytes being parsed, and where in them the last request target ended
-        #: (to read the protocol name llhttp does not report).
+        #: The bytes being parsed, and where in them the last request target ended;
+        #: then the bytes after that target, up to 6 (to read the protocol name, which
+        #: llhttp does not report), or C{None} outside a request line.
         self._feed = b""
         self._feedAt = 0
-        self._protocolAt = -1
-        self._protocolNext = False
+        self._afterTarget: Optional[bytes] = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -153,13 +153,11 @@ class DownstreamProtocol(Protocol):
             self._early.append(data)
             self._pause(_UPGRADE)
             return
-        if self._protocolNext:
-            # The last target ended with the previous read: the protocol starts here.
-            self._protocolNext = False
-            self._feed = b" " + data
-            self._protocolAt = 0
-        else:
-            self._feed = data
+        after = self._afterTarget
+        if after is not None and len(after) < 6:
+            # The request line was cut after its target: its protocol starts here.
+            self._afterTarget = after + data[:6 - len(after)]
+        self._feed = data
         self._feedAt = 0
         try:
             self._parser.feed_data(data)
@@ -203,9 +201,7 @@ class DownstreamProtocol(Protocol):
         at = feed.find(url, self._feedAt)
         if at >= 0:
             self._feedAt = at = at + len(url)
-            self._protocolAt = at
-            if at == len(feed):
-                self._protocolNext = True
+            self._afterTarget = feed[at:at + 6]
         self._headBytes += len(url)
         if self._headBytes > self.maxHeaderBytes:
             self._refusal = _Refusal(414, "request target too long")
@@ -235,8 +231,8 @@ class DownstreamProtocol(Protocol):
         if version != "1.1" and version != "1.0":
             self._refusal = _Refusal(505, f"HTTP/{version} is not supported")
             raise self._refusal
-        at, self._protocolAt = self._protocolAt, -1
-        if at >= 0 and self._feed.startswith(_OTHER_PROTOCOLS, at + 1):
+        after, self._afterTarget = self._afterTarget, None
+        if after is not None and after.startswith(_OTHER_PROTOCOLS, 1):
             self._refusal = _Refusal(505, "only HTTP is supported")
             raise self._refusal
         method = parser.get_method()

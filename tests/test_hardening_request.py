@@ -7,11 +7,12 @@ test states byte for byte what the service got, or that it got nothing.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from sidecar.exchange import Engine
-from tests.support import Proxy, RawUpstream, closeClient, rawRequest, startSidecar, waitUntil
+from tests.support import Proxy, RawUpstream, closeClient, openClient, rawRequest, startSidecar, waitUntil
 
 #: The head the proxy adds for a client on 127.0.0.1 that sent C{X-Request-Id: rid}.
 _FORWARDED = b"X-Request-Id: rid\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n"
@@ -263,6 +264,25 @@ class FastDoorRequestHardeningTests(RequestHardeningMixin, unittest.TestCase):
             b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /one RTSP/1.0\r\nHost: a\r\n\r\n", expect=2)
         self.assertEqual([r.status for r in client.responses], [200, 505])
         self.assertEqual(self.upstream.targets, [b"/one"])
+
+    @defer.inlineCallbacks
+    def test_rtspSplitAcrossReads(self):
+        """
+        A request line cut anywhere after its target (inside the protocol name too) is
+        still read as RTSP: 505, the service never contacted.  The same cuts of an HTTP
+        request line are served.
+        """
+        data = b"GET /t RTSP/1.0\r\nHost: a\r\n\r\n"
+        for cut in range(len(b"GET /"), len(b"GET /t RTSP/1.")):
+            for line, status in ((data, 505), (data.replace(b"RTSP", b"HTTP"), 200)):
+                client = openClient(self.port, line[:cut], expect=99)
+                self.addCleanup(closeClient, client)
+                yield waitUntil(lambda: client.transport is not None and self.proxy.factory is not None)
+                yield deferLater(reactor, 0.01, lambda: None)
+                client.transport.write(line[cut:])
+                yield client.done
+                self.assertEqual([r.status for r in client.responses], [status], (cut, line))
+        self.assertEqual(len(self.upstream.targets), len(range(len(b"GET /"), len(b"GET /t RTSP/1."))))
 
     # -- 7. transfer codings ---------------------------------------------------------
 
