@@ -611,16 +611,19 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
     mutualTLS = True
     proto = b"https"
 
-    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS) -> None:
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
         DownstreamProtocol.__init__(self, engine, maxHeaderBytes)
         self.tls = tls
-        self._handshaken = False
+        #: Built after the handshake, by detection (which then owns the handshake's
+        #: timer and counters).
+        self._handshaken = handshaken
         self._handshakeTimer: Any = None
         self._extra: List[Tuple[bytes, bytes]] = []
 
     def connectionMade(self) -> None:
         DownstreamProtocol.connectionMade(self)
-        self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
+        if not self._handshaken:
+            self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
         self._handshakeTimer = None
@@ -668,12 +671,13 @@ class MutualTLSDownstreamFactory(DownstreamFactory):
     TLS layer.
     """
 
-    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS) -> None:
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
         DownstreamFactory.__init__(self, engine, maxHeaderBytes)
         self.tls = tls
+        self.handshaken = handshaken
 
     def buildProtocol(self, addr: Any) -> MutualTLSDownstreamProtocol:
-        proto = MutualTLSDownstreamProtocol(self.engine, self.maxHeaderBytes, self.tls)
+        proto = MutualTLSDownstreamProtocol(self.engine, self.maxHeaderBytes, self.tls, self.handshaken)
         proto.factory = self
         return proto
 
@@ -838,6 +842,28 @@ class MutualTLS:
         return TLSMemoryBIOFactory(
             self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
         )
+
+    def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
+        """
+        The TLS layer around a L{sidecar.detect.DetectingFactory}: protocol detection
+        on the decrypted stream (the detector owns the handshake's timer and counters).
+        """
+        return TLSMemoryBIOFactory(self.context, False, detecting, clock=self.clock)
+
+    def admitPeer(self, transport: Any) -> Optional[Tuple[str, bool]]:
+        """
+        The client's SPIFFE id and whether the policy allows it, from the certificate
+        on C{transport} (a TLS layer after its handshake); C{None} without one.  A
+        refusal is counted and logged.
+        """
+        peer = transport.getPeerCertificate()
+        if peer is None:
+            return None
+        admission = self.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        if not admission.allowed:
+            self.denials += 1
+            self.log.warn("mTLS client refused (TCP connection closed, RBAC): {reason}", reason=admission.reason)
+        return admission.principal, admission.allowed
 
     def permissiveFactory(self, plain: Any, engine: Any, maxHeaderBytes: int) -> PermissiveFactory:
         """
