@@ -303,6 +303,15 @@ class Detector(Protocol):
         does not take half-closes.
         """
         if self.inner is None and self.kind is None:
+            if not self._buffer:
+                # Connected and closed without a byte (a TCP probe): nothing to pass
+                # on, as Envoy's listener filters close such a connection.
+                self.kind = "closed"
+                timer, self._timer = self._timer, None
+                if timer is not None and timer.active():
+                    timer.cancel()
+                self.transport.loseConnection()
+                return
             self._route(self._declared or TCP, "closed")
         inner = self.inner
         if inner is None:

@@ -302,8 +302,10 @@ class TcpSplice(Protocol):
         connector, self.connector = self.connector, None
         if self.upstream is None and connector is not None:
             self._upstreamLost = True
-            if getattr(connector, "state", "") == "connecting":
+            try:
                 connector.stopConnecting()
+            except Exception:  # twisted.internet.error.NotConnectingError: it just connected
+                pass
         upstream = self.upstream
         if upstream is not None and not self._upstreamLost:
             upstream.transport.loseConnection()
