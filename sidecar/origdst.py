@@ -172,7 +172,7 @@ class OriginalDestinations:
         if engine is None:
             from sidecar.upstream import UpstreamPool
 
-            pool = UpstreamPool(self.reactor, self.reactor, attrs.evolve(self.upstream, port=port))
+            pool = UpstreamPool(self.reactor, self.reactor, attrs.evolve(self.upstream, port=port, original=False))
             self.pools[port] = pool
             engine = self.engines[port] = PortEngine(self.engine, pool)
         return engine

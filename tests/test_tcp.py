@@ -434,14 +434,14 @@ def resp(*words: bytes) -> bytes:
     return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
 
 
-def redisExchange(port: int) -> tuple:
+def redisExchange(port: int, host: str = "127.0.0.1") -> tuple:
     """
     One raw connection to Redis through the proxy whose every byte is known: SET, GET,
     then a half-close.  Returns the bytes sent and received.
     """
     sent = resp(b"SET", b"exact", b"x" * 1000) + resp(b"GET", b"exact")
     expected = b"+OK\r\n$1000\r\n" + b"x" * 1000 + b"\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(sent)
         got = recv(s, len(expected))
         s.shutdown(socket.SHUT_WR)
@@ -450,23 +450,26 @@ def redisExchange(port: int) -> tuple:
     return len(sent), len(got)
 
 
-def redisMonitor(port: int, commands: int = 200) -> int:
+def redisMonitor(port: int, commands: int = 200, host: str = "127.0.0.1") -> int:
     """
     MONITOR through the proxy streams one line per command that another connection
     through the proxy sends; returns how many lines were seen.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as monitor:
+    with socket.create_connection((host, port), timeout=10) as monitor:
         monitor.sendall(resp(b"MONITOR"))
         assert recv(monitor, 5) == b"+OK\r\n"
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as writer:
+        with socket.create_connection((host, port), timeout=10) as writer:
             for i in range(commands):
                 writer.sendall(resp(b"SET", b"m%d" % i, b"v"))
                 assert recv(writer, 5) == b"+OK\r\n"
-        seen = b""
-        deadline = time.monotonic() + 10
-        while seen.count(b'"SET"') < commands and time.monotonic() < deadline:
-            seen += monitor.recv(65536)
-    return seen.count(b'"SET"')
+        mine = b'"SET" "m'  # other connections may be writing at the same time (a 10 MB SET)
+        seen, tail = 0, b""
+        deadline = time.monotonic() + 20
+        while seen < commands and time.monotonic() < deadline:
+            chunk = tail + monitor.recv(1 << 20)
+            seen += chunk.count(mine)
+            tail = chunk[-(len(mine) - 1):]
+    return seen
 
 
 def redisPy(port: int, host: str = "127.0.0.1") -> None:
