@@ -299,7 +299,7 @@ class NetworkNamespace:
         network = self._freeNetwork()
         host, pod = list(network.hosts())
         self.hostAddress, self.podAddress = str(host), str(pod)
-        hostEnd = f"scv{secrets.token_hex(4)}"
+        hostEnd = self.hostEnd = f"scv{secrets.token_hex(4)}"
         run(["ip", "link", "add", hostEnd, "type", "veth", "peer", "name", "eth0",
              "netns", self.name])
         # Deleting the namespace deletes both ends; this covers a failure before that.
@@ -764,7 +764,7 @@ class EveryPortPodTests(TestCase):
             raise SkipTest(reason)
         self.pod = Pod(self, "nft")
 
-    def startEverything(self) -> None:
+    def startEverything(self, listen: str = str(PROXY_PORT)) -> None:
         pod = self.pod
         pod.initScript("-b", "*")
         pod.startService()
@@ -786,8 +786,8 @@ class EveryPortPodTests(TestCase):
                 lambda port=port: f"a server on port {port} in the pod",
             )
         env = dict(os.environ, PYTHONPATH=ROOT.path, PYTHONUNBUFFERED="1")
-        pod.spawn(proxyCommand() + ["--upstream", "original", "--log-format", "json"], pod.proxyLog,
-                  env=env, cwd=ROOT.path)
+        pod.spawn(proxyCommand() + ["--upstream", "original", "--log-format", "json", "--listen", listen],
+                  pod.proxyLog, env=env, cwd=ROOT.path)
         pollUntil(
             lambda: pod.curl([pod.adminURL("/ready")], check=False)[0] == 200,
             lambda: f"the proxy's /ready in the pod; its log:\n{pod.proxyLog.getContent()!r}",
@@ -878,3 +878,28 @@ class EveryPortPodTests(TestCase):
         self.assertEqual(tcpTotal(text, "istio_tcp_sent_bytes_total"), sum(r["bytes_sent"] for r in tcp))
         self.assertEqual(tcpTotal(text, "istio_tcp_connections_opened_total"), 6)
         self.assertEqual(tcpTotal(text, "istio_tcp_connections_closed_total"), 6)
+
+    def test_ipv6AndIPv4OnOneDualStackListener(self):
+        """
+        Behind a dual-stack listener (C{tcp6:8000:interface=::}), a Redis exchange
+        from outside over IPv6 (the original destination read with
+        C{IP6T_SO_ORIGINAL_DST}) and one over IPv4 (C{SO_ORIGINAL_DST} on the same
+        IPv6 socket) both reach the pod's Redis, each with its exact bytes recorded.
+        """
+        return deferToThread(self._dualStack)
+
+    def _dualStack(self) -> None:
+        from tests.test_tcp import redisExchange
+
+        pod = self.pod
+        prefix = f"fd00:{secrets.token_hex(2)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+        run(["ip", "-6", "addr", "add", f"{prefix}::1/64", "dev", pod.namespace.hostEnd, "nodad"])
+        pod.namespace.ip("-6", "addr", "add", f"{prefix}::2/64", "dev", "eth0", "nodad")
+        self.startEverything(listen=f"tcp6:{PROXY_PORT}:interface=\\:\\:")
+        exchanges = [redisExchange(REDIS_PORT, f"{prefix}::2"), redisExchange(REDIS_PORT, pod.namespace.podAddress)]
+        tcp = self.records(lambda r: r["protocol"] == "tcp", 2)
+        self.assertEqual(sorted((r["bytes_received"], r["bytes_sent"], r["upstream_host"], r["response_flags"])
+                                for r in tcp),
+                         sorted((sent, got, f"127.0.0.1:{REDIS_PORT}", "-") for sent, got in exchanges))
+        clients = sorted(r["downstream_remote_address"].rpartition(":")[0] for r in tcp)
+        self.assertEqual(clients, sorted([f"[{prefix}::1]", f"[::ffff:{pod.namespace.hostAddress}]"]))
