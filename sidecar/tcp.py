@@ -50,7 +50,8 @@ class TcpRecord:
 
     @ivar startTime: when the connection was handed to the splice (epoch seconds).
     @ivar duration: from C{startTime} until both sides were closed.
-    @ivar bytesReceived: bytes received from the client (all sent on to the service).
+    @ivar bytesReceived: bytes received from the client (sent on to the service unless
+        the connection was refused).
     @ivar bytesSent: bytes sent to the client (received from the service).
     @ivar upstreamHost: C{host:port} of the service, C{""} when none was chosen.
     @ivar flags: Envoy-style flags joined with C{","} (C{UF}, C{UC}, C{DC}, C{NR},

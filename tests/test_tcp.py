@@ -741,3 +741,96 @@ class FailureLoopbackTests(LoopbackCase):
         d = self.startProxy("original")
         d.addCallback(lambda port: setattr(self, "port", port))
         return d.addCallback(lambda _: deferToThread(run))
+
+
+class MutualTLSTcpTests(TestCase):
+    """
+    Opaque TCP under mutual TLS: on a permissive port, a TLS ClientHello goes to the
+    mutual-TLS layer and detection runs again on the decrypted stream; Redis bytes
+    there are spliced to a real redis-server with the client's identity on the
+    record, or refused by the policy.
+    """
+
+    def setUp(self) -> Any:
+        reason = missing("redis-server")
+        if reason:
+            raise SkipTest(reason)
+        from tests.tlsfixtures import FRONTEND_ID, writeMesh
+
+        self.frontend = FRONTEND_ID
+        self.mesh = writeMesh(self.mktemp())
+        self.redisPort = freePort()
+        d = LoopbackCase.startService(self, ["/usr/bin/env", "redis-server", "--port", str(self.redisPort), "--bind",
+                                             "127.0.0.1", "--save", "", "--appendonly", "no"], self.redisPort)
+        return d.addCallback(lambda _: self.startSidecar())
+
+    def startSidecar(self) -> Any:
+        from sidecar.config import ProxyConfig, TLSConfig, UpstreamConfig
+        from sidecar.service import SidecarService
+
+        self.port = freePort()
+        config = ProxyConfig(
+            listen=f"tcp:{self.port}:interface=127.0.0.1",
+            upstream=UpstreamConfig(port=self.redisPort),
+            accessLog=None, admin=None,
+            tls=TLSConfig(listen=None, cert=self.mesh.crt("backend"), key=self.mesh.key("backend"),
+                          ca=os.path.join(self.mesh.directory, "ca.crt"), allow=(self.frontend,),
+                          mode="permissive"),
+        )
+        self.service = SidecarService(config, reactor)
+        self.records: List[TcpRecord] = []
+        self.service.recorder.tcpSinks.append(self.records.append)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        return portAnswers(self.port)
+
+    def ping(self, name: str | None) -> bytes:
+        """
+        PING through the proxy, over mutual TLS as C{name}, or plain for C{None}.
+        """
+        import ssl
+
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock: Any = raw
+        try:
+            if name is not None:
+                context = ssl.create_default_context(cafile=os.path.join(self.mesh.directory, "ca.crt"))
+                context.check_hostname = False
+                context.load_cert_chain(self.mesh.crt(name), self.mesh.key(name))
+                sock = context.wrap_socket(raw)
+            sock.sendall(resp(b"PING"))
+            try:
+                answer = sock.recv(100)
+                if name is not None and answer:
+                    sock = sock.unwrap()  # close_notify: a clean end of the TLS stream
+                return answer
+            except (ssl.SSLError, ConnectionError):
+                return b""
+        finally:
+            sock.close()
+
+    def waitRecords(self, count: int) -> List[TcpRecord]:
+        deadline = time.monotonic() + 10
+        while len(self.records) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.records)
+
+    def test_identityOnTheRecord(self):
+        """
+        An allowed client's PING over mutual TLS gets Redis's PONG, and its record
+        says mutual TLS with its SPIFFE id; a plain client on the same port gets its
+        PONG too, recorded without identity; a client the policy refuses gets
+        nothing and a record with RBAC.
+        """
+        def run() -> None:
+            self.assertEqual(self.ping("frontend"), b"+PONG\r\n")
+            self.assertEqual(self.ping(None), b"+PONG\r\n")
+            self.assertEqual(self.ping("evil"), b"")
+            records = self.waitRecords(3)
+            got = sorted((r.mutualTLS, r.downstreamPeerPrincipal, r.flags, r.bytesReceived) for r in records)
+            self.assertEqual(got, sorted([
+                (True, self.frontend, "-", 14), (False, "", "-", 14),
+                (True, "spiffe://cluster.local/ns/default/sa/evil", "RBAC", 14)]))
+            tls = self.service.tls
+            self.assertEqual((tls.handshakes, tls.denials), (2, 1))
+        return deferToThread(run)
