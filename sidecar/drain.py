@@ -27,6 +27,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
+from sidecar.compat import listeningPort
 from sidecar.config import LifecycleConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,7 +133,7 @@ def listeningAddresses(listeners: Sequence[Any]) -> Deferred[List[str]]:
 
     waits = []
     for listener in listeners:
-        waiting = getattr(listener, "_waitingForPort", None)
+        waiting = listeningPort(listener)
         if waiting is None:
             waits.append(succeed("?"))
             continue

@@ -11,9 +11,9 @@ import os
 import sys
 from typing import IO, Any, Optional
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
 
 from sidecar.accesslog import FORMATS, AccessLog
 from sidecar.config import ProxyConfig
@@ -245,8 +245,7 @@ class SidecarService(MultiService):
         self.tcp.sweep(now)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
-        service = StreamServerEndpointService(serverFromString(self.reactor, description), factory)
-        service._raiseSynchronously = True
+        service = strports.service(description, factory, reactor=self.reactor)
         service.setServiceParent(self)
         return service
 

@@ -331,6 +331,27 @@ class Options(usage.Options):
             self["config"] = attrs.evolve(self["config"], tls=tls)
         if listen is None and (tls is None or tls.listen is None):
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
+        _noForegroundPidfile(getattr(self, "parent", None))
+
+
+def _noForegroundPidfile(twistdOptions: Optional[usage.Options]) -> None:
+    """
+    In the foreground (C{twistd -n sidecar}, as in containers and the README), write
+    no pid file unless another one is named: twistd's default, C{twistd.pid} in the
+    current folder, would stop a second proxy started in the same folder, and cannot
+    be written on a read-only root filesystem. A daemon keeps it: the pid file is
+    how it is found and stopped.
+
+    @param twistdOptions: twistd's own options, the parent of the plugin's, or
+        L{None} when the plugin's options are parsed alone.
+    """
+    if twistdOptions is None:
+        return
+    try:
+        if twistdOptions["nodaemon"] and twistdOptions["pidfile"] == "twistd.pid":
+            twistdOptions["pidfile"] = ""
+    except KeyError:
+        pass
 
 
 def makeService(options: Options):

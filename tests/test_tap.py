@@ -78,3 +78,36 @@ class OptionsTests(unittest.TestCase):
         An access log path that can't be written is refused at start-up.
         """
         self.assertRefused("--access-log", "--access-log", "/nonexistent/dir/access.log")
+
+
+class PidfileTests(unittest.TestCase):
+    """
+    The plugin under twistd's own options: the README's commands work in any folder.
+    """
+
+    def twistd(self, *argv: str):
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config
+
+    def test_foregroundWritesNoPidfile(self):
+        """
+        C{twistd -n sidecar ...} writes no C{twistd.pid}, so a second proxy in
+        the same folder (or one on a read-only filesystem) starts.
+        """
+        self.assertEqual(self.twistd("-n", "sidecar", "--upstream", "80")["pidfile"], "")
+        self.assertEqual(self.twistd("--nodaemon", "sidecar", "--upstream", "80")["pidfile"], "")
+
+    def test_namedPidfileKept(self):
+        """
+        A pid file named on the command line is kept in the foreground, and a
+        daemon keeps twistd's default: it is how the daemon is found and stopped.
+        """
+        import os
+
+        named = self.twistd("-n", "--pidfile", "proxy.pid", "sidecar", "--upstream", "80")["pidfile"]
+        self.assertEqual(named, os.path.abspath("proxy.pid"))
+        daemon = self.twistd("sidecar", "--upstream", "80")["pidfile"]
+        self.assertEqual(daemon, os.path.abspath("twistd.pid"))
