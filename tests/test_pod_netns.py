@@ -902,4 +902,5 @@ class EveryPortPodTests(TestCase):
                                 for r in tcp),
                          sorted((sent, got, f"127.0.0.1:{REDIS_PORT}", "-") for sent, got in exchanges))
         clients = sorted(r["downstream_remote_address"].rpartition(":")[0] for r in tcp)
-        self.assertEqual(clients, sorted([f"[{prefix}::1]", f"[::ffff:{pod.namespace.hostAddress}]"]))
+        host6 = ipaddress.IPv6Address(f"{prefix}::1")
+        self.assertEqual(clients, sorted([f"[{host6}]", f"[::ffff:{pod.namespace.hostAddress}]"]))
