@@ -123,6 +123,16 @@ def classify(data: bytes, limit: int = 64 * 1024) -> Optional[str]:
     return HTTP1 if line else TCP
 
 
+def firstByte(data: bytes, limit: int = 0) -> Optional[str]:
+    """
+    The permissive port's historical switch: a first byte of 0x16 (a TLS handshake
+    record; no HTTP method starts with it) is L{TLS}, any other L{HTTP1}.
+    """
+    if not data:
+        return None
+    return TLS if data[0] == 0x16 else HTTP1
+
+
 #: A route: builds the protocol for a connection from its L{Detector} (C{addr}, the
 #: C{destination} dialled when the listener looked, C{how} the kind was told: the
 #: kind, C{"timeout"}, C{"declared"}, C{"closed"}, and C{started}); C{None} refuses
@@ -150,13 +160,16 @@ class DetectingFactory(Factory):
     @ivar tls: under a TLS layer, the L{sidecar.tls.MutualTLS} whose handshake
         timeout and counters the detector owns; detection starts when the handshake
         completes.
+    @ivar classify: the classifier, L{classify} unless told otherwise (the permissive
+        port's first-byte switch, L{firstByte}).
     """
 
     noisy = False
 
     def __init__(self, routes: Mapping[str, Route], clock: Any, timeout: Optional[float],
                  declared: Mapping[int, str] = {}, original: bool = False, limit: int = 64 * 1024,
-                 swap: FrozenSet[str] = frozenset(), tls: Any = None) -> None:
+                 swap: FrozenSet[str] = frozenset(), tls: Any = None,
+                 classify: Callable[[bytes, int], Optional[str]] = classify) -> None:
         self.routes = dict(routes)
         self.clock = clock
         self.timeout = timeout
@@ -165,12 +178,10 @@ class DetectingFactory(Factory):
         self.limit = limit
         self.swap = frozenset(swap)
         self.tls = tls
+        self.classify = classify
 
     def buildProtocol(self, addr: Any) -> Detector:
-        proto = Detector()
-        proto.factory = self
-        proto.addr = addr
-        return proto
+        return Detector(self, addr)
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -199,9 +210,13 @@ class Detector(Protocol):
     _handshaken: bool = False
     _handshakeTimer: Any = None
 
+    def __init__(self, factory: DetectingFactory, addr: Any = None) -> None:
+        self.factory = factory
+        self.addr = addr
+
     def connectionMade(self) -> None:
         factory = self.factory
-        self.started = factory.clock.seconds()
+        self.started = factory.clock.seconds() if factory.clock is not None else 0.0
         self._buffer: List[bytes] = []
         if factory.declared or factory.original:
             self.destination = dialled(self.transport)
@@ -261,7 +276,7 @@ class Detector(Protocol):
             # A declared port on a listener that also takes mutual TLS: only TLS is told.
             self._route(declared, "declared")
             return
-        kind = classify(seen, self.factory.limit)
+        kind = self.factory.classify(seen, self.factory.limit)
         if kind is None:
             return
         if declared is not None and kind != TLS:

@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import struct
-import threading
 import time
 from typing import Any, List
 
