@@ -326,6 +326,11 @@ class Options(usage.Options):
                                            allowZero=True) or None,
             portProtocols=_portProtocols(self.get("port-protocol", ()), self["opaque-ports"]),
         )
+        config = self["config"]
+        if original and (config.lifecycle.readyRequiresUpstream or config.lifecycle.waitForUpstream is not None):
+            raise usage.UsageError(
+                "--upstream original: readiness cannot check one service port; drop --ready-requires-upstream "
+                "and --wait-for-upstream, or give a fixed --upstream.")
         tls = _tlsConfig(self, listen)
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)

@@ -222,6 +222,25 @@ class SpliceTests(SynchronousTestCase):
         self.assertFalse(busyClient.disconnecting)
         self.assertEqual(idle.flags, ["SI"])
 
+    def test_drainClosesBothSides(self):
+        """
+        Closing a splice gracefully (as drain does, through the detector) closes both
+        sides with a FIN once their bytes are out, and records no flag.
+        """
+        from sidecar.detect import TCP, DetectingFactory
+
+        detector = DetectingFactory({TCP: lambda d: self.proxy.splice("127.0.0.1", 6379, d.how)},
+                                    self.reactor, None, {12345: TCP}).buildProtocol(None)
+        client = HalfTransport()
+        detector.makeConnection(client)
+        side, upstream = self.connectUpstream()
+        detector.loseConnection()
+        self.assertTrue(client.disconnecting and upstream.disconnecting)
+        self.assertFalse(client.aborted or upstream.aborted)
+        detector.connectionLost(Failure(ConnectionDone()))
+        side.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(r.flags, r.detected) for r in self.records], [("-", "declared")])
+
     def test_refusedIdentity(self):
         """
         Under mutual TLS a client the policy refuses is closed without a connect to
@@ -330,6 +349,15 @@ class FlagTests(SynchronousTestCase):
             self.parse("--protocol-detect-timeout", "soon")
         config = self.parse("--upstream", "original")
         self.assertEqual((config.upstream.original, config.upstream.address), (True, "127.0.0.1:original"))
+
+    def test_originalCannotBeCheckedForReadiness(self):
+        """
+        C{--upstream original} has no one service port for readiness to check.
+        """
+        for flag in (["--ready-requires-upstream"], ["--wait-for-upstream", "5"]):
+            with self.assertRaises(usage.UsageError) as e:
+                self.parse("--upstream", "original", *flag)
+            self.assertIn("--upstream original", str(e.exception))
 
 
 RECORD = TcpRecord(1700000000.25, 1.5, 10, 20, "127.0.0.1:6379", "UC", "10.0.0.2:5555",
