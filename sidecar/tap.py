@@ -332,6 +332,10 @@ class Options(usage.Options):
                 "--upstream original: readiness cannot check one service port; drop --ready-requires-upstream "
                 "and --wait-for-upstream, or give a fixed --upstream.")
         tls = _tlsConfig(self, listen)
+        if original and tls is not None and tls.listen is not None:
+            raise usage.UsageError(
+                "--upstream original: connections to --tls-listen are not redirected, so they have no port to go "
+                "to; use --tls-mode permissive, which takes mutual TLS on the redirected ports.")
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
         if listen is None and (tls is None or tls.listen is None):

@@ -350,6 +350,22 @@ class FlagTests(SynchronousTestCase):
         config = self.parse("--upstream", "original")
         self.assertEqual((config.upstream.original, config.upstream.address), (True, "127.0.0.1:original"))
 
+    def test_originalWithTheTLSListener(self):
+        """
+        C{--upstream original} with a separate mutual-TLS listener is refused (its
+        connections are not redirected); permissive mode is the way.
+        """
+        from tests.tlsfixtures import writeMesh
+
+        mesh = writeMesh(self.mktemp())
+        files = ["--tls-cert", mesh.crt("backend"), "--tls-key", mesh.key("backend"),
+                 "--tls-ca", os.path.join(mesh.directory, "ca.crt")]
+        with self.assertRaises(usage.UsageError) as e:
+            self.parse("--upstream", "original", "--tls-listen", "0", *files)
+        self.assertIn("--tls-mode permissive", str(e.exception))
+        config = self.parse("--upstream", "original", "--tls-mode", "permissive", *files)
+        self.assertTrue(config.tls.permissive)
+
     def test_originalCannotBeCheckedForReadiness(self):
         """
         C{--upstream original} has no one service port for readiness to check.
