@@ -297,7 +297,8 @@ class Detector(Protocol):
             kind = TCP
         self.kind = kind
         self.how = how
-        inner = routes[kind](self)
+        route = routes.get(kind)
+        inner = route(self) if route is not None else None
         if inner is None:
             self.transport.loseConnection()
             return
