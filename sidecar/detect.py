@@ -224,7 +224,7 @@ class Detector(Protocol):
                 self._route(NO_ROUTE, NO_ROUTE)
                 return
             self._declared = factory.declared.get(self.destination.port)
-            if self._declared is not None and TLS not in factory.routes:
+            if self._declared is not None and TLS not in factory.routes and factory.tls is None:
                 self._route(self._declared, "declared")
                 return
         if factory.tls is None:
@@ -251,7 +251,11 @@ class Detector(Protocol):
         if timer is not None and timer.active():
             timer.cancel()
         if self.inner is None and self.kind is None:
-            self._startTimer()
+            if self._declared is not None:
+                # Under TLS a declared port is taken once the client's identity is known.
+                self._route(self._declared, "declared")
+            else:
+                self._startTimer()
 
     def _startTimer(self) -> None:
         if self.factory.timeout is not None:

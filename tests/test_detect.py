@@ -347,3 +347,13 @@ class UnderTLSTests(Harness, SynchronousTestCase):
         detector.handshakeCompleted()
         detector.dataReceived(CLIENT_HELLO)
         self.assertEqual([p.kind for p in self.built], [TCP])
+
+    def test_declaredPortAfterTheHandshake(self):
+        """
+        Under TLS a declared port is taken when the handshake completes (when the
+        client's certificate can be read), not at connect.
+        """
+        detector, _ = self.connect(tls=Counters(), declared={12345: TCP})
+        self.assertEqual(self.built, [])
+        detector.handshakeCompleted()
+        self.assertEqual([(p.kind, detector.how) for p in self.built], [(TCP, "declared")])
