@@ -6,39 +6,29 @@ L{ProxyConfig}.  It decides nothing; every policy lives in the modules it wires.
 
 from __future__ import annotations
 
-import io
-import os
-import sys
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 
-from sidecar.accesslog import FORMATS, AccessLog
+from sidecar.accesslog import FORMATS, AccessLog, LogOutput, openOutput
 from sidecar.config import ProxyConfig
 from sidecar.exchange import Engine
 from sidecar.stats import Recorder
 from sidecar.upstream import UpstreamPool
-from sidecar.admin import adminSite
+from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
-from sidecar.metrics import SidecarCollector
+from sidecar.metrics import SidecarCollector, runtimeCollectors
 
-def openAccessLog(path: Optional[str]) -> Optional[IO[str]]:
+def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
-    The stream the access log writes to: a duplicate of file descriptor 1 for C{"-"}
-    (twistd later replaces C{sys.stdout} with its own logger), a file opened for
-    appending otherwise.
+    The output the access log writes to without blocking (L{openOutput}): standard
+    output for C{"-"}, a file opened for appending otherwise, nothing for C{None}.
     """
     if path is None:
         return None
-    if path == "-":
-        try:
-            fd = os.dup(sys.stdout.fileno())
-        except (AttributeError, OSError, io.UnsupportedOperation):
-            return sys.stdout
-        return os.fdopen(fd, "w", buffering=64 * 1024, encoding="utf-8")
-    return open(path, "a", buffering=64 * 1024, encoding="utf-8")
+    return openOutput(path)
 
 
 class SidecarService(MultiService):
@@ -53,9 +43,9 @@ class SidecarService(MultiService):
         self.reactor = reactor
         self.accessLog: Optional[AccessLog] = None
         sinks = []
-        stream = openAccessLog(config.accessLog)
-        if stream is not None:
-            self.accessLog = AccessLog(stream, FORMATS[config.logFormat], reactor)
+        output = openAccessLog(config.accessLog)
+        if output is not None:
+            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer)
             sinks.append(self.accessLog)
         self.recorder = Recorder(sinks)
         self.pool = UpstreamPool(reactor, reactor, config.upstream)
@@ -63,6 +53,7 @@ class SidecarService(MultiService):
             reactor, self.pool, self.recorder,
             serverHeader=config.serverHeader.encode("ascii"),
             responseTimeout=config.upstream.responseTimeout,
+            maxRequestBytes=config.maxRequestBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
@@ -75,24 +66,24 @@ class SidecarService(MultiService):
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
             reload.clock = reactor
             reload.setServiceParent(self)
-        self._assembleListeners(stream)
+        self._assembleListeners()
 
         self._assembleAdmin()
 
-    def _assembleListeners(self, stream: Optional[IO[str]]) -> None:
+    def _assembleListeners(self) -> None:
         """
         The inbound listeners, each detecting protocols (L{sidecar.detect}): HTTP/1.x
         to the front door, TLS to mutual TLS (permissive port) or opaque TCP, the rest
         to the TCP splice (L{sidecar.tcp}); and, for C{--upstream original}, the pools
         by port dialled (L{sidecar.origdst}).
         """
-        from sidecar.accesslog import TCP_FORMATS
+        from sidecar.accesslog import TCP_FORMATS, tcpSink
         from sidecar.origdst import OriginalDestinations
         from sidecar.tcp import TcpProxy
 
         config, reactor = self.config, self.reactor
-        if stream is not None:
-            self.recorder.tcpSinks.append(AccessLog(stream, TCP_FORMATS[config.logFormat], reactor))
+        if self.accessLog is not None:
+            self.recorder.tcpSinks.append(tcpSink(self.accessLog, TCP_FORMATS[config.logFormat]))
         self.tcp = TcpProxy(reactor, self.recorder, config.upstream.connectTimeout, config.clientIdleTimeout)
         self.originals = None
         if config.upstream.original:
@@ -173,19 +164,23 @@ class SidecarService(MultiService):
         self.collector = SidecarCollector(
             self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
-            tls=self.tls)
+            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors())
         self.adminListeners = []
+        self.healthListeners = []
         self.lifecycle = Lifecycle(
             reactor, config.lifecycle, self.engine, self.recorder, self.listeners, config.upstream,
             connections=self._clientConnections,
             flush=self.accessLog.flush if self.accessLog is not None else (lambda: None),
             announce=self._readyLine,
-            adminListeners=lambda: self.adminListeners,
+            adminListeners=lambda: self.adminListeners + self.healthListeners,
         )
         if config.admin is not None:
             site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime,
                              offload=self._offload)
             self.adminListeners.append(self._listen(config.admin, site))
+        if config.health is not None:
+            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload)
+            self.healthListeners.append(self._listen(config.health, health))
         self.lifecycle.setServiceParent(self)
 
     def _offload(self, f: Any, *args: Any) -> Any:
@@ -215,9 +210,11 @@ class SidecarService(MultiService):
 
     def _readyLine(self, addresses: list) -> str:
         proxied = addresses[:len(self.listeners)]
-        admin = addresses[len(self.listeners):]
+        admin = addresses[len(self.listeners):len(self.listeners) + len(self.adminListeners)]
+        health = addresses[len(self.listeners) + len(self.adminListeners):]
         return (f"sidecar ready: listening on {', '.join(proxied)} ({self.config.engine} front door), "
-                f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}")
+                f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}, "
+                f"health on {', '.join(health) or 'none'}")
 
     def proxyFactory(self, engine: Any = None) -> Any:
         """
@@ -228,7 +225,7 @@ class SidecarService(MultiService):
         if self.config.engine == "web":
             from sidecar.resource import proxySite
 
-            return proxySite(engine)
+            return proxySite(engine, self.config.maxHeaderBytes)
         from sidecar.downstream import DownstreamFactory
 
         return DownstreamFactory(engine, self.config.maxHeaderBytes)

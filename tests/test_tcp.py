@@ -418,6 +418,34 @@ class FormatTests(SynchronousTestCase):
                          "Bytes Received: 10\nBytes Sent: 20\nResponse Flags: UC\n\n")
 
 
+class SinkTests(SynchronousTestCase):
+    """
+    TCP records go through the access log's one writer.
+    """
+
+    def test_inOrderWithTheHttpRecords(self):
+        """
+        A TCP record written between two HTTP records comes out between them, in the
+        TCP format, and the writer formats HTTP records as before afterwards.
+        """
+        from sidecar.accesslog import AccessLog, LogOutput, formatText, tcpSink
+        from sidecar.exchange import Record
+
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        writer = AccessLog(LogOutput(write), formatText, MemoryReactorClock())
+        self.addCleanup(writer.output.close)
+        http = Record(1700000000.0, 0.001, None, 0, 2, 200, "GET", "/x", "HTTP/1.1", "a", "127.0.0.1:80", "-",
+                      "", "", "", "10.0.0.2:1")
+        writer(http)
+        tcpSink(writer, formatTcpText)(RECORD)
+        writer(http)
+        writer.flush()
+        lines = os.read(read, 65536).decode().splitlines()
+        self.assertEqual([line.split('"')[1] for line in lines], ["GET /x HTTP/1.1", "- - -", "GET /x HTTP/1.1"])
+        self.assertIs(writer.format, formatText)
+
+
 class MetricsTests(SynchronousTestCase):
     """
     Istio's TCP metrics from the recorder's TCP series.
