@@ -185,6 +185,8 @@ class Options(usage.Options):
         ["tls-key", None, None, "Mutual TLS: PEM private key of --tls-cert."],
         ["tls-ca", None, None, "Mutual TLS: PEM bundle of the CAs that client certificates must chain to."],
         ["tls-mode", None, "strict", "strict, or permissive: the plain --listen port also accepts mutual TLS."],
+        ["app-probers", None, None, "JSON of the app's probes the health port performs at /app-health/... "
+         "(default: ISTIO_KUBE_APP_PROBERS; sidecar-inject writes it)."],
     ]
 
     def opt_tls_allow(self, value: str) -> None:
@@ -228,7 +230,13 @@ class Options(usage.Options):
         if "principal" in labels and not labels["principal"].startswith("spiffe://"):
             raise usage.UsageError(f"--principal: {labels['principal']!r} is not a SPIFFE id (spiffe://...).")
         mesh = workloadLabels(os.environ, **labels)
-        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh)
+        from sidecar.probes import ProberError, appProbers
+
+        try:
+            probers = tuple(appProbers(self["app-probers"], os.environ).values())
+        except ProberError as e:
+            raise usage.UsageError(str(e)) from None
+        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh, appProbers=probers)
 
     def postOptions(self) -> None:
         """
