@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+import yaml
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, RequestReceived, StreamEnded
@@ -392,6 +393,23 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+@inlineCallbacks
+def kubeletGet(port: int, path: str) -> Any:
+    """
+    GET a path of 127.0.0.1:C{port} as the kubelet does (its C{User-Agent}, a
+    new connection).
+
+    @return: a Deferred firing with the status and the body.
+    """
+    from twisted.web.client import HTTPConnectionPool
+
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    response = yield agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode(),
+                                   Headers({b"user-agent": [b"kube-probe/1.31"]}))
+    body = yield readBody(response)
+    return response.code, body
+
+
 class _HealthService:
     """
     A real gRPC server (grpcio) with the health service, by hand: C{cart} is
@@ -438,19 +456,11 @@ class IntegrationTests(TestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    @inlineCallbacks
-    def get(self, port: int, path: str) -> Any:
+    def get(self, port: int, path: str) -> Deferred[tuple[int, bytes]]:
         """
         @return: the status and body of a kubelet-like GET of the probe port.
         """
-        from twisted.web.client import HTTPConnectionPool
-
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        agent = Agent(reactor, pool=pool)
-        response = yield agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode(),
-                                       Headers({b"user-agent": [b"kube-probe/1.31"]}))
-        body = yield readBody(response)
-        return response.code, body
+        return kubeletGet(port, path)
 
     @inlineCallbacks
     def test_httpGet(self):
@@ -571,3 +581,68 @@ class FlagTests(SynchronousTestCase):
             options.parseOptions(["--app-probers", '{"/a": {"tcpSocket": {"port": 0}}}'])
         self.assertEqual(str(caught.exception),
                          "--app-probers: /a: the port must be a number from 1 to 65535, not 0.")
+
+
+class StrictMutualTLSTests(TestCase):
+    """
+    A real C{twistd sidecar} serving mutual TLS only, with the probers that
+    C{sidecar-inject} writes for its pod: the kubelet's probe passes on the
+    health port while the service port stays mTLS-only.
+    """
+
+    @inlineCallbacks
+    def test_kubeletProbeUnderStrictMutualTLS(self):
+        """
+        The kubelet's plain GET of the service port gets no HTTP answer (the
+        listener speaks mutual TLS only); the rewritten probe, a plain GET of
+        C{/app-health/service/readyz} on the health port, is 200 while the
+        application answers (the application saw the probe's path and header)
+        and 503 once it stops; the health port's own paths still answer.
+        """
+        from sidecar.inject import INIT_NAME, PROXY_NAME, InjectionSettings, injectStream
+        from tests.support import PYTHON, ChildProcess, portAnswers, subprocessEnv
+        from tests.test_inject import container, podSpecOf, workload
+        from tests.tlsfixtures import writeMesh
+
+        upstream = Upstream()
+        app = upstream.start(self)
+        spec = (
+            "      containers:\n      - name: service\n        image: kennethreitz/httpbin\n        ports:\n"
+            f"        - {{name: http, containerPort: {app}}}\n        readinessProbe:\n          httpGet:\n"
+            "            path: /echo\n            port: http\n            httpHeaders:\n"
+            "            - {name: X-Probe, value: readiness}\n"
+        )
+        output, _ = injectStream(workload("Deployment", "apps/v1", spec), InjectionSettings(tlsSecret="certs"))
+        pod = podSpecOf(yaml.safe_load(output))
+        probe = container(pod, "service")["readinessProbe"]["httpGet"]
+        self.assertEqual(probe, {"path": "/app-health/service/readyz", "port": 15021, "scheme": "HTTP"})
+        [env] = [v["value"] for v in container(pod, PROXY_NAME)["env"] if v["name"] == PROBERS_ENV]
+        self.assertEqual(container(pod, INIT_NAME)["args"][:4], ["-p", "8443", "-b", str(app)])
+
+        mesh = writeMesh(self.mktemp())
+        tlsPort, health = freePort(), freePort()
+        ChildProcess(self, [
+            PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sidecar",
+            "--listen", "none", "--tls-listen", f"tcp:{tlsPort}:interface=127.0.0.1",
+            "--tls-cert", mesh.crt("backend"), "--tls-key", mesh.key("backend"),
+            "--tls-ca", f"{mesh.directory}/ca.crt", "--admin", "none",
+            "--health", f"tcp:{health}:interface=127.0.0.1", "--upstream", str(app), "--access-log", "none",
+        ], env=subprocessEnv(**{PROBERS_ENV: env}))
+        yield portAnswers(health)
+        yield portAnswers(tlsPort)
+
+        kubeletDirect = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{tlsPort}/echo".encode()).addCallbacks(
+            lambda response: response.code, lambda failure: failure.type)
+        self.assertNotIsInstance(kubeletDirect, int)
+        self.assertEqual(len(upstream.seen), 0)
+
+        code, body = yield kubeletGet(health, "/app-health/service/readyz")
+        self.assertEqual((code, body), (200, b"ok: HTTP status 200\n"))
+        [seen] = upstream.seen
+        self.assertEqual((seen.uri, seen.header(b"x-probe")), (b"/echo", [b"readiness"]))
+        self.assertEqual((yield kubeletGet(health, "/healthz/ready"))[0], 200)
+        self.assertEqual((yield kubeletGet(health, "/app-health/other/readyz"))[0], 404)
+        yield upstream.port.stopListening()
+        code, body = yield kubeletGet(health, "/app-health/service/readyz")
+        self.assertEqual(code, 503)
+        self.assertIn(b"refused", body)
