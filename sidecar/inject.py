@@ -42,6 +42,18 @@ others, or C{*}), C{sidecar/exclude-inbound-ports} are never captured, and
 C{sidecar/inject: "false"} leaves a pod template alone. Pods on the host's
 network, and pods with no port to proxy, are left alone with a note on stderr.
 
+The Services of the stream tell what each port speaks, by Istio's protocol
+selection (L{portProtocols}: a Service port's C{appProtocol} or name, the
+container port's name, a well-known non-HTTP port); the captured ports that
+are not left to the proxy's detection get C{--port-protocol PORT=http2|grpc}
+or C{--opaque-ports} (L{protocolArgs}). The app containers' probes that the
+kubelet could not answer through the proxy (C{httpGet} and C{grpc} under
+mutual TLS, C{tcpSocket} of a captured port) ask the health port's
+C{/app-health/<container>/...} instead, and the proxy gets the originals in
+C{ISTIO_KUBE_APP_PROBERS} (L{rewriteProbes}; L{sidecar.probes} performs
+them). Outbound capture (C{-o}, C{--outbound-listen}) is off unless asked for
+(L{outboundArgs}).
+
 The transformation is plain data in, plain data out (L{injectObject}); L{main}
 is the thin command-line edge around it.
 """
@@ -160,7 +172,9 @@ DEFAULT_HEALTH_PORT = 15021
 DEFAULT_OUTBOUND_PORT = 15001
 
 # The proxy's environment variable for the application's own probes (Istio's
-# name): JSON, each /app-health path to the probe it stands for.
+# name): JSON, each /app-health path to the probe it stands for. The same as
+# sidecar.probes.PROBERS_ENV (tests/test_probes.py checks), which this command
+# does not import: it needs no Twisted.
 PROBERS_ENV = "ISTIO_KUBE_APP_PROBERS"
 APP_HEALTH = "/app-health"
 # Each kind of probe and the last part of its /app-health path, as Istio's.
