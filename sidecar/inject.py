@@ -47,8 +47,8 @@ selection (L{portProtocols}: a Service port's C{appProtocol} or name, the
 container port's name, a well-known non-HTTP port); the captured ports that
 are not left to the proxy's detection get C{--port-protocol PORT=http2|grpc}
 or C{--opaque-ports} (L{protocolArgs}). The app containers' probes that the
-kubelet could not answer through the proxy (C{httpGet} and C{grpc} under
-mutual TLS, C{tcpSocket} of a captured port) ask the health port's
+kubelet could not answer through the proxy (C{httpGet} under mutual TLS,
+C{tcpSocket} and C{grpc} of a captured port) ask the health port's
 C{/app-health/<container>/...} instead, and the proxy gets the originals in
 C{ISTIO_KUBE_APP_PROBERS} (L{rewriteProbes}; L{sidecar.probes} performs
 them). Outbound capture (C{-o}, C{--outbound-listen}) is off unless asked for
@@ -776,13 +776,17 @@ def rewriteProbes(
     C{readyz} or C{startupz} on the health port, and the proxy, given the
     original probe, probes the application over loopback.
 
-      - C{httpGet} probes, and C{grpc} probes of a captured port, when
-        C{rewriteHTTP} (the pod is mutual-TLS only, or Istio's
-        C{sidecar.istio.io/rewriteAppHTTPProbers} says so): on the mTLS
-        listener the kubelet's plain request would fail.
+      - C{httpGet} probes when C{rewriteHTTP} (the pod is mutual-TLS only,
+        or Istio's C{sidecar.istio.io/rewriteAppHTTPProbers} says so): on
+        the mTLS listener the kubelet's plain request would fail; through
+        the plain proxy it reaches the application.
       - C{tcpSocket} probes of a captured port, always: the redirect sends
         the kubelet's connect to the proxy, which accepts it whatever the
         application's state, so the probe would test the proxy.
+      - C{grpc} probes of a captured port, always: under mutual TLS the
+        kubelet's plain HTTP/2 would fail, and in a plain pod the probe
+        would depend on the proxy's own HTTP/2 path; the proxy's health
+        check asks the application directly.
 
     Other probes (C{exec}, ports that are not captured) are left alone.
 
@@ -790,7 +794,7 @@ def rewriteProbes(
     @param settings: the injection settings.
     @param captured: the captured ports, or C{["*"]}.
     @param excluded: ports never captured.
-    @param rewriteHTTP: whether C{httpGet} and C{grpc} probes are rewritten.
+    @param rewriteHTTP: whether C{httpGet} probes are rewritten.
     @param where: the owning object's C{Kind/name}, for errors.
     @return: the probers for the proxy: each C{/app-health} path to the
         original probe's handler (its port a number) and C{timeoutSeconds}.
@@ -827,7 +831,7 @@ def rewriteProbes(
                 handler = {"port": port}
                 if probe["tcpSocket"].get("host"):
                     handler["host"] = str(probe["tcpSocket"]["host"])
-            elif isinstance(probe.get("grpc"), dict) and rewriteHTTP:
+            elif isinstance(probe.get("grpc"), dict):
                 kind = "grpc"
                 port = _portNumber(probe["grpc"].get("port"), f"{where}: container {container.get('name')}'s {key} port")
                 if not isCaptured(port):
@@ -1096,8 +1100,8 @@ def injectTemplate(
         rewrite = _flag(annotations[REWRITE_PROBES_ANNOTATION], f"{where}'s {REWRITE_PROBES_ANNOTATION} annotation")
         rewriteHTTP = rewriteTCP = rewrite
     else:
-        # Only a mutual-TLS pod needs it for HTTP; a captured tcpSocket port
-        # would otherwise test the proxy.
+        # Only a mutual-TLS pod needs it for httpGet; tcpSocket and grpc
+        # probes of a captured port always (see rewriteProbes).
         rewriteHTTP, rewriteTCP = bool(settings.tlsSecret), True
 
     restoreProbes(spec, apps, where)
@@ -1370,8 +1374,8 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
             f" {EXCLUDE_PORTS_ANNOTATION} ports never captured;"
             f" {OUTBOUND_ANNOTATION}: \"true\" captures outgoing TCP, with Istio's"
             f" {', '.join(a for a, _, _ in OUTBOUND_CAPTURE_ANNOTATIONS)};"
-            f" {REWRITE_PROBES_ANNOTATION} rewrites the app's probes to the health port"
-            f" (default: for mutual TLS);"
+            f" {REWRITE_PROBES_ANNOTATION}: \"false\" leaves the app's probes alone, \"true\""
+            f" moves its httpGet probes to the health port in plain pods too (default: under mutual TLS);"
             f" {', '.join(a for a, _, _ in RESOURCE_ANNOTATIONS)} the proxy's requests"
             f" and limits, as in Istio."
         ),

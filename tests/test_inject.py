@@ -13,7 +13,11 @@ import sys
 from typing import Any
 
 import yaml
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -32,6 +36,8 @@ from sidecar.inject import (
     protocolName,
 )
 from sidecar.metrics import MeshLabels, workloadLabels
+from sidecar.admin import healthSite
+from sidecar.probes import appProbers, probePaths, probeResource
 from tests.test_admin import AdminSiteMixin
 from tests.test_pod_netns import ROOT
 from tests.support import subprocessEnv
@@ -647,14 +653,49 @@ class InjectTests(TestCase):
 
 class ProbePathTests(AdminSiteMixin, SynchronousTestCase):
     """
-    The injected probes' paths against the proxy's real admin site, which
-    serves the health port's paths too.
+    The injected probes' paths against the proxy's real health site (the
+    health port's), on a memory reactor.
     """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site = healthSite(self.fixture.collector, self.lifecycle, self.harness.reactor)
+
+    def test_appProbesOnTheHealthPort(self) -> None:
+        """
+        The app's probes the injector rewrites are served by the health site
+        built with the probers it hands the proxy: the rewritten tcpSocket
+        probe makes the proxy connect to the app's port on 127.0.0.1, and
+        answers 200 once connected, 503 when the app refuses.
+        """
+        spec = (
+            "      containers:\n      - name: app\n        image: example/app:1\n        ports:\n"
+            "        - containerPort: 8080\n        livenessProbe:\n          tcpSocket:\n            port: 8080\n"
+        )
+        pod = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec)))
+        probe = container(pod, "app")["livenessProbe"]["httpGet"]
+        self.assertEqual(probe["port"], 15021)
+        env = {v["name"]: v["value"] for v in container(pod, PROXY_NAME)["env"] if "value" in v}
+        reactor = self.harness.reactor
+        resource = probeResource(appProbers(None, env), reactor)
+        self.site = healthSite(self.fixture.collector, self.lifecycle, reactor, more=probePaths(resource))
+        for connected, status in ((True, 200), (False, 503)):
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+            channel = self.site.buildProtocol(None)
+            channel.makeConnection(transport)
+            channel.dataReceived(f"GET {probe['path']} HTTP/1.1\r\nHost: pod\r\n\r\n".encode())
+            host, port, factory, _, _ = reactor.tcpClients[-1]
+            self.assertEqual((host, port), ("127.0.0.1", 8080))
+            if connected:
+                factory.buildProtocol(None).makeConnection(StringTransport())
+            else:
+                factory.clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+            self.assertTrue(transport.value().startswith(f"HTTP/1.1 {status} ".encode()), transport.value())
 
     def probe(self, kind: str) -> int:
         """
         @param kind: C{readinessProbe} or C{livenessProbe}.
-        @return: the status the admin site gives that probe of an injected
+        @return: the status the health site gives that probe of an injected
             proxy now.
         """
         proxy = container(podSpecOf(injectOne(workload("Deployment", "apps/v1"))), PROXY_NAME)
@@ -1128,11 +1169,10 @@ class ProbeRewriteTests(TestCase):
 
     def test_microservicesDemo(self) -> None:
         """
-        microservices-demo: redis-cart's tcpSocket probes of 6379 go to the
-        proxy's health port in every pod; the frontend's httpGet probes, with
-        their Cookie header, are rewritten as its Istio annotation asks; the
-        gRPC services' grpc probes are left alone in plain pods and rewritten
-        under mutual TLS, with the service name when there is one.
+        microservices-demo: redis-cart's tcpSocket probes of 6379 and the
+        gRPC services' grpc probes of their captured ports go to the proxy's
+        health port in every pod; the frontend's httpGet probes, with their
+        Cookie header, are rewritten as its Istio annotation asks.
         """
         specs, _ = injectFixture("microservices-demo.yaml")
         self.assertEqual(probers(specs["redis-cart"]), {
@@ -1144,19 +1184,19 @@ class ProbeRewriteTests(TestCase):
                         "httpHeaders": [{"name": "Cookie", "value": "shop_session-id=x-readiness-probe"}]},
             "timeoutSeconds": 1,
         })
-        self.assertIsNone(probers(specs["cartservice"]))
-        self.assertEqual(container(specs["cartservice"], "server")["readinessProbe"],
-                         {"initialDelaySeconds": 15, "grpc": {"port": 7070}})
-        specs, _ = injectFixture("microservices-demo.yaml", InjectionSettings(tlsSecret="c"))
-        self.assertEqual(probers(specs["cartservice"]), {
-            "/app-health/server/livez": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
-            "/app-health/server/readyz": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
-        })
-        self.assertEqual(container(specs["cartservice"], "server")["readinessProbe"], {
-            "initialDelaySeconds": 15,
-            "httpGet": {"path": "/app-health/server/readyz", "port": 15021, "scheme": "HTTP"}})
-        self.assertEqual(sorted(probers(specs["emailservice"]) or {}),
-                         ["/app-health/server/livez", "/app-health/server/readyz"])
+        for settings in (InjectionSettings(), InjectionSettings(tlsSecret="c")):
+            specs, _ = injectFixture("microservices-demo.yaml", settings)
+            self.assertEqual(probers(specs["cartservice"]), {
+                "/app-health/server/livez": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
+                "/app-health/server/readyz": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
+            })
+            self.assertEqual(container(specs["cartservice"], "server")["readinessProbe"], {
+                "initialDelaySeconds": 15,
+                "httpGet": {"path": "/app-health/server/readyz", "port": 15021, "scheme": "HTTP"}})
+            self.assertEqual(probers(specs["emailservice"]), {
+                "/app-health/server/livez": {"grpc": {"port": 8080}, "timeoutSeconds": 1},
+                "/app-health/server/readyz": {"grpc": {"port": 8080}, "timeoutSeconds": 1},
+            })
 
     def test_proxyParsesThem(self) -> None:
         """
