@@ -138,6 +138,9 @@ class Engine:
     draining: bool = False
     #: The fast door's open client connections (for timeouts and drain).
     doors: set = attrs.field(factory=set)
+    #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
+    #: and close.  C{None}: no limit.
+    maxRequestBytes: Optional[int] = None
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -206,6 +209,10 @@ class Exchange:
         The exchange may now talk to the client and the upstream: answer C{Expect:
         100-continue} and ask the pool for a connection.
         """
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
+            self._tooLarge()
+            return
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
             self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.engine.pool.acquire(self)
@@ -217,6 +224,10 @@ class Exchange:
         if self.finished:
             return
         self.bytesReceived += len(data)
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.bytesReceived > limit:
+            self._tooLarge()
+            return
         conn = self.conn
         if self.req.chunked:
             framed = [b"%x\r\n" % len(data), data, b"\r\n"]
@@ -443,6 +454,16 @@ class Exchange:
         self._dropUpstream()
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
+
+    def _tooLarge(self) -> None:
+        """
+        The request body is larger than C{maxRequestBytes}: drop the upstream side,
+        answer 413 if nothing was answered yet (else cut the response), and close.
+        """
+        self.mustClose = True
+        self.requestDone = True
+        self._dropUpstream()
+        self._localReply(413, b"Payload Too Large\n")
 
     def overflow(self) -> None:
         """

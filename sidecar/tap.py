@@ -172,6 +172,7 @@ class Options(usage.Options):
         ["access-log-buffer", None, "1048576", "Bytes of access log records held while the log is not read; "
                                                "beyond, records are dropped and counted."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["max-request-bytes", None, None, "Largest request body accepted, in bytes; past it, 413 (default: no limit)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
@@ -264,6 +265,9 @@ class Options(usage.Options):
             maxHeaderBytes = -1
         if maxHeaderBytes < 1024:
             raise usage.UsageError("--max-header-bytes: must be a whole number of at least 1024.")
+        maxRequestBytes = None
+        if self["max-request-bytes"] is not None:
+            maxRequestBytes = _count("--max-request-bytes", self["max-request-bytes"], 0)
         self["config"] = ProxyConfig(
             listen=listen,
             upstream=UpstreamConfig(
@@ -283,6 +287,7 @@ class Options(usage.Options):
             health=_endpoint("--health", self["health"]),
             accessLogBuffer=_count("--access-log-buffer", self["access-log-buffer"], 4096),
             maxHeaderBytes=maxHeaderBytes,
+            maxRequestBytes=maxRequestBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
         )
