@@ -497,6 +497,29 @@ class IntegrationTests(TestCase):
         self.assertEqual((yield self.get(port, "/app-health/web/other"))[0], 404)
 
     @inlineCallbacks
+    def test_https(self):
+        """
+        An C{HTTPS} prober speaks TLS to the service and, as the kubelet,
+        does not check its certificate (here from a CA nobody trusts, for
+        another name).
+        """
+        from twisted.internet import ssl
+
+        from tests.tlsfixtures import writeMesh
+
+        mesh = writeMesh(self.mktemp())
+        upstream = Upstream()
+        context = ssl.DefaultOpenSSLContextFactory(mesh.key("backend"), mesh.crt("backend"))
+        listening = reactor.listenSSL(0, upstream.site, context, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        app = listening.getHost().port
+        port = self.serve({"/app-health/tls/readyz": {"httpGet": {"path": "/echo", "port": app, "scheme": "HTTPS"}},
+                           "/app-health/plain/readyz": {"httpGet": {"path": "/echo", "port": app}}})
+        self.assertEqual((yield self.get(port, "/app-health/tls/readyz")), (200, b"ok: HTTP status 200\n"))
+        self.assertEqual([seen.uri for seen in upstream.seen], [b"/echo"])
+        self.assertEqual((yield self.get(port, "/app-health/plain/readyz"))[0], 503)
+
+    @inlineCallbacks
     def test_httpTimeout(self):
         """
         A service that never answers fails the probe after its timeout (1 s),
