@@ -1132,6 +1132,25 @@ class ProbeRewriteTests(TestCase):
         self.assertEqual(tool["readinessProbe"], {"tcpSocket": {"port": 9901}})
         self.assertEqual(proxyEnv({"env": container(spec, PROXY_NAME)["env"][:-1]}), EXPECTED_ENV)
 
+    def test_plainObjects(self) -> None:
+        """
+        L{injectObject} rewrites probes of plain dicts (as C{yaml.safe_load}
+        gives them) the same way, each handler in its place, and leaves its
+        argument alone.
+        """
+        obj = yaml.safe_load(workload("Deployment", "apps/v1", self.SPEC))
+        before = yaml.safe_dump(obj)
+        injected, notes = injectObject(obj, InjectionSettings(tlsSecret="c"))
+        self.assertEqual((yaml.safe_dump(obj), notes), (before, []))
+        app = container(podSpecOf(injected), "app")
+        self.assertEqual(list(app["readinessProbe"].items()), [
+            ("initialDelaySeconds", 5),
+            ("httpGet", {"path": "/app-health/app/readyz", "port": 15021, "scheme": "HTTP"}),
+            ("periodSeconds", 3),
+        ])
+        self.assertEqual(sorted(probers(podSpecOf(injected)) or {}),
+                         ["/app-health/app/livez", "/app-health/app/readyz", "/app-health/app/startupz"])
+
     def test_plain(self) -> None:
         """
         Without mutual TLS, httpGet probes reach the application through the

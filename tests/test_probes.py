@@ -122,8 +122,9 @@ class ParseTests(SynchronousTestCase):
 
     def test_injectorWritesWhatTheProxyReads(self) -> None:
         """
-        The injector's environment variable is the one the proxy reads, and
-        the probers it writes for microservices-demo's pods parse.
+        The injector's environment variable and path prefix are the ones the
+        proxy reads (C{tests.test_inject.ProbeRewriteTests.test_proxyParsesThem}
+        parses what it writes).
         """
         self.assertEqual(inject.PROBERS_ENV, PROBERS_ENV)
         self.assertEqual(inject.APP_HEALTH, "/app-health")
