@@ -138,6 +138,9 @@ class Engine:
     draining: bool = False
     #: The fast door's open client connections (for timeouts and drain).
     doors: set = attrs.field(factory=set)
+    #: What to do with client request headers whose names have an underscore
+    #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
     #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
     #: and close.  C{None}: no limit.
     maxRequestBytes: Optional[int] = None
@@ -301,6 +304,10 @@ class Exchange:
         """
         No connection to the service could be made.
         """
+        if self.connector is None:
+            # An attempt this exchange gave up on itself (L{_dropUpstream}): Twisted
+            # reports the cancelled connect at once, and it is no upstream failure.
+            return
         self.connector = None
         if self.finished:
             return
@@ -515,9 +522,9 @@ class Exchange:
         self._cancelTimeout()
         if self.waiting:
             self.engine.pool.cancel(self)
-        if self.connector is not None:
-            self.connector.disconnect()
-            self.connector = None
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            connector.disconnect()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abandon()
@@ -556,7 +563,7 @@ class Exchange:
             self.status,
             self.method.decode("latin-1"),
             target.decode("latin-1"),
-            "HTTP/" + self.version,
+            "HTTP/" + self.version if self.version else "-",
             self.req.authority,
             engine.pool.address,
             ",".join(self.flags) if self.flags else "-",
