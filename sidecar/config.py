@@ -6,7 +6,7 @@ configuration is plain data, built by L{sidecar.tap} and read by everything else
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import attrs
 
@@ -194,3 +194,7 @@ class ProxyConfig:
     portProtocols: Tuple[Tuple[int, str], ...] = ()
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    #: The application's probes the health port performs for the kubelet at
+    #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
+    #: C{ISTIO_KUBE_APP_PROBERS}.
+    appProbers: Tuple[Any, ...] = ()

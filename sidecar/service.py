@@ -20,6 +20,7 @@ from sidecar.upstream import UpstreamPool
 from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
 from sidecar.metrics import SidecarCollector, runtimeCollectors
+from sidecar.probes import probePaths, probeResource
 
 def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
@@ -180,7 +181,9 @@ class SidecarService(MultiService):
                              offload=self._offload)
             self.adminListeners.append(self._listen(config.admin, site))
         if config.health is not None:
-            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload)
+            probes = probeResource({p.path.encode("utf-8"): p for p in config.appProbers}, reactor)
+            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload,
+                                more=probePaths(probes))
             self.healthListeners.append(self._listen(config.health, health))
         self.lifecycle.setServiceParent(self)
 

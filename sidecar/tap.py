@@ -233,6 +233,8 @@ class Options(usage.Options):
         ["protocol-detect-timeout", None, "1", "Seconds to wait for a client's first bytes before passing the "
                                                "connection through as opaque TCP (0: wait for ever)."],
         ["opaque-ports", None, None, "Ports (as dialled) passed through as opaque TCP without detection: 6379,25,..."],
+        ["app-probers", None, None, "JSON of the app's probes the health port performs at /app-health/... "
+         "(default: ISTIO_KUBE_APP_PROBERS; sidecar-inject writes it)."],
     ]
 
     def opt_port_protocol(self, value: str) -> None:
@@ -282,7 +284,13 @@ class Options(usage.Options):
         if "principal" in labels and not labels["principal"].startswith("spiffe://"):
             raise usage.UsageError(f"--principal: {labels['principal']!r} is not a SPIFFE id (spiffe://...).")
         mesh = workloadLabels(os.environ, **labels)
-        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh)
+        from sidecar.probes import ProberError, appProbers
+
+        try:
+            probers = tuple(appProbers(self["app-probers"], os.environ).values())
+        except ProberError as e:
+            raise usage.UsageError(str(e)) from None
+        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh, appProbers=probers)
 
     def postOptions(self) -> None:
         """
