@@ -7,7 +7,7 @@ Three formats:
   - C{text}: one line per request in the spirit of Istio's default access log;
   - C{json}: one JSON object per line, snake_case fields.
 
-The writer, L{AccessLog}, never blocks the reactor.  A container's log pipe can stall;
+The writer, L{LineWriter} (L{AccessLog} is one), never blocks the reactor.  A container's log pipe can stall;
 a blocking write to it would freeze every request and the readiness probe.  So the
 records of one reactor turn are written in one non-blocking write; what the output
 does not take waits in a buffer of bounded size, written when the output becomes
@@ -184,9 +184,10 @@ def openOutput(path: str, stdout: Any = None) -> LogOutput:
     The output of the access log: standard output for C{"-"}, else a file opened for
     appending.
 
-    Standard output is shared with twistd's own log, which writes to it with blocking
-    writes.  C{O_NONBLOCK} belongs to an open file description, which C{dup} shares, so
-    the access log gets a description of its own where that matters:
+    Standard output is shared with whatever else writes to descriptor 1 with blocking
+    writes (twistd's own log, unless L{sidecar.logs} writes it through this output).
+    C{O_NONBLOCK} belongs to an open file description, which C{dup} shares, so the
+    access log gets a description of its own where that matters:
       - a pipe, FIFO or terminal is opened anew through C{/proc/self/fd/1}, with
         C{O_NONBLOCK};
       - a socket (systemd's journal) is written with C{MSG_DONTWAIT} on a duplicate;
@@ -381,11 +382,21 @@ class AccessLog(LineWriter):
         self.drained.append(self._saidDropped)
 
     def __call__(self, rec: Record) -> None:
-        if not self.offer(self.format(rec).encode("utf-8", "backslashreplace")):
+        # L{LineWriter.offer}, inline: this runs once per request.
+        if self._broken:
+            self.dropped += 1
+            return
+        line = self.format(rec).encode("utf-8", "backslashreplace")
+        if self._buffered + len(line) > self.limit:
             self.dropped += 1
             if not self._episodeDrops:
                 self._episodeStart = self.reactor.seconds()
             self._episodeDrops += 1
+            return
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._flushCall is None and not self._waiting:
+            self._flushCall = self.reactor.callLater(0, self.flush)
 
     def _saidDropped(self) -> None:
         if self._episodeDrops:

@@ -256,6 +256,7 @@ class SidecarService(MultiService):
         if self.originals is not None:
             self.originals.closeAll()
         self.engine.warnings.flush()
+        self.tcp.warnings.flush()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d

@@ -331,3 +331,114 @@ class WarningLimitTests(unittest.SynchronousTestCase):
         self.assertEqual(len(seen), 11)
         self.assertRegex(seen[-1], r"^20 more like this in the last 10 s: upstream connect to 127\.0\.0\.1:8080 "
                                    r"failed for GET /x: ")
+
+
+    def test_tcpWarnings(self):
+        """
+        The TCP splice's warnings are limited the same way: connections refused for
+        want of a route, fifteen in a second, log ten lines, then a summary.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from sidecar.stats import Recorder
+        from sidecar.tcp import TcpProxy
+
+        seen = captured(self, "sidecar.tcp")
+        clock = MemoryReactorClock()
+        proxy = TcpProxy(clock, Recorder([]), 5.0, None)
+        for i in range(15):
+            proxy.refusal("no original destination").makeConnection(
+                StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1000 + i)))
+        self.assertEqual(len(seen), 10)
+        self.assertEqual(seen[0], "connection from 10.0.0.1:1000 closed (NR): no original destination")
+        clock.advance(10)
+        self.assertEqual(seen[10], "5 more like this in the last 10 s: connection from 10.0.0.1:1014 closed (NR): "
+                                   "no original destination")
+
+
+class UnreadStdoutProcessTests(unittest.SynchronousTestCase):
+    """
+    The sidecar as a real process whose standard output is a 4 KiB pipe nobody reads,
+    in front of a service port that refuses every connection, so that every request
+    fails and logs a warning through twistd's log.
+    """
+
+    def sidecar(self, runner: List[str], *flags: str) -> tuple:
+        """
+        Start the sidecar with C{runner} and C{flags}; return its listening and admin
+        ports and the read end of its standard output.
+        """
+        read, write = os.pipe()
+        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        listen, admin, refused = freePort(), freePort(), freePort()
+        errors = FilePath(self.mktemp())
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        with open(errors.path, "wb") as err:
+            process = subprocess.Popen(
+                runner + ["sidecar", "--listen", f"tcp:{listen}:interface=127.0.0.1", "--admin", str(admin),
+                          "--health", "none", "--upstream", str(refused), "--access-log-buffer", "4096", *flags],
+                stdin=subprocess.DEVNULL, stdout=write, stderr=err, env=environment(), cwd=directory.path)
+        os.close(write)
+        self.addCleanup(os.close, read)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait(10)))
+        waitFor(lambda: canConnect(admin) and request(admin, "GET", "/ready")[0] == 200, "the sidecar")
+        return listen, admin, read
+
+    def failing(self, listen: int, admin: int) -> dict:
+        """
+        Two bursts of requests a second apart (so that each second's warnings meet a
+        full buffer), each answered 502 in under 2 s, with C{/ready} 200 between;
+        then the metrics.
+        """
+        for burst in range(3):
+            for i in range(30):
+                started = time.monotonic()
+                self.assertEqual(request(listen, "GET", f"/fail?b={burst}&n={i}", timeout=5)[0], 502, (burst, i))
+                self.assertLess(time.monotonic() - started, 2.0, (burst, i))
+                if i % 10 == 0:
+                    self.assertEqual(request(admin, "GET", "/ready", timeout=5)[:3:2], (200, b"LIVE\n"))
+            time.sleep(1.05)
+        metrics = request(admin, "GET", "/stats/prometheus", timeout=5)[2].decode()
+        return {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+
+    def test_twistdSharedWithTheAccessLog(self) -> None:
+        """
+        C{twistd -n sidecar --access-log -}: while the pipe is full, every request is
+        answered 502 at once and C{/ready} stays 200; the log lines and records that
+        did not fit are counted (C{sidecar_log_dropped_lines_total},
+        C{sidecar_access_log_dropped_records_total}).  Once the pipe is read, each
+        gets its one line, and the output holds only whole lines.
+        """
+        listen, admin, read = self.sidecar(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="],
+            "--access-log", "-")
+        samples = self.failing(listen, admin)
+        self.assertGreater(samples["sidecar_log_dropped_lines_total"], 0)
+        self.assertGreater(samples["sidecar_access_log_dropped_records_total"], 0)
+        received = bytearray()
+        Background(lambda: readAll(read, received))
+        waitFor(lambda: b"log: dropped " in received and b"access log: dropped " in received,
+                "the dropped-lines lines", timeout=10)
+        self.assertEqual(request(listen, "GET", "/fail?marker", timeout=5)[0], 502)
+        waitFor(lambda: b"/fail?marker" in received, "the next record", timeout=10)
+        [count] = re.findall(rb"\] log: dropped (\d+) lines in ", bytes(received))
+        self.assertGreaterEqual(int(count), samples["sidecar_log_dropped_lines_total"])
+        for line in bytes(received).decode().splitlines():
+            self.assertRegex(line, r'^(\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} \[[\w.#-]+\] |\[\d{4}-\d\d-\d\dT[\d:.]+Z\] "GET /fail)')
+
+    def test_twistSeparateWriter(self) -> None:
+        """
+        C{python -m twisted sidecar --access-log none} (JSON log lines on a pipe): the
+        proxy keeps answering while its own log's output is not read; once it is, one
+        line tells how many log lines were dropped.
+        """
+        listen, admin, read = self.sidecar([sys.executable, "-m", "twisted"], "--access-log", "none")
+        samples = self.failing(listen, admin)
+        self.assertGreater(samples["sidecar_log_dropped_lines_total"], 0)
+        self.assertNotIn("sidecar_access_log_dropped_records_total", samples)
+        received = bytearray()
+        Background(lambda: readAll(read, received))
+        waitFor(lambda: b'"log_format": "log: dropped {count} lines' in received, "the dropped-lines line",
+                timeout=10)
