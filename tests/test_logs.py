@@ -13,6 +13,7 @@ import fcntl
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -442,3 +443,27 @@ class UnreadStdoutProcessTests(unittest.SynchronousTestCase):
         Background(lambda: readAll(read, received))
         waitFor(lambda: b'"log_format": "log: dropped {count} lines' in received, "the dropped-lines line",
                 timeout=10)
+
+    def test_startUpErrorIsWritten(self) -> None:
+        """
+        A start-up error (the listening port is taken) is written to the pipe before
+        twistd exits, though the reactor never ran.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            read, write = os.pipe()
+            self.addCleanup(os.close, read)
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                 "sidecar", "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", "none", "--health", "none"],
+                stdin=subprocess.DEVNULL, stdout=write, stderr=subprocess.DEVNULL, env=environment())
+            os.close(write)
+            self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait(10)))
+            received = bytearray()
+            reader = Background(lambda: readAll(read, received))
+            self.assertEqual(process.wait(30), 1)
+            reader.join(5)
+        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use.".encode(),
+                      bytes(received))
