@@ -139,12 +139,6 @@ class LogStreamTests(unittest.SynchronousTestCase):
         self.assertEqual(output.writes, [b"from a thread\n"])
 
 
-class _Runner(dict):
-    """
-    The options of a runner, as L{takeOverRunnerLog} reads them.
-    """
-
-
 class TakeOverTests(unittest.TestCase):
     """
     L{takeOverRunnerLog} gives twistd (and C{twist}) a L{LogStream} where they would
