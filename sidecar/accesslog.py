@@ -273,9 +273,10 @@ class LineWriter:
     def offer(self, line: bytes) -> bool:
         """
         Hold C{line} for the next write; C{False} (and nothing held) when it does not
-        fit in the buffer or the output has failed.
+        fit in the buffer or the output has failed.  A line longer than the whole
+        buffer (a long traceback) is still taken when nothing else is held.
         """
-        if self._broken or self._buffered + len(line) > self.limit:
+        if self._broken or (self._buffered + len(line) > self.limit and self._buffered):
             return False
         self._lines.append(line)
         self._buffered += len(line)

@@ -120,6 +120,23 @@ class LogStreamTests(unittest.SynchronousTestCase):
         self.assertEqual(output.taken, b"line 00 of the log\nline 01 of the log\nand again\n")
         self.assertEqual((stream.dropped, len(warnings)), (8, 1))
 
+    def test_longLine(self):
+        """
+        A line longer than the whole buffer (a traceback) is written when nothing else
+        is held, and dropped otherwise.
+        """
+        clock = MemoryReactorClock()
+        output = ScriptedOutput(room=0)
+        writer = LineWriter(output, clock, limit=10)
+        stream = LogStream(writer, clock)
+        stream.write("x" * 30 + "\n")
+        stream.write("y" * 30 + "\n")
+        stream.flush()
+        self.assertEqual((writer.buffered, stream.dropped), (31, 1))
+        output.room = None
+        writer.doWrite()
+        self.assertEqual(output.taken, b"x" * 30 + b"\n")
+
     def test_otherThread(self):
         """
         A line logged in another thread is handed to the reactor's thread, not written
