@@ -7,9 +7,9 @@ Three formats:
   - C{text}: one line per request in the spirit of Istio's default access log;
   - C{json}: one JSON object per line, snake_case fields.
 
-The writer, L{LineWriter} (L{AccessLog} is one), never blocks the reactor.  A container's log pipe can stall;
-a blocking write to it would freeze every request and the readiness probe.  So the
-records of one reactor turn are written in one non-blocking write; what the output
+The writer, L{LineWriter} (L{AccessLog} is one), never blocks the reactor.  A
+container's log pipe can stall; a blocking write to it would freeze every request and
+the readiness probe.  So the records of one reactor turn are written in one non-blocking write; what the output
 does not take waits in a buffer of bounded size, written when the output becomes
 writable again; a record that does not fit is dropped and counted, and one line per
 episode says how many were lost once the output is read again.
