@@ -9,10 +9,11 @@ Three formats:
 
 The writer, L{LineWriter} (L{AccessLog} is one), never blocks the reactor.  A
 container's log pipe can stall; a blocking write to it would freeze every request and
-the readiness probe.  So the records of one reactor turn are written in one non-blocking write; what the output
-does not take waits in a buffer of bounded size, written when the output becomes
-writable again; a record that does not fit is dropped and counted, and one line per
-episode says how many were lost once the output is read again.
+the readiness probe.  So the records of one reactor turn are written in one
+non-blocking write; what the output does not take waits in a buffer of bounded size,
+written when the output becomes writable again; a record that does not fit is dropped
+and counted, and one line per episode says how many were lost once the output is read
+again.  twistd's own log lines can go through the same writer (L{sidecar.logs}).
 """
 
 from __future__ import annotations
