@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from sidecar.doors import Doors
 from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
 from sidecar.headers import Header, RequestHead, ResponseHead
+from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
@@ -222,6 +223,9 @@ class Engine:
     #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
     #: and close.  C{None}: no limit.
     maxRequestBytes: Optional[int] = None
+    #: The exchanges' failure warnings, a few per second of each kind at most.
+    warnings: WarningLimit = attrs.field(default=attrs.Factory(lambda self: WarningLimit(self.clock, log),
+                                                               takes_self=True))
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -732,10 +736,11 @@ class Exchange:
 
     def _warn(self, format: str, **fields: Any) -> None:
         """
-        Log why this exchange failed, naming the upstream, the method and the path.
+        Log why this exchange failed, naming the upstream, the method and the path
+        (a few of each kind per second: L{sidecar.logs.WarningLimit}).
         """
-        log.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), **fields)
+        self.engine.warnings.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
+                                  path=self.target.decode("latin-1"), **fields)
 
     def _dropUpstream(self) -> None:
         """

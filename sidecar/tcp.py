@@ -32,6 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.logs import WarningLimit
+
 log = Logger()
 
 UPSTREAM_CONNECTION_FAILURE = "UF"
@@ -107,6 +109,8 @@ class TcpProxy:
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout
         self.splices: set = set()
+        #: The splices' failure warnings, a few per second of each kind at most.
+        self.warnings = WarningLimit(reactor, log)
 
     def splice(self, host: str, port: int, detected: str,
                identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
@@ -157,8 +161,8 @@ class Refusal(Protocol):
         proxy = self.proxy
         now = proxy.reactor.seconds()
         client = _address(self.transport.getPeer())
-        log.warn("connection from {client} closed ({flag}): {detail}",
-                 client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
+        proxy.warnings.warn("connection from {client} closed ({flag}): {detail}",
+                            client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
         series = proxy.recorder.tcpSeries("-", "", False)
         series.opened += 1
         proxy.recorder.recordTcp(TcpRecord(now, 0.0, 0, 0, "", NO_ROUTE_FOUND, client,
@@ -399,8 +403,8 @@ class TcpSplice(Protocol):
     def _fail(self, flag: str, detail: str) -> None:
         self._flag(flag, detail)
         self._upstreamLost = True
-        log.warn("TCP connection from {client} closed ({flag}): {detail}",
-                 client=self.clientAddress, flag=flag, detail=detail)
+        self.proxy.warnings.warn("TCP connection from {client} closed ({flag}): {detail}",
+                                 client=self.clientAddress, flag=flag, detail=detail)
         self.transport.loseConnection()
 
     def _maybeRecord(self) -> None:
