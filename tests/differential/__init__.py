@@ -1,0 +1,3 @@
+"""
+The differential test's corpus, its reference configurations and its harness.
+"""
