@@ -324,7 +324,7 @@ def soak(seconds: float, rssMiB: float, fdSlack: int, warmup: float) -> dict:
                 [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
                  "--logfile", str(prefix / "twistd.log"), "sidecar",
                  "--listen", f"tcp:{port}:interface=127.0.0.1", "--upstream", f"127.0.0.1:{upstreamPort}",
-                 "--access-log", str(prefix / "access.log"), "--admin", "none"],
+                 "--access-log", str(prefix / "access.log"), "--admin", "none", "--health", "none"],
                 env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             processes.append(sidecar)
             waitForPort(port, sidecar, prefix / "twistd.log")
