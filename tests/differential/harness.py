@@ -72,6 +72,9 @@ class Case:
 
     @property
     def isResponse(self) -> bool:
+        """
+        Whether the case is a service response (its id starts with C{r}).
+        """
         return self.id.startswith("r")
 
 
@@ -98,6 +101,9 @@ class UpstreamConnection:
     closed: bool = False
 
     def parse(self) -> tuple[list[Message], Optional[str], bytes]:
+        """
+        The strict parse of every byte received so far (L{parseRequests}).
+        """
         return parseRequests(bytes(self.received))
 
 
@@ -114,10 +120,17 @@ class Upstream:
     server: object = None
 
     async def start(self) -> int:
+        """
+        Listen on a loopback port; return it.
+        """
         self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
         return self.server.sockets[0].getsockname()[1]
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """
+        Log one connection's bytes; answer its first whole request; read on until the
+        proxy closes or falls quiet, so that a smuggled tail is logged too.
+        """
         conn = UpstreamConnection()
         response = None
         answered = False
@@ -181,6 +194,9 @@ class Outcome:
     upstreamBytes: bytes
 
     def describe(self) -> str:
+        """
+        One line: the verdict, what the upstream got, the desyncs.
+        """
         parts = [self.verdict if not self.status else f"{self.verdict} {self.status}"]
         if self.requests:
             r = self.requests[0]
@@ -309,6 +325,9 @@ async def runCase(lane: str, port: int, upstream: Upstream, case: Case, wait: fl
 # The proxies.
 
 def freePort() -> int:
+    """
+    A loopback TCP port that was free a moment ago (for a child process to listen on).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -434,6 +453,9 @@ class Proxies:
                     time.sleep(0.05)
 
     def stop(self) -> None:
+        """
+        End every proxy this object started, by its PID.
+        """
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -658,6 +680,9 @@ def table(cases: list[Case], results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """
+    Run the corpus (or some cases, or some proxies) and print the table and findings.
+    """
     import argparse
 
     parser = argparse.ArgumentParser()
