@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Any, Optional
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
