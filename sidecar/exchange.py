@@ -138,6 +138,12 @@ class Engine:
     draining: bool = False
     #: The fast door's open client connections (for timeouts and drain).
     doors: set = attrs.field(factory=set)
+    #: What to do with client request headers whose names have an underscore
+    #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
+    #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
+    #: and close.  C{None}: no limit.
+    maxRequestBytes: Optional[int] = None
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -206,6 +212,10 @@ class Exchange:
         The exchange may now talk to the client and the upstream: answer C{Expect:
         100-continue} and ask the pool for a connection.
         """
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
+            self._tooLarge()
+            return
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
             self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.engine.pool.acquire(self)
@@ -217,6 +227,10 @@ class Exchange:
         if self.finished:
             return
         self.bytesReceived += len(data)
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.bytesReceived > limit:
+            self._tooLarge()
+            return
         conn = self.conn
         if self.req.chunked:
             framed = [b"%x\r\n" % len(data), data, b"\r\n"]
@@ -290,6 +304,10 @@ class Exchange:
         """
         No connection to the service could be made.
         """
+        if self.connector is None:
+            # An attempt this exchange gave up on itself (L{_dropUpstream}): Twisted
+            # reports the cancelled connect at once, and it is no upstream failure.
+            return
         self.connector = None
         if self.finished:
             return
@@ -444,6 +462,16 @@ class Exchange:
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
 
+    def _tooLarge(self) -> None:
+        """
+        The request body is larger than C{maxRequestBytes}: drop the upstream side,
+        answer 413 if nothing was answered yet (else cut the response), and close.
+        """
+        self.mustClose = True
+        self.requestDone = True
+        self._dropUpstream()
+        self._localReply(413, b"Payload Too Large\n")
+
     def overflow(self) -> None:
         """
         The pool is at its connection limit and its queue is full: 503, flag C{UO}.
@@ -494,9 +522,9 @@ class Exchange:
         self._cancelTimeout()
         if self.waiting:
             self.engine.pool.cancel(self)
-        if self.connector is not None:
-            self.connector.disconnect()
-            self.connector = None
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            connector.disconnect()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abandon()
@@ -535,7 +563,7 @@ class Exchange:
             self.status,
             self.method.decode("latin-1"),
             target.decode("latin-1"),
-            "HTTP/" + self.version,
+            "HTTP/" + self.version if self.version else "-",
             self.req.authority,
             engine.pool.address,
             ",".join(self.flags) if self.flags else "-",

@@ -53,6 +53,8 @@ class SidecarService(MultiService):
             reactor, self.pool, self.recorder,
             serverHeader=config.serverHeader.encode("ascii"),
             responseTimeout=config.upstream.responseTimeout,
+            headersWithUnderscores=config.headersWithUnderscores,
+            maxRequestBytes=config.maxRequestBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
@@ -146,7 +148,7 @@ class SidecarService(MultiService):
         if self.config.engine == "web":
             from sidecar.resource import proxySite
 
-            return proxySite(self.engine)
+            return proxySite(self.engine, self.config.maxHeaderBytes)
         from sidecar.downstream import DownstreamFactory
 
         return DownstreamFactory(self.engine, self.config.maxHeaderBytes)
