@@ -420,8 +420,11 @@ class Proxies:
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         log = open(self.directory / f"{name}.log", "wb")
         if lane in OURS:
+            # The port is declared HTTP, as Envoy's and nginx's listeners are: the corpus is
+            # about the HTTP/1.1 doors, not about what detection passes on as opaque TCP.
             argv = oursCommand(sys.executable, port, upstreamPort,
-                               ["--upstream-timeout", "5"] + (["--engine", "web"] if lane == "web" else []))
+                               ["--upstream-timeout", "5", "--port-protocol", f"{port}=http"]
+                               + (["--engine", "web"] if lane == "web" else []))
         elif lane == "envoy":
             config = self.directory / f"{name}.json"
             config.write_text(json.dumps(referenceEnvoyConfig(port, freePort(), upstreamPort)))
