@@ -272,7 +272,7 @@ class Soak:
                 if back != message:
                     raise ValueError("websocket echo differs")
 
-    async def run(self, stat: ProcStat, warmup: float) -> dict:
+    async def run(self, stat: ProcStat, warmup: float, fdSlack: int) -> dict:
         kinds = [("small", self.smallGets)] * 4 + [
             ("pipelined", self.pipelined), ("big", self.bigDownload), ("slow-reader", self.slowReader),
             ("aborted-download", self.abortedDownload), ("aborted-upload", self.abortedUpload),
@@ -286,9 +286,14 @@ class Soak:
             await asyncio.sleep(min(5.0, max(0.1, self.deadline - time.monotonic())))
             self.samples.append({"t": round(time.monotonic(), 1), "rss_kib": stat.rssKiB(), "fds": stat.fds()})
         await asyncio.gather(*tasks)
-        # Let the proxy notice every close and drop idle upstream connections' state.
-        await asyncio.sleep(3.0)
-        end = {"rss_kib": stat.rssKiB(), "fds": stat.fds()}
+        # Let the proxy notice every close and let its idle pooled upstream connections
+        # expire (--upstream-idle-timeout, 4 s): a leaked fd never comes back, so wait up
+        # to 15 s for the count to return to where it was before the traffic.
+        settled = time.monotonic()
+        while time.monotonic() - settled < 15.0 and stat.fds() > idle["fds"] + fdSlack:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)
+        end = {"rss_kib": stat.rssKiB(), "fds": stat.fds(), "settled_s": round(time.monotonic() - settled, 1)}
         return {"start": start, "end": end}
 
 
@@ -331,7 +336,7 @@ def soak(seconds: float, rssMiB: float, fdSlack: int, warmup: float) -> dict:
             waitForPort(upstreamPort, processes[1], prefix / "error.log")
             traffic = Soak(port, seconds)
             started = time.monotonic()
-            measured = asyncio.run(traffic.run(ProcStat(sidecar.pid), warmup))
+            measured = asyncio.run(traffic.run(ProcStat(sidecar.pid), warmup, fdSlack))
             alive = sidecar.poll() is None
         finally:
             for process in reversed(processes):

@@ -25,7 +25,7 @@ class SoakTests(unittest.TestCase):
     A bounded soak of the real proxy.
     """
 
-    timeout = 120
+    timeout = 150
 
     if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
         skip = "needs nginx (apt-get install nginx-light)"
