@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sidecar.exchange import Record
+from sidecar.record import Record
 
 log = Logger()
 

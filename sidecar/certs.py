@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.tls import InvalidSpiffeId, parseSpiffeId, uriSANs
+from sidecar.spiffe import InvalidSpiffeId, parseSpiffeId, uriSANs
 
 #: How far back C{notBefore} is set, for clocks that are a little behind.
 CLOCK_SKEW = datetime.timedelta(minutes=5)

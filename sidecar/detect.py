@@ -157,7 +157,7 @@ class DetectingFactory(Factory):
     @ivar limit: most bytes buffered while telling HTTP/1.x from the rest.
     @ivar swap: kinds whose protocol may take the detector's place on a plain TCP
         transport (so that the hot path has no extra call per read).
-    @ivar tls: under a TLS layer, the L{sidecar.tls.MutualTLS} whose handshake
+    @ivar tls: under a TLS layer, the L{sidecar.mtls.MutualTLS} whose handshake
         timeout and counters the detector owns; detection starts when the handshake
         completes.
     @ivar classify: the classifier, L{classify} unless told otherwise (the permissive

@@ -11,7 +11,6 @@ service is tied to the client's transport with producers, so memory stays bounde
 from __future__ import annotations
 
 from collections import deque
-from http import HTTPStatus
 from typing import Any, Deque, List, Optional
 
 import httptools
@@ -21,7 +20,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
+from sidecar import http1
+from sidecar.exchange import Engine, Exchange
+from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.transport import BUFFER_SIZE, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
@@ -48,13 +49,6 @@ _PARSER_STATUS = {
     "Request has invalid `Transfer-Encoding`": 501,
     "Invalid HTTP version": 505,
 }
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
 
 
 class _Refusal(Exception):
@@ -87,11 +81,11 @@ class DownstreamProtocol(Protocol):
     #: When set, every request on this connection is answered 403 with this body (an
     #: identity the authorization policy refuses).
     denial: Optional[bytes] = None
-    #: Reads so far, and what L{sweepDoors} last saw of it.
+    #: Reads so far, and what the doors registry's sweep last saw of it.
     activity = 0
     sweptActivity = -1
     idleSince: Optional[float] = None
-    #: A request head has begun and not ended; since when (as L{sweepDoors} saw it).
+    #: A request head has begun and not ended; since when (as the sweep saw it).
     inHead = False
     headSince: Optional[float] = None
 
@@ -287,46 +281,49 @@ class DownstreamProtocol(Protocol):
         """
         return []
 
-    def writeInterim(self, data: bytes) -> None:
-        self._write(data)
+    def sendContinue(self) -> None:
+        self._write(http1.CONTINUE)
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
         headers = head.headers
         closing = exchange.mustClose or self._closing or self.engine.draining
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         self._chunkedOut = False
-        if status == 101:
-            headers = headers + [(b"Connection", b"Upgrade"), (b"Upgrade", head.upgrade or b"")]
-        else:
-            if exchange.req.upgrade:
-                # The service said no to the upgrade: bytes the client may already have
-                # sent in the new protocol can't be read as HTTP.
-                closing = True
-            if not bodyForbidden(exchange.method, status):
-                if head.contentLength is None:
-                    if exchange.version == "1.1":
-                        headers = headers + [(b"Transfer-Encoding", b"chunked")]
-                        self._chunkedOut = True
-                    else:
-                        closing = True
-                conn = exchange.conn
-                if (conn is not None and self._producer is None
-                        and (head.contentLength is None or head.contentLength > BUFFER_SIZE)):
-                    # A body that may not fit one buffer: let a slow client pause the
-                    # service.  (A smaller one is at most one buffer; no need.)
-                    self._producer = conn
-                    self.transport.registerProducer(conn, True)
-            if closing:
-                headers = headers + [(b"Connection", b"close")]
-            elif exchange.version == "1.0":
-                headers = headers + [(b"Connection", b"keep-alive")]
         exchange.mustClose = closing
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
+        if status == 101:
+            self._head = http1.switchingProtocols(reason, headers, head.upgrade or b"")
+            return
+        if exchange.req.upgrade:
+            # The service said no to the upgrade: bytes the client may already have
+            # sent in the new protocol can't be read as HTTP.
+            closing = True
+        # Framing is ours, from the upstream codec's parse (never the service's header).
+        length = head.contentLength
+        if bodyForbidden(exchange.method, status):
+            if length is not None and status >= 200 and status != 204:
+                headers = headers + [(b"Content-Length", b"%d" % length)]
+        else:
+            if length is None:
+                if exchange.version == "1.1":
+                    headers = headers + [(b"Transfer-Encoding", b"chunked")]
+                    self._chunkedOut = True
+                else:
+                    closing = True
+            else:
+                headers = headers + [(b"Content-Length", b"%d" % length)]
+            stream = exchange.stream
+            if stream is not None and self._producer is None and (length is None or length > BUFFER_SIZE):
+                # A body that may not fit one buffer: let a slow client pause the
+                # service.  (A smaller one is at most one buffer; no need.)
+                self._producer = stream
+                self.transport.registerProducer(stream, True)
+        if closing:
+            headers = headers + [(b"Connection", b"close")]
+        elif exchange.version == "1.0":
+            headers = headers + [(b"Connection", b"keep-alive")]
+        exchange.mustClose = closing
         # Held until the body of the same upstream read, or the end of that read (see
         # L{flush}): one send instead of two for most responses.
-        self._head = b"".join(parts)
+        self._head = http1.responseHead(status, reason, headers)
 
     def flush(self) -> None:
         """
@@ -343,9 +340,9 @@ class DownstreamProtocol(Protocol):
         head, self._head = self._head, b""
         if self._chunkedOut:
             if head:
-                self._writeSequence((head, b"%x\r\n" % len(data), data, b"\r\n"))
+                self._writeSequence((head,) + http1.chunk(data))
             else:
-                self._writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+                self._writeSequence(http1.chunk(data))
         elif head:
             self._writeSequence((head, data))
         else:
@@ -355,7 +352,7 @@ class DownstreamProtocol(Protocol):
         head, self._head = self._head, b""
         if self._chunkedOut:
             self._chunkedOut = False
-            self._write(head + b"0\r\n\r\n")
+            self._write(head + http1.LAST_CHUNK)
         elif head:
             self._write(head)
         self._done(exchange)
@@ -366,31 +363,19 @@ class DownstreamProtocol(Protocol):
         self._chunkedOut = False
         self._done(exchange)
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
         closing = exchange.mustClose or self._closing or exchange.req.upgrade or self.engine.draining
         exchange.mustClose = closing
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _reason(status)),
-            b"Server: ", self.engine.serverHeader, b"\r\n",
-            b"Content-Type: text/plain\r\nContent-Length: %d\r\n" % len(body),
-        ]
-        if closing:
-            head.append(b"Connection: close\r\n")
-        elif exchange.version == "1.0":
-            head.append(b"Connection: keep-alive\r\n")
-        head.append(b"\r\n")
-        if exchange.method != b"HEAD":
-            head.append(body)
-        self._write(b"".join(head))
+        self._write(http1.localReply(status, self.engine.serverHeader, body, closing,
+                                     exchange.version == "1.0", exchange.method != b"HEAD", headers))
         self._done(exchange)
 
-    def startTunnel(self, exchange: Exchange, conn: Any) -> None:
+    def startTunnel(self, exchange: Exchange, stream: Any) -> None:
         self.flush()
         self._tunnel = exchange
         self._current = None
-        self._producer = conn
-        self.transport.registerProducer(conn, True)
-        conn.transport.registerProducer(self, True)
+        self._producer = stream
+        self.transport.registerProducer(stream, True)
         early, self._early = self._early or [], None
         for data in early:
             exchange.tunnelToUpstream(data)
@@ -471,6 +456,18 @@ class DownstreamProtocol(Protocol):
         """
         return bool(self._current is not None or self._queue or self._tunnel is not None or self.inHead)
 
+    def answering(self) -> bool:
+        """
+        Whether a request already accepted is being answered or waits its turn.
+        """
+        return self._current is not None or bool(self._queue)
+
+    def closeIdle(self) -> None:
+        """
+        Close the connection: the client has been idle too long.
+        """
+        self._close()
+
     def headTimedOut(self) -> None:
         """
         The request head did not arrive in time (a slow or stalled client): 408, close.
@@ -500,7 +497,7 @@ class DownstreamProtocol(Protocol):
         trusted to frame another request.
         """
         self._pause(_ERROR)
-        body = f"{_reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
+        body = f"{http1.reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
         parsing, self._parsing = self._parsing, None
         if parsing is not None:
             # The body of a request already accepted is malformed: it is refused in its
@@ -524,27 +521,6 @@ class DownstreamProtocol(Protocol):
         exchange.mustClose = True
         self._current = exchange
         exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, body)
-
-
-def sweepDoors(doors: Any, now: float, idleTimeout: Optional[float], headTimeout: Optional[float]) -> None:
-    """
-    Close client connections idle longer than C{idleTimeout}, and answer 408 on those
-    whose request head has taken longer than C{headTimeout} (slowloris).  Called about
-    once a second: one pass over the connections instead of a timer per request.
-    """
-    for door in list(doors):
-        if door.activity != door.sweptActivity:
-            door.sweptActivity = door.activity
-            door.idleSince = now
-        if door.inHead and door._current is None and not door._queue:
-            if door.headSince is None:
-                door.headSince = now
-            elif headTimeout is not None and now - door.headSince >= headTimeout:
-                door.headTimedOut()
-                continue
-        if idleTimeout is not None and not door.busy() and door.idleSince is not None:
-            if now - door.idleSince >= idleTimeout:
-                door._close()
 
 
 class DownstreamFactory(Factory):

@@ -1,29 +1,44 @@
 # -*- test-case-name: tests.test_exchange -*-
 """
-One request/response pair in flight, and the immutable record it leaves behind.
+The protocol-neutral engine: one request/response stream in flight between a front
+door and an upstream stream, and the interfaces of both.
 
-An L{Exchange} sits between a front door (anything with the L{Door} methods: the fast
-L{sidecar.downstream.DownstreamProtocol} or the twisted.web adapter in
-L{sidecar.resource}) and an upstream connection from the L{sidecar.upstream.UpstreamPool}.
-It owns the timing, the byte counts, the response flags and the backpressure between the
-two sides, and hands exactly one L{Record} to the recorder when it ends, however it ends.
+  - a L{Door} is the downstream codec's response encoder (the fast HTTP/1.1 door of
+    L{sidecar.downstream}, the twisted.web door of L{sidecar.resource}, an HTTP/2
+    stream): the exchange tells it what to send, never how;
+  - an L{UpstreamStream} is the mirror image on the service's side (HTTP/1.1 in
+    L{sidecar.upstream}): send head, body, end; pause; abandon.  An L{UpstreamPool}
+    hands them out;
+  - an L{Exchange} owns the timing, the byte counts, the response flags and the
+    backpressure between the two, applies the forwarding policy, and hands exactly one
+    L{Record} to the recorder when it ends, however it ends.  Where it stands is one
+    value, L{Phase}, and every change of it goes through L{Exchange._go}.
+
+The exchange never writes bytes and imports no adapter.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+import enum
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Protocol, Sequence
 
 import attrs
 from twisted.logger import Logger
 
-from sidecar.headers import RequestHead, ResponseHead
+from sidecar.doors import Doors
+from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
+from sidecar.headers import Header, RequestHead, ResponseHead
+from sidecar.record import (
+    DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
+    Record,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IPushProducer, IReactorTime
     from twisted.python.failure import Failure
 
     from sidecar.stats import Recorder
-    from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 log = Logger()
 
@@ -31,68 +46,23 @@ log = Logger()
 #: have been closed by the service (RFC 9110 9.2.2), provided the request has no body.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
-#: Request body bytes kept while the upstream connection is not there yet; past this the
+#: Request body bytes kept while the upstream stream is not there yet; past this the
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
-
-# Response flags, as Envoy names them.
-UPSTREAM_CONNECT_FAILURE = "UF"
-UPSTREAM_CONNECTION_TERMINATION = "UC"
-UPSTREAM_REQUEST_TIMEOUT = "UT"
-UPSTREAM_PROTOCOL_ERROR = "UPE"
-DOWNSTREAM_CONNECTION_TERMINATION = "DC"
-DOWNSTREAM_PROTOCOL_ERROR = "DPE"
-UNAUTHORIZED = "RBAC"
-UPSTREAM_OVERFLOW = "UO"
-
-
-@attrs.frozen
-class Record:
-    """
-    What happened to one request.  Times are seconds from the reactor's clock.
-
-    @ivar startTime: when the request head arrived (epoch seconds).
-    @ivar duration: from C{startTime} to the last byte sent (or the end of the exchange).
-    @ivar upstreamServiceTime: from the request being sent upstream to the response head,
-        or C{None} when the upstream never answered.
-    @ivar bytesReceived: request body bytes received from the client (decoded, so chunked
-        bodies count their data only; for an upgraded stream, the client's bytes).
-    @ivar bytesSent: response body bytes sent to the client (the same way).
-    @ivar status: the status sent to the client, C{0} when none was sent.
-    @ivar flags: Envoy-style response flags joined with C{","}, or C{"-"}.
-    """
-
-    startTime: float
-    duration: float
-    upstreamServiceTime: Optional[float]
-    bytesReceived: int
-    bytesSent: int
-    status: int
-    method: str
-    path: str
-    protocol: str
-    authority: str
-    upstreamHost: str
-    flags: str
-    requestId: str
-    forwardedFor: str
-    userAgent: str
-    downstreamRemoteAddress: str
-    downstreamPeerPrincipal: str = ""
-    mutualTLS: bool = False
 
 
 class Door(Protocol):
     """
-    What an L{Exchange} needs of the front door it came through.
+    What an L{Exchange} needs of the front door it came through: a response encoder
+    (Envoy's C{ResponseEncoder}) and a tap on the client's reading.
     """
 
     clientAddress: str
     peerPrincipal: str
     mutualTLS: bool
 
-    def writeInterim(self, data: bytes) -> None:
-        """Send an interim response (C{100 Continue}) to the client."""
+    def sendContinue(self) -> None:
+        """Tell the client to go on sending its body (C{100 Continue})."""
 
     def flush(self) -> None:
         """The upstream's read is over: send anything held back."""
@@ -109,17 +79,119 @@ class Door(Protocol):
     def abortResponse(self, exchange: Exchange) -> None:
         """The response cannot be completed: close the client's connection."""
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
-        """Send a response made by the proxy itself."""
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Sequence[Header] = ()) -> None:
+        """Send a response made by the proxy itself (C{headers} beyond its own)."""
 
-    def startTunnel(self, exchange: Exchange, conn: UpstreamConnection) -> None:
-        """Splice the client and C{conn} after a 101."""
+    def startTunnel(self, exchange: Exchange, stream: UpstreamStream) -> None:
+        """After a 101, pass bytes both ways; C{stream} is the producer of the
+        service's bytes (register it with the client's transport)."""
 
     def pauseReading(self) -> None:
         """Stop reading from the client until L{resumeReading}."""
 
     def resumeReading(self) -> None:
         """Read from the client again."""
+
+
+class UpstreamStream(Protocol):
+    """
+    One request/response stream to the service, as the exchange drives it.  It is the
+    producer of the response (an C{IPushProducer}: a slow client pauses it) and frames
+    what it sends in its own protocol.  It answers through the exchange's
+    C{upstream*}/C{response*}/C{tunnel*} methods.
+    """
+
+    def sendRequest(self, exchange: Exchange, reused: bool, body: Sequence[bytes], end: bool) -> None:
+        """Send the exchange's request head, the body bytes already received, and,
+        when C{end}, the end of the request."""
+
+    def sendBody(self, data: bytes) -> None:
+        """Send request body bytes (after a 101: tunnel bytes)."""
+
+    def sendEnd(self) -> None:
+        """The request body is complete."""
+
+    def streamFrom(self, producer: IPushProducer) -> None:
+        """Pause C{producer} (the client) while the service reads slower than it sends,
+        until the request ends."""
+
+    def closeWrite(self) -> None:
+        """After a 101: the client will send no more (half-close towards the service)."""
+
+    def abandon(self) -> None:
+        """Close without a word: the stream is not reused."""
+
+    def pauseProducing(self) -> None:
+        """Stop reading the response."""
+
+    def resumeProducing(self) -> None:
+        """Read the response again."""
+
+
+class UpstreamPool(Protocol):
+    """
+    Where exchanges get upstream streams: it calls back L{Exchange.upstreamConnected},
+    L{Exchange.upstreamConnectFailed} or L{Exchange.overflow}.
+    """
+
+    address: str
+
+    def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
+        """Find a stream for C{exchange} (C{fresh}: not a reused connection)."""
+
+    def cancel(self, exchange: Exchange) -> None:
+        """C{exchange} no longer wants a stream (its client left)."""
+
+    def release(self, stream: UpstreamStream) -> None:
+        """C{stream}'s response ended cleanly: it may serve another exchange."""
+
+
+class Phase(enum.Enum):
+    """
+    Where an exchange stands.  The request body's arrival (L{Exchange.requestDone}) is
+    a fact about the client, not a phase: a response may start before it ends.
+    """
+
+    #: Its head has arrived; it waits its turn behind pipelined requests.
+    NEW = "new"
+    #: The request-head filters are deciding (one of them waits on a Deferred).
+    FILTERING = "filtering"
+    #: Asked the pool for a stream (connecting, or waiting for a free connection).
+    ACQUIRING = "acquiring"
+    #: It has an upstream stream; the request is going up.
+    SENDING = "sending"
+    #: The whole request is with the service; the response timeout runs.
+    AWAITING = "awaiting"
+    #: The response head went to the client; the body follows.
+    RESPONDING = "responding"
+    #: The service switched protocols: bytes pass both ways untouched.
+    TUNNEL = "tunnel"
+    #: Over, and recorded.
+    DONE = "done"
+
+
+#: Every change of phase an exchange may make (L{Exchange._go} checks it).
+TRANSITIONS: Dict[Phase, FrozenSet[Phase]] = {
+    Phase.NEW: frozenset([Phase.FILTERING, Phase.ACQUIRING, Phase.DONE]),
+    Phase.FILTERING: frozenset([Phase.ACQUIRING, Phase.DONE]),
+    Phase.ACQUIRING: frozenset([Phase.SENDING, Phase.AWAITING, Phase.DONE]),
+    Phase.SENDING: frozenset([Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
+    Phase.AWAITING: frozenset([Phase.ACQUIRING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
+    Phase.RESPONDING: frozenset([Phase.DONE]),
+    Phase.TUNNEL: frozenset([Phase.DONE]),
+    Phase.DONE: frozenset(),
+}
+
+NEW, FILTERING, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = (
+    Phase.NEW, Phase.FILTERING, Phase.ACQUIRING, Phase.SENDING, Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL,
+    Phase.DONE)
+_ANSWERED = frozenset([RESPONDING, TUNNEL])
+
+
+class IllegalTransition(Exception):
+    """
+    An exchange was asked to move between phases that are not connected: a bug.
+    """
 
 
 @attrs.define(slots=True, eq=False)
@@ -136,8 +208,12 @@ class Engine:
     responseTimeout: Optional[float] = 60.0
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
-    #: The fast door's open client connections (for timeouts and drain).
-    doors: set = attrs.field(factory=set)
+    #: The open client connections of every front door (for timeouts and drain).
+    doors: Doors = attrs.field(factory=Doors)
+    #: The filters every exchange runs, or C{None} (then they cost nothing).
+    filters: Optional[FilterChain] = None
+    #: Other upstreams a filter or route may choose by name (C{Call.upstream}).
+    pools: Dict[str, UpstreamPool] = attrs.field(factory=dict)
     #: What to do with client request headers whose names have an underscore
     #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
     headersWithUnderscores: str = "allow"
@@ -155,20 +231,25 @@ class Engine:
 
 class Exchange:
     """
-    One request/response pair in flight.
+    One request/response stream in flight.
 
     The front door calls L{begin} when the exchange may use the upstream, then
     L{requestBody} and L{requestComplete} as the body arrives, and L{downstreamLost} if
-    the client goes away.  The upstream connection calls L{responseHead},
-    L{responseBody}, L{responseComplete}, or L{upstreamLost}.
+    the client goes away.  The pool calls L{upstreamConnected},
+    L{upstreamConnectFailed} or L{overflow}; the upstream stream calls
+    L{responseHead}, L{responseBody}, L{responseComplete}, L{upstreamReadDone} and
+    L{upstreamLost} (or L{upgradeAccepted} and the C{tunnel*} methods after a 101).
+
+    @ivar phase: where it stands (L{Phase}).
+    @ivar requestDone: the client's request has all arrived.
+    @ivar mustClose: the client connection cannot be reused after this exchange.
     """
 
     __slots__ = (
-        "engine", "door", "method", "target", "version", "req", "start", "conn",
-        "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
-        "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
-        "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
-        "mustClose", "malformed", "waiting",
+        "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
+        "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
+        "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
+        "mustClose", "malformed", "pool", "call", "held",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -180,8 +261,8 @@ class Exchange:
         self.version = version
         self.req = req
         self.start = start
-        self.conn: Optional[UpstreamConnection] = None
-        self.connector: Any = None
+        self.phase = NEW
+        self.stream: Optional[UpstreamStream] = None
         self.pending: List[bytes] = []
         self.pendingBytes = 0
         self.requestDone = False
@@ -192,81 +273,161 @@ class Exchange:
         self.upstreamStart = 0.0
         self.upstreamServiceTime: Optional[float] = None
         self.timeout: Any = None
-        self.finished = False
         self.retried = False
-        self.headSent = False
-        self.upgraded = False
         self.readingPaused = False
-        #: The client connection cannot be reused after this exchange.
         self.mustClose = False
         #: The 400 body to answer with in this exchange's turn: its request turned out
         #: malformed while it waited behind another.
         self.malformed: Optional[bytes] = None
-        #: Waiting in the pool for a connection (the pool is at its limit).
-        self.waiting = False
+        self.pool: UpstreamPool = engine.pool
+        #: What the filters see, when there are filters.
+        self.call: Optional[Call] = None
+        #: Response events held while response-head filters decide.
+        self.held: Optional[List[Any]] = None
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the exchange is over (and recorded).
+        """
+        return self.phase is DONE
+
+    @property
+    def headSent(self) -> bool:
+        """
+        Whether a response head (the service's or the proxy's) has gone to the client.
+        """
+        return self.phase in _ANSWERED or (self.phase is DONE and self.status != 0)
+
+    def _go(self, phase: Phase) -> None:
+        """
+        The one place where the phase changes.
+        """
+        if phase not in TRANSITIONS[self.phase]:
+            raise IllegalTransition(f"{self.phase.value} -> {phase.value}")
+        self.phase = phase
 
     # -- the client side -------------------------------------------------------------
 
     def begin(self) -> None:
         """
-        The exchange may now talk to the client and the upstream: answer C{Expect:
-        100-continue} and ask the pool for a connection.
+        The exchange may now talk to the client and the upstream: run the request-head
+        filters, then answer C{Expect: 100-continue} and ask the pool for a stream.
         """
         limit = self.engine.maxRequestBytes
         if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
             self._tooLarge()
             return
+        chain = self.engine.filters
+        if chain is not None:
+            req = self.req
+            door = self.door
+            call = self.call = Call(self.method, req.target, req.authority, req.headers,
+                                    door.clientAddress, door.peerPrincipal)
+            if chain.requestBodies and (req.chunked or req.contentLength):
+                # Filters may change the body's length: send it chunked.
+                req.contentLength = None
+                req.chunked = True
+            if chain.requestHeads:
+                self._go(FILTERING)
+                chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,
+                               self._filterFailed)
+                return
+        self._acquire()
+
+    def _requestFiltered(self) -> None:
+        """
+        The request-head filters are done: answer as one of them asked, or go on.
+        """
+        if self.phase is DONE:
+            return
+        call = self.call
+        reply = call.reply  # type: ignore[union-attr]
+        if reply is not None:
+            if reply.flag:
+                self.flags.append(reply.flag)
+            self.flags.extend(call.flags)  # type: ignore[union-attr]
+            self.mustClose = self.mustClose or not self.requestDone
+            self._localReply(reply.status, reply.body, reply.headers)
+            return
+        self.flags.extend(call.flags)  # type: ignore[union-attr]
+        self.req.target = call.path  # type: ignore[union-attr]
+        if call.upstream is not None:  # type: ignore[union-attr]
+            pool = self.engine.pools.get(call.upstream)  # type: ignore[union-attr]
+            if pool is None:
+                self._filterFailed(FilterFailed("route", f"no upstream named {call.upstream!r}"))  # type: ignore[union-attr]
+                return
+            self.pool = pool
+        self._acquire()
+
+    def _acquire(self) -> None:
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
-            self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.engine.pool.acquire(self)
+            self.door.sendContinue()
+        self._go(ACQUIRING)
+        self.pool.acquire(self)
+
+    def _filterFailed(self, failure: FilterFailed) -> None:
+        """
+        A filter raised or its Deferred failed: 500 (or a cut connection once the
+        response has started), flag C{FE}, the filter named in the log.
+        """
+        if self.phase is DONE:
+            return
+        self._warn("filter {filter} failed on {method} {path}: {reason}", filter=failure.filter,
+                   reason=failure.reason)
+        self.held = None
+        self._dropUpstream()
+        self.flags.append(FILTER_ERROR)
+        self.mustClose = self.mustClose or not self.requestDone
+        self._localReply(500, b"filter error\n")
 
     def requestBody(self, data: bytes) -> None:
         """
-        Request body bytes from the client (already de-chunked).
+        Request body bytes from the client (decoded: no framing).
         """
-        if self.finished:
+        phase = self.phase
+        if phase is DONE:
             return
         self.bytesReceived += len(data)
         limit = self.engine.maxRequestBytes
         if limit is not None and self.bytesReceived > limit:
             self._tooLarge()
             return
-        conn = self.conn
-        if self.req.chunked:
-            framed = [b"%x\r\n" % len(data), data, b"\r\n"]
-        else:
-            framed = [data]
-        if conn is not None and conn.transport is not None:
-            conn.writeSequence(framed)
-        else:
-            self.pending.extend(framed)
-            self.pendingBytes += len(data)
-            if self.pendingBytes > PENDING_LIMIT and not self.readingPaused:
-                self.readingPaused = True
-                self.door.pauseReading()
+        if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
+            try:
+                data = self.engine.filters.requestBody(self.call, data)  # type: ignore[union-attr]
+            except Exception as e:
+                self._filterFailed(FilterFailed("request body filter", e))
+                return
+            if not data:
+                return
+        if phase is SENDING or phase is RESPONDING or phase is TUNNEL:
+            self.stream.sendBody(data)  # type: ignore[union-attr]
+            return
+        self.pending.append(data)
+        self.pendingBytes += len(data)
+        if self.pendingBytes > PENDING_LIMIT and not self.readingPaused:
+            self.readingPaused = True
+            self.door.pauseReading()
 
     def requestComplete(self) -> None:
         """
         The client's request (head and body) has all arrived.
         """
         self.requestDone = True
-        if self.finished:
-            return
-        if self.req.chunked:
-            # Trailers are dropped: the last chunk and an empty trailer section.
-            if self.conn is not None:
-                self.conn.write(b"0\r\n\r\n")
-            else:
-                self.pending.append(b"0\r\n\r\n")
-        if self.conn is not None and not self.upgraded:
-            self.conn.requestSent()
+        phase = self.phase
+        if phase is SENDING:
+            self.stream.sendEnd()  # type: ignore[union-attr]
+            self._go(AWAITING)
             self._armTimeout()
+        elif phase is RESPONDING:
+            self.stream.sendEnd()  # type: ignore[union-attr]
 
     def downstreamLost(self) -> None:
         """
         The client went away before the exchange ended: cancel the upstream side.
         """
-        if self.finished:
+        if self.phase is DONE:
             return
         self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
         self._dropUpstream()
@@ -274,42 +435,33 @@ class Exchange:
 
     # -- the pool's side -------------------------------------------------------------
 
-    def upstreamConnected(self, conn: UpstreamConnection, reused: bool) -> None:
+    def upstreamConnected(self, stream: UpstreamStream, reused: bool) -> None:
         """
-        The pool gives us C{conn}: send the head and whatever body has arrived.
+        The pool gives us C{stream}: send the head and whatever body has arrived.
         """
-        self.connector = None
-        if self.finished:
-            self.engine.pool.release(conn)
+        if self.phase is not ACQUIRING:
+            self.pool.release(stream)
             return
-        self.conn = conn
-        conn.attach(self, reused)
+        self.stream = stream
         self.upstreamStart = self.engine.clock.seconds()
-        if self.pending:
-            conn.writeSequence([self.req.head] + self.pending)
-            self.pending = []
-            self.pendingBytes = 0
-        else:
-            conn.write(self.req.head)
+        pending, self.pending = self.pending, []
+        self.pendingBytes = 0
+        done = self.requestDone
+        self._go(AWAITING if done else SENDING)
+        stream.sendRequest(self, reused, pending, done)
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()
-        if self.requestDone:
-            conn.requestSent()
+        if done:
             self._armTimeout()
-        else:
-            conn.streamRequestFrom(self.door)
+        elif self.phase is SENDING:
+            stream.streamFrom(self.door)  # type: ignore[arg-type]
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         """
         No connection to the service could be made.
         """
-        if self.connector is None:
-            # An attempt this exchange gave up on itself (L{_dropUpstream}): Twisted
-            # reports the cancelled connect at once, and it is no upstream failure.
-            return
-        self.connector = None
-        if self.finished:
+        if self.phase is not ACQUIRING:
             return
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
@@ -317,22 +469,76 @@ class Exchange:
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection failure")
 
-    def setConnector(self, connector: Any) -> None:
+    def overflow(self) -> None:
         """
-        Remember the connect attempt under way, so that a client that leaves cancels it.
+        The pool is at its connection limit and its queue is full: 503, flag C{UO}.
         """
-        self.connector = connector
+        self._warn("upstream {upstream} overflow: {method} {path} refused, "
+                   "the connection limit is reached and the queue is full")
+        self.flags.append(UPSTREAM_OVERFLOW)
+        self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
+                              b"reset reason: overflow")
 
-    # -- the upstream connection's side ---------------------------------------------
+    # -- the upstream stream's side --------------------------------------------------
 
     def responseHead(self, status: int, reason: bytes, head: ResponseHead) -> None:
         """
-        The upstream's (final) response head arrived, after the forwarding rules.
+        The upstream's final response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
+        call = self.call
+        if call is not None and status != 101:
+            chain = self.engine.filters
+            if chain.responseBodies and head.contentLength is not None:  # type: ignore[union-attr]
+                # Filters may change the body's length: the door frames it anew.
+                head.contentLength = None
+            if chain.responseHeads:  # type: ignore[union-attr]
+                call.status = status
+                call.responseHeaders = head.headers
+                self.held = []
+                chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
+                               lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                return
+        self._startResponse(status, reason, head)
+
+    def _responseFiltered(self, status: int, reason: bytes, head: ResponseHead) -> None:
+        """
+        The response-head filters are done: send the (changed) head and what was held,
+        or the local reply a filter asked for instead.
+        """
+        held, self.held = self.held, None
+        if self.phase is DONE or held is None:
+            return
+        call = self.call
+        reply = call.reply  # type: ignore[union-attr]
+        if reply is not None:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.abandon()
+            if reply.flag:
+                self.flags.append(reply.flag)
+            self._localReply(reply.status, reply.body, reply.headers)
+            return
+        head.headers = call.responseHeaders  # type: ignore[union-attr]
+        if call.status != status:  # type: ignore[union-attr]
+            # A filter changed the status: the door writes the standard reason.
+            status, reason = call.status, b""  # type: ignore[union-attr]
+        self._startResponse(status, reason, head)
+        for event in held:
+            if self.phase is DONE:
+                return
+            if event is None:
+                self._end()
+                self.door.finishResponse(self)
+                return
+            self.responseBody(event)
+        self.door.flush()
+
+    def _startResponse(self, status: int, reason: bytes, head: ResponseHead) -> None:
         self.status = status
-        self.headSent = True
+        if status != 101:
+            self._go(RESPONDING)
         if not self.requestDone:
             # The service answered before the client finished sending: the rest of the
             # body goes nowhere and the connections can't be reused.
@@ -341,32 +547,55 @@ class Exchange:
 
     def responseBody(self, data: bytes) -> None:
         """
-        Response body bytes from the upstream (de-chunked).
+        Response body bytes from the upstream (decoded: no framing).
         """
+        if self.call is not None:
+            if self.held is not None:
+                self.held.append(data)
+                return
+            chain = self.engine.filters
+            if chain.responseBodies:  # type: ignore[union-attr]
+                try:
+                    data = chain.responseBody(self.call, data)  # type: ignore[union-attr]
+                except Exception as e:
+                    self._filterFailed(FilterFailed("response body filter", e))
+                    return
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
+    def upstreamReadDone(self) -> None:
+        """
+        The upstream stream has handled one read: the door may send what it held back.
+        """
+        self.door.flush()
+
     def responseComplete(self, reusable: bool) -> None:
         """
-        The upstream's response ended; C{reusable} says whether its connection may serve
+        The upstream's response ended; C{reusable} says whether its stream may serve
         another request.
         """
-        conn, self.conn = self.conn, None
-        if conn is not None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
             if reusable and self.requestDone:
-                self.engine.pool.release(conn)
+                self.pool.release(stream)
             else:
-                conn.abandon()
+                stream.abandon()
+        if self.held is not None:
+            self.held.append(None)
+            return
         # The record first: finishing may start the next pipelined exchange at once.
         self._end()
         self.door.finishResponse(self)
 
-    def upgradeAccepted(self, conn: UpstreamConnection, leftover: bytes) -> None:
+    def upgradeAccepted(self, leftover: bytes) -> None:
         """
-        The upstream answered 101: from now on bytes flow both ways untouched.
+        The upstream answered 101 (its head went through L{responseHead}): from now on
+        bytes flow both ways untouched.
         """
-        self.upgraded = True
-        self.door.startTunnel(self, conn)
+        self._go(TUNNEL)
+        stream = self.stream
+        self.door.startTunnel(self, stream)  # type: ignore[arg-type]
+        stream.streamFrom(self.door)  # type: ignore[union-attr,arg-type]
         if leftover:
             self.tunnelToClient(leftover)
 
@@ -382,37 +611,40 @@ class Exchange:
         Bytes from the client on an upgraded connection.
         """
         self.bytesReceived += len(data)
-        if self.conn is not None:
-            self.conn.write(data)
+        if self.stream is not None:
+            self.stream.sendBody(data)
 
     def tunnelClosed(self) -> None:
         """
         Either side of an upgraded connection closed: the exchange is over.
         """
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
         self._end()
 
     def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
         """
-        The upstream connection closed before the response was complete.
+        The upstream stream closed before the response was complete.
         """
         self._cancelTimeout()
-        self.conn = None
-        if self.finished:
+        self.stream = None
+        phase = self.phase
+        if phase is DONE:
             return
-        if self.headSent:
+        if phase is RESPONDING:
             self._warn("upstream {upstream} closed in the middle of the response to {method} {path}")
             self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
             self._end()
             self.door.abortResponse(self)
             return
-        if (reused and not responseStarted and not self.retried and self.method in IDEMPOTENT
-                and not self.req.chunked and not self.req.contentLength and not self.req.upgrade):
+        if (reused and not responseStarted and not self.retried and phase is AWAITING
+                and self.method in IDEMPOTENT and not self.req.chunked and not self.req.contentLength
+                and not self.req.upgrade):
             # A pooled connection the service had closed: once more, on a new connection.
             self.retried = True
-            self.engine.pool.acquire(self, fresh=True)
+            self._go(ACQUIRING)
+            self.pool.acquire(self, fresh=True)
             return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
@@ -422,22 +654,18 @@ class Exchange:
 
     def upstreamProtocolError(self, detail: str) -> None:
         """
-        The upstream sent something that is not HTTP/1.1.
+        The upstream sent something its codec could not parse.
         """
         self._cancelTimeout()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
-        if self.finished:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase is DONE:
             return
         self._warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
                    detail=detail)
         self.flags.append(UPSTREAM_PROTOCOL_ERROR)
-        if self.headSent:
-            self._end()
-            self.door.abortResponse(self)
-        else:
-            self._localReply(502, b"upstream sent a malformed response")
+        self._localReply(502, b"upstream sent a malformed response")
 
     # -- endings ---------------------------------------------------------------------
 
@@ -456,7 +684,7 @@ class Exchange:
         """
         self.mustClose = True
         self.requestDone = True
-        if self.finished:
+        if self.phase is DONE:
             return
         self._dropUpstream()
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
@@ -472,69 +700,59 @@ class Exchange:
         self._dropUpstream()
         self._localReply(413, b"Payload Too Large\n")
 
-    def overflow(self) -> None:
-        """
-        The pool is at its connection limit and its queue is full: 503, flag C{UO}.
-        """
-        self._warn("upstream {upstream} overflow: {method} {path} refused, "
-                   "the connection limit is reached and the queue is full")
-        self.flags.append(UPSTREAM_OVERFLOW)
-        self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
-                              b"reset reason: overflow")
-
     def _timedOut(self) -> None:
         self.timeout = None
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
-        if self.finished or self.headSent:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase is not AWAITING:
             return
         self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
                    seconds=self.engine.responseTimeout)
         self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
         self._localReply(504, b"upstream request timeout")
 
-    def _localReply(self, status: int, body: bytes) -> None:
-        if self.headSent:
+    def _localReply(self, status: int, body: bytes, headers: Sequence[Header] = ()) -> None:
+        """
+        Answer with the proxy's own response, or, when the service's response has
+        started, cut the client off: a truncated body is never presented as complete.
+        """
+        if self.phase in _ANSWERED:
             self._end()
             self.door.abortResponse(self)
             return
         self.status = status
-        self.headSent = True
         self.bytesSent += 0 if self.method == b"HEAD" else len(body)
         if not self.requestDone:
             self.mustClose = True
         self._end()
-        self.door.localReply(self, status, body)
+        self.door.localReply(self, status, body, headers)
 
     def _warn(self, format: str, **fields: Any) -> None:
         """
         Log why this exchange failed, naming the upstream, the method and the path.
         """
-        log.warn(format, upstream=self.engine.pool.address, method=self.method.decode("latin-1"),
+        log.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
                  path=self.target.decode("latin-1"), **fields)
 
     def _dropUpstream(self) -> None:
         """
         Give up on the upstream side: the timer, a wait or a connect under way, the
-        connection.
+        stream.
         """
         self._cancelTimeout()
-        if self.waiting:
-            self.engine.pool.cancel(self)
-        connector, self.connector = self.connector, None
-        if connector is not None:
-            connector.disconnect()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abandon()
+        if self.phase is ACQUIRING:
+            self.pool.cancel(self)
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
 
     def _armTimeout(self) -> None:
         """
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and not self.headSent:
+        if self.engine.responseTimeout and self.timeout is None and self.phase is AWAITING:
             self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
@@ -543,18 +761,17 @@ class Exchange:
             self.timeout = None
 
     def _end(self) -> None:
-        if self.finished:
+        if self.phase is DONE:
             return
-        self.finished = True
-        self.engine.recorder.requestsActive -= 1
+        self._go(DONE)
+        engine = self.engine
+        engine.recorder.requestsActive -= 1
         self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()
-        engine = self.engine
         door = self.door
-        target = self.target
-        self.engine.recorder.record(Record(
+        record = Record(
             self.start,
             engine.clock.seconds() - self.start,
             self.upstreamServiceTime,
@@ -562,10 +779,10 @@ class Exchange:
             self.bytesSent,
             self.status,
             self.method.decode("latin-1"),
-            target.decode("latin-1"),
+            self.target.decode("latin-1"),
             "HTTP/" + self.version if self.version else "-",
             self.req.authority,
-            engine.pool.address,
+            self.pool.address,
             ",".join(self.flags) if self.flags else "-",
             self.req.requestId,
             self.req.forwardedFor,
@@ -573,4 +790,9 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
-        ))
+        )
+        engine.recorder.record(record)
+        if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]
+            for failure in engine.filters.logged(record):  # type: ignore[union-attr]
+                self._warn("filter {filter} failed on the record of {method} {path}: {reason}",
+                           filter=failure.filter, reason=failure.reason)

@@ -138,9 +138,12 @@ class RequestHead:
     """
     What the proxy learnt from a client's request head, and the head to send upstream.
 
-    @ivar head: the request head for the upstream, ready to write.
+    @ivar headers: the headers for the upstream, in order, without framing
+        (C{Content-Length}, C{Transfer-Encoding}): the upstream codec writes framing
+        from L{contentLength} and L{chunked}, the proxy's own parse.
     @ivar target: the request target sent upstream (origin-form for an absolute-form
-        target, else as the client sent it).
+        target, else as the client sent it; a front door's path rule or a filter may
+        change it; the record keeps the client's).
     @ivar authority: the C{Host} sent upstream (empty if none).
     @ivar requestId: the C{X-Request-Id} sent upstream (the client's or a new one).
     @ivar forwardedFor: the C{X-Forwarded-For} value sent upstream.
@@ -155,7 +158,7 @@ class RequestHead:
         proxy does not implement).
     """
 
-    head: bytes = b""
+    headers: Headers = attrs.field(factory=list)
     target: bytes = b""
     authority: str = ""
     requestId: str = ""
@@ -211,7 +214,8 @@ def requestHead(
     underscores: str = "allow",
 ) -> RequestHead:
     """
-    Apply the forwarding rules to a client's request head.
+    Apply the forwarding rules to a client's request head.  Returns header lists, never
+    bytes: each codec (L{sidecar.http1} for HTTP/1.1) serialises them.
 
     The body framing sent upstream is the proxy's own: C{Content-Length} or
     C{Transfer-Encoding: chunked} is generated from what was parsed, never copied, and
@@ -231,7 +235,7 @@ def requestHead(
         headers the proxy owns are always dropped.
     @return: the head to send upstream and what the proxy learnt from it.
     """
-    result = RequestHead()
+    result = RequestHead(target=target)
     out: Headers = []
     append = out.append
     forwarded: List[bytes] = []
@@ -284,7 +288,7 @@ def requestHead(
         elif kind == _USER_AGENT:
             result.userAgent = value.decode("latin-1")
             append(pair)
-        else:  # _LENGTH: framing is re-generated below, never copied
+        else:  # _LENGTH: framing, written by the upstream codec from the parse
             lengths += 1
             value = value.strip()
             if lengths > 1 or not value.isdigit():
@@ -346,19 +350,10 @@ def requestHead(
         result.requestId = newRequestId()
         out.append((b"X-Request-Id", result.requestId.encode("ascii")))
     out.extend(extra)
-    if result.chunked:
-        out.append((b"Transfer-Encoding", b"chunked"))
-    elif result.contentLength is not None:
-        out.append((b"Content-Length", b"%d" % result.contentLength))
     if result.upgrade:
         out.append((b"Connection", b"Upgrade"))
         out.append((b"Upgrade", upgradeValue))  # type: ignore[arg-type]
-
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in out:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    result.head = b"".join(parts)
+    result.headers = out
     return result
 
 
@@ -367,8 +362,9 @@ class ResponseHead:
     """
     An upstream response head after the forwarding rules.
 
-    @ivar headers: the headers to send to the client, without framing or connection
-        headers (the front door adds those).
+    @ivar headers: the headers to send to the client, without framing
+        (C{Content-Length}, C{Transfer-Encoding}) or connection headers: the front door
+        writes those from L{contentLength}, the upstream codec's parse.
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
@@ -402,8 +398,8 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         if kind is None:
             append(pair)
         elif kind == _LENGTH:
+            # Framing: the front door writes it from the parse.
             contentLength = int(pair[1])
-            append(pair)
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:

@@ -281,7 +281,7 @@ class SidecarCollector:
     @ivar version: the sidecar's version, for C{sidecar_build_info}.
     @ivar localPrincipal: returns our own SPIFFE id from the certificate in use under
         mutual TLS, or C{""}; it wins over C{mesh.principal}.
-    @ivar tls: the L{sidecar.tls.MutualTLS} counters (C{handshakes},
+    @ivar tls: the L{sidecar.mtls.MutualTLS} counters (C{handshakes},
         C{handshakeFailures}, C{handshakeTimeouts}, C{denials}, C{context.rotations},
         C{context.failures}), or C{None} without mutual TLS.
     @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},

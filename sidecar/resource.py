@@ -29,7 +29,6 @@ bare 400), and the C{_respondToBadRequestAndDisconnect} hook.
 from __future__ import annotations
 
 import re
-from http import HTTPStatus
 from io import BytesIO
 from typing import Any, Optional
 
@@ -42,7 +41,9 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
+from sidecar import http1
+from sidecar.exchange import Engine, Exchange
+from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
 
 _CHUNK = 64 * 1024
@@ -75,13 +76,6 @@ def _address(peer: Any) -> tuple:
         return "-", "-"
     port = getattr(peer, "port", 0)
     return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
 
 
 class _Tunnel(Protocol):
@@ -156,18 +150,18 @@ class WebDoor:
         for name, values in request.requestHeaders.getAllRawHeaders():
             lower = name.lower()
             if lower == b"content-length" or lower == b"transfer-encoding":
-                # Framing comes from twisted.web's parse, never from these headers.
+                # Given to the rules to judge (501 for a coding, 400 for both), but the
+                # framing sent on is twisted.web's parse, set below.
                 hadLength = True
-                continue
             for value in values:
                 if len(value.translate(None, _CTL)) != len(value):
                     badValue = True
                 headers.append((name, value))
-        if length is None:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        elif hadLength or length:
-            headers.append((b"Content-Length", b"%d" % length))
-        req = requestHead(method, target, version, headers, self.clientIP, proto, extra)
+        engine = self.engine
+        req = requestHead(method, target, version, headers, self.clientIP, proto, extra,
+                          engine.pool.address.encode("ascii"), engine.headersWithUnderscores)
+        req.chunked = length is None
+        req.contentLength = length if length is not None and (hadLength or length) else None
         exchange = self.exchange = self.engine.exchange(self, method, request.uri, version, req)
         request.notifyFinish().addErrback(self._clientGone)
         if not self.streaming and length == 0:
@@ -184,10 +178,10 @@ class WebDoor:
         elif badValue:
             refusal = 400, "a header value has a control character"
         elif req.error is not None:
-            refusal = 400, req.error
+            refusal = req.status, req.error
         if refusal is not None:
             status, message = refusal
-            body = f"{_reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
+            body = f"{http1.reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
             exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, body)
             return
         if denial is not None:
@@ -262,9 +256,15 @@ class WebDoor:
                 self._pump()
 
     def pauseProducing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.transport.pauseProducing()
+            return
         self._pause(_UPSTREAM_FULL)
 
     def resumeProducing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.transport.resumeProducing()
+            return
         self._resume(_UPSTREAM_FULL)
 
     def stopProducing(self) -> None:
@@ -278,7 +278,7 @@ class WebDoor:
 
     # -- response --------------------------------------------------------------------
 
-    def writeInterim(self, data: bytes) -> None:
+    def sendContinue(self) -> None:
         """
         C{100 Continue}: ours to send when streaming (L{SidecarChannel} leaves it to
         the exchange, so that a refusal is never preceded by it); twisted.web's own
@@ -287,7 +287,7 @@ class WebDoor:
         if self.streaming and not self._finished and self.request.bodyLength != 0:
             transport = getattr(self.request.channel, "transport", None)
             if transport is not None:
-                transport.write(data)
+                transport.write(http1.CONTINUE)
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
         request = self.request
@@ -308,12 +308,15 @@ class WebDoor:
                 break
         for name, value in head.headers:
             out.addRawHeader(name, value)
+        if head.contentLength is not None and status >= 200 and status != 204:
+            # Framing from the upstream codec's parse; twisted.web chunks without it.
+            out.setRawHeaders(b"content-length", [b"%d" % head.contentLength])
         if self.engine.draining or exchange.mustClose:
             out.setRawHeaders(b"connection", [b"close"])
-        conn = exchange.conn
-        if conn is not None and self._producer is None:
-            self._producer = conn
-            request.registerProducer(conn, True)
+        stream = exchange.stream
+        if stream is not None and self._producer is None:
+            self._producer = stream
+            request.registerProducer(stream, True)
 
     def flush(self) -> None:
         """
@@ -355,7 +358,7 @@ class WebDoor:
             self.request.channel.persistent = False
             self.request.transport.loseConnection()
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
         self._unhook()
         if self._finished:
             return
@@ -366,6 +369,9 @@ class WebDoor:
         request.defaultContentType = None
         request.setHeader(b"server", self.engine.serverHeader)
         request.setHeader(b"content-type", b"text/plain")
+        for name, value in headers:
+            if name.lower() not in (b"content-length", b"transfer-encoding", b"connection", b"server"):
+                request.setHeader(name, value)
         request.setHeader(b"content-length", b"%d" % len(body))
         if exchange.mustClose or self.engine.draining:
             request.setHeader(b"connection", b"close")
@@ -373,7 +379,7 @@ class WebDoor:
         request.write(body)
         request.finish()
 
-    def startTunnel(self, exchange: Exchange, conn: Any) -> None:
+    def startTunnel(self, exchange: Exchange, stream: Any) -> None:
         """
         After a 101, take the client's transport from twisted.web and splice it to the
         upstream connection.
@@ -385,10 +391,6 @@ class WebDoor:
         transport = channel.transport
         channel.setTimeout(None)
         reason, response = self._upgradeHead
-        head = [b"HTTP/1.1 101 %s\r\n" % reason]
-        for name, value in response.headers + [(b"Connection", b"Upgrade"), (b"Upgrade", response.upgrade or b"")]:
-            head += [name, b": ", value, b"\r\n"]
-        head.append(b"\r\n")
         ours = channel if isinstance(channel, SidecarChannel) else None
         tunnel = self._tunnel = _Tunnel(exchange, ours)
         if ours is not None:
@@ -400,9 +402,8 @@ class WebDoor:
         transport.protocol = tunnel
         tunnel.makeConnection(transport)
         transport.resumeProducing()
-        transport.write(b"".join(head))
-        transport.registerProducer(conn, True)
-        conn.transport.registerProducer(transport, True)
+        transport.write(http1.switchingProtocols(reason, response.headers, response.upgrade or b""))
+        transport.registerProducer(stream, True)
 
     def _unhook(self) -> None:
         if self._producer is not None:
@@ -560,11 +561,8 @@ class _RefusalDoor:
         self.channel = channel
         self.clientIP, self.clientAddress = _address(channel.transport.getPeer())
 
-    def localReply(self, exchange: Exchange, status: int, body: bytes) -> None:
-        self.channel.transport.write(
-            b"HTTP/1.1 %d %s\r\nServer: %s\r\nContent-Type: text/plain\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (status, _reason(status), exchange.engine.serverHeader, len(body), body))
+    def localReply(self, exchange: Exchange, status: int, body: bytes, headers: Headers = ()) -> None:  # type: ignore[assignment]
+        self.channel.transport.write(http1.localReply(status, exchange.engine.serverHeader, body, True, False))
 
     def resumeReading(self) -> None:
         pass
@@ -578,10 +576,10 @@ class SidecarChannel(HTTPChannel):
     out-of-range C{Content-Length} 400.  With a L{StreamingRequest} it renders at the
     end of the head and streams the body.
 
-    It is registered in C{engine.doors}, with the attributes L{sweepDoors} reads, so
-    that the client idle and request-head timeouts apply to it as to the fast door.
+    It is registered in C{engine.doors} (an L{sidecar.doors.OpenDoor}), so that the
+    client idle and request-head timeouts apply to it as to the fast door.
 
-    @ivar activity: reads so far; L{sweepDoors} compares it with C{sweptActivity}.
+    @ivar activity: reads so far; the sweep compares it with C{sweptActivity}.
     @ivar inHead: a request head has begun and not ended.
     """
 
@@ -591,9 +589,6 @@ class SidecarChannel(HTTPChannel):
     idleSince: Optional[float] = None
     inHead = False
     headSince: Optional[float] = None
-    #: Read by L{sweepDoors} (the fast door's names): requests are the channel's.
-    _current = None
-    _queue = ()
     _closing = False
     _inRequest = False
     _tunnel: Optional[_Tunnel] = None
@@ -737,7 +732,7 @@ class SidecarChannel(HTTPChannel):
         if self._closing:
             return
         self.inHead = False
-        body = f"{_reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
+        body = f"{http1.reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")
         request = self.requests[-1] if self.requests else None
         door = getattr(request, "door", None)
         exchange = getattr(door, "exchange", None)
@@ -757,7 +752,7 @@ class SidecarChannel(HTTPChannel):
             record.reject(status, DOWNSTREAM_PROTOCOL_ERROR, body)
         self.loseConnection()
 
-    # -- what sweepDoors asks ----------------------------------------------------------
+    # -- what the doors registry asks (sidecar.doors.OpenDoor) ------------------------
 
     def busy(self) -> bool:
         """
@@ -765,13 +760,25 @@ class SidecarChannel(HTTPChannel):
         """
         return bool(self.requests or self.inHead or self._tunnel is not None)
 
+    def answering(self) -> bool:
+        """
+        Whether a request already accepted is being answered (a head read behind it is
+        not slow: its client waits for that answer).
+        """
+        # twisted.web makes the Request of a head as soon as its first line arrives:
+        # one being read is not one being answered.
+        return len(self.requests) > (1 if self.inHead else 0)
+
     def headTimedOut(self) -> None:
         """
         The request head did not arrive in time (a slow or stalled client): 408, close.
         """
         self._refuse(408, "request head not received in time")
 
-    def _close(self) -> None:
+    def closeIdle(self) -> None:
+        """
+        Close the connection: the client has been idle too long.
+        """
         if not self._closing and self.transport is not None:
             self.loseConnection()
 

@@ -62,7 +62,7 @@ class SidecarService(MultiService):
         self.listeners = []
         self.tls = None
         if config.tls is not None:
-            from sidecar.tls import MutualTLS
+            from sidecar.mtls import MutualTLS
 
             self.tls = MutualTLS.fromConfig(config.tls, reactor)
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
@@ -147,7 +147,7 @@ class SidecarService(MultiService):
         if door is None:
             engine = self.engine if port is None else self.originals.engineFor(port)
             if underTLS:
-                from sidecar.tls import MutualTLSDownstreamFactory
+                from sidecar.mtls import MutualTLSDownstreamFactory
 
                 door = MutualTLSDownstreamFactory(engine, self.config.maxHeaderBytes, self.tls, handshaken=True)
             else:
@@ -238,11 +238,8 @@ class SidecarService(MultiService):
         """
         Enforce the client idle and request-head timeouts.
         """
-        from sidecar.downstream import sweepDoors
-
         now = self.reactor.seconds()
-        sweepDoors(self.engine.doors, now, self.config.clientIdleTimeout,
-                   self.config.requestHeadTimeout)
+        self.engine.doors.sweep(now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
         self.tcp.sweep(now)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:

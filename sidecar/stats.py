@@ -9,7 +9,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from sidecar.exchange import Record
+from sidecar.record import Record
 
 #: Envoy's default histogram buckets (milliseconds for durations, bytes for sizes).
 DEFAULT_BUCKETS: Tuple[float, ...] = (

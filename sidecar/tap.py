@@ -109,7 +109,8 @@ def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSCon
     permissive mode.  The files are read and checked here, so that a missing,
     unreadable or mismatched one stops the start with a sentence naming it.
     """
-    from sidecar.tls import AllowPolicy, InvalidSpiffeId, TLSFileError, TLSFiles, loadMaterial
+    from sidecar.spiffe import AllowPolicy, InvalidSpiffeId
+    from sidecar.tls import TLSFileError, TLSFiles, loadMaterial
 
     mode = (options["tls-mode"] or "").strip().lower()
     if mode not in TLS_MODES:

@@ -1,14 +1,16 @@
 # -*- test-case-name: tests.test_upstream -*-
 """
-Persistent connections to the service: the L{UpstreamPool} hands them to exchanges,
-takes them back when a response ends cleanly, and closes them when idle too long.
-Each L{UpstreamConnection} parses responses with llhttp (C{httptools}).
+The HTTP/1.1 upstream: L{UpstreamConnection} implements the engine's upstream stream
+(L{sidecar.exchange.UpstreamStream}) over one persistent connection, framing requests
+with L{sidecar.http1} and parsing responses with llhttp (C{httptools});
+L{UpstreamPool} implements the engine's pool: it hands connections to exchanges, takes
+them back when a response ends cleanly, and closes them when idle too long.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, List, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
 import httptools
 from twisted.internet.error import ConnectionDone
@@ -17,6 +19,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar import http1
 from sidecar.config import UpstreamConfig
 from sidecar.headers import responseHead
 from sidecar.transport import prepare
@@ -70,14 +73,16 @@ class UpstreamConnection(Protocol):
         self._eofBody = False
         self._headOnly = False
         self._abandoned = False
+        self._chunked = False
         self._sourceDoor: Any = None
         self._stop: Optional[str] = None
 
-    # -- the exchange's side ---------------------------------------------------------
+    # -- the exchange's side (the engine's UpstreamStream) --------------------------
 
-    def attach(self, exchange: Exchange, reused: bool) -> None:
+    def sendRequest(self, exchange: Exchange, reused: bool, body: Sequence[bytes], end: bool) -> None:
         """
-        Serve C{exchange}: a fresh parser, a clean slate.
+        Serve C{exchange} (a fresh parser, a clean slate): send its head, the body bytes
+        received so far and, when C{end}, the end of the request, in one write.
         """
         self.exchange = exchange
         self.reused = reused
@@ -86,14 +91,47 @@ class UpstreamConnection(Protocol):
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
+        req = exchange.req
+        chunked = self._chunked = req.chunked
+        parts = [http1.requestHead(exchange.method, req.target, req.headers, req.contentLength, chunked)]
+        if chunked:
+            for data in body:
+                parts += http1.chunk(data)
+            if end:
+                parts.append(http1.LAST_CHUNK)
+        else:
+            parts += body
+        if len(parts) == 1:
+            self.write(parts[0])
+        else:
+            self.writeSequence(parts)
 
-    def streamRequestFrom(self, door: Any) -> None:
+    def sendBody(self, data: bytes) -> None:
         """
-        The request body is still arriving: let our transport pause the client.
+        Request body bytes (framed as the request is), or tunnel bytes after a 101.
+        """
+        if self._chunked and not self.tunnel:
+            self.writeSequence(http1.chunk(data))
+        else:
+            self.write(data)
+
+    def sendEnd(self) -> None:
+        """
+        The request body is complete: the last chunk if chunked, and stop pausing the
+        client on our behalf.
+        """
+        if self._chunked:
+            self.write(http1.LAST_CHUNK)
+        self.requestSent()
+
+    def streamFrom(self, producer: Any) -> None:
+        """
+        Let our transport pause C{producer} (the client) while the service reads slower
+        than the client sends.
         """
         if self._sourceDoor is None and self.transport is not None:
-            self._sourceDoor = door
-            self.transport.registerProducer(door, True)
+            self._sourceDoor = producer
+            self.transport.registerProducer(producer, True)
 
     def requestSent(self) -> None:
         """
@@ -105,6 +143,13 @@ class UpstreamConnection(Protocol):
             if self.transport is not None:
                 self.transport.unregisterProducer()
             door.resumeProducing()
+
+    def closeWrite(self) -> None:
+        """
+        After a 101: the client sent its last byte; pass the half-close on.
+        """
+        if self.transport is not None:
+            self.transport.loseWriteConnection()
 
     def abandon(self) -> None:
         """
@@ -148,7 +193,6 @@ class UpstreamConnection(Protocol):
             exchange.tunnelToClient(data)
             return
         self.responseStarted = True
-        door = exchange.door
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -166,7 +210,7 @@ class UpstreamConnection(Protocol):
             if self.exchange is not None:
                 self.exchange.upstreamProtocolError(str(e))
             self.transport.abortConnection()
-        door.flush()
+        exchange.upstreamReadDone()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.pool.lost(self)
@@ -257,7 +301,7 @@ class UpstreamConnection(Protocol):
         self.requestSent()
         self.tunnel = True
         exchange.responseHead(101, self._reason, responseHead(self._headers, exchange.engine.serverHeader))
-        exchange.upgradeAccepted(self, leftover)
+        exchange.upgradeAccepted(leftover)
 
 
 class _ConnectAttempt(ClientFactory):
@@ -271,6 +315,7 @@ class _ConnectAttempt(ClientFactory):
     def __init__(self, pool: UpstreamPool, exchange: Exchange) -> None:
         self.pool = pool
         self.exchange: Optional[Exchange] = exchange
+        self.connector: Any = None
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
         conn = UpstreamConnection(self.pool)
@@ -281,6 +326,7 @@ class _ConnectAttempt(ClientFactory):
         self.pool.connectFailed()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
+            self.pool.attempts.pop(exchange, None)
             exchange.upstreamConnectFailed(reason)
 
 
@@ -317,6 +363,8 @@ class UpstreamPool:
         self.pending: Deque[Exchange] = deque()
         #: Requests refused with 503 because C{maxPending} were already waiting.
         self.overflows = 0
+        #: The connects under way, by the exchange they are for.
+        self.attempts: Dict[Exchange, _ConnectAttempt] = {}
 
     def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -343,7 +391,6 @@ class UpstreamPool:
                 self.overflows += 1
                 exchange.overflow()
                 return
-            exchange.waiting = True
             self.pending.append(exchange)
             return
         self._connect(exchange)
@@ -354,13 +401,13 @@ class UpstreamPool:
         connector = self.reactor.connectTCP(
             self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
         )
-        exchange.setConnector(connector)
+        attempt.connector = connector
+        self.attempts[exchange] = attempt
 
     def _nextWaiting(self) -> Optional[Exchange]:
         pending = self.pending
         while pending:
             exchange = pending.popleft()
-            exchange.waiting = False
             if not exchange.finished:
                 return exchange
         return None
@@ -376,9 +423,16 @@ class UpstreamPool:
 
     def cancel(self, exchange: Exchange) -> None:
         """
-        C{exchange} no longer waits for a connection (its client left).
+        C{exchange} no longer wants a connection (its client left): stop its wait, or
+        the connect under way for it.
         """
-        exchange.waiting = False
+        attempt = self.attempts.pop(exchange, None)
+        if attempt is not None:
+            # Twisted reports a cancelled connect at once, inside disconnect(): the
+            # exchange gave up on it and must not hear of it as an upstream failure.
+            attempt.exchange = None
+            attempt.connector.disconnect()
+            return
         try:
             self.pending.remove(exchange)
         except ValueError:
@@ -394,6 +448,8 @@ class UpstreamPool:
         conn.state = ACTIVE
         attempt = conn.factory  # type: ignore[attr-defined]
         exchange, attempt.exchange = attempt.exchange, None
+        if exchange is not None:
+            self.attempts.pop(exchange, None)
         if exchange is None or exchange.finished:
             self.release(conn)
             return

@@ -20,7 +20,8 @@ from twisted.web import resource, server
 
 from sidecar.config import UpstreamConfig
 from sidecar.downstream import DownstreamFactory
-from sidecar.exchange import Engine, Record
+from sidecar.exchange import Engine
+from sidecar.record import Record
 from sidecar.resource import proxySite
 from sidecar.stats import Recorder
 from sidecar.upstream import UpstreamPool

@@ -19,7 +19,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from sidecar.accesslog import AccessLog, LogOutput, formatJSON, formatSeed, formatText, openOutput
-from sidecar.exchange import Record
+from sidecar.record import Record
 from tests.support import Proxy, Upstream, rawRequest, waitUntil
 
 REC = Record(

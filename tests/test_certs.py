@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
 from sidecar.certs import CertsError, makeCA, run, trustDomainOf
-from sidecar.tls import TLSFiles, loadMaterial, peerIdentity
+from sidecar.spiffe import peerIdentity
+from sidecar.tls import TLSFiles, loadMaterial
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.timezone.utc)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +107,7 @@ class CertsTests(unittest.TestCase):
         """
         L{makeCA} refuses a trust domain that is not one.
         """
-        from sidecar.tls import InvalidSpiffeId
+        from sidecar.spiffe import InvalidSpiffeId
 
         with self.assertRaises(InvalidSpiffeId):
             makeCA("Cluster.Local", NOW)
@@ -121,3 +122,21 @@ class CertsTests(unittest.TestCase):
         self.assertEqual(done.returncode, 1)
         self.assertTrue(done.stderr.startswith("sidecar-certs: "), done.stderr)
         self.assertEqual(done.stderr.count("\n"), 1)
+
+
+class LayeringTests(unittest.TestCase):
+    """
+    The identity code stands apart from the proxy.
+    """
+
+    def test_certsWithoutFrontDoor(self) -> None:
+        """
+        C{import sidecar.certs} (and the pure L{sidecar.spiffe} under it) imports
+        neither Twisted nor any front door: a fresh interpreter shows which modules
+        were loaded.
+        """
+        code = ("import sys, sidecar.certs; "
+                "print(' '.join(sorted(m for m in sys.modules if m.startswith(('sidecar', 'twisted')))))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+        self.assertEqual(out, ["sidecar", "sidecar.certs", "sidecar.spiffe"])

@@ -293,7 +293,7 @@ class ExchangeTests(unittest.SynchronousTestCase):
 
 class ClientTimeoutTests(unittest.SynchronousTestCase):
     """
-    L{sweepDoors} protects the proxy from clients that hold connections.
+    The doors registry's sweep protects the proxy from clients that hold connections.
     """
 
     def test_slowHead(self):
@@ -301,15 +301,13 @@ class ClientTimeoutTests(unittest.SynchronousTestCase):
         A client that started a request head and stalled gets a 408 and is closed once
         the head timeout has passed.
         """
-        from sidecar.downstream import sweepDoors
-
         h = Harness()
         door, client = h.client()
         door.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow")
         for now in (0, 10, 20, 29):
-            sweepDoors(h.engine.doors, now, 300, 30)
+            h.engine.doors.sweep(now, 300, 30)
         self.assertEqual(client.value(), b"")
-        sweepDoors(h.engine.doors, 31, 300, 30)
+        h.engine.doors.sweep(31, 300, 30)
         self.assertIn(b"HTTP/1.1 408 Request Timeout\r\n", client.value())
         self.assertTrue(client.disconnecting)
         self.assertEqual([(r.status, r.flags) for r in h.records], [(408, "DPE")])
@@ -319,16 +317,14 @@ class ClientTimeoutTests(unittest.SynchronousTestCase):
         A keep-alive client idle past the idle timeout is closed; one that keeps
         talking, or waits for its response, is not.
         """
-        from sidecar.downstream import sweepDoors
-
         h = Harness()
         idle, idleTransport = h.client()
         waiting, waitingTransport = h.client()
         waiting.dataReceived(GET)
-        sweepDoors(h.engine.doors, 0, 10, 30)
-        sweepDoors(h.engine.doors, 9, 10, 30)
+        h.engine.doors.sweep(0, 10, 30)
+        h.engine.doors.sweep(9, 10, 30)
         self.assertFalse(idleTransport.disconnecting)
-        sweepDoors(h.engine.doors, 10, 10, 30)
+        h.engine.doors.sweep(10, 10, 30)
         self.assertTrue(idleTransport.disconnecting)
         self.assertFalse(waitingTransport.disconnecting, "a request in flight is not idleness")
 

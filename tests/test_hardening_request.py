@@ -383,6 +383,27 @@ class WebDoorRequestHardeningTests(RequestHardeningMixin, unittest.TestCase):
 
     engine = "web"
 
+    def test_transferCodingNotImplemented(self):
+        """
+        A transfer coding twisted.web lets through (it reads C{identity} as no body)
+        still meets the rules: 501, the service never contacted.
+        """
+        return self.assertRefused(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", 501)
+
+    @defer.inlineCallbacks
+    def test_http10WithoutHost(self):
+        """
+        An HTTP/1.0 request without Host goes upstream with the service's address as
+        Host, as on the fast door.
+        """
+        yield self.request(b"GET /x HTTP/1.0\r\nX-Request-Id: rid\r\n\r\n", expect=99)
+        address = self.proxy.pool.address.encode()
+        [received] = self.upstream.received
+        self.assertTrue(received.startswith(b"GET /x HTTP/1.1\r\n"), received)
+        self.assertIn(b"\r\nHost: " + address + b"\r\n", received)
+        self.assertEqual(self.proxy.records[0].authority, address.decode())
+
 
 class UnderscoreFlagTests(unittest.TestCase):
     """

@@ -18,7 +18,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidecar.config import MeshLabels, UpstreamConfig
-from sidecar.exchange import Engine, Record
+from sidecar.exchange import Engine
+from sidecar.record import Record
 from sidecar.metrics import (
     ISTIO_LABELS,
     SidecarCollector,
@@ -471,7 +472,7 @@ class TLSMetricsTests(SynchronousTestCase):
 
     def test_tlsCounters(self):
         """
-        The L{sidecar.tls.MutualTLS} counters appear as C{sidecar_tls_*_total}, taken
+        The L{sidecar.mtls.MutualTLS} counters appear as C{sidecar_tls_*_total}, taken
         from the snapshot at scrape time; without mutual TLS there are none.
         """
         from types import SimpleNamespace

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from sidecar.config import ProxyConfig, TLSConfig, UpstreamConfig
 from sidecar.service import SidecarService
-from sidecar.tls import DENIAL_BODY, xfccElement
+from sidecar.spiffe import DENIAL_BODY, xfccElement
 from tests.tlsfixtures import EVIL_ID, FRONTEND_ID, SERVER_ID, KubernetesSecret, Mesh, writeMesh
 
 FORGED = "By=spiffe://cluster.local/ns/default/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin"

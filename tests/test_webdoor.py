@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from sidecar.config import UpstreamConfig
-from sidecar.downstream import sweepDoors
+
 from sidecar.exchange import Engine
 from sidecar.resource import SidecarChannel, SidecarProxyResource, SidecarSite, proxySite
 from sidecar.stats import Recorder
@@ -181,10 +181,10 @@ class WebDoorTimeoutTests(unittest.TestCase):
         self.addCleanup(closeClient, client)
         yield waitUntil(lambda: any(isinstance(d, SidecarChannel) and d.inHead for d in self.engine.doors))
         now = reactor.seconds()
-        sweepDoors(self.engine.doors, now, None, 5.0)
-        sweepDoors(self.engine.doors, now + 4.0, None, 5.0)
+        self.engine.doors.sweep(now, None, 5.0)
+        self.engine.doors.sweep(now + 4.0, None, 5.0)
         self.assertEqual(client.responses, [])
-        sweepDoors(self.engine.doors, now + 5.0, None, 5.0)
+        self.engine.doors.sweep(now + 5.0, None, 5.0)
         yield client.closed
         self.assertEqual([r.status for r in client.responses], [408])
         self.assertEqual([(r.status, r.flags) for r in self.records], [(408, "DPE")])
@@ -202,10 +202,10 @@ class WebDoorTimeoutTests(unittest.TestCase):
         self.assertIsInstance(door, SidecarChannel)
         self.assertFalse(door.busy())
         now = reactor.seconds()
-        sweepDoors(self.engine.doors, now, 10.0, None)
-        sweepDoors(self.engine.doors, now + 9.0, 10.0, None)
+        self.engine.doors.sweep(now, 10.0, None)
+        self.engine.doors.sweep(now + 9.0, 10.0, None)
         self.assertTrue(client.transport.connected)
-        sweepDoors(self.engine.doors, now + 10.0, 10.0, None)
+        self.engine.doors.sweep(now + 10.0, 10.0, None)
         yield client.closed
         yield waitUntil(lambda: not self.engine.doors)
         self.assertEqual(self.engine.recorder.downstreamConnectionsActive, 0)

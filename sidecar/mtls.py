@@ -1,0 +1,261 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+The mutual-TLS front door: the fast door behind a TLS layer that has verified the
+client's certificate, learning the caller's SPIFFE id and asking the policy
+(L{sidecar.spiffe}), over the rotating context of L{sidecar.tls}; the permissive port
+that tells TLS from plaintext by the first byte; and L{MutualTLS}, which holds it all
+together for L{sidecar.service}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from cryptography import x509
+from OpenSSL import crypto
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sidecar.detect import HTTP1, TLS, DetectingFactory, Detector, firstByte
+from sidecar.downstream import DownstreamFactory, DownstreamProtocol
+from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
+from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
+
+@implementer(IHandshakeListener)
+class MutualTLSDownstreamProtocol(DownstreamProtocol):
+    """
+    The fast front door behind a TLS layer that has verified the client's certificate:
+    at the first request it learns the client's SPIFFE id, asks the policy, and from
+    then on adds C{X-Forwarded-Client-Cert} to every upstream request (or answers 403
+    to every request when the policy refuses).
+    """
+
+    mutualTLS = True
+    proto = b"https"
+
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
+        DownstreamProtocol.__init__(self, engine, maxHeaderBytes)
+        self.tls = tls
+        #: Built after the handshake, by detection (which then owns the handshake's
+        #: timer and counters).
+        self._handshaken = handshaken
+        self._handshakeTimer: Any = None
+        self._extra: List[Tuple[bytes, bytes]] = []
+
+    def connectionMade(self) -> None:
+        DownstreamProtocol.connectionMade(self)
+        if not self._handshaken:
+            self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        self.tls.handshakeTimeouts += 1
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        self._handshaken = True
+        self.tls.handshakes += 1
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None:
+            timer.cancel()
+
+    def identify(self) -> None:
+        peer = self.transport.getPeerCertificate()
+        if peer is None:  # not reachable with VERIFY_FAIL_IF_NO_PEER_CERT; refuse anyway
+            self.denial = DENIAL_BODY
+            return
+        admission = self.tls.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        self.peerPrincipal = admission.principal
+        self._extra = [(XFCC, admission.xfcc)]
+        if not admission.allowed:
+            self.denial = DENIAL_BODY
+            self.tls.denials += 1
+            self.tls.log.warn(
+                "mTLS client {client} refused (403, RBAC): {reason}",
+                client=self.clientAddress, reason=admission.reason,
+            )
+
+    def extraRequestHeaders(self) -> List[Tuple[bytes, bytes]]:
+        return self._extra
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None:
+            timer.cancel()
+        if not self._handshaken:
+            self.tls.handshakeFailures += 1
+        DownstreamProtocol.connectionLost(self, reason)
+
+
+class MutualTLSDownstreamFactory(DownstreamFactory):
+    """
+    Builds L{MutualTLSDownstreamProtocol}s; wrap it in L{MutualTLS.serverFactory}'s
+    TLS layer.
+    """
+
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
+        DownstreamFactory.__init__(self, engine, maxHeaderBytes)
+        self.tls = tls
+        self.handshaken = handshaken
+
+    def buildProtocol(self, addr: Any) -> MutualTLSDownstreamProtocol:
+        proto = MutualTLSDownstreamProtocol(self.engine, self.maxHeaderBytes, self.tls, self.handshaken)
+        proto.factory = self
+        return proto
+
+
+#: The first byte of a TLS handshake record.
+TLS_HANDSHAKE_RECORD = b"\x16"
+
+
+#: One connection on a permissive port until its first byte is seen (the detector).
+_FirstByte = Detector
+
+
+class PermissiveFactory(DetectingFactory):
+    """
+    Istio's PERMISSIVE mode on one port, as the simplest table of detection: a
+    connection whose first byte starts a TLS record (0x16) goes to the mutual-TLS
+    factory, any other to the plain one.  (The sidecar's own listeners use the full
+    detection of L{sidecar.detect}, with opaque TCP; see L{sidecar.service}.)
+    """
+
+    def __init__(self, plain: Any, tls: Any) -> None:
+        self.plain = plain
+        routes = {TLS: lambda detector: tls.buildProtocol(detector.addr),
+                  HTTP1: lambda detector: plain.buildProtocol(detector.addr)}
+        DetectingFactory.__init__(self, routes, None, None, classify=firstByte)
+        self.tlsFactory = tls
+
+    def startFactory(self) -> None:
+        self.plain.doStart()
+        self.tlsFactory.doStart()
+
+    def stopFactory(self) -> None:
+        self.plain.doStop()
+        self.tlsFactory.doStop()
+
+
+#: Seconds a client has to complete its TLS handshake (a client that connects and never
+#: finishes would otherwise hold its connection forever).
+HANDSHAKE_TIMEOUT = 10.0
+
+#: How many client certificates' admissions L{MutualTLS} remembers.
+ADMISSION_MEMORY = 4096
+
+
+class MutualTLS:
+    """
+    Everything one sidecar needs for mutual TLS: the rotating context, the policy and
+    a few counters (plain integers, for the metrics to read).
+
+    @ivar handshakes: TLS handshakes completed.
+    @ivar handshakeFailures: connections that ended before their handshake completed
+        (no certificate, wrong CA, expired, old protocol, or a client that left).
+    @ivar denials: connections refused by the policy (their requests get 403).
+    @ivar handshakeTimeouts: connections cut off for not finishing their handshake in
+        C{handshakeTimeout} seconds (also counted in C{handshakeFailures}).
+    """
+
+    def __init__(self, context: RotatingServerContext, policy: AllowPolicy, clock: Any,
+                 log: Optional[Logger] = None) -> None:
+        self.context = context
+        self.policy = policy
+        self.clock = clock
+        self.log = log if log is not None else Logger()
+        self.handshakes = 0
+        self.handshakeFailures = 0
+        self.denials = 0
+        self.handshakeTimeouts = 0
+        #: Seconds a client has to complete its TLS handshake before it is cut off.
+        self.handshakeTimeout = HANDSHAKE_TIMEOUT
+        self._admissions: Dict[Tuple[bytes, str], Admission] = {}
+
+    @classmethod
+    def fromConfig(cls, config: Any, clock: Any) -> MutualTLS:
+        """
+        Build from a L{sidecar.config.TLSConfig} (reading the files now).
+
+        @raise TLSFileError: when a file can't be used.
+        """
+        files = TLSFiles(config.cert, config.key, config.ca)
+        log = Logger()
+        context = RotatingServerContext(files, log=log)
+        self = cls(context, AllowPolicy.fromStrings(config.allow), clock, log)
+        log.info(
+            "mTLS as {identity} (certificate serial {serial:x}); allowing {allowed}",
+            identity=context.material.localId or "an identity without SPIFFE id",
+            serial=context.material.serial,
+            allowed=", ".join(str(r) for r in self.policy.rules) or "any client certificate from the CA",
+        )
+        return self
+
+    def admission(self, der: bytes) -> Admission:
+        """
+        L{admit} for the client certificate C{der}, remembered: a workload reconnects
+        with the same certificate for hours, and parsing it costs more than the rest of
+        a request.  The memory is keyed by the whole certificate and our own id, is
+        bounded, and starts afresh when full.
+        """
+        localId = self.context.material.localId
+        key = (der, localId)
+        admission = self._admissions.get(key)
+        if admission is None:
+            if len(self._admissions) >= ADMISSION_MEMORY:
+                self._admissions.clear()
+            admission = admit(self.policy, localId, x509.load_der_x509_certificate(der), der)
+            self._admissions[key] = admission
+        return admission
+
+    @property
+    def material(self) -> ServerMaterial:
+        """
+        The server material in use now (our SPIFFE id is C{material.localId}).
+        """
+        return self.context.material
+
+    def reload(self) -> bool:
+        """
+        Pick up rotated files (see L{RotatingServerContext.check}); for a timer.
+        """
+        return self.context.check()
+
+    def serverFactory(self, engine: Any, maxHeaderBytes: int) -> TLSMemoryBIOFactory:
+        """
+        The factory of a mutual-TLS listener: the TLS layer around the fast front door.
+        """
+        return TLSMemoryBIOFactory(
+            self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
+        )
+
+    def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
+        """
+        The TLS layer around a L{sidecar.detect.DetectingFactory}: protocol detection
+        on the decrypted stream (the detector owns the handshake's timer and counters).
+        """
+        return TLSMemoryBIOFactory(self.context, False, detecting, clock=self.clock)
+
+    def admitPeer(self, transport: Any) -> Optional[Tuple[str, bool]]:
+        """
+        The client's SPIFFE id and whether the policy allows it, from the certificate
+        on C{transport} (a TLS layer after its handshake); C{None} without one.  A
+        refusal is counted and logged.
+        """
+        peer = transport.getPeerCertificate()
+        if peer is None:
+            return None
+        admission = self.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        if not admission.allowed:
+            self.denials += 1
+            self.log.warn("mTLS client refused (TCP connection closed, RBAC): {reason}", reason=admission.reason)
+        return admission.principal, admission.allowed
+
+    def permissiveFactory(self, plain: Any, engine: Any, maxHeaderBytes: int) -> PermissiveFactory:
+        """
+        The factory of a plain listener that also accepts mutual TLS.
+        """
+        return PermissiveFactory(plain, self.serverFactory(engine, maxHeaderBytes))
