@@ -37,13 +37,11 @@ elif _nginx is None:
     SKIP = "needs nginx (apt-get install nginx-light)"
 
 #: What issue 8 calls each defect still open on main, for the todo reasons.  The fixed ones
-#: (1, 8, 11, 12 and the request side of 7, 9 and 13) need no test of their own: their
+#: (1, 2, 7, 8, 11, 12 and the request side of 9 and 13) need no test of their own: their
 #: findings came back as listed differences or went away, and any that came back otherwise
 #: would fail test_noUnlistedFinding.
 DEFECTS = {
-    "2": "an unframed response on a keep-alive connection when the service nominates Content-Length",
     "4": "a status below 100 or a malformed status line is passed on instead of 502 UPE",
-    "7": "the web door forwards Transfer-Encoding: identity instead of answering 501",
     "9": "the web door merges obs-fold lines instead of answering 400",
     "13": "interop: service responses with bare LF, HTTP/1.2 or '2;' refused; BWS before ';' in a request refused",
     "detect": "protocol detection passes malformed HTTP/1.x request lines (RTSP/1.0, HTTP/2.0, "
@@ -137,15 +135,6 @@ class DifferentialTests(unittest.SynchronousTestCase):
             self.fail(f"defect {number} ({DEFECTS[number]}): {len(still)} findings\n"
                       + run.report(still))
 
-    def test_defect2(self) -> None:
-        """
-        Issue 8 defect 2: a response whose Connection nominates Content-Length keeps its
-        framing.
-        """
-        self._defect("2")
-
-    test_defect2.todo = f"issue 8 defect 2: {DEFECTS['2']} (fix not merged)"  # type: ignore[attr-defined]
-
     def test_defect4(self) -> None:
         """
         Issue 8 defect 4: a malformed status line becomes a 502.
@@ -153,15 +142,6 @@ class DifferentialTests(unittest.SynchronousTestCase):
         self._defect("4")
 
     test_defect4.todo = f"issue 8 defect 4: {DEFECTS['4']} (fix not merged)"  # type: ignore[attr-defined]
-
-    def test_defect7(self) -> None:
-        """
-        Issue 8 defect 7 on the web door: transfer codings other than chunked alone get
-        a 501.
-        """
-        self._defect("7")
-
-    test_defect7.todo = f"issue 8 defect 7: {DEFECTS['7']} (not fixed)"  # type: ignore[attr-defined]
 
     def test_defect9(self) -> None:
         """
