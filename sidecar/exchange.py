@@ -44,6 +44,11 @@ DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
+STREAM_IDLE_TIMEOUT = "SI"
+
+#: Which ends of a tunnel have sent their FIN (L{Exchange.tunnelEnds}).
+_CLIENT_FIN = 1
+_SERVICE_FIN = 2
 
 
 @attrs.frozen
@@ -115,6 +120,14 @@ class Door(Protocol):
     def startTunnel(self, exchange: Exchange, conn: UpstreamConnection) -> None:
         """Splice the client and C{conn} after a 101."""
 
+    def finishTunnel(self, exchange: Exchange) -> None:
+        """The service sent its FIN on the tunnel: send a FIN to the client once its
+        bytes are written (a half-close), and keep reading from it."""
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        """The tunnel is over: close the client's connection once its bytes are
+        written."""
+
     def pauseReading(self) -> None:
         """Stop reading from the client until L{resumeReading}."""
 
@@ -134,10 +147,19 @@ class Engine:
     recorder: Recorder
     serverHeader: bytes = b"amazing-proxy"
     responseTimeout: Optional[float] = 60.0
+    #: Envoy's C{stream_idle_timeout}: an exchange with no byte either way for this long
+    #: ends (flag C{SI}); C{None}: never.  Checked by L{sweepStreams}.
+    streamIdleTimeout: Optional[float] = 300.0
+    #: The largest response head, and the most headers in it (Envoy's 60 KiB and 100).
+    maxResponseHeaderBytes: int = 60 * 1024
+    maxResponseHeaders: int = 100
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
     #: The fast door's open client connections (for timeouts and drain).
     doors: set = attrs.field(factory=set)
+    #: The exchanges that have begun and not ended, of every door (for
+    #: L{sweepStreams}).
+    streams: set = attrs.field(factory=set)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -145,6 +167,25 @@ class Engine:
         """
         self.recorder.requestsActive += 1
         return Exchange(self, door, method, target, version, req, self.clock.seconds())
+
+    def sweepStreams(self, now: float) -> None:
+        """
+        End the exchanges that have seen no byte either way for L{streamIdleTimeout}.
+
+        Called about once a second (by the service's client sweep): each exchange
+        counts its activity, and this pass notes when the count last moved, so that no
+        timer is scheduled or cancelled per request.  A stall is noticed between the
+        timeout and a second after it.
+        """
+        timeout = self.streamIdleTimeout
+        if not timeout:
+            return
+        for exchange in list(self.streams):
+            if exchange.activity != exchange.sweptActivity:
+                exchange.sweptActivity = exchange.activity
+                exchange.idleSince = now
+            elif now - exchange.idleSince >= timeout:
+                exchange.streamIdleTimedOut()
 
 
 class Exchange:
@@ -162,7 +203,8 @@ class Exchange:
         "connector", "pending", "pendingBytes", "requestDone", "bytesReceived",
         "bytesSent", "status", "flags", "upstreamStart", "upstreamServiceTime",
         "timeout", "finished", "retried", "headSent", "upgraded", "readingPaused",
-        "mustClose", "malformed", "waiting",
+        "mustClose", "malformed", "waiting", "activity", "sweptActivity", "idleSince",
+        "tunnelEnds",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -198,6 +240,12 @@ class Exchange:
         self.malformed: Optional[bytes] = None
         #: Waiting in the pool for a connection (the pool is at its limit).
         self.waiting = False
+        #: Events that moved bytes, and what L{Engine.sweepStreams} last saw of it.
+        self.activity = 0
+        self.sweptActivity = -1
+        self.idleSince = 0.0
+        #: Which ends of a tunnel have sent their FIN.
+        self.tunnelEnds = 0
 
     # -- the client side -------------------------------------------------------------
 
@@ -208,6 +256,7 @@ class Exchange:
         """
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
             self.door.writeInterim(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.engine.streams.add(self)
         self.engine.pool.acquire(self)
 
     def requestBody(self, data: bytes) -> None:
@@ -216,6 +265,7 @@ class Exchange:
         """
         if self.finished:
             return
+        self.activity += 1
         self.bytesReceived += len(data)
         conn = self.conn
         if self.req.chunked:
@@ -312,6 +362,7 @@ class Exchange:
         The upstream's (final) response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
+        self.activity += 1
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         self.status = status
         self.headSent = True
@@ -325,6 +376,7 @@ class Exchange:
         """
         Response body bytes from the upstream (de-chunked).
         """
+        self.activity += 1
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
@@ -356,6 +408,7 @@ class Exchange:
         """
         Bytes from the upstream on an upgraded connection.
         """
+        self.activity += 1
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
@@ -363,18 +416,65 @@ class Exchange:
         """
         Bytes from the client on an upgraded connection.
         """
+        self.activity += 1
         self.bytesReceived += len(data)
         if self.conn is not None:
             self.conn.write(data)
 
+    def tunnelClientFinished(self) -> None:
+        """
+        The client sent its FIN on an upgraded connection: the service gets a FIN too
+        (never a reset), and its bytes still flow to the client.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _CLIENT_FIN
+        if self.conn is not None:
+            self.conn.finishTunnel()
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
+    def tunnelUpstreamFinished(self) -> None:
+        """
+        The service sent its FIN on an upgraded connection: the client is told at once
+        by a FIN, and its bytes still flow to the service.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _SERVICE_FIN
+        if not self.finished:
+            self.door.finishTunnel(self)
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
     def tunnelClosed(self) -> None:
         """
-        Either side of an upgraded connection closed: the exchange is over.
+        The client's connection of an upgraded exchange is gone: close the service's
+        gracefully (a FIN), and the exchange is over.
         """
         conn, self.conn = self.conn, None
         if conn is not None:
-            conn.abandon()
+            conn.closeTunnel()
         self._end()
+
+    def tunnelUpstreamClosed(self) -> None:
+        """
+        The service's connection of an upgraded exchange is gone: close the client's
+        once what it was sent is written, and the exchange is over.
+        """
+        self.conn = None
+        if not self.finished:
+            self._end()
+            self.door.closeTunnel(self)
+
+    def _closeTunnel(self) -> None:
+        """
+        Both ends have sent their FIN: close both connections.
+        """
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.closeTunnel()
+        if not self.finished:
+            self._end()
+            self.door.closeTunnel(self)
 
     def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
         """
@@ -454,6 +554,32 @@ class Exchange:
         self._localReply(503, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: overflow")
 
+    def streamIdleTimedOut(self) -> None:
+        """
+        No byte either way for L{Engine.streamIdleTimeout} (Envoy's stream idle
+        timeout, flag C{SI}): before the response, 504 if the request had all arrived
+        and 408 if not (as Envoy); after it started, the client's connection is closed so
+        that a truncated body is never taken for a complete one.
+        """
+        if self.finished:
+            return
+        self._warn("stream idle timeout: no byte on {method} {path} to {upstream} for {seconds} s",
+                   seconds=self.engine.streamIdleTimeout)
+        self.flags.append(STREAM_IDLE_TIMEOUT)
+        if self.upgraded:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.abandon()
+            self._end()
+            self.door.closeTunnel(self)
+            return
+        self._dropUpstream()
+        if self.requestDone:
+            self._localReply(504, b"stream timeout")
+        else:
+            self.mustClose = True
+            self._localReply(408, b"stream timeout")
+
     def _timedOut(self) -> None:
         self.timeout = None
         conn, self.conn = self.conn, None
@@ -519,6 +645,7 @@ class Exchange:
             return
         self.finished = True
         self.engine.recorder.requestsActive -= 1
+        self.engine.streams.discard(self)
         self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False

@@ -53,6 +53,14 @@ _RESPONSE_KINDS.update({
 })
 
 
+#: Tokens a service's C{Connection} header may not nominate for removal: the proxy frames
+#: the body from its own parse (C{Content-Length} is the parsed length, C{Transfer-Encoding}
+#: is the proxy's own), and C{Server} is the proxy's.  Other nominated headers go.
+_RESPONSE_UNNOMINABLE = frozenset([
+    b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding", b"server",
+])
+
+
 def newRequestId(_bits=random.getrandbits) -> str:
     """
     A random (version 4) UUID in its text form.
@@ -227,8 +235,11 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     """
     Apply the forwarding rules to an upstream response head.
 
-    Hop-by-hop headers and those named in C{Connection} go; C{Server} is replaced by
-    ours; repeated headers (several C{Set-Cookie}) keep their order and case.
+    Hop-by-hop headers and those named in C{Connection} go, except the framing headers
+    and C{Server} (L{_RESPONSE_UNNOMINABLE}): framing always comes from the proxy's own
+    parse, so C{Connection: Content-Length} cannot unframe a body.  C{Server} is
+    replaced by ours; C{Content-Length} is re-written from its parsed value; repeated
+    headers (several C{Set-Cookie}) keep their order and case.
 
     @param headers: the upstream's headers.
     @param server: our C{Server} header value.
@@ -245,8 +256,10 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         if kind is None:
             append(pair)
         elif kind == _LENGTH:
+            # llhttp has refused a second one and anything but digits: this is the
+            # length the proxy frames by, and the client is told exactly that.
             contentLength = int(pair[1])
-            append(pair)
+            append((pair[0], b"%d" % contentLength))
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:
@@ -254,7 +267,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         elif kind == _UPGRADE:
             upgrade = pair[1]
     if connection:
-        named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
+        named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
     return ResponseHead(out, contentLength, upgrade, chunked)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.http import HTTPChannel
@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from sidecar.exchange import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED, Engine, Exchange
 from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
+from sidecar.upstream import halfClose
 
 _CHUNK = 64 * 1024
 
@@ -31,16 +32,28 @@ _UPSTREAM_FULL = 1
 _EXCHANGE = 2
 
 
+@implementer(IHalfCloseableProtocol)
 class _Tunnel(Protocol):
     """
-    Takes over the client's transport from twisted.web after a 101.
+    Takes over the client's transport from twisted.web after a 101.  A FIN from the
+    client is passed on to the service as a FIN (a half-close), never a reset.
     """
+
+    readDone = False
 
     def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
 
     def dataReceived(self, data: bytes) -> None:
         self.exchange.tunnelToUpstream(data)
+
+    def readConnectionLost(self) -> None:
+        if not self.readDone:
+            self.readDone = True
+            self.exchange.tunnelClientFinished()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Any = None) -> None:
         self.exchange.tunnelClosed()
@@ -247,6 +260,26 @@ class WebDoor:
         transport.write(b"".join(head))
         transport.registerProducer(conn, True)
         conn.transport.registerProducer(transport, True)
+
+    def finishTunnel(self, exchange: Exchange) -> None:
+        """
+        The service sent its FIN: send one to the client after what is buffered.
+        """
+        transport = self._tunnel.transport if self._tunnel is not None else None
+        if transport is not None:
+            if transport.producer is not None:
+                transport.unregisterProducer()
+            halfClose(transport)
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        """
+        The tunnel is over: close the client's connection after what is buffered.
+        """
+        transport = self._tunnel.transport if self._tunnel is not None else None
+        if transport is not None:
+            if transport.producer is not None:
+                transport.unregisterProducer()
+            transport.loseConnection()
 
     def _unhook(self) -> None:
         if self._producer is not None:

@@ -63,6 +63,8 @@ class SidecarService(MultiService):
             reactor, self.pool, self.recorder,
             serverHeader=config.serverHeader.encode("ascii"),
             responseTimeout=config.upstream.responseTimeout,
+            streamIdleTimeout=config.streamIdleTimeout,
+            maxResponseHeaderBytes=config.maxResponseHeaderBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
@@ -161,8 +163,9 @@ class SidecarService(MultiService):
         """
         from sidecar.downstream import sweepDoors
 
-        sweepDoors(self.engine.doors, self.reactor.seconds(), self.config.clientIdleTimeout,
-                   self.config.requestHeadTimeout)
+        now = self.reactor.seconds()
+        sweepDoors(self.engine.doors, now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
+        self.engine.sweepStreams(now)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
         service = StreamServerEndpointService(serverFromString(self.reactor, description), factory)

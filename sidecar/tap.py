@@ -168,6 +168,8 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["max-response-header-bytes", None, "61440", "Largest response head accepted from the service, in bytes (502 past it)."],
+        ["stream-idle-timeout", None, "300", "Seconds a request/response may see no byte either way before it ends (0: never)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
@@ -252,6 +254,7 @@ class Options(usage.Options):
             maxHeaderBytes = -1
         if maxHeaderBytes < 1024:
             raise usage.UsageError("--max-header-bytes: must be a whole number of at least 1024.")
+        maxResponseHeaderBytes = _count("--max-response-header-bytes", self["max-response-header-bytes"], 1024)
         self["config"] = ProxyConfig(
             listen=listen,
             upstream=UpstreamConfig(
@@ -271,6 +274,8 @@ class Options(usage.Options):
             maxHeaderBytes=maxHeaderBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
+            streamIdleTimeout=_seconds("--stream-idle-timeout", self["stream-idle-timeout"], allowZero=True) or None,
+            maxResponseHeaderBytes=maxResponseHeaderBytes,
         )
         self._lifecycleAndLabels()
         tls = _tlsConfig(self, listen)

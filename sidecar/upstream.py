@@ -11,11 +11,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, List, Optional
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from sidecar.config import UpstreamConfig
 from sidecar.headers import responseHead
@@ -33,6 +34,24 @@ CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
 
 _STOP_HEAD = "head"
 _STOP_EXTRA = "extra"
+_STOP_ERROR = "error"
+
+
+def halfClose(transport: Any) -> None:
+    """
+    Send a FIN on C{transport} once what is buffered is written, and keep reading
+    (a TCP half-close).  A transport that cannot half-close (a TLS layer, which would
+    need its own close_notify first) is closed whole, gracefully.
+    """
+    if isinstance(transport, tcp.Connection):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+def _unregisterProducer(transport: Any) -> None:
+    if transport is not None and getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 class _HeadDone(Exception):
@@ -49,6 +68,11 @@ class UpstreamConnection(Protocol):
 
     It is also the producer of the response body: the front door registers it with the
     client's transport, which pauses it when the client reads slowly.
+
+    After a 101 it becomes one end of a tunnel and declares L{IHalfCloseableProtocol}
+    (only then: before, the end of the service's stream is the end of the connection,
+    as always): a FIN from the service is passed on to the client as a FIN, and the
+    client's FIN reaches the service as one (L{finishTunnel}).
     """
 
     exchange: Optional[Exchange] = None
@@ -72,6 +96,12 @@ class UpstreamConnection(Protocol):
         self._abandoned = False
         self._sourceDoor: Any = None
         self._stop: Optional[str] = None
+        self._error = ""
+        #: Bytes of the response head so far, and its headers (llhttp keeps a partial
+        #: header in memory until it ends: the count of bytes fed bounds it).
+        self._headBytes = 0
+        self._headSize = 0
+        self._readDone = False
 
     # -- the exchange's side ---------------------------------------------------------
 
@@ -82,7 +112,11 @@ class UpstreamConnection(Protocol):
         self.exchange = exchange
         self.reused = reused
         self.parser = httptools.HttpResponseParser(self)
+        # RFC 9112 2.2: a recipient MAY take a bare LF for a line end.  The head is
+        # re-serialised with CRLF, so the client never sees one.
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.responseStarted = False
+        self._headBytes = 0
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
@@ -149,6 +183,9 @@ class UpstreamConnection(Protocol):
             return
         self.responseStarted = True
         door = exchange.door
+        inHead = not self._inBody
+        if inHead:
+            self._headBytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -158,14 +195,18 @@ class UpstreamConnection(Protocol):
                 self._complete(self.parser.should_keep_alive())
             elif stop == _STOP_EXTRA:
                 self.abandon()
+            elif stop == _STOP_ERROR:
+                self._protocolError(self._error)
             else:
                 raise
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data[e.args[0]:])
         except httptools.HttpParserError as e:
-            if self.exchange is not None:
-                self.exchange.upstreamProtocolError(str(e))
-            self.transport.abortConnection()
+            self._protocolError(str(e))
+        else:
+            if inHead and not self._inBody and self._headBytes > exchange.engine.maxResponseHeaderBytes:
+                # A head that has not ended within the limit (one read past it at most).
+                self._protocolError("response header section too large")
         door.flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -177,7 +218,7 @@ class UpstreamConnection(Protocol):
         if exchange is None or self._abandoned:
             return
         if self.tunnel:
-            exchange.tunnelClosed()
+            exchange.tunnelUpstreamClosed()
         elif self._eofBody and reason.check(ConnectionDone):
             # A response delimited by the end of the connection ends with a clean close
             # (a reset is a truncation, below).
@@ -194,17 +235,31 @@ class UpstreamConnection(Protocol):
             raise _HeadDone()
         self._headers = []
         self._reason = b""
+        self._headSize = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
+        self._headSize = len(reason) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._inBody:
-            self._headers.append((name, value))
+            headers = self._headers
+            headers.append((name, value))
+            self._headSize += len(name) + len(value) + 4
+            engine = self.exchange.engine  # type: ignore[union-attr]
+            if self._headSize > engine.maxResponseHeaderBytes:
+                self._fail("response header section too large")
+            if len(headers) > engine.maxResponseHeaders:
+                self._fail("too many response headers")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
+        self._headBytes = 0
+        if status < 100 or status > 599:
+            self._fail(f"status {status} is not from 100 to 599")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            self._fail(f"HTTP/{parser.get_http_version()} status line on an HTTP/1.1 connection")
         if status < 200 and status != 101:
             # Interim responses (100, 103) are not forwarded: the proxy answers
             # "Expect: 100-continue" itself.
@@ -235,7 +290,65 @@ class UpstreamConnection(Protocol):
             return
         self._complete(self.parser.should_keep_alive())
 
+    # -- the tunnel after a 101 ---------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        """
+        The service half-closed an upgraded connection (a FIN): tell the client the
+        same way.
+        """
+        if self._readDone:
+            return
+        self._readDone = True
+        exchange = self.exchange
+        if exchange is not None and self.tunnel:
+            exchange.tunnelUpstreamFinished()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN to the service is sent; reading goes on.
+        """
+
+    def finishTunnel(self) -> None:
+        """
+        The client will send nothing more: FIN to the service after the bytes already
+        buffered, never a reset.
+        """
+        _unregisterProducer(self.transport)
+        if self.transport is not None:
+            halfClose(self.transport)
+
+    def closeTunnel(self) -> None:
+        """
+        The tunnel is over: close gracefully (a FIN after what is buffered).
+        """
+        self.requestSent()
+        self._abandoned = True
+        self.exchange = None
+        self.pool.lost(self)
+        _unregisterProducer(self.transport)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     # -- internals -------------------------------------------------------------------
+
+    def _fail(self, detail: str) -> None:
+        """
+        Stop llhttp from a callback: the response is malformed (502 C{UPE}).
+        """
+        self._stop = _STOP_ERROR
+        self._error = detail
+        raise _HeadDone()
+
+    def _protocolError(self, detail: str) -> None:
+        """
+        The service sent something that is not a response the proxy can forward: 502
+        (or a cut connection if the head was sent), and this connection is closed.
+        """
+        if self.exchange is not None:
+            self.exchange.upstreamProtocolError(detail)
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _complete(self, keepAlive: bool) -> None:
         self._inBody = False
@@ -256,6 +369,7 @@ class UpstreamConnection(Protocol):
         # Nothing more of the request goes up as HTTP: stop pausing the client for it.
         self.requestSent()
         self.tunnel = True
+        alsoProvides(self, IHalfCloseableProtocol)
         exchange.responseHead(101, self._reason, responseHead(self._headers, exchange.engine.serverHeader))
         exchange.upgradeAccepted(self, leftover)
 
