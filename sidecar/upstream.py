@@ -181,7 +181,13 @@ class UpstreamConnection(Protocol):
         if self.tunnel:
             exchange.tunnelToClient(data)
             return
-        self.responseStarted = True
+        if not self.responseStarted:
+            self.responseStarted = True
+            if data[9:10] == b" " and data[:7] == b"HTTP/1.":
+                # "HTTP/1.1  200 OK": more than one space before the status, which nginx
+                # and Envoy accept.  The status line is re-serialised, so the extra
+                # spaces can go before llhttp (which refuses them) reads it.
+                data = data[:9] + data[9:].lstrip(b" ")
         door = exchange.door
         inHead = not self._inBody
         if inHead:

@@ -307,6 +307,45 @@ class LenientResponseTests(ResponseCase):
         self.assertEqual(self.service.requests, [(0, b"/a"), (0, b"/b")])
 
 
+    @defer.inlineCallbacks
+    def test_spacesBeforeStatus(self):
+        """
+        C{HTTP/1.1  200 OK} (two spaces; nginx and Envoy accept it) is forwarded with a
+        well-formed status line, and the connection stays in step.
+        """
+        port = self.start({b"/a": b"HTTP/1.1   201 Made\r\nContent-Length: 5\r\n\r\nhello", b"/b": OK_B})
+        client = yield self.connect(port)
+        expected = b"HTTP/1.1 201 Made\r\nServer: amazing-proxy\r\nContent-Length: 5\r\n\r\nhello"
+        first = yield self.exchange(client, request(b"/a"), expected)
+        self.assertEqual(first, expected)
+        second = yield self.exchange(client, request(b"/b"), PROXY_OK_B)
+        self.assertEqual(second, PROXY_OK_B)
+        self.assertEqual(self.service.requests, [(0, b"/a"), (0, b"/b")])
+
+    @defer.inlineCallbacks
+    def test_emptyChunkExtension(self):
+        """
+        A chunk extension with no name (C{2;}) is refused by llhttp, which has no
+        leniency for it: flag C{UPE}, and as the head has gone, the client's connection
+        is closed with the body unfinished (never a desync, never a complete-looking
+        body); the next client is served on a new upstream connection.
+        """
+        port = self.start({
+            b"/a": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;\r\nok\r\n0\r\n\r\n",
+            b"/b": OK_B,
+        })
+        client = yield self.connect(port)
+        client.transport.write(request(b"/a"))
+        yield client.closed
+        self.assertEqual(client.received, b"HTTP/1.1 200 OK\r\nServer: amazing-proxy\r\n"
+                                          b"Transfer-Encoding: chunked\r\n\r\n")
+        other = yield self.connect(port)
+        second = yield self.exchange(other, request(b"/b"), PROXY_OK_B)
+        self.assertEqual(second, PROXY_OK_B)
+        self.assertEqual([r.flags for r in self.proxy.records], ["UPE", "-"])
+        self.assertEqual(self.service.requests, [(0, b"/a"), (1, b"/b")])
+
+
 class ResponseHeadLimitTests(ResponseCase):
     """
     The response head is bounded like the request's: past the size or the count, 502
@@ -707,3 +746,60 @@ class WebDoorTunnelCloseTests(TunnelCloseMixin, unittest.TestCase):
     """
 
     engine = "web"
+
+
+class FlagTests(unittest.TestCase):
+    """
+    The new flags, validated at start-up and wired through C{twistd sidecar}.
+    """
+
+    def test_badValues(self):
+        """
+        A bad C{--stream-idle-timeout} or C{--max-response-header-bytes} fails with one
+        sentence naming the flag; 0 turns the stream idle timeout off.
+        """
+        from twisted.python import usage
+
+        from sidecar.tap import Options
+
+        for flag, value in (("--stream-idle-timeout", "-1"), ("--stream-idle-timeout", "soon"),
+                            ("--max-response-header-bytes", "100"), ("--max-response-header-bytes", "x")):
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(["--admin", "none", flag, value])
+            self.assertTrue(str(caught.exception).startswith(flag + ":"), str(caught.exception))
+        options = Options()
+        options.parseOptions(["--admin", "none", "--stream-idle-timeout", "0", "--max-response-header-bytes", "4096"])
+        self.assertEqual((options["config"].streamIdleTimeout, options["config"].maxResponseHeaderBytes), (None, 4096))
+        options = Options()
+        options.parseOptions(["--admin", "none"])
+        self.assertEqual((options["config"].streamIdleTimeout, options["config"].maxResponseHeaderBytes),
+                         (300.0, 61440))
+
+    @defer.inlineCallbacks
+    def test_stalledBodyThroughTwistd(self):
+        """
+        C{twistd sidecar --stream-idle-timeout 1}: a service that sends a head and part of
+        the body, then stalls, has the client's connection closed within about two
+        seconds, the body left unfinished, and the record says C{SI}.
+        """
+        from tests.support import startSidecar
+
+        def stall(service: ScriptedService) -> None:
+            service.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+
+        factory = ScriptedServiceFactory({b"/stall": stall})
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in factory.connections])
+        child, port = yield startSidecar(self, "--upstream", str(listening.getHost().port), "--admin", "none",
+                                         "--stream-idle-timeout", "1")
+        client = RawClient()
+        connector = reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+        self.addCleanup(connector.disconnect)
+        yield waitUntil(lambda: client.transport is not None and client.transport.connected)
+        started = reactor.seconds()
+        client.transport.write(request(b"/stall"))
+        yield client.closed
+        self.assertLess(reactor.seconds() - started, 4)
+        self.assertTrue(client.received.endswith(b"\r\n\r\npartial"), client.received)
+        yield waitUntil(lambda: b" SI " in child.out)
