@@ -164,7 +164,12 @@ class UpstreamConnection(Protocol):
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.abandon()
+        # The client's connection is gone.  A tunnel's service gets a FIN, as from
+        # Envoy and nginx; an HTTP response cut short can't be reused: abort.
+        if self.tunnel:
+            self.closeTunnel()
+        else:
+            self.abandon()
 
     # -- the transport's side --------------------------------------------------------
 

@@ -734,6 +734,23 @@ class TunnelCloseMixin:
         yield waitUntil(lambda: self.proxy.records, timeout=2)
 
 
+    @defer.inlineCallbacks
+    def test_clientResets(self):
+        """
+        Even when the client resets its connection, the service gets a FIN from the
+        proxy (the reset is the client's business); the exchange ends.
+        """
+        import socket
+        import struct
+
+        client, service = yield self.setUpTunnel()
+        client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.transport.abortConnection()
+        yield waitUntil(lambda: service.ended is not None, timeout=2)
+        self.assertEqual(service.ended, "fin")
+        yield waitUntil(lambda: self.proxy.records, timeout=2)
+
+
 class FastDoorTunnelCloseTests(TunnelCloseMixin, unittest.TestCase):
     """
     Tunnel close through the fast door.
