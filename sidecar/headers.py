@@ -223,12 +223,14 @@ class ResponseHead:
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
+    @ivar error: why the head can't be forwarded (a 502), else C{None}.
     """
 
     headers: Headers
     contentLength: Optional[int] = None
     upgrade: Optional[bytes] = None
     chunked: bool = False
+    error: Optional[str] = None
 
 
 def responseHead(headers: Headers, server: bytes) -> ResponseHead:
@@ -250,6 +252,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     contentLength = None
     upgrade = None
     chunked = False
+    error = None
     kinds = _RESPONSE_KINDS
     for pair in headers:
         kind = kinds.get(pair[0].lower())
@@ -263,6 +266,11 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:
+            # Only one "chunked" can be forwarded: the proxy re-frames the body, and a
+            # content coding (gzip, chunked) would reach the client unlabelled.  nginx
+            # answers 502 the same way.
+            if chunked or pair[1].strip().lower() != b"chunked":
+                error = "unsupported Transfer-Encoding"
             chunked = True
         elif kind == _UPGRADE:
             upgrade = pair[1]
@@ -270,7 +278,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
         named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
-    return ResponseHead(out, contentLength, upgrade, chunked)
+    return ResponseHead(out, contentLength, upgrade, chunked, error)
 
 
 def bodyForbidden(method: bytes, status: int) -> bool:

@@ -283,6 +283,8 @@ class UpstreamConnection(Protocol):
         if exchange is None:
             return
         head = responseHead(self._headers, exchange.engine.serverHeader)
+        if head.error is not None:
+            self._fail(head.error)
         if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
             self._eofBody = head.contentLength is None and not head.chunked

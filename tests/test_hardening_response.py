@@ -226,6 +226,41 @@ class ResponseFramingTests(ResponseCase):
         self.assertEqual([r.flags for r in self.proxy.records], ["UPE", "-"])
 
 
+    @defer.inlineCallbacks
+    def assertRefusedCoding(self, response: bytes) -> Any:
+        port = self.start({b"/a": response, b"/b": OK_B})
+        client = yield self.connect(port)
+        first = yield self.exchange(client, request(b"/a"), b"HTTP/1.1 502 Bad Gateway\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 502 Bad Gateway\r\nServer: amazing-proxy\r\n"), first)
+        self.assertTrue(first.endswith(b"\r\n\r\nupstream sent a malformed response"), first)
+        second = yield self.exchange(client, request(b"/b"), PROXY_OK_B)
+        self.assertEqual(second, PROXY_OK_B)
+        self.assertEqual(self.service.requests, [(0, b"/a"), (1, b"/b")])
+        self.assertEqual([r.flags for r in self.proxy.records], ["UPE", "-"])
+
+    def test_gzipThenChunked(self):
+        """
+        C{Transfer-Encoding: gzip, chunked}: the de-chunked bytes would reach the client
+        as identity; 502 C{UPE} (as nginx).
+        """
+        return self.assertRefusedCoding(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+    def test_gzipOnly(self):
+        """
+        C{Transfer-Encoding: gzip} (a body to the end of the connection, coded): 502.
+        """
+        return self.assertRefusedCoding(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz")
+
+    def test_chunkedTwice(self):
+        """
+        Two C{Transfer-Encoding: chunked} headers (chunked applied twice): 502.
+        """
+        return self.assertRefusedCoding(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n")
+
+
 class StatusLineTests(ResponseCase):
     """
     A status outside 100-599, or a malformed status line, is a 502 C{UPE}; nothing of
@@ -820,3 +855,34 @@ class FlagTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - started, 4)
         self.assertTrue(client.received.endswith(b"\r\n\r\npartial"), client.received)
         yield waitUntil(lambda: b" SI " in child.out)
+
+
+class ResponseHeadRuleTests(unittest.SynchronousTestCase):
+    """
+    L{sidecar.headers.responseHead}: what C{Connection} may nominate in a response, and
+    the framing headers the proxy keeps for itself.
+    """
+
+    def test_framingAndServerNotNominable(self):
+        """
+        C{Connection} naming C{Content-Length}, C{Transfer-Encoding} or C{Server}
+        removes none of them (the length stays, our C{Server} stays); another nominated
+        header goes.
+        """
+        from sidecar.headers import responseHead
+
+        head = responseHead([(b"Connection", b"Content-Length, transfer-encoding, SERVER, X-Hop"),
+                             (b"X-Hop", b"1"), (b"Content-Length", b"0010"), (b"X-Ok", b"1")], b"p")
+        self.assertEqual(head.headers, [(b"Server", b"p"), (b"Content-Length", b"10"), (b"X-Ok", b"1")])
+        self.assertEqual((head.contentLength, head.chunked, head.error), (10, False, None))
+
+    def test_transferCodings(self):
+        """
+        Only a single C{chunked} is a forwardable transfer coding of a response.
+        """
+        from sidecar.headers import responseHead
+
+        for values, error in (([b"chunked"], None), ([b" Chunked "], None), ([b"gzip, chunked"], True),
+                              ([b"gzip"], True), ([b"chunked", b"chunked"], True), ([b"identity"], True)):
+            head = responseHead([(b"Transfer-Encoding", v) for v in values], b"p")
+            self.assertEqual(head.error is not None, bool(error), values)
