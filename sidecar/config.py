@@ -165,8 +165,8 @@ class ProxyConfig:
     #: Envoy's C{stream_idle_timeout}: seconds an exchange may see no byte either way
     #: (C{None}: forever).
     streamIdleTimeout: Optional[float] = 300.0
-    #: The largest response head accepted from the service (502 beyond; Envoy's 60 KiB).
-    maxResponseHeaderBytes: int = 60 * 1024
+    #: The largest response head accepted from the service (502 beyond; Envoy's 80 KiB).
+    maxResponseHeaderBytes: int = 80 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
     tls: Optional[TLSConfig] = None
     mesh: MeshLabels = MeshLabels()

@@ -150,8 +150,8 @@ class Engine:
     #: Envoy's C{stream_idle_timeout}: an exchange with no byte either way for this long
     #: ends (flag C{SI}); C{None}: never.  Checked by L{sweepStreams}.
     streamIdleTimeout: Optional[float] = 300.0
-    #: The largest response head, and the most headers in it (Envoy's 60 KiB and 100).
-    maxResponseHeaderBytes: int = 60 * 1024
+    #: The largest response head, and the most headers in it (Envoy's 80 KiB and 100).
+    maxResponseHeaderBytes: int = 80 * 1024
     maxResponseHeaders: int = 100
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False

@@ -168,7 +168,7 @@ class Options(usage.Options):
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
-        ["max-response-header-bytes", None, "61440", "Largest response head accepted from the service, in bytes (502 past it)."],
+        ["max-response-header-bytes", None, "81920", "Largest response head accepted from the service, in bytes (502 past it)."],
         ["stream-idle-timeout", None, "300", "Seconds a request/response may see no byte either way before it ends (0: never)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],

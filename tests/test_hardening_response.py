@@ -825,7 +825,7 @@ class FlagTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--admin", "none"])
         self.assertEqual((options["config"].streamIdleTimeout, options["config"].maxResponseHeaderBytes),
-                         (300.0, 61440))
+                         (300.0, 81920))
 
     @defer.inlineCallbacks
     def test_stalledBodyThroughTwistd(self):
