@@ -100,7 +100,8 @@ class UpstreamConnection(Protocol):
         #: Bytes of the response head so far, and its headers (llhttp keeps a partial
         #: header in memory until it ends: the count of bytes fed bounds it).
         self._headBytes = 0
-        self._headSize = 0
+        self._maxHeadBytes = 80 * 1024
+        self._maxHeaders = 100
         self._readDone = False
 
     # -- the exchange's side ---------------------------------------------------------
@@ -117,6 +118,9 @@ class UpstreamConnection(Protocol):
         self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.responseStarted = False
         self._headBytes = 0
+        engine = exchange.engine
+        self._maxHeadBytes = engine.maxResponseHeaderBytes
+        self._maxHeaders = engine.maxResponseHeaders
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
@@ -188,7 +192,12 @@ class UpstreamConnection(Protocol):
             return
         if not self.responseStarted:
             self.responseStarted = True
-            if data[9:10] == b" " and data[:7] == b"HTTP/1.":
+            if not data.startswith(b"HTTP/1.") and len(data) >= 7:
+                # llhttp takes "HTTP/2.0 200 OK" too; on an HTTP/1.1 connection it is
+                # not a response.
+                self._protocolError("not an HTTP/1.x status line")
+                return
+            if len(data) > 9 and data[9] == 32:
                 # "HTTP/1.1  200 OK": more than one space before the status, which nginx
                 # and Envoy accept.  The status line is re-serialised, so the extra
                 # spaces can go before llhttp (which refuses them) reads it.
@@ -215,7 +224,7 @@ class UpstreamConnection(Protocol):
         except httptools.HttpParserError as e:
             self._protocolError(str(e))
         else:
-            if inHead and not self._inBody and self._headBytes > exchange.engine.maxResponseHeaderBytes:
+            if inHead and not self._inBody and self._headBytes > self._maxHeadBytes:
                 # A head that has not ended within the limit (one read past it at most).
                 self._protocolError("response header section too large")
         door.flush()
@@ -246,31 +255,29 @@ class UpstreamConnection(Protocol):
             raise _HeadDone()
         self._headers = []
         self._reason = b""
-        self._headSize = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
-        self._headSize = len(reason) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._inBody:
-            headers = self._headers
-            headers.append((name, value))
-            self._headSize += len(name) + len(value) + 4
-            engine = self.exchange.engine  # type: ignore[union-attr]
-            if self._headSize > engine.maxResponseHeaderBytes:
-                self._fail("response header section too large")
-            if len(headers) > engine.maxResponseHeaders:
-                self._fail("too many response headers")
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
-        self._headBytes = 0
         if status < 100 or status > 599:
             self._fail(f"status {status} is not from 100 to 599")
-        if parser.get_http_version() not in ("1.1", "1.0"):
-            self._fail(f"HTTP/{parser.get_http_version()} status line on an HTTP/1.1 connection")
+        headers = self._headers
+        if len(headers) > self._maxHeaders:
+            self._fail("too many response headers")
+        if self._headBytes > self._maxHeadBytes:
+            # The reads of this head (and whatever followed it in them) were larger
+            # than the limit: measure the head itself.
+            size = len(self._reason) + 15 + sum(len(n) + len(v) + 4 for n, v in headers)
+            if size > self._maxHeadBytes:
+                self._fail("response header section too large")
+        self._headBytes = 0
         if status < 200 and status != 101:
             # Interim responses (100, 103) are not forwarded: the proxy answers
             # "Expect: 100-continue" itself.
