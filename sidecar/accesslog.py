@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sidecar.record import Record
+from sidecar.record import Record, TcpRecord
 
 log = Logger()
 
@@ -413,9 +413,7 @@ class AccessLog(LineWriter):
         return "AccessLog"
 
 
-# -- opaque TCP connections (L{sidecar.tcp.TcpRecord}) -------------------------------
-
-from sidecar.tcp import TcpRecord  # noqa: E402
+# -- opaque TCP connections (L{sidecar.record.TcpRecord}) ----------------------------
 
 
 def formatTcpText(rec: TcpRecord) -> str:

@@ -184,6 +184,11 @@ class ProxyConfig:
     clientIdleTimeout: Optional[float] = 300.0
     #: Seconds a client may take to send a request head before a 408 (C{None}: forever).
     requestHeadTimeout: Optional[float] = 30.0
+    #: Envoy's C{stream_idle_timeout}: seconds an exchange may see no byte either way
+    #: (C{None}: forever).
+    streamIdleTimeout: Optional[float] = 300.0
+    #: The largest response head accepted from the service (502 beyond; Envoy's 80 KiB).
+    maxResponseHeaderBytes: int = 80 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
     tls: Optional[TLSConfig] = None
     #: Seconds to wait for a client's first bytes before treating the connection as

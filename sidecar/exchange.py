@@ -30,8 +30,8 @@ from sidecar.headers import Header, RequestHead, ResponseHead
 from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
-    UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
-    Record,
+    STREAM_IDLE_TIMEOUT, UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR,
+    UPSTREAM_REQUEST_TIMEOUT, Record,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,6 +49,10 @@ IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 #: Request body bytes kept while the upstream stream is not there yet; past this the
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
+
+#: Which ends of a tunnel have sent their FIN (L{Exchange.tunnelEnds}).
+_CLIENT_FIN = 1
+_SERVICE_FIN = 2
 
 
 class Door(Protocol):
@@ -86,6 +90,14 @@ class Door(Protocol):
         """After a 101, pass bytes both ways; C{stream} is the producer of the
         service's bytes (register it with the client's transport)."""
 
+    def finishTunnel(self, exchange: Exchange) -> None:
+        """The service sent its FIN on the tunnel: send a FIN to the client once its
+        bytes are written (a half-close), and keep reading from it."""
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        """The tunnel is over: close the client's connection once its bytes are
+        written."""
+
     def pauseReading(self) -> None:
         """Stop reading from the client until L{resumeReading}."""
 
@@ -115,8 +127,12 @@ class UpstreamStream(Protocol):
         """Pause C{producer} (the client) while the service reads slower than it sends,
         until the request ends."""
 
-    def closeWrite(self) -> None:
-        """After a 101: the client will send no more (half-close towards the service)."""
+    def finishTunnel(self) -> None:
+        """After a 101: the client will send no more; pass its FIN on (a half-close)."""
+
+    def closeTunnel(self) -> None:
+        """After a 101: the tunnel is over; close gracefully (a FIN after what is
+        buffered, never a reset)."""
 
     def abandon(self) -> None:
         """Close without a word: the stream is not reused."""
@@ -209,6 +225,12 @@ class Engine:
     recorder: Recorder
     serverHeader: bytes = b"amazing-proxy"
     responseTimeout: Optional[float] = 60.0
+    #: Envoy's C{stream_idle_timeout}: an exchange with no byte either way for this long
+    #: ends (flag C{SI}); C{None}: never.  Checked by L{sweepStreams}.
+    streamIdleTimeout: Optional[float] = 300.0
+    #: The largest response head, and the most headers in it (Envoy's 80 KiB and 100).
+    maxResponseHeaderBytes: int = 80 * 1024
+    maxResponseHeaders: int = 100
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
     #: The open client connections of every front door (for timeouts and drain).
@@ -226,6 +248,9 @@ class Engine:
     #: The exchanges' failure warnings, a few per second of each kind at most.
     warnings: WarningLimit = attrs.field(default=attrs.Factory(lambda self: WarningLimit(self.clock, log),
                                                                takes_self=True))
+    #: The exchanges that have begun and not ended, of every door (for
+    #: L{sweepStreams}).
+    streams: set = attrs.field(factory=set)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -233,6 +258,25 @@ class Engine:
         """
         self.recorder.requestsActive += 1
         return Exchange(self, door, method, target, version, req, self.clock.seconds())
+
+    def sweepStreams(self, now: float) -> None:
+        """
+        End the exchanges that have seen no byte either way for L{streamIdleTimeout}.
+
+        Called about once a second (by the service's client sweep): each exchange
+        counts its activity, and this pass notes when the count last moved, so that no
+        timer is scheduled or cancelled per request.  A stall is noticed between the
+        timeout and a second after it.
+        """
+        timeout = self.streamIdleTimeout
+        if not timeout:
+            return
+        for exchange in list(self.streams):
+            if exchange.activity != exchange.sweptActivity:
+                exchange.sweptActivity = exchange.activity
+                exchange.idleSince = now
+            elif now - exchange.idleSince >= timeout:
+                exchange.streamIdleTimedOut()
 
 
 class Exchange:
@@ -255,7 +299,8 @@ class Exchange:
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
-        "mustClose", "malformed", "pool", "call", "held",
+        "mustClose", "malformed", "pool", "call", "held", "activity", "sweptActivity", "idleSince",
+        "tunnelEnds",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -290,6 +335,12 @@ class Exchange:
         self.call: Optional[Call] = None
         #: Response events held while response-head filters decide.
         self.held: Optional[List[Any]] = None
+        #: Events that moved bytes, and what L{Engine.sweepStreams} last saw of it.
+        self.activity = 0
+        self.sweptActivity = -1
+        self.idleSince = 0.0
+        #: Which ends of a tunnel have sent their FIN.
+        self.tunnelEnds = 0
 
     @property
     def finished(self) -> bool:
@@ -324,6 +375,7 @@ class Exchange:
         if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
             self._tooLarge()
             return
+        self.engine.streams.add(self)
         chain = self.engine.filters
         if chain is not None:
             req = self.req
@@ -394,6 +446,7 @@ class Exchange:
         phase = self.phase
         if phase == DONE:
             return
+        self.activity += 1
         self.bytesReceived += len(data)
         limit = self.engine.maxRequestBytes
         if limit is not None and self.bytesReceived > limit:
@@ -492,6 +545,7 @@ class Exchange:
         The upstream's final response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
+        self.activity += 1
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         call = self.call
         if call is not None and status != 101:
@@ -555,6 +609,7 @@ class Exchange:
         """
         Response body bytes from the upstream (decoded: no framing).
         """
+        self.activity += 1
         if self.call is not None:
             if self.held is not None:
                 self.held.append(data)
@@ -609,6 +664,7 @@ class Exchange:
         """
         Bytes from the upstream on an upgraded connection.
         """
+        self.activity += 1
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
@@ -616,18 +672,65 @@ class Exchange:
         """
         Bytes from the client on an upgraded connection.
         """
+        self.activity += 1
         self.bytesReceived += len(data)
         if self.stream is not None:
             self.stream.sendBody(data)
 
+    def tunnelClientFinished(self) -> None:
+        """
+        The client sent its FIN on an upgraded connection: the service gets a FIN too
+        (never a reset), and its bytes still flow to the client.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _CLIENT_FIN
+        if self.stream is not None:
+            self.stream.finishTunnel()
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
+    def tunnelUpstreamFinished(self) -> None:
+        """
+        The service sent its FIN on an upgraded connection: the client is told at once
+        by a FIN, and its bytes still flow to the service.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _SERVICE_FIN
+        if self.phase != DONE:
+            self.door.finishTunnel(self)
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
     def tunnelClosed(self) -> None:
         """
-        Either side of an upgraded connection closed: the exchange is over.
+        The client's connection of an upgraded exchange is gone: close the service's
+        gracefully (a FIN), and the exchange is over.
         """
         stream, self.stream = self.stream, None
         if stream is not None:
-            stream.abandon()
+            stream.closeTunnel()
         self._end()
+
+    def tunnelUpstreamClosed(self) -> None:
+        """
+        The service's connection of an upgraded exchange is gone: close the client's
+        once what it was sent is written, and the exchange is over.
+        """
+        self.stream = None
+        if self.phase != DONE:
+            self._end()
+            self.door.closeTunnel(self)
+
+    def _closeTunnel(self) -> None:
+        """
+        Both ends have sent their FIN: close both connections.
+        """
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.closeTunnel()
+        if self.phase != DONE:
+            self._end()
+            self.door.closeTunnel(self)
 
     def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
         """
@@ -706,6 +809,32 @@ class Exchange:
         self._dropUpstream()
         self._localReply(413, b"Payload Too Large\n")
 
+    def streamIdleTimedOut(self) -> None:
+        """
+        No byte either way for L{Engine.streamIdleTimeout} (Envoy's stream idle
+        timeout, flag C{SI}): before the response, 504 if the request had all arrived
+        and 408 if not (as Envoy); after it started, the client's connection is closed so
+        that a truncated body is never taken for a complete one.
+        """
+        if self.phase == DONE:
+            return
+        self._warn("stream idle timeout: no byte on {method} {path} to {upstream} for {seconds} s",
+                   seconds=self.engine.streamIdleTimeout)
+        self.flags.append(STREAM_IDLE_TIMEOUT)
+        if self.phase == TUNNEL:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.abandon()
+            self._end()
+            self.door.closeTunnel(self)
+            return
+        self._dropUpstream()
+        if self.requestDone:
+            self._localReply(504, b"stream timeout")
+        else:
+            self.mustClose = True
+            self._localReply(408, b"stream timeout")
+
     def _timedOut(self) -> None:
         self.timeout = None
         stream, self.stream = self.stream, None
@@ -773,6 +902,7 @@ class Exchange:
         self._go(DONE)
         engine = self.engine
         engine.recorder.requestsActive -= 1
+        engine.streams.discard(self)
         self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False

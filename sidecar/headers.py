@@ -115,6 +115,14 @@ def validAuthority(value: bytes) -> bool:
     return port is None or int(port) <= 65535
 
 
+#: Tokens a service's C{Connection} header may not nominate for removal: the proxy frames
+#: the body from its own parse (C{Content-Length} is the parsed length, C{Transfer-Encoding}
+#: is the proxy's own), and C{Server} is the proxy's.  Other nominated headers go.
+_RESPONSE_UNNOMINABLE = frozenset([
+    b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding", b"server",
+])
+
+
 def newRequestId(_bits=random.getrandbits) -> str:
     """
     A random (version 4) UUID in its text form.
@@ -368,20 +376,25 @@ class ResponseHead:
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
+    @ivar error: why the head can't be forwarded (a 502), else C{None}.
     """
 
     headers: Headers
     contentLength: Optional[int] = None
     upgrade: Optional[bytes] = None
     chunked: bool = False
+    error: Optional[str] = None
 
 
 def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     """
     Apply the forwarding rules to an upstream response head.
 
-    Hop-by-hop headers and those named in C{Connection} go; C{Server} is replaced by
-    ours; repeated headers (several C{Set-Cookie}) keep their order and case.
+    Hop-by-hop headers and those named in C{Connection} go, except the framing headers
+    and C{Server} (L{_RESPONSE_UNNOMINABLE}): framing always comes from the proxy's own
+    parse, so C{Connection: Content-Length} cannot unframe a body.  C{Server} is
+    replaced by ours; C{Content-Length} is re-written from its parsed value; repeated
+    headers (several C{Set-Cookie}) keep their order and case.
 
     @param headers: the upstream's headers.
     @param server: our C{Server} header value.
@@ -392,25 +405,32 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     contentLength = None
     upgrade = None
     chunked = False
+    error = None
     kinds = _RESPONSE_KINDS
     for pair in headers:
         kind = kinds.get(pair[0].lower())
         if kind is None:
             append(pair)
         elif kind == _LENGTH:
-            # Framing: the front door writes it from the parse.
+            # Framing: the front door writes it from the parse (llhttp has refused a
+            # second one and anything but digits).
             contentLength = int(pair[1])
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:
+            # Only one "chunked" can be forwarded: the proxy re-frames the body, and a
+            # content coding (gzip, chunked) would reach the client unlabelled.  nginx
+            # answers 502 the same way.
+            if chunked or pair[1].strip().lower() != b"chunked":
+                error = "unsupported Transfer-Encoding"
             chunked = True
         elif kind == _UPGRADE:
             upgrade = pair[1]
     if connection:
-        named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
+        named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
-    return ResponseHead(out, contentLength, upgrade, chunked)
+    return ResponseHead(out, contentLength, upgrade, chunked, error)
 
 
 def bodyForbidden(method: bytes, status: int) -> bool:

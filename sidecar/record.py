@@ -21,6 +21,8 @@ DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
+STREAM_IDLE_TIMEOUT = "SI"
+NO_ROUTE_FOUND = "NR"
 
 
 @attrs.frozen
@@ -57,3 +59,46 @@ class Record:
     downstreamRemoteAddress: str
     downstreamPeerPrincipal: str = ""
     mutualTLS: bool = False
+
+
+@attrs.frozen
+class TcpRecord:
+    """
+    What happened to one opaque TCP connection.  Times are seconds from the reactor's
+    clock.
+
+    @ivar startTime: when the connection was handed to the splice (epoch seconds).
+    @ivar duration: from C{startTime} until both sides were closed.
+    @ivar bytesReceived: bytes received from the client (sent on to the service unless
+        the connection was refused).
+    @ivar bytesSent: bytes sent to the client (received from the service).
+    @ivar upstreamHost: C{host:port} of the service, C{""} when none was chosen.
+    @ivar flags: Envoy-style flags joined with C{","} (C{UF}, C{UC}, C{DC}, C{NR},
+        C{SI}, C{RBAC}), or C{"-"}.
+    @ivar downstreamRemoteAddress: the client's C{host:port}.
+    @ivar downstreamPeerPrincipal: the client's SPIFFE id under mutual TLS.
+    @ivar mutualTLS: whether the connection came over mutual TLS.
+    @ivar detected: how detection chose TCP: C{tcp} (unknown bytes), C{tls}, C{http2},
+        C{timeout} (the client said nothing: a server-first protocol), C{declared},
+        C{closed} (the client half-closed first), C{nr}.
+    @ivar detail: why the connection ended, in words, when it was not a clean close.
+    """
+
+    startTime: float
+    duration: float
+    bytesReceived: int
+    bytesSent: int
+    upstreamHost: str
+    flags: str
+    downstreamRemoteAddress: str
+    downstreamPeerPrincipal: str = ""
+    mutualTLS: bool = False
+    detected: str = ""
+    detail: str = ""
+
+    @property
+    def protocol(self) -> str:
+        """
+        Istio's C{request_protocol}: always C{tcp}.
+        """
+        return "tcp"

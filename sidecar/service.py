@@ -58,6 +58,8 @@ class SidecarService(MultiService):
             responseTimeout=config.upstream.responseTimeout,
             headersWithUnderscores=config.headersWithUnderscores,
             maxRequestBytes=config.maxRequestBytes,
+            streamIdleTimeout=config.streamIdleTimeout,
+            maxResponseHeaderBytes=config.maxResponseHeaderBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
@@ -244,6 +246,7 @@ class SidecarService(MultiService):
         now = self.reactor.seconds()
         self.engine.doors.sweep(now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
         self.tcp.sweep(now)
+        self.engine.sweepStreams(now)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
         service = strports.service(description, factory, reactor=self.reactor)

@@ -153,7 +153,7 @@ class Recorder:
 
     def recordTcp(self, rec: object) -> None:
         """
-        Count one finished TCP connection (a L{sidecar.tcp.TcpRecord}) as closed under
+        Count one finished TCP connection (a L{sidecar.record.TcpRecord}) as closed under
         its flags, and pass it to the TCP sinks.  Its bytes were counted as they flowed.
         """
         self.tcpSeries(rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS).closed += 1  # type: ignore[attr-defined]

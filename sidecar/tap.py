@@ -213,6 +213,8 @@ class Options(usage.Options):
         ["headers-with-underscores", None, "allow",
          "Request headers with an underscore in their name: allow, drop or reject (400)."],
         ["max-request-bytes", None, None, "Largest request body accepted, in bytes; past it, 413 (default: no limit)."],
+        ["max-response-header-bytes", None, "81920", "Largest response head accepted from the service, in bytes (502 past it)."],
+        ["stream-idle-timeout", None, "300", "Seconds a request/response may see no byte either way before it ends (0: never)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
@@ -322,6 +324,7 @@ class Options(usage.Options):
         maxRequestBytes = None
         if self["max-request-bytes"] is not None:
             maxRequestBytes = _count("--max-request-bytes", self["max-request-bytes"], 0)
+        maxResponseHeaderBytes = _count("--max-response-header-bytes", self["max-response-header-bytes"], 1024)
         self["config"] = ProxyConfig(
             listen=listen,
             upstream=UpstreamConfig(
@@ -346,6 +349,8 @@ class Options(usage.Options):
             maxRequestBytes=maxRequestBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
+            streamIdleTimeout=_seconds("--stream-idle-timeout", self["stream-idle-timeout"], allowZero=True) or None,
+            maxResponseHeaderBytes=maxResponseHeaderBytes,
         )
         self._lifecycleAndLabels()
         self["config"] = attrs.evolve(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Tuple
 
-import attrs
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -33,58 +32,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.logs import WarningLimit
+from sidecar.record import (
+    DOWNSTREAM_CONNECTION_TERMINATION, NO_ROUTE_FOUND, STREAM_IDLE_TIMEOUT, UNAUTHORIZED, UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION, TcpRecord,
+)
 
 log = Logger()
 
-UPSTREAM_CONNECTION_FAILURE = "UF"
-UPSTREAM_CONNECTION_TERMINATION = "UC"
-DOWNSTREAM_CONNECTION_TERMINATION = "DC"
-NO_ROUTE_FOUND = "NR"
-STREAM_IDLE_TIMEOUT = "SI"
-UNAUTHORIZED = "RBAC"
-
-
-@attrs.frozen
-class TcpRecord:
-    """
-    What happened to one opaque TCP connection.  Times are seconds from the reactor's
-    clock.
-
-    @ivar startTime: when the connection was handed to the splice (epoch seconds).
-    @ivar duration: from C{startTime} until both sides were closed.
-    @ivar bytesReceived: bytes received from the client (sent on to the service unless
-        the connection was refused).
-    @ivar bytesSent: bytes sent to the client (received from the service).
-    @ivar upstreamHost: C{host:port} of the service, C{""} when none was chosen.
-    @ivar flags: Envoy-style flags joined with C{","} (C{UF}, C{UC}, C{DC}, C{NR},
-        C{SI}, C{RBAC}), or C{"-"}.
-    @ivar downstreamRemoteAddress: the client's C{host:port}.
-    @ivar downstreamPeerPrincipal: the client's SPIFFE id under mutual TLS.
-    @ivar mutualTLS: whether the connection came over mutual TLS.
-    @ivar detected: how detection chose TCP: C{tcp} (unknown bytes), C{tls}, C{http2},
-        C{timeout} (the client said nothing: a server-first protocol), C{declared},
-        C{closed} (the client half-closed first), C{nr}.
-    @ivar detail: why the connection ended, in words, when it was not a clean close.
-    """
-
-    startTime: float
-    duration: float
-    bytesReceived: int
-    bytesSent: int
-    upstreamHost: str
-    flags: str
-    downstreamRemoteAddress: str
-    downstreamPeerPrincipal: str = ""
-    mutualTLS: bool = False
-    detected: str = ""
-    detail: str = ""
-
-    @property
-    def protocol(self) -> str:
-        """
-        Istio's C{request_protocol}: always C{tcp}.
-        """
-        return "tcp"
+#: Envoy's response flags, as the HTTP records use them (L{sidecar.record}).
+UPSTREAM_CONNECTION_FAILURE = UPSTREAM_CONNECT_FAILURE
 
 
 def _address(peer: Any) -> str:

@@ -457,8 +457,6 @@ class GeneratedTests(unittest.SynchronousTestCase, Properties):
                         f"{response!r} reached the client as {got!r}: {problem}")
         self.assertTrue(all(100 <= m.status <= 599 for m in finals), f"{response!r} -> {got!r}")
 
-    test_responseStatus.todo = "issue 8 defect 4: a status outside 100-599 or a malformed status line is not yet a 502 UPE"  # type: ignore[attr-defined]
-
     def respond(self, response: bytes, sizes: list, close: bool) -> tuple:
         """
         Send a GET through the door, have the service answer C{response} in pieces of

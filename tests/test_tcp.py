@@ -36,7 +36,8 @@ from sidecar.metrics import SidecarCollector, prometheusText
 from sidecar.origdst import Destination, dialled, originalDestination, parseSockaddr
 from sidecar.stats import Recorder
 from sidecar.tap import Options
-from sidecar.tcp import TcpProxy, TcpRecord
+from sidecar.record import TcpRecord
+from sidecar.tcp import TcpProxy
 from tests.support import PYTHON, ChildProcess, freePort, portAnswers
 
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
