@@ -8,7 +8,7 @@ the engine.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 
@@ -21,6 +21,12 @@ DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
+UPSTREAM_RETRY_LIMIT_EXCEEDED = "URX"
+
+#: Which way a call went through this sidecar: to its own workload (Istio's
+#: C{reporter="destination"}), or from it to another (C{reporter="source"}).
+INBOUND = "inbound"
+OUTBOUND = "outbound"
 
 
 @attrs.frozen
@@ -37,6 +43,12 @@ class Record:
     @ivar bytesSent: response body bytes sent to the client (the same way).
     @ivar status: the status sent to the client, C{0} when none was sent.
     @ivar flags: Envoy-style response flags joined with C{","}, or C{"-"}.
+    @ivar mutualTLS: inbound, the client came over mutual TLS; outbound, the sidecar
+        originated mutual TLS to the destination.
+    @ivar direction: L{INBOUND} or L{OUTBOUND}.
+    @ivar peer: what the sidecar learnt of the workload at the other end (a
+        L{sidecar.peers.PeerLabels}: the source of an inbound call, the destination of
+        an outbound one), or C{None}.
     """
 
     startTime: float
@@ -57,3 +69,5 @@ class Record:
     downstreamRemoteAddress: str
     downstreamPeerPrincipal: str = ""
     mutualTLS: bool = False
+    direction: str = INBOUND
+    peer: Any = None
