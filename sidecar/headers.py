@@ -234,7 +234,8 @@ def requestHead(
     @param target: the request target, as sent (origin-form passes unchanged).
     @param version: C{"1.1"} or C{"1.0"}.
     @param headers: the client's headers, in order and case.
-    @param clientIP: the client's address, appended to C{X-Forwarded-For}.
+    @param clientIP: the client's address, appended to C{X-Forwarded-For} (empty: not
+        appended, as on the outbound path, where the client is the workload itself).
     @param proto: C{b"http"} or C{b"https"}, for C{X-Forwarded-Proto}.
     @param extra: headers the proxy adds (e.g. C{X-Forwarded-Client-Cert}).
     @param defaultHost: the C{Host} given to an HTTP/1.0 request without one (as
@@ -349,13 +350,15 @@ def requestHead(
             result.error = "HTTP/1.0 request without a Host header"
     if host is not None:
         result.authority = host.decode("latin-1")
-    forwarded.append(clientIP.encode("ascii"))
+    if clientIP:
+        forwarded.append(clientIP.encode("ascii"))
     xff = b", ".join(forwarded)
     result.forwardedFor = xff.decode("latin-1")
     if result.error is not None:
         return result
 
-    out.append((b"X-Forwarded-For", xff))
+    if xff:
+        out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", proto))
     if not result.requestId:
         result.requestId = newRequestId()

@@ -615,6 +615,10 @@ def tcpMetrics(recorder: Any, static: Mapping[str, str], principal: str) -> Iter
     }
     merged: Dict[Tuple[str, ...], List[int]] = {}
     for key, series in list(getattr(recorder, "tcp", {}).items()):
+        if not (series.opened or series.closed or series.received or series.sent):
+            # Nothing counted (a connection's counts moved to its peer's labels once
+            # its mutual TLS was verified): no series.
+            continue
         labels = tcpLabels(key, static, principal)
         into = merged.setdefault(labels, [0, 0, 0, 0])
         into[0] += series.opened

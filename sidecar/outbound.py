@@ -258,6 +258,12 @@ class OutboundDoor(DownstreamProtocol):
         self.mutualTLS = mesh
         self._extra = extra
 
+    def connectionMade(self) -> None:
+        DownstreamProtocol.connectionMade(self)
+        # As Envoy's outbound listeners: the workload calling out is not a hop of
+        # X-Forwarded-For (the server's sidecar appends the pod's address).
+        self.clientIP = ""
+
     def extraRequestHeaders(self) -> Any:
         return self._extra
 

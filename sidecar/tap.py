@@ -430,7 +430,7 @@ class Options(usage.Options):
         outbound = _outboundConfig(self)
         if outbound is not None:
             self["config"] = attrs.evolve(self["config"], outbound=outbound)
-        if listen is None and (tls is None or tls.listen is None):
+        if listen is None and (tls is None or tls.listen is None) and outbound is None:
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
         _noForegroundPidfile(getattr(self, "parent", None))
 

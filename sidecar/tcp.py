@@ -26,7 +26,9 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import attrs
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor, IHalfCloseableProtocol, IHandshakeListener, ISSLTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +92,24 @@ class TcpRecord:
         Istio's C{request_protocol}: always C{tcp}.
         """
         return "tcp"
+
+
+def _close(transport: Any) -> None:
+    """
+    Close C{transport} once its bytes are out.  A TLS layer waits for its producer to
+    be unregistered before it sends C{close_notify}, and the splice's producer (the
+    other side) stays registered, so it is let go first.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def _halfCloses(transport: Any) -> bool:
+    """
+    Whether C{transport} passes a FIN on by itself: plain TCP does; a TLS layer (which
+    claims its TCP transport's interfaces) does not.
+    """
+    return IHalfCloseableDescriptor.providedBy(transport) and not ISSLTransport.providedBy(transport)
 
 
 def _address(peer: Any) -> str:
@@ -310,7 +330,7 @@ class TcpSplice(Protocol):
         proxy = self.proxy
         self.start = proxy.reactor.seconds() if self.started is None else self.started
         self.clientAddress = _address(self.transport.getPeer())
-        self.halfClose = IHalfCloseableDescriptor.providedBy(self.transport)
+        self.halfClose = _halfCloses(self.transport)
         allowed = True
         if self.identify is not None:
             self.mutualTLS = True
@@ -370,7 +390,7 @@ class TcpSplice(Protocol):
                 upstream.transport.loseWriteConnection()
             else:
                 # TLS has no half-close: close once the client's bytes are out.
-                upstream.transport.loseConnection()
+                _close(upstream.transport)
             self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
@@ -398,10 +418,10 @@ class TcpSplice(Protocol):
         """
         Close both sides gracefully (drain).
         """
-        self.transport.loseConnection()
+        _close(self.transport)
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.loseConnection()
+            _close(upstream.transport)
 
     # -- the service's side ----------------------------------------------------------
 
@@ -422,7 +442,7 @@ class TcpSplice(Protocol):
             if upstream.halfClose:
                 out.loseWriteConnection()
             else:
-                out.loseConnection()
+                _close(out)
         else:
             client.resumeProducing()
 
@@ -450,7 +470,7 @@ class TcpSplice(Protocol):
         if self.halfClose:
             self.transport.loseWriteConnection()
         else:
-            self.transport.loseConnection()
+            _close(self.transport)
         self._closeIfDone()
 
     def upstreamLost(self, reason: Failure) -> None:
