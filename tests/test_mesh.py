@@ -452,6 +452,53 @@ class TwoPodTests(TestCase):
                          [("HTTP/1.1", "outbound", SERVER_ID)] + [("tcp", "outbound", SERVER_ID)] * 2)
 
 
+class MeshDemoTests(TestCase):
+    """
+    C{scripts/mesh-demo.py}, which C{make mesh-demo} runs.
+    """
+
+    def test_demo(self):
+        """
+        The demo shows the 200 with the client's id in C{X-Forwarded-Client-Cert},
+        TLS on the wire and nothing in the clear, the stranger refused, Redis's answer,
+        the probe's 200, both reporters, and exits 0 leaving no namespace behind.
+        """
+        from tests.meshpods import CLIENT_ID, missing
+
+        reason = missing()
+        if reason is not None:
+            raise SkipTest(reason)
+
+        def run() -> str:
+            import subprocess
+
+            demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "mesh-demo.py")
+            done = subprocess.run([sys.executable, demo], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=180)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            return done.stdout
+
+        def check(out: str) -> None:
+            self.assertIn(f"URI={CLIENT_ID}", out)
+            self.assertEqual(out.count("(TLS handshake, ClientHello: True)"), 2, out)
+            self.assertEqual(out.count("in the clear on the wire: False"), 4, out)
+            self.assertNotIn("NOT TLS", out)
+            self.assertIn("curl: (52) Empty reply from server", out)
+            self.assertIn("OK\ndemo\n", out)
+            self.assertIn("ok: HTTP status 200", out)
+            self.assertIn('istio_requests_total{reporter="source",source_workload="sleep"', out)
+            self.assertIn('istio_requests_total{reporter="destination",source_workload="sleep"', out)
+            names = re.findall(r"namespace (sidecar-\S+)\)", out)
+            self.assertEqual(len(names), 3, out)
+            import subprocess
+
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            for name in names:
+                self.assertNotIn(name, listed)
+
+        return deferToThread(run).addCallback(check)
+
+
 def sample(text: str, name: str, **match: str) -> dict:
     """
     The labels (and C{value}) of the one sample of C{name} in a Prometheus exposition
