@@ -255,10 +255,12 @@ class Mesh:
                 "--namespace", "default", "--app", "sleep", "--app-version", "v1", "--log-format", "json",
                 "--drain-timeout", "0"]
 
-    def start(self, server: Optional[List[str]] = None, client: Optional[List[str]] = None) -> None:
+    def start(self, server: Optional[List[str]] = None, client: Optional[List[str]] = None,
+              service: Optional[List[str]] = None, ready: str = "/status/200", redis: bool = True) -> None:
         """
         The init scripts' rules, the services and both sidecars (or the commands given
-        instead of ours), waiting until each answers.
+        instead of ours: C{server}, C{client}; C{service} instead of httpbin, answering
+        C{ready}), waiting until each answers.
         """
         if not hasattr(self, "certs"):
             self.certificates()
@@ -267,24 +269,27 @@ class Mesh:
                        "-t", str(INBOUND_PORT)])
         clientPod.run(["sh", SCRIPT, "-p", "8000", "-b", str(HTTP_PORT), "-o", str(OUTBOUND_PORT),
                        "-u", str(PROXY_UID)])
-        self.spawn("server", "httpbin", [sys.executable, "-m", "gunicorn", "--workers", "1", "--bind",
-                                         f"127.0.0.1:{HTTP_PORT}", "httpbin:app"])
-        self.spawn("server", "redis", ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no"])
+        self.spawn("server", "httpbin", service or [sys.executable, "-m", "gunicorn", "--workers", "1", "--bind",
+                                                    f"127.0.0.1:{HTTP_PORT}", "httpbin:app"])
+        if redis:
+            self.spawn("server", "redis", ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no"])
         self.spawn("server", "server-proxy", server or self.serverCommand(), asProxy=True)
         self.spawn("client", "client-proxy", client or self.clientCommand(), asProxy=True)
-        waitFor("httpbin in the server pod",
-                lambda: serverPod.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{HTTP_PORT}/status/200"],
+        waitFor("the service in the server pod",
+                lambda: serverPod.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{HTTP_PORT}{ready}"],
                                       check=False).returncode == 0, logs=[self.logs["httpbin"]])
-        waitFor("redis in the server pod",
-                lambda: serverPod.run(["redis-cli", "-p", str(REDIS_PORT), "PING"], check=False).stdout.strip()
-                == "PONG", logs=[self.logs["redis"]])
-        for pod in ("server", "client"):
-            waitFor(f"the {pod} pod's sidecar",
-                    lambda pod=pod: self.fromNode(["curl", "-sf", "-o", "/dev/null",
-                                                   f"http://{self.addresses[pod]}:{HEALTH_PORT}/healthz/ready"],
-                                                  check=False).returncode == 0,
-                    logs=[self.logs[f"{pod}-proxy"]])
+        if redis:
+            waitFor("redis in the server pod",
+                    lambda: serverPod.run(["redis-cli", "-p", str(REDIS_PORT), "PING"], check=False).stdout.strip()
+                    == "PONG", logs=[self.logs["redis"]])
+        if server is None and client is None:
+            for pod in ("server", "client"):
+                waitFor(f"the {pod} pod's sidecar",
+                        lambda pod=pod: self.fromNode(["curl", "-sf", "-o", "/dev/null",
+                                                       f"http://{self.addresses[pod]}:{HEALTH_PORT}/healthz/ready"],
+                                                      check=False).returncode == 0,
+                        logs=[self.logs[f"{pod}-proxy"]])
 
     def fromNode(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
         """
