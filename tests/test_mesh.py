@@ -348,6 +348,149 @@ class LabelTests(SynchronousTestCase):
                          ("source", SERVER, "default", "sleep"))
 
 
+class OriginationLoopbackTests(TestCase):
+    """
+    Mutual TLS originated by the outbound door, against a real sidecar's STRICT
+    mutual-TLS listener on 127.0.0.1 (no root needed): the outbound pool, the
+    verification of the server's SPIFFE id, and the metadata exchange both ways.
+    """
+
+    def setUp(self):
+        from tests.support import Upstream, freePort, startSidecar
+        from tests.tlsfixtures import FRONTEND_ID, writeMesh
+
+        self.mesh = writeMesh(self.mktemp())
+        self.upstream = Upstream()
+        upstreamPort = self.upstream.start(self)
+        self.tlsPort = freePort()
+        ca = os.path.join(self.mesh.directory, "ca.crt")
+        return startSidecar(self, "--upstream", str(upstreamPort), "--tls-listen",
+                            f"tcp:{self.tlsPort}:interface=127.0.0.1", "--tls-cert", self.mesh.crt("backend"),
+                            "--tls-key", self.mesh.key("backend"), "--tls-ca", ca, "--tls-allow", FRONTEND_ID,
+                            "--workload", "backend-wl", "--app", "backend", "--app-version", "v3",
+                            "--admin", "none")
+
+    def outbound(self, rule: AllowRule):
+        """
+        An outbound door (as the outbound listener builds one) on 127.0.0.1, whose
+        pool originates mutual TLS as C{frontend} to the sidecar and expects C{rule}.
+        """
+        from twisted.internet import reactor
+
+        from sidecar.exchange import Engine
+        from sidecar.outbound import HTTP11, Origination, OutboundDoorFactory, TLSUpstreamPool
+        from sidecar.stats import Recorder
+        from sidecar.tls import RotatingServerContext, TLSFiles
+
+        context = RotatingServerContext(TLSFiles(self.mesh.crt("frontend"), self.mesh.key("frontend"),
+                                                 os.path.join(self.mesh.directory, "ca.crt")))
+        self.records = []
+        pool = TLSUpstreamPool(reactor, reactor, UpstreamConfig(host="127.0.0.1", port=self.tlsPort,
+                                                               connectTimeout=3),
+                               Origination(context, rule, HTTP11, reactor))
+        self.addCleanup(pool.closeAll)
+        engine = Engine(reactor, pool, Recorder([self.records.append]), b"amazing-proxy", 5.0)
+        metadata = metadataOf(MeshLabels(workload="frontend-wl", namespace="default"))
+        factory = OutboundDoorFactory(engine, 65536, True, [(b"X-Sidecar-Peer-Metadata", metadata)])
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def test_verifiedServer(self):
+        """
+        Against the expected id: 200; the service sees the client's id in
+        C{X-Forwarded-Client-Cert} and no metadata (the application's forged copy
+        dropped); the client sees no metadata; the record is outbound, mutual TLS,
+        with the server's id and the labels its sidecar told.
+        """
+        from tests.support import closeClient, rawRequest
+        from tests.tlsfixtures import FRONTEND_ID, SERVER_ID
+
+        port = self.outbound(AllowRule("cluster.local", "/ns/default/sa/backend"))
+        forged = encodeMetadata({"workload": "forged"})
+        d = rawRequest(port, b"GET /echo HTTP/1.1\r\nHost: backend\r\nX-Sidecar-Peer-Metadata: " + forged + b"\r\n\r\n")
+
+        def check(client):
+            self.addCleanup(closeClient, client)
+            [response] = client.responses
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.header(b"X-Sidecar-Peer-Metadata"), [])
+            [seen] = self.upstream.seen
+            self.assertIn(f"URI={FRONTEND_ID}".encode(), seen.header(b"X-Forwarded-Client-Cert")[0])
+            self.assertEqual(seen.header(b"X-Sidecar-Peer-Metadata"), [])
+            [record] = self.records
+            self.assertEqual((record.direction, record.mutualTLS, record.flags), ("outbound", True, "-"))
+            self.assertEqual((record.peer.principal, record.peer.workload, record.peer.app, record.peer.version),
+                             (SERVER_ID, "backend-wl", "backend", "v3"))
+
+        return d.addCallback(check)
+
+    def test_wrongServerRefused(self):
+        """
+        A server whose certificate is from the mesh CA but whose id is not the one
+        expected is a connect failure: 502 C{UF}, and nothing reaches the service.
+        """
+        from tests.support import closeClient, rawRequest
+
+        port = self.outbound(AllowRule("cluster.local", "/ns/default/sa/evil"))
+        d = rawRequest(port, b"GET /x HTTP/1.1\r\nHost: backend\r\n\r\n")
+
+        def check(client):
+            self.addCleanup(closeClient, client)
+            [response] = client.responses
+            self.assertEqual(response.status, 502)
+            self.assertEqual(self.upstream.seen, [])
+            [record] = self.records
+            self.assertEqual((record.flags, record.peer), ("UF", None))
+
+        return d.addCallback(check)
+
+    def test_otherTrustDomainRefused(self):
+        """
+        A trust-domain rule for another domain refuses the same server.
+        """
+        from tests.support import closeClient, rawRequest
+
+        port = self.outbound(AllowRule("example.org", None))
+        d = rawRequest(port, b"GET /x HTTP/1.1\r\nHost: backend\r\n\r\n")
+        def check(client):
+            self.addCleanup(closeClient, client)
+            self.assertEqual(([r.status for r in client.responses], self.upstream.seen), ([502], []))
+
+        return d.addCallback(check)
+
+
+class ClientContextRotationTests(SynchronousTestCase):
+    """
+    The client context rotates with the server one: new outbound connections present
+    the new certificate.
+    """
+
+    def test_rotates(self) -> None:
+        """
+        After the files change, L{RotatingServerContext.clientConnection} uses the new
+        generation's client context.
+        """
+        import shutil
+
+        from sidecar.tls import RotatingServerContext, TLSFiles
+        from tests.tlsfixtures import writeMesh
+
+        mesh = writeMesh(self.mktemp())
+        cert, key = os.path.join(mesh.directory, "me.crt"), os.path.join(mesh.directory, "me.key")
+        shutil.copy(mesh.crt("frontend"), cert)
+        shutil.copy(mesh.key("frontend"), key)
+        context = RotatingServerContext(TLSFiles(cert, key, os.path.join(mesh.directory, "ca.crt")))
+        before = context.material.clientContext
+        self.assertIs(context.clientConnection().get_context(), before)
+        shutil.copy(mesh.crt("evil"), cert)
+        shutil.copy(mesh.key("evil"), key)
+        os.utime(cert, (0, 0))
+        self.assertTrue(context.check())
+        self.assertIsNot(context.material.clientContext, before)
+        self.assertIs(context.clientConnection().get_context(), context.material.clientContext)
+
+
 class TwoPodTests(TestCase):
     """
     The mesh between two pods (L{tests.meshpods}): a client pod whose sidecar
