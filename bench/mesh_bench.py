@@ -158,13 +158,14 @@ def load(mesh: Mesh, seconds: float, connections: int) -> int:
 
 def measure(mesh: Mesh, pids: List[int], seconds: float, connections: int) -> Dict[str, float]:
     load(mesh, 1, connections)  # warm-up: connections, pools, caches
-    before = sum(cpu(pid) for pid in pids)
+    before = [cpu(pid) for pid in pids]
     started = time.monotonic()
     requests = load(mesh, seconds, connections)
     elapsed = time.monotonic() - started
-    ticks = sum(cpu(pid) for pid in pids) - before
-    return {"requests": requests, "rps": requests / elapsed,
-            "cpuMicrosecondsPerRequest": ticks / TICKS / requests * 1e6}
+    ticks = [cpu(pid) - was for pid, was in zip(pids, before)]
+    perRequest = [t / TICKS / requests * 1e6 for t in ticks]
+    return {"requests": requests, "rps": requests / elapsed, "cpuMicrosecondsPerRequest": sum(perRequest),
+            "clientMicroseconds": perRequest[0], "serverMicroseconds": perRequest[1]}
 
 
 def answers(mesh: Mesh) -> bool:
@@ -224,12 +225,14 @@ def main(argv: List[str] | None = None) -> int:
         cleanups.run()
     print(f"two-hop mesh path (client sidecar + server sidecar), wrk -c{args.connections}, "
           f"{args.seconds:g} s x {args.rounds}, GET /small over originated mutual TLS")
-    print(f"{'peer':8} {'requests/s':>11} {'CPU us/request (both proxies)':>31}")
+    print(f"{'peer':8} {'requests/s':>11} {'CPU us/request (both proxies)':>31} {'client':>8} {'server':>8}")
     medians = {}
     for peer, rounds in results.items():
         medians[peer] = statistics.median(r["cpuMicrosecondsPerRequest"] for r in rounds)
         rps = statistics.median(r["rps"] for r in rounds)
-        print(f"{peer:8} {rps:11.0f} {medians[peer]:31.1f}")
+        client = statistics.median(r["clientMicroseconds"] for r in rounds)
+        server = statistics.median(r["serverMicroseconds"] for r in rounds)
+        print(f"{peer:8} {rps:11.0f} {medians[peer]:31.1f} {client:8.1f} {server:8.1f}")
     if "ours" in medians and "envoy" in medians:
         print(f"ours / envoy, CPU per request: {medians['ours'] / medians['envoy']:.2f}")
     if args.json:

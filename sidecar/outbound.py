@@ -42,7 +42,7 @@ from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
 from sidecar.record import OUTBOUND
 from sidecar.spiffe import AllowRule, peerIdentity
-from sidecar.upstream import CONNECTING, UpstreamConnection, UpstreamPool
+from sidecar.upstream import CLOSED, CONNECTING, UpstreamConnection, UpstreamPool
 
 log = Logger()
 
@@ -223,7 +223,7 @@ class TLSUpstreamConnection(UpstreamConnection):
             timer.cancel()
         if self.state == CONNECTING:
             # The TCP connect succeeded, mutual TLS did not: a connect failure.
-            self.state = "closed"
+            self.state = CLOSED
             problem = self._problem
             if problem is None:
                 problem = f"TLS handshake failed: {reason.getErrorMessage()}"

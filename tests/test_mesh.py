@@ -13,9 +13,7 @@ import os
 import re
 import sys
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.python.failure import Failure
