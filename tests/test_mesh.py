@@ -458,6 +458,82 @@ class OriginationLoopbackTests(TestCase):
         return d.addCallback(check)
 
 
+    def splice(self, rule: AllowRule):
+        """
+        An outbound opaque splice (as the outbound listener builds one) on 127.0.0.1 to
+        the sidecar's mutual-TLS port, originating mutual TLS as C{frontend}.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        from sidecar.outbound import Origination
+        from sidecar.stats import Recorder
+        from sidecar.tcp import TcpProxy
+        from sidecar.tls import RotatingServerContext, TLSFiles
+
+        context = RotatingServerContext(TLSFiles(self.mesh.crt("frontend"), self.mesh.key("frontend"),
+                                                 os.path.join(self.mesh.directory, "ca.crt")))
+        recorder = Recorder()
+        self.tcpRecords = []
+        recorder.tcpSinks.append(self.tcpRecords.append)
+        proxy = TcpProxy(reactor, recorder, 3.0, None)
+        origination = Origination(context, rule, None, reactor)
+        factory = Factory.forProtocol(lambda: proxy.splice("127.0.0.1", self.tlsPort, "tcp",
+                                                           origination=origination, direction="outbound"))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.recorder = recorder
+        return port.getHost().port
+
+    def test_spliceOverVerifiedTLS(self):
+        """
+        Opaque bytes cross the originated mutual TLS to the server's sidecar, which
+        detects TCP and splices them to the service (an HTTP server, which answers
+        400 to them and closes); the outbound record has the server's id.
+        """
+        from tests.support import rawRequest
+        from tests.tlsfixtures import SERVER_ID
+
+        port = self.splice(AllowRule("cluster.local", "/ns/default/sa/backend"))
+        d = rawRequest(port, b"\x00\x01 not a protocol\r\n\r\n")
+
+        def check(client):
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 400"), client.received)
+            from tests.support import waitUntil
+
+            return waitUntil(lambda: self.tcpRecords).addCallback(lambda _: recorded())
+
+        def recorded():
+            [record] = self.tcpRecords
+            self.assertEqual((record.direction, record.mutualTLS, record.peer.principal, record.flags),
+                             ("outbound", True, SERVER_ID, "-"))
+            [(key, series)] = [(k, v) for k, v in self.recorder.tcp.items() if v.opened]
+            self.assertEqual((key[3], key[4].principal, series.opened, series.closed), ("outbound", SERVER_ID, 1, 1))
+
+        return d.addCallback(check)
+
+    def test_spliceToTheWrongServer(self):
+        """
+        A server with another id than the one expected: the client is closed without a
+        byte and the record says C{UF} and why.
+        """
+        from tests.support import rawRequest, waitUntil
+
+        port = self.splice(AllowRule("cluster.local", "/ns/default/sa/evil"))
+        d = rawRequest(port, b"\x00\x01 secret\r\n")
+
+        def check(client):
+            self.assertEqual(client.received, b"")
+            return waitUntil(lambda: self.tcpRecords).addCallback(lambda _: recorded())
+
+        def recorded():
+            [record] = self.tcpRecords
+            self.assertEqual((record.flags, record.peer), ("UF", None))
+            self.assertIn("not spiffe://cluster.local/ns/default/sa/evil", record.detail)
+
+        return d.addCallback(check)
+
+
 class ClientContextRotationTests(SynchronousTestCase):
     """
     The client context rotates with the server one: new outbound connections present
