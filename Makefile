@@ -5,7 +5,7 @@ SOAK_SECONDS ?= 300
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench soak pod-demo kube constraints clean
+.PHONY: venv demo test bench soak pod-demo mesh-demo kube constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ soak: venv
 # a root container; it does not call sudo).
 pod-demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/pod-demo.sh
+
+# The mesh between two pods: outbound capture, mutual TLS originated by the client's
+# sidecar, a STRICT server, a pod without a sidecar, both sides' metrics (as root).
+mesh-demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/mesh-demo.py
 
 # The manifests in kube/: sidecar-inject's output for the commented sources in kube/bare/.
 kube: venv

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sidecar.record import Record, TcpRecord
+from sidecar.record import OUTBOUND, Record, TcpRecord
 
 log = Logger()
 
@@ -73,8 +73,25 @@ def formatText(rec: Record) -> str:
         f'{rec.flags} {rec.bytesReceived} {rec.bytesSent} {_ms(rec.duration)} '
         f'{"-" if ust is None else ust} "{_dash(rec.forwardedFor)}" "{_dash(rec.userAgent)}" '
         f'"{_dash(rec.requestId)}" "{_dash(rec.authority)}" "{_dash(rec.upstreamHost)}" '
-        f'{rec.downstreamRemoteAddress}\n'
+        f'{rec.downstreamRemoteAddress}{_outbound(rec)}\n'
     )
+
+
+def _outbound(rec: Any) -> str:
+    """
+    The text formats' last column on an outbound record: C{outbound} and the
+    destination's verified SPIFFE id (C{-} outside the mesh); inbound lines are
+    unchanged.
+    """
+    if rec.direction != OUTBOUND:
+        return ""
+    peer = rec.peer
+    return f" outbound {_dash(peer.principal) if peer is not None else '-'}"
+
+
+def _peerPrincipal(rec: Any) -> Optional[str]:
+    peer = rec.peer
+    return (peer.principal or None) if (peer is not None and rec.direction == OUTBOUND) else None
 
 
 def toJSON(rec: Record) -> Dict[str, object]:
@@ -99,6 +116,8 @@ def toJSON(rec: Record) -> Dict[str, object]:
         "upstream_host": rec.upstreamHost or None,
         "downstream_remote_address": rec.downstreamRemoteAddress,
         "downstream_peer_principal": rec.downstreamPeerPrincipal or None,
+        "direction": rec.direction,
+        "upstream_peer_principal": _peerPrincipal(rec),
     }
 
 
@@ -428,7 +447,7 @@ def formatTcpText(rec: TcpRecord) -> str:
     return (
         f'[{isoTime(rec.startTime)}] "- - -" 0 {rec.flags} {rec.bytesReceived} {rec.bytesSent} '
         f'{_ms(rec.duration)} - "-" "-" "-" "-" "{_dash(rec.upstreamHost)}" '
-        f'{rec.downstreamRemoteAddress}\n'
+        f'{rec.downstreamRemoteAddress}{_outbound(rec)}\n'
     )
 
 
@@ -456,6 +475,8 @@ def toTcpJSON(rec: TcpRecord) -> Dict[str, object]:
         "upstream_host": rec.upstreamHost or None,
         "downstream_remote_address": rec.downstreamRemoteAddress,
         "downstream_peer_principal": rec.downstreamPeerPrincipal or None,
+        "direction": rec.direction,
+        "upstream_peer_principal": _peerPrincipal(rec),
         "detected": rec.detected or None,
         "connection_termination_details": rec.detail or None,
     }

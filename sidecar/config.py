@@ -140,6 +140,24 @@ class TLSConfig:
 
 
 @attrs.frozen
+class OutboundConfig:
+    """
+    The outbound listener and the mesh it originates mutual TLS to.
+
+    @ivar listen: a Twisted server endpoint string for the listener the init
+        script's C{-o PORT} redirects the workload's outgoing TCP to.
+    @ivar meshNetworks: CIDRs inside the mesh (C{--mesh-networks}): destinations
+        there get mutual TLS, their servers' ids in our trust domain.
+    @ivar meshPeers: C{(CIDR, SPIFFE id or spiffe://TD/*)} pairs (C{--mesh-peer}):
+        destinations there get mutual TLS with that exact id required.
+    """
+
+    listen: str
+    meshNetworks: Tuple[str, ...] = ()
+    meshPeers: Tuple[Tuple[str, str], ...] = ()
+
+
+@attrs.frozen
 class ProxyConfig:
     """
     The effective configuration of one sidecar process.
@@ -203,3 +221,5 @@ class ProxyConfig:
     #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
     #: C{ISTIO_KUBE_APP_PROBERS}.
     appProbers: Tuple[Any, ...] = ()
+    #: The outbound listener and the mesh (C{--outbound-listen}), or C{None}.
+    outbound: Optional[OutboundConfig] = None

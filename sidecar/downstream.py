@@ -77,10 +77,15 @@ class DownstreamProtocol(Protocol):
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
     proto = b"http"
     #: When set, every request on this connection is answered 403 with this body (an
     #: identity the authorization policy refuses).
     denial: Optional[bytes] = None
+    #: A verified mesh peer's L{sidecar.peers.PeerMemory}: each exchange gets the
+    #: peer's labels from it (and the peer-metadata header it sent); C{None} on
+    #: plaintext, where that header is dropped unread.
+    peers: Any = None
     #: Reads so far, and what the doors registry's sweep last saw of it.
     activity = 0
     sweptActivity = -1
@@ -245,6 +250,8 @@ class DownstreamProtocol(Protocol):
             raise self._refusal
         self._inBody = True
         exchange = engine.exchange(self, method, req.target, version, req)
+        if self.peers is not None:
+            exchange.peer = self.peers.learn(req.peerMetadata)
         if not parser.should_keep_alive():
             exchange.mustClose = True
         self._parsing = exchange

@@ -31,7 +31,7 @@ from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
     STREAM_IDLE_TIMEOUT, UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR,
-    UPSTREAM_REQUEST_TIMEOUT, Record,
+    UPSTREAM_REQUEST_TIMEOUT, UPSTREAM_RETRY_LIMIT_EXCEEDED, Record,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,6 +64,8 @@ class Door(Protocol):
     clientAddress: str
     peerPrincipal: str
     mutualTLS: bool
+    #: C{"inbound"} (a call to this workload) or C{"outbound"} (a call it makes).
+    direction: str
 
     def sendContinue(self) -> None:
         """Tell the client to go on sending its body (C{100 Continue})."""
@@ -251,6 +253,9 @@ class Engine:
     #: The exchanges that have begun and not ended, of every door (for
     #: L{sweepStreams}).
     streams: set = attrs.field(factory=set)
+    #: How many times an idempotent request whose connect failed is tried again on a
+    #: new connection (Envoy's C{connect-failure} retry; exhausted: C{UF,URX}).
+    connectRetries: int = 0
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -300,7 +305,7 @@ class Exchange:
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
         "mustClose", "malformed", "pool", "call", "held", "activity", "sweptActivity", "idleSince",
-        "tunnelEnds",
+        "tunnelEnds", "peer", "connectRetried",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -341,6 +346,12 @@ class Exchange:
         self.idleSince = 0.0
         #: Which ends of a tunnel have sent their FIN.
         self.tunnelEnds = 0
+        #: What is known of the workload at the other end (a
+        #: L{sidecar.peers.PeerLabels}), set by a mutual-TLS door or an upstream over
+        #: mutual TLS the sidecar originated; C{None} otherwise.
+        self.peer: Any = None
+        #: Connects tried again after a connect failure.
+        self.connectRetried = 0
 
     @property
     def finished(self) -> bool:
@@ -522,9 +533,16 @@ class Exchange:
         """
         if self.phase != ACQUIRING:
             return
+        retries = self.engine.connectRetries
+        if retries and self.method in IDEMPOTENT:
+            if self.connectRetried < retries:
+                self.connectRetried += 1
+                self.pool.acquire(self, fresh=True)
+                return
+            self.flags.append(UPSTREAM_RETRY_LIMIT_EXCEEDED)
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
-        self.flags.append(UPSTREAM_CONNECT_FAILURE)
+        self.flags.insert(0, UPSTREAM_CONNECT_FAILURE)
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection failure")
 
@@ -927,6 +945,8 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
+            door.direction,
+            self.peer,
         )
         engine.recorder.record(record)
         if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]

@@ -65,18 +65,24 @@ def _underscoreSpellings(names: frozenset) -> frozenset:
 # What the rules do with a header, by lower-cased name (one dict lookup per header on
 # the hot path; a name not listed passes unchanged).
 (_DROP, _CONNECTION, _FRAMING, _UPGRADE, _EXPECT, _HOST, _FORWARDED_FOR, _REQUEST_ID,
- _USER_AGENT, _LENGTH, _SERVER) = range(11)
+ _USER_AGENT, _LENGTH, _SERVER, _PEER) = range(12)
+#: The mesh peer-metadata header (L{sidecar.peers}): never forwarded either way, its
+#: value kept aside for the mutual-TLS door and the mTLS-originating upstream to read.
+_PEER_METADATA = b"x-sidecar-peer-metadata"
 _REQUEST_KINDS = {name: _DROP for name in HOP_BY_HOP | _OWNED_REQUEST | _underscoreSpellings(_PROTECTED)}
 _REQUEST_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
     b"expect": _EXPECT, b"host": _HOST, b"x-forwarded-for": _FORWARDED_FOR,
     b"x-request-id": _REQUEST_ID, b"user-agent": _USER_AGENT, b"content-length": _LENGTH,
+    _PEER_METADATA: _PEER,
 })
+_REQUEST_KINDS.update({name: _DROP for name in _underscoreSpellings(frozenset([_PEER_METADATA]))})
 _RESPONSE_KINDS = {name: _DROP for name in HOP_BY_HOP}
 _RESPONSE_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
-    b"server": _DROP, b"content-length": _LENGTH,
+    b"server": _DROP, b"content-length": _LENGTH, _PEER_METADATA: _PEER,
 })
+_RESPONSE_KINDS.update({name: _DROP for name in _underscoreSpellings(frozenset([_PEER_METADATA]))})
 
 #: What C{--headers-with-underscores} may say (Envoy's C{headers_with_underscores_action}).
 UNDERSCORE_ACTIONS = ("allow", "drop", "reject")
@@ -164,6 +170,8 @@ class RequestHead:
     @ivar error: a sentence when the head must be refused, else C{None}.
     @ivar status: the status to refuse it with (400, or 501 for a transfer coding the
         proxy does not implement).
+    @ivar peerMetadata: the value of the mesh peer-metadata header, which is never
+        forwarded (only a mutual-TLS door reads it), or C{None}.
     """
 
     headers: Headers = attrs.field(factory=list)
@@ -178,6 +186,7 @@ class RequestHead:
     upgrade: bool = False
     error: Optional[str] = None
     status: int = 400
+    peerMetadata: Optional[bytes] = None
 
 
 def _originForm(method: bytes, target: bytes, result: RequestHead) -> Tuple[bytes, Optional[bytes]]:
@@ -233,7 +242,8 @@ def requestHead(
     @param target: the request target, as sent (origin-form passes unchanged).
     @param version: C{"1.1"} or C{"1.0"}.
     @param headers: the client's headers, in order and case.
-    @param clientIP: the client's address, appended to C{X-Forwarded-For}.
+    @param clientIP: the client's address, appended to C{X-Forwarded-For} (empty: not
+        appended, as on the outbound path, where the client is the workload itself).
     @param proto: C{b"http"} or C{b"https"}, for C{X-Forwarded-Proto}.
     @param extra: headers the proxy adds (e.g. C{X-Forwarded-Client-Cert}).
     @param defaultHost: the C{Host} given to an HTTP/1.0 request without one (as
@@ -296,6 +306,8 @@ def requestHead(
         elif kind == _USER_AGENT:
             result.userAgent = value.decode("latin-1")
             append(pair)
+        elif kind == _PEER:
+            result.peerMetadata = value
         else:  # _LENGTH: framing, written by the upstream codec from the parse
             lengths += 1
             value = value.strip()
@@ -346,13 +358,15 @@ def requestHead(
             result.error = "HTTP/1.0 request without a Host header"
     if host is not None:
         result.authority = host.decode("latin-1")
-    forwarded.append(clientIP.encode("ascii"))
+    if clientIP:
+        forwarded.append(clientIP.encode("ascii"))
     xff = b", ".join(forwarded)
     result.forwardedFor = xff.decode("latin-1")
     if result.error is not None:
         return result
 
-    out.append((b"X-Forwarded-For", xff))
+    if xff:
+        out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", proto))
     if not result.requestId:
         result.requestId = newRequestId()
@@ -377,6 +391,8 @@ class ResponseHead:
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
     @ivar error: why the head can't be forwarded (a 502), else C{None}.
+    @ivar peerMetadata: the value of the mesh peer-metadata header, never passed to the
+        client (only an mTLS-originating upstream reads it), or C{None}.
     """
 
     headers: Headers
@@ -384,6 +400,7 @@ class ResponseHead:
     upgrade: Optional[bytes] = None
     chunked: bool = False
     error: Optional[str] = None
+    peerMetadata: Optional[bytes] = None
 
 
 def responseHead(headers: Headers, server: bytes) -> ResponseHead:
@@ -406,6 +423,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     upgrade = None
     chunked = False
     error = None
+    peer = None
     kinds = _RESPONSE_KINDS
     for pair in headers:
         kind = kinds.get(pair[0].lower())
@@ -426,11 +444,13 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
             chunked = True
         elif kind == _UPGRADE:
             upgrade = pair[1]
+        elif kind == _PEER:
+            peer = pair[1]
     if connection:
         named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
-    return ResponseHead(out, contentLength, upgrade, chunked, error)
+    return ResponseHead(out, contentLength, upgrade, chunked, error, peer)
 
 
 def bodyForbidden(method: bytes, status: int) -> bool:

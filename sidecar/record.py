@@ -8,7 +8,7 @@ the engine.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 
@@ -23,6 +23,12 @@ UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
 STREAM_IDLE_TIMEOUT = "SI"
 NO_ROUTE_FOUND = "NR"
+UPSTREAM_RETRY_LIMIT_EXCEEDED = "URX"
+
+#: Which way a call went through this sidecar: to its own workload (Istio's
+#: C{reporter="destination"}), or from it to another (C{reporter="source"}).
+INBOUND = "inbound"
+OUTBOUND = "outbound"
 
 
 @attrs.frozen
@@ -39,6 +45,12 @@ class Record:
     @ivar bytesSent: response body bytes sent to the client (the same way).
     @ivar status: the status sent to the client, C{0} when none was sent.
     @ivar flags: Envoy-style response flags joined with C{","}, or C{"-"}.
+    @ivar mutualTLS: inbound, the client came over mutual TLS; outbound, the sidecar
+        originated mutual TLS to the destination.
+    @ivar direction: L{INBOUND} or L{OUTBOUND}.
+    @ivar peer: what the sidecar learnt of the workload at the other end (a
+        L{sidecar.peers.PeerLabels}: the source of an inbound call, the destination of
+        an outbound one), or C{None}.
     """
 
     startTime: float
@@ -59,6 +71,8 @@ class Record:
     downstreamRemoteAddress: str
     downstreamPeerPrincipal: str = ""
     mutualTLS: bool = False
+    direction: str = INBOUND
+    peer: Any = None
 
 
 @attrs.frozen
@@ -82,6 +96,11 @@ class TcpRecord:
         C{timeout} (the client said nothing: a server-first protocol), C{declared},
         C{closed} (the client half-closed first), C{nr}.
     @ivar detail: why the connection ended, in words, when it was not a clean close.
+    @ivar direction: C{inbound}, or C{outbound} (a connection of the workload's own,
+        captured on the outbound listener; C{mutualTLS} then says the sidecar
+        originated mutual TLS to the destination).
+    @ivar peer: outbound, the destination's L{sidecar.peers.PeerLabels} from its
+        verified certificate; else C{None}.
     """
 
     startTime: float
@@ -95,6 +114,8 @@ class TcpRecord:
     mutualTLS: bool = False
     detected: str = ""
     detail: str = ""
+    direction: str = INBOUND
+    peer: Any = None
 
     @property
     def protocol(self) -> str:

@@ -127,6 +127,7 @@ class WebDoor:
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
 
     def __init__(self, request: Request, engine: Engine) -> None:
         self.request = request
@@ -589,6 +590,7 @@ class _RefusalDoor:
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
 
     def __init__(self, channel: HTTPChannel) -> None:
         self.channel = channel

@@ -25,7 +25,9 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor, IHalfCloseableProtocol, IHandshakeListener, ISSLTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +43,24 @@ log = Logger()
 
 #: Envoy's response flags, as the HTTP records use them (L{sidecar.record}).
 UPSTREAM_CONNECTION_FAILURE = UPSTREAM_CONNECT_FAILURE
+
+
+def _close(transport: Any) -> None:
+    """
+    Close C{transport} once its bytes are out.  A TLS layer waits for its producer to
+    be unregistered before it sends C{close_notify}, and the splice's producer (the
+    other side) stays registered, so it is let go first.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def _halfCloses(transport: Any) -> bool:
+    """
+    Whether C{transport} passes a FIN on by itself: plain TCP does; a TLS layer (which
+    claims its TCP transport's interfaces) does not.
+    """
+    return IHalfCloseableDescriptor.providedBy(transport) and not ISSLTransport.providedBy(transport)
 
 
 def _address(peer: Any) -> str:
@@ -70,7 +90,8 @@ class TcpProxy:
 
     def splice(self, host: str, port: int, detected: str,
                identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
-               started: Optional[float] = None) -> TcpSplice:
+               started: Optional[float] = None, origination: Any = None,
+               direction: str = "inbound") -> TcpSplice:
         """
         A splice of the next client connection to C{host:port}.
 
@@ -78,8 +99,17 @@ class TcpProxy:
             allowed)} from its transport (C{None}: no certificate).
         @param started: when the connection was accepted (default: when the splice
             takes it).
+        @param origination: mutual TLS to originate to the service (an
+            L{sidecar.outbound.Origination}: C{wrap(factory)} and
+            C{verify(transport)}), or C{None} for plain TCP.
+        @param direction: C{inbound} or C{outbound}, for the record and metrics.
         """
-        return TcpSplice(self, host, port, detected, identify, started)
+        splice = TcpSplice(self, host, port, detected, identify, started)
+        splice.direction = direction
+        if origination is not None:
+            splice.origination = origination
+            splice.mutualTLS = True
+        return splice
 
     def refusal(self, detail: str) -> Refusal:
         """
@@ -128,6 +158,9 @@ class Refusal(Protocol):
 
 @implementer(IHalfCloseableProtocol)
 class _UpstreamSide(Protocol):
+    #: The transport passes a FIN on by itself (plain TCP; TLS has no half-close).
+    halfClose = True
+
     """
     The service's side of a splice: every event goes to the splice.
     """
@@ -151,6 +184,40 @@ class _UpstreamSide(Protocol):
         self.splice.upstreamLost(reason)
 
 
+@implementer(IHandshakeListener)
+class _VerifiedUpstreamSide(_UpstreamSide):
+    """
+    The service's side of a splice over mutual TLS the sidecar originated: the splice
+    hears of it once the handshake is over and the server's SPIFFE id is the one
+    expected; until then nothing of the client's is sent.
+    """
+
+    halfClose = False
+    _verified = False
+
+    def connectionMade(self) -> None:
+        pass
+
+    def handshakeCompleted(self) -> None:
+        splice = self.splice
+        principal, problem = splice.origination.verify(self.transport)
+        if problem is not None:
+            self.problem = problem
+            self.transport.abortConnection()
+            return
+        self._verified = True
+        splice.verified(principal)
+        splice.upstreamConnected(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._verified:
+            self.splice.upstreamLost(reason)
+            return
+        problem = getattr(self, "problem", None)
+        self.splice.upstreamConnectFailed(
+            reason if problem is None else Failure(ConnectionDone(f"mutual TLS refused: {problem}")))
+
+
 class _UpstreamFactory(ClientFactory):
     noisy = False
 
@@ -158,6 +225,8 @@ class _UpstreamFactory(ClientFactory):
         self.splice = splice
 
     def buildProtocol(self, addr: Any) -> _UpstreamSide:
+        if self.splice.origination is not None:
+            return _VerifiedUpstreamSide(self.splice)
         return _UpstreamSide(self.splice)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -177,6 +246,9 @@ class TcpSplice(Protocol):
 
     upstream: Optional[_UpstreamSide] = None
     connector: Any = None
+    origination: Any = None
+    direction = "inbound"
+    peer: Any = None
 
     def __init__(self, proxy: TcpProxy, host: str, port: int, detected: str,
                  identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
@@ -211,7 +283,7 @@ class TcpSplice(Protocol):
         proxy = self.proxy
         self.start = proxy.reactor.seconds() if self.started is None else self.started
         self.clientAddress = _address(self.transport.getPeer())
-        self.halfClose = IHalfCloseableDescriptor.providedBy(self.transport)
+        self.halfClose = _halfCloses(self.transport)
         allowed = True
         if self.identify is not None:
             self.mutualTLS = True
@@ -220,15 +292,34 @@ class TcpSplice(Protocol):
                 allowed = False
             else:
                 self.principal, allowed = identity
-        self.series = proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS)
+        self.series = proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction)
         self.series.opened += 1
         proxy.splices.add(self)
         if not allowed:
             self._fail(UNAUTHORIZED, "the client's identity is not allowed by --tls-allow")
             return
         self.transport.pauseProducing()
-        self.connector = proxy.reactor.connectTCP(self.host, self.port, _UpstreamFactory(self),
-                                                  timeout=proxy.connectTimeout)
+        factory: Any = _UpstreamFactory(self)
+        if self.origination is not None:
+            factory = self.origination.wrap(factory)
+        self.connector = proxy.reactor.connectTCP(self.host, self.port, factory, timeout=proxy.connectTimeout)
+
+    def verified(self, principal: str) -> None:
+        """
+        The mutual TLS the sidecar originated is up with a server whose SPIFFE id is
+        C{principal}: count this connection under the destination's labels from now on
+        (what was counted before moves with it).
+        """
+        from sidecar.peers import fromPrincipal
+
+        self.peer = fromPrincipal(principal)
+        old = self.series
+        new = self.series = self.proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction,
+                                                          self.peer)
+        old.opened -= 1
+        new.opened += 1
+        old.received -= self.bytesReceived
+        new.received += self.bytesReceived
 
     def dataReceived(self, data: bytes) -> None:
         n = len(data)
@@ -248,7 +339,11 @@ class TcpSplice(Protocol):
         self._clientFin = True
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.loseWriteConnection()
+            if upstream.halfClose:
+                upstream.transport.loseWriteConnection()
+            else:
+                # TLS has no half-close: close once the client's bytes are out.
+                _close(upstream.transport)
             self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
@@ -276,10 +371,10 @@ class TcpSplice(Protocol):
         """
         Close both sides gracefully (drain).
         """
-        self.transport.loseConnection()
+        _close(self.transport)
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.loseConnection()
+            _close(upstream.transport)
 
     # -- the service's side ----------------------------------------------------------
 
@@ -297,7 +392,10 @@ class TcpSplice(Protocol):
         client.registerProducer(out, True)
         out.registerProducer(client, True)
         if self._clientFin:
-            out.loseWriteConnection()
+            if upstream.halfClose:
+                out.loseWriteConnection()
+            else:
+                _close(out)
         else:
             client.resumeProducing()
 
@@ -325,7 +423,7 @@ class TcpSplice(Protocol):
         if self.halfClose:
             self.transport.loseWriteConnection()
         else:
-            self.transport.loseConnection()
+            _close(self.transport)
         self._closeIfDone()
 
     def upstreamLost(self, reason: Failure) -> None:
@@ -382,4 +480,6 @@ class TcpSplice(Protocol):
             self.mutualTLS,
             self.detected,
             self.detail,
+            self.direction,
+            self.peer,
         ))

@@ -66,6 +66,9 @@ class UpstreamConnection(Protocol):
     """
 
     exchange: Optional[Exchange] = None
+    #: Over mutual TLS the sidecar originated: the server's L{sidecar.peers.PeerMemory}
+    #: (its verified id, and the metadata its responses carry).
+    peers: Any = None
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -316,6 +319,8 @@ class UpstreamConnection(Protocol):
         head = responseHead(self._headers, exchange.engine.serverHeader)
         if head.error is not None:
             self._fail(head.error)
+        if self.peers is not None:
+            exchange.peer = self.peers.learn(head.peerMetadata)
         if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
             self._eofBody = head.contentLength is None and not head.chunked
@@ -432,7 +437,7 @@ class _ConnectAttempt(ClientFactory):
         self.connector: Any = None
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        conn = UpstreamConnection(self.pool)
+        conn = self.pool.connectionClass(self.pool)
         conn.factory = self  # type: ignore[attr-defined]
         return conn
 
@@ -463,10 +468,18 @@ class UpstreamPool:
     the next get a 503 with flag C{UO}, as with Envoy's circuit breakers.
     """
 
-    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig) -> None:
+    #: The connection protocol (a subclass over mutual TLS the sidecar originates).
+    connectionClass = UpstreamConnection
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig,
+                 wrap: Any = None) -> None:
+        """
+        @param wrap: wraps each connect's factory (a TLS layer), or C{None}.
+        """
         self.reactor = reactor
         self.clock = clock
         self.config = config
+        self.wrap = wrap
         self.address = config.address
         self.idle: List[UpstreamConnection] = []
         self.active = 0
@@ -513,7 +526,8 @@ class UpstreamPool:
         self.connecting += 1
         attempt = _ConnectAttempt(self, exchange)
         connector = self.reactor.connectTCP(
-            self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
+            self.config.host, self.config.port, attempt if self.wrap is None else self.wrap(attempt),
+            timeout=self.config.connectTimeout
         )
         attempt.connector = connector
         self.attempts[exchange] = attempt

@@ -115,7 +115,7 @@ class SpliceTests(SynchronousTestCase):
         side, upstream = self.connectUpstream()
         splice.dataReceived(b"SET k v\r\n")
         side.dataReceived(b"+OK\r\n")
-        series = self.recorder.tcp[("-", "", False)]
+        series = self.recorder.tcp[("-", "", False, "inbound", None)]
         self.assertEqual((series.opened, series.received, series.sent, series.closed), (1, 9, 5, 0))
         self.assertEqual((upstream.value(), client.value()), (b"SET k v\r\n", b"+OK\r\n"))
         self.reactor.advance(2.5)
@@ -126,7 +126,7 @@ class SpliceTests(SynchronousTestCase):
         self.assertEqual((rec.bytesReceived, rec.bytesSent, rec.upstreamHost, rec.flags, rec.duration,
                           rec.startTime, rec.protocol),
                          (9, 5, "127.0.0.1:6379", "-", 2.5, 1000.0, "tcp"))
-        self.assertEqual(self.recorder.tcp[("-", "", False)].closed, 1)
+        self.assertEqual(self.recorder.tcp[("-", "", False, "inbound", None)].closed, 1)
 
     def test_halfCloseIsPassedOnAsFin(self):
         """
