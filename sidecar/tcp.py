@@ -223,9 +223,11 @@ class KernelPath:
     C{write}, which meets the error and closes the connection as Twisted does.
 
     @ivar pending: bytes in the pipe, not yet taken by the destination.
+    @ivar moved: bytes read by the kernel's path so far (not Twisted's).
     """
 
     pending = 0
+    moved = 0
     _pipe: Optional[Tuple[int, int]] = None
     _paused = False
 
@@ -265,6 +267,7 @@ class KernelPath:
         if not n:
             return main.CONNECTION_DONE
         self.count(n)
+        self.moved += n
         self.pending = n
         self._flush()
         return None
