@@ -173,6 +173,7 @@ class Refusal(Protocol):
                  client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
         series = proxy.recorder.tcpSeries("-", "", False)
         series.opened += 1
+        proxy.recorder.downstreamConnectionsTotal += 1
         proxy.recorder.recordTcp(TcpRecord(now, 0.0, 0, 0, "", NO_ROUTE_FOUND, client,
                                            detected="nr", detail=self.detail))
         self.transport.loseConnection()
@@ -421,8 +422,12 @@ class TcpSplice(Protocol):
                 allowed = False
             else:
                 self.principal, allowed = identity
-        self.series = proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS)
+        recorder = proxy.recorder
+        self.series = recorder.tcpSeries("-", self.principal, self.mutualTLS)
         self.series.opened += 1
+        # A client connection as the doors' are (Envoy's listener counts every one).
+        recorder.downstreamConnectionsActive += 1
+        recorder.downstreamConnectionsTotal += 1
         proxy.splices.add(self)
         if not allowed:
             self._fail(UNAUTHORIZED, "the client's identity is not allowed by --tls-allow")
@@ -590,6 +595,7 @@ class TcpSplice(Protocol):
             path.close()
         proxy = self.proxy
         proxy.splices.discard(self)
+        proxy.recorder.downstreamConnectionsActive -= 1
         proxy.recorder.recordTcp(TcpRecord(
             self.start,
             proxy.reactor.seconds() - self.start,

@@ -268,6 +268,64 @@ class SpliceTests(SynchronousTestCase):
         [rec] = self.records
         self.assertEqual((rec.flags, rec.detail), ("NR", "no original destination"))
 
+    def test_countedAsClientConnections(self):
+        """
+        A spliced connection is a client connection in C{sidecar_downstream_connections_*}
+        as the doors' are, active until its record, whatever ended it (a connect
+        failure too); a refused one (NR) is counted as accepted.
+        """
+        recorder = self.recorder
+        splice, client = self.open()
+        other, otherClient = self.open()
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (2, 2))
+        side, upstream = self.connectUpstream()
+        splice.connectionLost(Failure(ConnectionDone()))
+        side.connectionLost(Failure(ConnectionDone()))
+        self.reactor.tcpClients[1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        other.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r.flags for r in self.records], ["-", "UF"])
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (0, 2))
+        self.proxy.refusal("no original destination").makeConnection(HalfTransport())
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (0, 3))
+
+
+class PoolTotalsTests(SynchronousTestCase):
+    """
+    With C{--upstream original} the C{sidecar_upstream_*} families sum the pools of
+    every port dialled.
+    """
+
+    def test_everyPortsPoolIsInTheGauges(self):
+        """
+        The configured pool and two per-port pools: each gauge and counter is the sum,
+        the idle connections and waiting requests of all of them are counted, and a
+        pool made after the collector is built is in the next scrape.
+        """
+        from types import SimpleNamespace
+
+        from sidecar.config import UpstreamConfig
+        from sidecar.origdst import OriginalDestinations
+
+        def pool(**numbers: Any) -> Any:
+            values = dict(active=0, idle=[], connecting=0, connects=0, connectFailures=0, pending=[], overflows=0)
+            values.update(numbers)
+            return SimpleNamespace(**values)
+
+        originals = OriginalDestinations(MemoryReactorClock(), UpstreamConfig(original=True), None)
+        first = pool(active=1, connects=1)
+        totals = originals.totals(first)
+        collector = SidecarCollector(Recorder(), totals, SimpleNamespace(draining=False), MeshLabels(), 0.0)
+        originals.pools[6379] = pool(active=2, idle=[1, 2], connects=5, connectFailures=1, overflows=1)
+        originals.pools[25] = pool(connecting=1, pending=[1], connects=3, connectFailures=2)
+        text = prometheusText(collector.snapshot()).decode()
+        for line in ('sidecar_upstream_connections{state="active"} 3.0',
+                     'sidecar_upstream_connections{state="idle"} 2.0',
+                     'sidecar_upstream_connections{state="connecting"} 1.0',
+                     "sidecar_upstream_connects_total 9.0", "sidecar_upstream_connect_failures_total 3.0",
+                     "sidecar_upstream_pending_requests 1.0", "sidecar_upstream_overflows_total 1.0"):
+            self.assertIn(line, text.splitlines())
+
+
 
 class OriginalDestinationTests(SynchronousTestCase):
     """
