@@ -276,7 +276,7 @@ class Session:
         self.loadCpu, self.proxyCpu = (usable[0], usable[1]) if len(usable) >= 2 else (None, None)
         self.layout = (f"sender and sink on CPU {self.loadCpu}, the proxy alone on CPU {self.proxyCpu}"
                        if self.loadCpu is not None else "fewer than two CPUs: nothing pinned")
-        self.directory = directory
+        self.directory = directory.resolve()
         self.peers = list(peers)
         self.variants = variants
         self.roots = roots
