@@ -92,7 +92,6 @@ def serveSink(port: int, verify: bool) -> None:
     while True:
         connection, _ = listener.accept()
         with connection:
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             digest = hashlib.sha256() if verify else None
             total = 0
             recvInto = connection.recv_into
