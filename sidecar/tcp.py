@@ -504,6 +504,11 @@ class TcpSplice(Protocol):
         out.registerProducer(client, True)
         for transport in (client, out):
             if isinstance(transport, tcp.Connection):
+                # As Envoy's tcp_proxy: no Nagle delay on a request/answer protocol.
+                try:
+                    transport.setTcpNoDelay(True)
+                except OSError:
+                    pass
                 transport.bufferSize = BUFFER_SIZE
         if kernelSpliceable(client, out):
             self.kernelPaths = (KernelPath(client, out, self._countReceived),

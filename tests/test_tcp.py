@@ -1062,7 +1062,8 @@ class KernelSpliceTests(TestCase):
         """
         64 MiB each way at the same time arrive byte for byte, each followed by its
         FIN; nearly all of it went through the kernel's path (both directions), the
-        record and the metric series count every byte, and the pipes are closed.
+        record and the metric series count every byte, and the pipes are closed.  Both
+        sockets have Nagle's delay off, as Envoy's C{tcp_proxy}.
         """
         total = 64 << 20
 
@@ -1089,6 +1090,9 @@ class KernelSpliceTests(TestCase):
             while not paths and time.monotonic() < deadline:
                 paths = blockingCallFromThread(reactor, lambda: splice.kernelPaths)
                 time.sleep(0.01)
+            nodelay = blockingCallFromThread(
+                reactor, lambda: (splice.transport.getTcpNoDelay(), splice.upstream.transport.getTcpNoDelay()))
+            self.assertEqual(nodelay, (True, True))
             clientSent = sendPattern(client, total)
             client.shutdown(socket.SHUT_WR)
             for worker in workers:
