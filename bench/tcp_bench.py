@@ -45,7 +45,6 @@ if __package__ in (None, ""):
 
 from attrs import frozen
 
-from bench.measure import cpuTicksFromStat
 from bench.peers import envoyCommand, envoyTcpConfig, findEnvoy, oursCommand
 from bench.processes import Child, freeLoopbackPort, pinned
 

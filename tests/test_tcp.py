@@ -1026,9 +1026,20 @@ class KernelSpliceTests(TestCase):
         servicePort = self.service.getsockname()[1]
         self.splices: List[Any] = []
 
+        self.replayed = b""
+
         def build(addr: Any) -> Any:
             splice = self.proxy.splice("127.0.0.1", servicePort, "declared")
             self.splices.append(splice)
+            made = splice.connectionMade
+
+            def connectionMade() -> None:
+                # As the detector replays what it read while detecting.
+                made()
+                if self.replayed:
+                    splice.dataReceived(self.replayed)
+
+            splice.connectionMade = connectionMade  # type: ignore[method-assign]
             return splice
 
         factory = Factory()
@@ -1102,11 +1113,44 @@ class KernelSpliceTests(TestCase):
             self.assertEqual(clientGot, (total, results["serviceSent"]))
             record = self.record()
             self.assertEqual((record.bytesReceived, record.bytesSent, record.flags), (total, total, "-"))
-            series = self.recorder.tcpSeries("-", "", False)
+            series = self.recorder.tcp[("-", "", False)]
+            self.assertEqual((series.received, series.sent), (total, total))
             self.assertEqual(len(paths), 2)
             for path in paths:
                 self.assertGreater(path.moved, total * 9 // 10)
             self.assertEqual(splice.kernelPaths, ())
+
+        return deferToThread(run)
+
+    def test_bytesHeldByTwistedGoFirst(self):
+        """
+        Bytes handed over before the connect (4 MiB, as the detector replays what it
+        read) are written by Twisted; the client's bytes read meanwhile take Twisted's
+        path too, and the kernel's only once Twisted holds nothing: the service gets
+        them all in order.
+        """
+        self.replayed = PATTERN[:1000] * 4200
+        total = 32 << 20
+
+        def run() -> None:
+            client, service = self.connect()
+            results: dict = {}
+            reader = threading.Thread(target=lambda: results.setdefault("got", readAll(service)))
+            reader.start()
+            sent = sendPattern(client, total)
+            client.shutdown(socket.SHUT_WR)
+            reader.join(30)
+            expected = hashlib.sha256(self.replayed)
+            left = total
+            while left:
+                part = PATTERN[: min(left, len(PATTERN))]
+                expected.update(part)
+                left -= len(part)
+            self.assertNotEqual(sent, expected.digest())
+            self.assertEqual(results["got"], (len(self.replayed) + total, expected.digest()))
+            service.close()
+            record = self.record()
+            self.assertEqual(record.bytesReceived, len(self.replayed) + total)
 
         return deferToThread(run)
 
