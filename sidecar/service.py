@@ -43,6 +43,8 @@ class SidecarService(MultiService):
         self.config = config
         self.reactor = reactor
         self.accessLog: Optional[AccessLog] = None
+        #: twistd's own log, when it writes without blocking (L{sidecar.logs}).
+        self.logStream: Any = None
         sinks = []
         output = openAccessLog(config.accessLog)
         if output is not None:
@@ -168,7 +170,8 @@ class SidecarService(MultiService):
         self.collector = SidecarCollector(
             self.recorder, pools, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
-            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors())
+            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors(),
+            logStream=lambda: self.logStream)
         self.adminListeners = []
         self.healthListeners = []
         self.lifecycle = Lifecycle(
@@ -254,6 +257,8 @@ class SidecarService(MultiService):
         self.pool.closeAll()
         if self.originals is not None:
             self.originals.closeAll()
+        self.engine.warnings.flush()
+        self.tcp.warnings.flush()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d

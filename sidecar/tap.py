@@ -397,9 +397,12 @@ def makeService(options: Options):
     """
     from twisted.internet import reactor
 
+    from sidecar.logs import takeOverRunnerLog
     from sidecar.service import makeService as assemble
 
     service = assemble(options["config"], reactor)
     # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
     service.lifecycle.handleSignals = True
+    # twistd's own log on a pipe must not block the reactor either.
+    takeOverRunnerLog(getattr(options, "parent", None), service, reactor)
     return service

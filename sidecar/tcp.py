@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sidecar.compat import writeQueueEmpty
+from sidecar.logs import WarningLimit
 from sidecar.transport import BUFFER_SIZE
 
 log = Logger()
@@ -119,6 +120,8 @@ class TcpProxy:
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout
         self.splices: set = set()
+        #: The splices' failure warnings, a few per second of each kind at most.
+        self.warnings = WarningLimit(reactor, log)
 
     def splice(self, host: str, port: int, detected: str,
                identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
@@ -169,8 +172,8 @@ class Refusal(Protocol):
         proxy = self.proxy
         now = proxy.reactor.seconds()
         client = _address(self.transport.getPeer())
-        log.warn("connection from {client} closed ({flag}): {detail}",
-                 client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
+        proxy.warnings.warn("connection from {client} closed ({flag}): {detail}",
+                            client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
         series = proxy.recorder.tcpSeries("-", "", False)
         series.opened += 1
         proxy.recorder.downstreamConnectionsTotal += 1
@@ -586,8 +589,8 @@ class TcpSplice(Protocol):
     def _fail(self, flag: str, detail: str) -> None:
         self._flag(flag, detail)
         self._upstreamLost = True
-        log.warn("TCP connection from {client} closed ({flag}): {detail}",
-                 client=self.clientAddress, flag=flag, detail=detail)
+        self.proxy.warnings.warn("TCP connection from {client} closed ({flag}): {detail}",
+                                 client=self.clientAddress, flag=flag, detail=detail)
         self.transport.loseConnection()
 
     def _maybeRecord(self) -> None:
