@@ -455,10 +455,10 @@ class SidecarCollector:
         """
         recorder, pool = self.recorder, self.pool
         yield GaugeMetricFamily(
-            "sidecar_downstream_connections_active", "Client connections open now.",
+            "sidecar_downstream_connections_active", "Client connections open now (HTTP and opaque TCP).",
             value=recorder.downstreamConnectionsActive)
         yield CounterMetricFamily(
-            "sidecar_downstream_connections_total", "Client connections accepted.",
+            "sidecar_downstream_connections_total", "Client connections accepted (HTTP and opaque TCP).",
             value=recorder.downstreamConnectionsTotal)
         yield GaugeMetricFamily(
             "sidecar_requests_active",

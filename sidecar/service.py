@@ -215,8 +215,10 @@ class SidecarService(MultiService):
 
         config, reactor = self.config, self.reactor
         self.startTime = reactor.seconds()
+        # With --upstream original, the gauges sum the pools of every port dialled.
+        pools = self.pool if self.originals is None else self.originals.totals(self.pool)
         self.collector = SidecarCollector(
-            self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
+            self.recorder, pools, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
             tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors(),
             logStream=lambda: self.logStream)

@@ -18,12 +18,21 @@ The timeline of one connection::
 
 Bytes are counted into the recorder's TCP series as they flow, so that a long
 connection shows progress in the metrics before it ends.
+
+While both sides are plain TCP sockets (no TLS layer) the bytes are moved by the
+kernel (L{KernelPath}): C{splice(2)} from one socket into a pipe and from the pipe
+into the other socket, never copied into Python, the pipe's fill playing the part of
+the write buffer for backpressure.  Whenever Twisted holds bytes or a close for the
+destination (the bytes sent before the connect, a half-close) a read takes Twisted's
+own path, so the order of bytes and FINs is always Twisted's.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, List, Optional, Tuple
 
+from twisted.internet import main, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IHalfCloseableProtocol, IHandshakeListener, ISSLTransport,
@@ -33,11 +42,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.compat import writeQueueEmpty
 from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, NO_ROUTE_FOUND, STREAM_IDLE_TIMEOUT, UNAUTHORIZED, UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_CONNECTION_TERMINATION, TcpRecord,
 )
+from sidecar.transport import BUFFER_SIZE
 
 log = Logger()
 
@@ -151,9 +162,158 @@ class Refusal(Protocol):
                             client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
         series = proxy.recorder.tcpSeries("-", "", False)
         series.opened += 1
+        proxy.recorder.downstreamConnectionsTotal += 1
         proxy.recorder.recordTcp(TcpRecord(now, 0.0, 0, 0, "", NO_ROUTE_FOUND, client,
                                            detected="nr", detail=self.detail))
         self.transport.loseConnection()
+
+
+#: The pipe of one direction of a kernel splice, and the most moved per read: 1 MiB
+#: (Linux's default C{/proc/sys/fs/pipe-max-size}); a pipe that cannot be made so large
+#: keeps the kernel's default (64 KiB).
+PIPE_BYTES = 1 << 20
+
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def _pipe() -> Tuple[int, int]:
+    read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        import fcntl
+
+        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass  # over pipe-user-pages-soft, or a smaller pipe-max-size: the default size
+    return read, write
+
+
+def kernelSpliceable(one: Any, other: Any) -> bool:
+    """
+    Whether two transports are both plain TCP connections (not a TLS layer, not a test
+    transport) on a system with C{os.splice}.
+    """
+    return _SPLICE is not None and isinstance(one, tcp.Connection) and isinstance(other, tcp.Connection)
+
+
+class KernelPath:
+    """
+    One direction of a splice between two plain TCP transports, moved by the kernel:
+    C{source} socket → pipe → C{destination} socket.
+
+    It takes the place of C{source.doRead} and C{destination.doWrite} (instance
+    attributes; the reactor calls them as before).  A read moves what the socket holds
+    into the empty pipe and as much as the destination takes out of it; what it does
+    not take pauses the source's reads and waits for the destination to be writable,
+    so at most one pipe (L{PIPE_BYTES}) is held per direction.  A read while Twisted
+    holds bytes or a close for the destination, or once it is gone, is Twisted's own
+    (C{dataReceived}, C{write}), so order and half-close are Twisted's.  End of stream
+    and errors are returned to the reactor as C{doRead} returns them (so a FIN is a
+    half-close).  A destination that fails a splice gets the bytes through its own
+    C{write}, which meets the error and closes the connection as Twisted does.
+
+    @ivar pending: bytes in the pipe, not yet taken by the destination.
+    @ivar moved: bytes read by the kernel's path so far (not Twisted's).
+    """
+
+    pending = 0
+    moved = 0
+    _pipe: Optional[Tuple[int, int]] = None
+    _paused = False
+
+    def __init__(self, source: tcp.Connection, destination: tcp.Connection,
+                 count: Callable[[int], None]) -> None:
+        """
+        @param count: called with the number of bytes of every read (the counters).
+        """
+        self.source = source
+        self.destination = destination
+        self.count = count
+        self._sourceFd = source.socket.fileno()
+        self._destinationFd = destination.socket.fileno()
+        self._idle = writeQueueEmpty(destination)
+        self._twistedRead = source.doRead
+        self._twistedWrite = destination.doWrite
+        source.doRead = self.doRead  # type: ignore[method-assign]
+        destination.doWrite = self.doWrite  # type: ignore[method-assign]
+
+    def doRead(self) -> Any:
+        if self.pending:
+            return None
+        if not self._idle():
+            return self._twistedRead()
+        pipe = self._pipe
+        if pipe is None:
+            try:
+                pipe = self._pipe = _pipe()
+            except OSError:  # out of descriptors: Twisted's way for this read
+                return self._twistedRead()
+        try:
+            n = _SPLICE(self._sourceFd, pipe[1], PIPE_BYTES, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        self.count(n)
+        self.moved += n
+        self.pending = n
+        self._flush()
+        return None
+
+    def doWrite(self) -> Any:
+        if self.pending:
+            self._flush()
+            if self.pending:
+                return None
+        return self._twistedWrite()
+
+    def _flush(self) -> None:
+        pending = self.pending
+        read = self._pipe[0]  # type: ignore[index]
+        try:
+            while pending:
+                pending -= _SPLICE(read, self._destinationFd, pending, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError:
+            chunks = []
+            while pending:
+                chunk = os.read(read, pending)
+                pending -= len(chunk)
+                chunks.append(chunk)
+            self.pending = 0
+            self._resume()
+            self.destination.write(b"".join(chunks))
+            return
+        self.pending = pending
+        if pending:
+            if not self._paused:
+                self._paused = True
+                self.source.stopReading()
+            self.destination.startWriting()
+        else:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self.source.connected and not self.source.disconnecting:
+                self.source.startReading()
+
+    def close(self) -> None:
+        """
+        Give both transports back their own methods and close the pipe.
+        """
+        for transport, name in ((self.source, "doRead"), (self.destination, "doWrite")):
+            if name in vars(transport):
+                delattr(transport, name)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+        self.pending = 0
 
 
 @implementer(IHalfCloseableProtocol)
@@ -276,6 +436,7 @@ class TcpSplice(Protocol):
         self._upstreamLost = False
         self._recorded = False
         self.series: Any = None
+        self.kernelPaths: Tuple[KernelPath, ...] = ()
 
     # -- the client's side -----------------------------------------------------------
 
@@ -292,8 +453,12 @@ class TcpSplice(Protocol):
                 allowed = False
             else:
                 self.principal, allowed = identity
-        self.series = proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction)
+        recorder = proxy.recorder
+        self.series = recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction)
         self.series.opened += 1
+        # A client connection as the doors' are (Envoy's listener counts every one).
+        recorder.downstreamConnectionsActive += 1
+        recorder.downstreamConnectionsTotal += 1
         proxy.splices.add(self)
         if not allowed:
             self._fail(UNAUTHORIZED, "the client's identity is not allowed by --tls-allow")
@@ -391,6 +556,17 @@ class TcpSplice(Protocol):
         client = self.transport
         client.registerProducer(out, True)
         out.registerProducer(client, True)
+        for transport in (client, out):
+            if isinstance(transport, tcp.Connection):
+                # As Envoy's tcp_proxy: no Nagle delay on a request/answer protocol.
+                try:
+                    transport.setTcpNoDelay(True)
+                except OSError:
+                    pass
+                transport.bufferSize = BUFFER_SIZE
+        if kernelSpliceable(client, out):
+            self.kernelPaths = (KernelPath(client, out, self._countReceived),
+                                KernelPath(out, client, self._countSent))
         if self._clientFin:
             if upstream.halfClose:
                 out.loseWriteConnection()
@@ -398,6 +574,16 @@ class TcpSplice(Protocol):
                 _close(out)
         else:
             client.resumeProducing()
+
+    def _countReceived(self, n: int) -> None:
+        self.bytesReceived += n
+        self.series.received += n
+        self.activity += 1
+
+    def _countSent(self, n: int) -> None:
+        self.bytesSent += n
+        self.series.sent += n
+        self.activity += 1
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         self.connector = None
@@ -466,8 +652,12 @@ class TcpSplice(Protocol):
                                                         and self.connector is None)):
             return
         self._recorded = True
+        paths, self.kernelPaths = self.kernelPaths, ()
+        for path in paths:
+            path.close()
         proxy = self.proxy
         proxy.splices.discard(self)
+        proxy.recorder.downstreamConnectionsActive -= 1
         proxy.recorder.recordTcp(TcpRecord(
             self.start,
             proxy.reactor.seconds() - self.start,
