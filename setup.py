@@ -20,6 +20,7 @@ setup(
         "httptools>=0.6.4",
         "prometheus_client>=0.20",
         "PyYAML>=6.0",
+        "h2>=4.1",
     ],
     entry_points={
         "console_scripts": [

@@ -183,12 +183,13 @@ def staticLabels(mesh: MeshLabels) -> Dict[str, str]:
 
 def requestProtocol(protocol: str) -> str:
     """
-    Istio's C{request_protocol} for a record's protocol: C{http} for every HTTP version.
+    Istio's C{request_protocol} for a record's protocol: C{http} for every HTTP version
+    (C{grpc} for a gRPC call's series).
     """
     return "http" if protocol.upper().startswith("HTTP") else protocol.lower() or UNKNOWN
 
 
-def seriesLabels(key: Tuple[str, int, str, str, bool], static: Mapping[str, str],
+def seriesLabels(key: Tuple[Any, ...], static: Mapping[str, str],
                  principal: str) -> Tuple[str, ...]:
     """
     The Istio label values, in L{ISTIO_LABELS} order, of the recorder's series C{key}.
@@ -197,8 +198,10 @@ def seriesLabels(key: Tuple[str, int, str, str, bool], static: Mapping[str, str]
     the source namespace) and the destination principal our own; otherwise both are
     C{unknown}, as Istio reports plaintext traffic.
     """
-    protocol, status, flags, peer, mutualTLS = key
+    protocol, status, flags, peer, mutualTLS = key[:5]
     labels = dict(static)
+    if len(key) > 5:
+        labels["grpc_response_status"] = key[5]
     labels["request_protocol"] = requestProtocol(protocol)
     labels["response_code"] = str(status)
     labels["response_flags"] = flags or "-"
@@ -216,16 +219,22 @@ class _Merged:
     are both C{http}).
     """
 
-    __slots__ = ("requests", "duration", "requestBytes", "responseBytes")
+    __slots__ = ("requests", "duration", "requestBytes", "responseBytes", "requestMessages",
+                 "responseMessages", "grpc")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.requests = 0
+        self.requestMessages = 0
+        self.responseMessages = 0
+        self.grpc = False
         self.duration = Histogram(bounds)
         self.requestBytes = Histogram(bounds)
         self.responseBytes = Histogram(bounds)
 
     def add(self, series: Any) -> None:
         self.requests += series.requests
+        self.requestMessages += series.requestMessages
+        self.responseMessages += series.responseMessages
         for mine, theirs in ((self.duration, series.duration),
                              (self.requestBytes, series.requestBytes),
                              (self.responseBytes, series.responseBytes)):
@@ -245,6 +254,8 @@ def _copyHistogram(histogram: Histogram) -> Histogram:
 def _copySeries(series: Any) -> Any:
     copy = Series()
     copy.requests = series.requests
+    copy.requestMessages = series.requestMessages
+    copy.responseMessages = series.responseMessages
     copy.duration = _copyHistogram(series.duration)
     copy.requestBytes = _copyHistogram(series.requestBytes)
     copy.responseBytes = _copyHistogram(series.responseBytes)
@@ -328,6 +339,7 @@ class SidecarCollector:
             into = merged.get(labels)
             if into is None:
                 into = merged[labels] = _Merged(series.duration.bounds)
+                into.grpc = len(key) > 5
             into.add(series)
         return dict(sorted(merged.items()))
 
@@ -346,8 +358,15 @@ class SidecarCollector:
             "istio_request_bytes", "Request body sizes, in bytes.", labels=ISTIO_LABELS)
         responseBytes = HistogramMetricFamily(
             "istio_response_bytes", "Response body sizes, in bytes.", labels=ISTIO_LABELS)
+        requestMessages = CounterMetricFamily(
+            "istio_request_messages_total", "gRPC messages received from clients.", labels=ISTIO_LABELS)
+        responseMessages = CounterMetricFamily(
+            "istio_response_messages_total", "gRPC messages sent to clients.", labels=ISTIO_LABELS)
         for labels, series in self.requestSeries().items():
             requests.add_metric(labels, series.requests)
+            if series.grpc:
+                requestMessages.add_metric(labels, series.requestMessages)
+                responseMessages.add_metric(labels, series.responseMessages)
             duration.add_metric(labels, _buckets(series.duration), series.duration.sum)
             requestBytes.add_metric(labels, _buckets(series.requestBytes), series.requestBytes.sum)
             responseBytes.add_metric(labels, _buckets(series.responseBytes), series.responseBytes.sum)
@@ -355,6 +374,9 @@ class SidecarCollector:
         yield duration
         yield requestBytes
         yield responseBytes
+        if requestMessages.samples:
+            yield requestMessages
+            yield responseMessages
         yield from self.sidecarMetrics()
 
     def sidecarMetrics(self) -> Iterator[Metric]:

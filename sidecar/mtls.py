@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.config import H2Config
 from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
 from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
@@ -79,6 +80,36 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
 
     def extraRequestHeaders(self) -> List[Tuple[bytes, bytes]]:
         return self._extra
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._identified and getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self._becomeH2(data)
+            return
+        DownstreamProtocol.dataReceived(self, data)
+
+    def _becomeH2(self, data: bytes) -> None:
+        """
+        ALPN chose C{h2}: hand the connection, and who the client is, to the HTTP/2
+        door (this HTTP/1.1 door leaves the registry it joined at connect).
+        """
+        from sidecar.h2door import H2ServerProtocol
+
+        self._identified = True
+        self.identify()
+        self.engine.doors.discard(self)
+        recorder = self.engine.recorder
+        recorder.downstreamConnectionsActive -= 1
+        recorder.downstreamConnectionsTotal -= 1
+        h2 = H2ServerProtocol(self.engine, self.tls.h2config, self._extra)
+        h2.peerPrincipal = self.peerPrincipal
+        h2.mutualTLS = True
+        h2.proto = b"https"
+        h2.denial = self.denial
+        h2.factory = self.factory
+        transport = self.transport
+        transport.wrappedProtocol = h2
+        h2.makeConnection(transport)
+        h2.dataReceived(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         timer, self._handshakeTimer = self._handshakeTimer, None
@@ -207,6 +238,8 @@ class MutualTLS:
         self.handshakeTimeouts = 0
         #: Seconds a client has to complete its TLS handshake before it is cut off.
         self.handshakeTimeout = HANDSHAKE_TIMEOUT
+        #: HTTP/2 settings and limits for clients that choose C{h2} by ALPN.
+        self.h2config = H2Config()
         self._admissions: Dict[Tuple[bytes, str], Admission] = {}
 
     @classmethod

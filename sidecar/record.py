@@ -21,6 +21,12 @@ DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
+#: The service reset the HTTP/2 stream (RST_STREAM), or refused it (GOAWAY).
+UPSTREAM_REMOTE_RESET = "UR"
+#: The client reset its HTTP/2 stream.
+DOWNSTREAM_REMOTE_RESET = "DR"
+#: An HTTP/2 stream made no progress for the stream idle timeout (a zero window).
+STREAM_IDLE_TIMEOUT = "SI"
 
 
 @attrs.frozen
@@ -37,6 +43,11 @@ class Record:
     @ivar bytesSent: response body bytes sent to the client (the same way).
     @ivar status: the status sent to the client, C{0} when none was sent.
     @ivar flags: Envoy-style response flags joined with C{","}, or C{"-"}.
+    @ivar grpc: the request was a gRPC call (C{content-type: application/grpc}).
+    @ivar grpcStatus: its C{grpc-status} (from the trailers, or the proxy's own reply),
+        or C{""}.
+    @ivar requestMessages: gRPC messages the client sent.
+    @ivar responseMessages: gRPC messages sent to the client.
     """
 
     startTime: float
@@ -57,3 +68,7 @@ class Record:
     downstreamRemoteAddress: str
     downstreamPeerPrincipal: str = ""
     mutualTLS: bool = False
+    grpc: bool = False
+    grpcStatus: str = ""
+    requestMessages: int = 0
+    responseMessages: int = 0

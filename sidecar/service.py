@@ -65,6 +65,16 @@ class SidecarService(MultiService):
             responseTimeout=config.upstream.responseTimeout,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
+        self.h2pool = None
+        if config.upstreamProtocol != "http1":
+            from sidecar.h2upstream import H2UpstreamPool
+
+            # HTTP/2 to the service: for HTTP/2 clients ("auto", Envoy's "use downstream
+            # protocol"), or for every client ("http2").
+            self.h2pool = H2UpstreamPool(reactor, reactor, config.upstream, config.h2)
+            versions = ("2",) if config.upstreamProtocol == "auto" else ("2", "1.1", "1.0")
+            self.engine.poolByVersion.update({version: self.h2pool for version in versions})
+            TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.h2pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
         self.listeners = []
         self.tls = None
@@ -72,6 +82,7 @@ class SidecarService(MultiService):
             from sidecar.mtls import MutualTLS
 
             self.tls = MutualTLS.fromConfig(config.tls, reactor)
+            self.tls.h2config = config.h2
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
             reload.clock = reactor
             reload.setServiceParent(self)
@@ -152,8 +163,11 @@ class SidecarService(MultiService):
 
             return proxySite(self.engine)
         from sidecar.downstream import DownstreamFactory
+        from sidecar.h2door import H2cOrHTTP1Factory, H2ServerFactory
 
-        return DownstreamFactory(self.engine, self.config.maxHeaderBytes)
+        # HTTP/2 with prior knowledge (h2c) is told from HTTP/1.1 by its preface.
+        return H2cOrHTTP1Factory(DownstreamFactory(self.engine, self.config.maxHeaderBytes),
+                                 H2ServerFactory(self.engine, self.config.h2))
 
     def sweepClients(self) -> None:
         """
@@ -171,6 +185,8 @@ class SidecarService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         self.pool.closeAll()
+        if self.h2pool is not None:
+            self.h2pool.closeAll()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d
