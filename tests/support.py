@@ -521,3 +521,50 @@ def startHttpbin(case: Any) -> defer.Deferred:
     child = ChildProcess(case, [PYTHON, "-m", "gunicorn", "-w", "1", "--graceful-timeout", "1",
                                 "-b", f"127.0.0.1:{port}", "httpbin:app"], stopSignal=15)
     return portAnswers(port).addCallback(lambda _: (child, port))
+
+
+class H2Proxy:
+    """
+    The proxy under test with both front doors on its plain port (HTTP/2 with prior
+    knowledge told by its preface) and an HTTP/2 upstream pool for HTTP/2 clients
+    (C{upstreamProtocol} C{"auto"}), for every client (C{"http2"}) or none (C{"http1"}).
+
+    @ivar records: every record it produced.
+    """
+
+    def __init__(self, upstreamPort: int, upstreamProtocol: str = "auto", responseTimeout: Optional[float] = 5.0,
+                 h2config: Any = None, connectTimeout: float = 2.0) -> None:
+        from sidecar.config import H2Config
+        from sidecar.h2door import H2cOrHTTP1Factory, H2ServerFactory
+        from sidecar.h2upstream import H2UpstreamPool
+
+        self.records: List[Record] = []
+        self.recorder = Recorder([self.records.append])
+        self.h2config = h2config or H2Config()
+        config = UpstreamConfig(port=upstreamPort, connectTimeout=connectTimeout, responseTimeout=responseTimeout)
+        self.pool = UpstreamPool(reactor, reactor, config)
+        self.h2pool = H2UpstreamPool(reactor, reactor, config, self.h2config)
+        self.engine = Engine(reactor, self.pool, self.recorder, b"amazing-proxy", responseTimeout)
+        if upstreamProtocol != "http1":
+            versions = ("2",) if upstreamProtocol == "auto" else ("2", "1.1", "1.0")
+            self.engine.poolByVersion.update({v: self.h2pool for v in versions})
+        self.factory = H2cOrHTTP1Factory(DownstreamFactory(self.engine), H2ServerFactory(self.engine, self.h2config))
+        self.port: Any = None
+
+    def start(self, case: Any) -> int:
+        """
+        Listen on 127.0.0.1 port 0; close everything when C{case} ends.
+        """
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        case.addCleanup(self.stop)
+        return self.port.getHost().port
+
+    def stop(self) -> Any:
+        self.pool.closeAll()
+        for conn in list(self.h2pool.conns):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+        for door in list(self.engine.doors):
+            if door.transport is not None:
+                door.transport.abortConnection()
+        return self.port.stopListening()

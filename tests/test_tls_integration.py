@@ -343,11 +343,12 @@ class AllowedTests(MutualTLSCase):
     @defer.inlineCallbacks
     def test_opensslALPN(self) -> Any:
         """
-        C{openssl s_client} offering h2 and http/1.1 negotiates http/1.1 over TLS 1.3
-        and is served; the server asks for a client certificate.
+        C{openssl s_client} offering http/1.1 negotiates it over TLS 1.3 and is served;
+        the server asks for a client certificate.  (Offered h2 too, the proxy now
+        prefers h2: see tests.test_h2.)
         """
         code, out = yield self.sClient(
-            "frontend", "-alpn", "h2,http/1.1", "-ign_eof",
+            "frontend", "-alpn", "http/1.1", "-ign_eof",
             stdin=b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         self.assertIn(b"ALPN protocol: http/1.1", out)
         self.assertIn(b"TLSv1.3", out)
