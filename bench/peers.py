@@ -375,6 +375,8 @@ def oursCommand(
         "none",
         "--admin",
         "none",
+        "--health",
+        "none",
         *extra,
     ]
 

@@ -78,13 +78,13 @@ def writeCertificates(directory: Path) -> Dict[str, Path]:
 
 def oursArgv(port: int, upstream: int, certs: Dict[str, Path]) -> List[str]:
     """
-    Our sidecar with only the mutual-TLS listener, no access log, no admin.
+    Our sidecar with only the mutual-TLS listener, no access log, no admin or health port.
     """
     return [
         sys.executable, "-m", "twisted", "--log-format", "text", "sidecar",
         "--listen", "none", "--tls-listen", f"tcp:{port}:interface=127.0.0.1",
         "--upstream", f"127.0.0.1:{upstream}", "--access-log", "none", "--admin", "none",
-        "--tls-cert", str(certs["backend.crt"]), "--tls-key", str(certs["backend.key"]),
+        "--health", "none", "--tls-cert", str(certs["backend.crt"]), "--tls-key", str(certs["backend.key"]),
         "--tls-ca", str(certs["ca"]), "--tls-allow", FRONTEND_ID,
     ]
 

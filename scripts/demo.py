@@ -109,7 +109,7 @@ def main() -> None:
         sidecar = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
              "sidecar", "--listen", f"tcp:{listen}:interface=127.0.0.1", "--upstream", upstream,
-             "--admin", "none", "--log-format", options.log_format, "--access-log", logPath],
+             "--admin", "none", "--health", "none", "--log-format", options.log_format, "--access-log", logPath],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         children.append(sidecar)
         waitFor(listen, "the sidecar", sidecar)

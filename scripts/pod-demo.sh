@@ -112,7 +112,8 @@ fi
     "$PYTHON" -m twisted sidecar "${proxy_flags[@]}") >"$WORK/proxy.log" 2>&1 &
 PIDS+=($!)
 wait_for "httpbin" in_pod curl -sf --noproxy '*' "http://127.0.0.1:$SERVICE_PORT/status/200"
-wait_for "the sidecar" curl -sf --noproxy "*" "http://$POD_IP:15000/ready"
+# The kubelet's view: the health port (15021, every interface); the admin site is loopback only.
+wait_for "the sidecar" curl -sf --noproxy "*" "http://$POD_IP:15021/healthz/ready"
 echo "both are up"
 
 say "The article's three requests, from this host to the service port $POD_IP:$SERVICE_PORT"

@@ -6,15 +6,37 @@ Three formats:
   - C{seed}: the article's block per request;
   - C{text}: one line per request in the spirit of Istio's default access log;
   - C{json}: one JSON object per line, snake_case fields.
+
+The writer, L{AccessLog}, never blocks the reactor.  A container's log pipe can stall;
+a blocking write to it would freeze every request and the readiness probe.  So the
+records of one reactor turn are written in one non-blocking write; what the output
+does not take waits in a buffer of bounded size, written when the output becomes
+writable again; a record that does not fit is dropped and counted, and one line per
+episode says how many were lost once the output is read again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
+import stat
+import sys
 import time
-from typing import IO, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sidecar.record import Record
+
+log = Logger()
+
+#: The default bound of the bytes the access log holds while its output is not read:
+#: about 4,000 C{text} records, a few seconds of a busy sidecar, so that a short stall
+#: of the log reader loses nothing, while a long one costs at most this much memory.
+LOG_BUFFER_BYTES = 1024 * 1024
 
 
 def _ms(seconds: Optional[float]) -> Optional[int]:
@@ -119,33 +141,216 @@ FORMATS: Dict[str, Callable[[Record], str]] = {
 }
 
 
+class LogOutput:
+    """
+    A file descriptor written without blocking.
+
+    @ivar fd: the descriptor, ours (closed by L{close}).
+    @ivar isSocket: whether it is a socket (written with C{MSG_DONTWAIT}, which leaves
+        the descriptor's flags alone).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._socket: Optional[socket.socket] = None
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            self._socket = socket.socket(fileno=fd)
+
+    @property
+    def isSocket(self) -> bool:
+        return self._socket is not None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: Any) -> int:
+        """
+        Write what the descriptor takes now; raise L{BlockingIOError} when it takes
+        nothing.
+        """
+        if self._socket is not None:
+            return self._socket.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        else:
+            os.close(self.fd)
+
+
+def openOutput(path: str, stdout: Any = None) -> LogOutput:
+    """
+    The output of the access log: standard output for C{"-"}, else a file opened for
+    appending.
+
+    Standard output is shared with twistd's own log, which writes to it with blocking
+    writes.  C{O_NONBLOCK} belongs to an open file description, which C{dup} shares, so
+    the access log gets a description of its own where that matters:
+      - a pipe, FIFO or terminal is opened anew through C{/proc/self/fd/1}, with
+        C{O_NONBLOCK};
+      - a socket (systemd's journal) is written with C{MSG_DONTWAIT} on a duplicate;
+      - a regular file is duplicated, sharing its offset with twistd's writes so that
+        neither overwrites the other (a file never makes a write wait);
+      - without C{/proc}, a pipe's duplicate is made non-blocking: then twistd's own
+        writes may fail while the pipe is full, rather than the proxy freezing.
+
+    @param stdout: the standard output stream (default C{sys.stdout}; C{sys.__stdout__}
+        if twistd has already replaced it).
+    """
+    if path != "-":
+        return LogOutput(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK,
+                                 0o644))
+    stream = stdout if stdout is not None else sys.stdout
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = 1
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISSOCK(mode):
+        return LogOutput(os.dup(fd))
+    try:
+        return LogOutput(os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError:
+        copy = os.dup(fd)
+        os.set_blocking(copy, False)
+        return LogOutput(copy)
+
+
 class AccessLog:
     """
-    Writes formatted records to a file, batching the writes of one reactor turn into one
-    flush.
+    Writes formatted records to a L{LogOutput} without ever blocking: the records of one
+    reactor turn go out in one write on the next turn; what the output does not take
+    waits (with the records that follow) in a buffer of at most C{limit} bytes, written
+    as the reactor says the output is writable; records that do not fit are dropped.
 
-    @ivar stream: the text file written to.
+    This is also an C{IWriteDescriptor}, registered with the reactor only while bytes
+    wait.
+
+    @ivar output: where the lines go.
+    @ivar limit: the most bytes held (waiting and this turn's records together).
+    @ivar dropped: records dropped because the buffer was full, since the start.
+    @ivar written: bytes the output has taken.
     """
 
-    def __init__(self, stream: IO[str], fmt: Callable[[Record], str], clock) -> None:
-        self.stream = stream
+    def __init__(self, output: LogOutput, fmt: Callable[[Record], str], reactor: Any,
+                 limit: int = LOG_BUFFER_BYTES) -> None:
+        """
+        @param reactor: an C{IReactorTime} and C{IReactorFDSet}: the turn's flush, and
+            being told when the output is writable again.
+        """
+        self.output = output
         self.format = fmt
-        self.clock = clock
-        self._flushCall = None
+        self.reactor = reactor
+        self.limit = limit
+        self.dropped = 0
+        self.written = 0
+        self._lines: List[bytes] = []
+        self._pending = b""
+        self._buffered = 0
+        self._flushCall: Any = None
+        self._waiting = False
+        self._episodeDrops = 0
+        self._episodeStart = 0.0
+        self._broken = False
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes held now, not yet taken by the output.
+        """
+        return self._buffered
 
     def __call__(self, rec: Record) -> None:
-        self.stream.write(self.format(rec))
-        if self._flushCall is None:
-            self._flushCall = self.clock.callLater(0, self.flush)
+        if self._broken:
+            self.dropped += 1
+            return
+        line = self.format(rec).encode("utf-8", "backslashreplace")
+        if self._buffered + len(line) > self.limit:
+            self.dropped += 1
+            if not self._episodeDrops:
+                self._episodeStart = self.reactor.seconds()
+            self._episodeDrops += 1
+            return
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._flushCall is None and not self._waiting:
+            self._flushCall = self.reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         """
-        Push buffered lines to the file.
+        Write what is held, as much as the output takes now.
         """
         if self._flushCall is not None and self._flushCall.active():
             self._flushCall.cancel()
         self._flushCall = None
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+        if self._lines:
+            self._pending = self._pending + b"".join(self._lines) if self._pending else b"".join(self._lines)
+            self._lines = []
+        self._writeSome()
+
+    def _writeSome(self) -> None:
+        pending = self._pending
+        view = memoryview(pending)
+        offset = 0
+        while offset < len(pending) and not self._broken:
+            try:
+                n = self.output.write(view[offset:])
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                # A closed pipe (EPIPE) or a full disk: the proxy goes on, and every
+                # later record is dropped and counted.
+                self._fail(os.strerror(e.errno or errno.EIO))
+                return
+            offset += n
+        self.written += offset
+        self._pending = pending[offset:]
+        self._buffered -= offset
+        if self._pending:
+            if not self._waiting:
+                self._waiting = True
+                self.reactor.addWriter(self)
+            return
+        if self._waiting:
+            self._waiting = False
+            self.reactor.removeWriter(self)
+        if self._episodeDrops:
+            # Said once the output is read again: said while it was not, the line
+            # itself could wait on the same full pipe (twistd's log is often stdout).
+            count, self._episodeDrops = self._episodeDrops, 0
+            log.warn("access log: dropped {count} records in {seconds:.1f} s while its output was not read "
+                     "(buffer {limit} bytes)", count=count, limit=self.limit,
+                     seconds=max(0.0, self.reactor.seconds() - self._episodeStart))
+
+    def _fail(self, why: str) -> None:
+        self._broken = True
+        self._pending = b""
+        self._lines = []
+        self._buffered = 0
+        if self._waiting:
+            self._waiting = False
+            self.reactor.removeWriter(self)
+        log.error("access log: writing failed ({why}); the bytes waiting are lost and later records are "
+                  "dropped", why=why)
+
+    # IWriteDescriptor, while bytes wait.
+
+    def fileno(self) -> int:
+        return self.output.fileno()
+
+    def doWrite(self) -> None:
+        if self._lines:
+            self._pending += b"".join(self._lines)
+            self._lines = []
+        self._writeSome()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._fail(reason.getErrorMessage())
+
+    def logPrefix(self) -> str:
+        return "AccessLog"

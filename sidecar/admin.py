@@ -11,6 +11,10 @@ the spirit of Envoy's admin interface.
   - C{GET /ready}: 200 C{LIVE} while serving, 503 otherwise;
   - C{POST /drain_listeners}, C{/quitquitquit}, C{/healthcheck/fail},
     C{/healthcheck/ok}: from loopback clients only (others get 403; C{GET} gets 405).
+
+The admin site listens on loopback by default.  L{healthSite} is the network-facing
+port (15021, as Istio's): C{GET /ready}, C{/healthz/ready} and C{/stats/prometheus}, and
+nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import NoResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from sidecar.metrics import CONTENT_TYPE, SidecarCollector, prometheusText, statsJSON
@@ -279,7 +283,7 @@ class IndexResource(Resource):
         ("GET", "/config_dump", "the effective configuration"),
         ("GET", "/ready", "200 LIVE while serving, 503 otherwise"),
         ("POST", "/drain_listeners", "start draining (loopback only)"),
-        ("POST", "/quitquitquit", "drain and exit (loopback only)"),
+        ("POST", "/quitquitquit", "exit once nothing is in flight (loopback only)"),
         ("POST", "/healthcheck/fail", "make /ready answer 503 (loopback only)"),
         ("POST", "/healthcheck/ok", "undo /healthcheck/fail (loopback only)"),
     )
@@ -367,3 +371,46 @@ def adminSite(collector: SidecarCollector, lifecycle: Any, config: Any, version:
     """
     info = lambda: serverInfo(version, lifecycle, config, clock, startTime)  # noqa: E731
     return AdminSite(adminResource(collector, lifecycle, config, info, offload), reactor=clock)
+
+
+class HealthRoot(Resource):
+    """
+    The health port's tree: exact paths only (no trailing slash, no child path), each
+    to its resource; every other path is 404.
+    """
+
+    def __init__(self, paths: Dict[bytes, Resource]) -> None:
+        Resource.__init__(self)
+        self.paths = paths
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        found = self.paths.get(request.path)
+        if found is None:
+            return NoResource()
+        # The resources are leaves: twisted.web renders them whatever remains.
+        request.postpath[:] = []
+        return found
+
+    def render(self, request: Any) -> bytes:
+        return NoResource().render(request)
+
+
+class HealthSite(AdminSite):
+    """
+    The health and metrics port; its requests (probes, scrapes) are not logged.
+    """
+
+
+def healthSite(collector: SidecarCollector, lifecycle: Any, clock: Any, offload: Offload = inline) -> HealthSite:
+    """
+    The network-facing port of one sidecar, for the kubelet and Prometheus: C{GET
+    /ready} and C{/healthz/ready} (Istio's path on its port 15021) give the admin
+    site's C{/ready} answer, C{GET /stats/prometheus} the metrics; every other path is
+    404, so that the configuration and the mutations stay on the loopback admin site.
+    """
+    ready = ReadyResource(lifecycle)
+    return HealthSite(HealthRoot({
+        b"/ready": ready,
+        b"/healthz/ready": ready,
+        b"/stats/prometheus": PrometheusResource(collector, offload),
+    }), reactor=clock)

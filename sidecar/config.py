@@ -178,7 +178,15 @@ class ProxyConfig:
     @ivar accessLog: C{"-"} for stdout, a path, or C{None} for no access log.
     @ivar logFormat: one of L{LOG_FORMATS}.
     @ivar engine: C{"fast"} (the llhttp front door) or C{"web"} (twisted.web).
-    @ivar admin: a Twisted server endpoint string for the admin site, or C{None}.
+    @ivar admin: a Twisted server endpoint string for the admin site, or C{None}
+        (loopback only by default: it shows the configuration and takes mutations).
+    @ivar health: a Twisted server endpoint string for the network-facing health and
+        metrics port (C{/ready}, C{/healthz/ready}, C{/stats/prometheus} only), or
+        C{None}.  The command line's default is C{tcp:15021}; this value object's is
+        C{None}, so that a sidecar built in a program binds no fixed port it did not ask
+        for.
+    @ivar accessLogBuffer: the most bytes of access log records held while the log's
+        output is not read; beyond, records are dropped and counted.
     @ivar maxHeaderBytes: the largest request head accepted (431 beyond).
     @ivar tls: mutual TLS settings, or C{None} for none.
     @ivar mesh: who this workload is, for the metrics' labels.
@@ -191,7 +199,9 @@ class ProxyConfig:
     accessLog: Optional[str] = "-"
     logFormat: str = "text"
     engine: str = "fast"
-    admin: Optional[str] = "tcp:15000"
+    admin: Optional[str] = "tcp:15000:interface=127.0.0.1"
+    health: Optional[str] = None
+    accessLogBuffer: int = 1024 * 1024
     maxHeaderBytes: int = 64 * 1024
     #: Seconds a client connection may sit idle between requests (C{None}: forever).
     clientIdleTimeout: Optional[float] = 300.0

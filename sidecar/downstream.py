@@ -70,11 +70,11 @@ class DownstreamProtocol(Protocol):
     #: When set, every request on this connection is answered 403 with this body (an
     #: identity the authorization policy refuses).
     denial: Optional[bytes] = None
-    #: Reads so far, and what L{sweepDoors} last saw of it.
+    #: Reads so far, and what the doors registry's sweep last saw of it.
     activity = 0
     sweptActivity = -1
     idleSince: Optional[float] = None
-    #: A request head has begun and not ended; since when (as L{sweepDoors} saw it).
+    #: A request head has begun and not ended; since when (as the sweep saw it).
     inHead = False
     headSince: Optional[float] = None
 

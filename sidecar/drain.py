@@ -10,8 +10,10 @@ timeline of a drain::
     says Connection: close                are refused          earlier as soon as no
                                                                request is in flight
 
-A drain starts on SIGTERM, C{POST /quitquitquit} (both then exit) or C{POST
-/drain_listeners} (which does not).  A second SIGTERM exits at once.  The clock, the
+A drain starts on SIGTERM (which then exits) or C{POST /drain_listeners} (which does
+not).  A second SIGTERM exits at once.  C{POST /quitquitquit} is Envoy's: no drain
+period, the listeners close at once and the process exits as soon as nothing is in
+flight, after C{drainTimeout} seconds at the latest.  The clock, the
 reactor and the ways to find the open client connections are passed in, so that all of
 it runs on a L{twisted.internet.testing.MemoryReactorClock} in the tests.
 """
@@ -27,6 +29,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
+from sidecar.compat import listeningPort
 from sidecar.config import LifecycleConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,7 +135,7 @@ def listeningAddresses(listeners: Sequence[Any]) -> Deferred[List[str]]:
 
     waits = []
     for listener in listeners:
-        waiting = getattr(listener, "_waitingForPort", None)
+        waiting = listeningPort(listener)
         if waiting is None:
             waits.append(succeed("?"))
             continue
@@ -331,19 +334,22 @@ class Lifecycle(Service):
 
     # -- drain and exit --------------------------------------------------------------
 
-    def startDrain(self) -> None:
+    def startDrain(self, announce: bool = True) -> None:
         """
         Start draining (once): C{/ready} answers 503, every response says C{Connection:
         close}, and the listeners close after C{drainTimeout} seconds.
+
+        @param announce: log the drain's start (L{quit} says its own line).
         """
         if self.drainStarted is not None:
             return
         self.drainStarted = self.reactor.seconds()
         self.state = DRAINING
         self.engine.draining = True
-        log.info("draining: /ready answers 503, responses say Connection: close, "
-                 "the listeners close in {seconds} s ({active} requests in flight)",
-                 seconds=self.config.drainTimeout, active=self.recorder.requestsActive)
+        if announce:
+            log.info("draining: /ready answers 503, responses say Connection: close, "
+                     "the listeners close in {seconds} s ({active} requests in flight)",
+                     seconds=self.config.drainTimeout, active=self.recorder.requestsActive)
         self._later(self.config.drainTimeout, self._drainPeriodOver)
 
     def terminate(self) -> None:
@@ -364,25 +370,45 @@ class Lifecycle(Service):
 
     def quit(self) -> None:
         """
-        C{/quitquitquit}: drain and exit, like a first SIGTERM (calling it again does
-        not hurry the exit).
+        C{/quitquitquit}, as Envoy's (what a Job's last step calls): exit as soon as
+        nothing is in flight.  The listeners close and idle keep-alive clients are let
+        go at once, without the drain period; a request in flight is waited for, at
+        most C{drainTimeout} seconds.  The first check runs on the next turn, once the
+        answer to the call is on its way.  Calling it again, or after SIGTERM, does not
+        hurry the exit.
         """
-        if not self.exiting:
-            self.terminate()
+        if self.exiting:
+            return
+        self.exiting = True
+        log.info("quitquitquit: closing the listeners, exiting once nothing is in flight "
+                 "({active} requests now; {seconds} s at most)",
+                 active=self.recorder.requestsActive, seconds=self.config.drainTimeout)
+        self.startDrain(announce=False)
+        self._later(0, self._quitNow)
+
+    def _quitNow(self) -> None:
+        self.closeListeners("quitquitquit")
+        self._releaseIdleClients()
+        self._shutdownTail(self.config.drainTimeout)
 
     def _drainPeriodOver(self) -> None:
-        self.closeListeners()
+        self.closeListeners("drain period over")
+        self._releaseIdleClients()
+        if self.exiting:
+            self._shutdownTail()
+
+    def _releaseIdleClients(self) -> None:
         # Keep-alive clients with nothing in flight would only hear "Connection: close"
         # on their next request: close them now.
         for door in list(self.engine.doors):
             if not door.busy() and door.transport is not None:
                 closeGracefully(door.transport)
-        if self.exiting:
-            self._shutdownTail()
 
-    def closeListeners(self) -> None:
+    def closeListeners(self, why: str = "drain period over") -> None:
         """
         Stop accepting connections on the proxy's listeners (the admin site stays).
+
+        @param why: what the log line says caused it.
         """
         if self.listenersClosed:
             return
@@ -390,12 +416,16 @@ class Lifecycle(Service):
         for listener in list(self.listeners):
             if listener.running:
                 listener.stopService()
-        log.info("drain period over: listeners closed, {active} requests in flight",
-                 active=self.recorder.requestsActive)
+        log.info("{why}: listeners closed, {active} requests in flight",
+                 why=why, active=self.recorder.requestsActive)
 
-    def _shutdownTail(self) -> None:
+    def _shutdownTail(self, grace: Optional[float] = None) -> None:
+        """
+        Exit once nothing is in flight, or after C{grace} seconds (default
+        C{shutdownGrace}) at the latest.
+        """
         if self._deadline is None:
-            self._deadline = self._later(self.config.shutdownGrace, self._graceOver)
+            self._deadline = self._later(self.config.shutdownGrace if grace is None else grace, self._graceOver)
         self._idleCheck()
 
     def _idleCheck(self) -> None:
@@ -447,7 +477,7 @@ class Lifecycle(Service):
     def _graceOver(self) -> None:
         self._deadline = None
         remaining = list(self.connections())
-        log.warn("shutdown grace over: closing {connections} connections with {active} "
+        log.warn("shutdown deadline reached: closing {connections} connections with {active} "
                  "requests in flight", connections=len(remaining),
                  active=self.recorder.requestsActive)
         for transport in remaining:

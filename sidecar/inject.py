@@ -12,15 +12,28 @@ and CronJob (and of those inside a C{List}):
   - the proxy, C{sidecar-proxy}, as a Kubernetes native sidecar (an init
     container with C{restartPolicy: Always}, Kubernetes 1.29+), so that it is
     ready before the service starts, outlives it while the pod stops, and does
-    not keep a Job from completing. Its startup and readiness probes ask the
-    admin server's C{/ready}; its liveness probe asks C{/server_info}, which
-    stays 200 while the process runs, so a proxy draining (when C{/ready} is
-    503) is not killed. The downward API gives it the pod's name, namespace,
-    service account and C{app} and C{version} labels (L{DOWNWARD_ENV}), which
-    fill the C{destination_*} labels of its Istio metrics.
+    not keep a Job from completing. Its probes ask the health port (15021,
+    as Istio's): the startup and readiness probes C{/healthz/ready}; the
+    liveness probe C{/stats/prometheus}, which stays 200 while the process
+    runs, so a proxy draining (when C{/healthz/ready} is 503) is not killed.
+    The admin port listens on loopback only and is reached with
+    C{kubectl exec ... sidecar-request}. The downward API gives it the pod's
+    name, namespace, service account and C{app} and C{version} labels
+    (L{DOWNWARD_ENV}), which fill the C{destination_*} labels of its Istio
+    metrics. It gets CPU and memory requests and limits (Istio's defaults,
+    L{InjectionSettings}), which Istio's annotations
+    C{sidecar.istio.io/proxyCPU}, C{proxyMemory}, C{proxyCPULimit} and
+    C{proxyMemoryLimit} on the pod template override; and it logs each
+    request as one C{text} line.
+
+The pod template gets Prometheus' scrape annotations
+(C{prometheus.io/scrape}, C{port} and C{path}) for the proxy's metrics on the
+health port, unless it already has its own.
 
 Other objects pass through untouched, and injecting twice gives the same output
-as injecting once: the two containers are replaced, not added again.
+as injecting once: the two containers are replaced, not added again. Comments
+in the input are kept (the YAML is read and written with C{ruamel.yaml}'s
+round trip), except those inside the two containers it replaces.
 
 The service port the proxy forwards to is the pod's first TCP container port,
 or the C{sidecar/service-port} annotation of the pod template. The captured
@@ -37,11 +50,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
+import re
 import sys
 from typing import Any, Iterable, NoReturn, Sequence, TextIO
 
 import attrs
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+from ruamel.yaml.error import YAMLError
 
 INIT_NAME = "sidecar-init"
 PROXY_NAME = "sidecar-proxy"
@@ -53,6 +71,26 @@ INJECT_ANNOTATION = ANNOTATION_PREFIX + "inject"
 SERVICE_PORT_ANNOTATION = ANNOTATION_PREFIX + "service-port"
 INBOUND_PORTS_ANNOTATION = ANNOTATION_PREFIX + "inbound-ports"
 EXCLUDE_PORTS_ANNOTATION = ANNOTATION_PREFIX + "exclude-inbound-ports"
+
+# Istio's annotations for the proxy's resources, with the settings they
+# override: requests (proxyCPU, proxyMemory) and limits.
+ISTIO_PREFIX = "sidecar.istio.io/"
+RESOURCE_ANNOTATIONS: tuple[tuple[str, str, str], ...] = (
+    (ISTIO_PREFIX + "proxyCPU", "requests", "cpu"),
+    (ISTIO_PREFIX + "proxyMemory", "requests", "memory"),
+    (ISTIO_PREFIX + "proxyCPULimit", "limits", "cpu"),
+    (ISTIO_PREFIX + "proxyMemoryLimit", "limits", "memory"),
+)
+
+# Prometheus' scrape annotations, as Istio sets them on injected pods.
+PROMETHEUS_SCRAPE = "prometheus.io/scrape"
+PROMETHEUS_PORT = "prometheus.io/port"
+PROMETHEUS_PATH = "prometheus.io/path"
+METRICS_PATH = "/stats/prometheus"
+
+# The proxy's own defaults (sidecar.tap): flags equal to them are not written.
+DEFAULT_ADMIN_PORT = 15000
+DEFAULT_HEALTH_PORT = 15021
 
 # The proxy's environment, from the downward API: each variable and the pod
 # field it holds. sidecar.metrics reads them for Istio's destination_* labels
@@ -67,11 +105,11 @@ DOWNWARD_ENV: tuple[tuple[str, str], ...] = (
     ("APP_VERSION", "metadata.labels['version']"),
 )
 
-# The admin server's paths the probes ask: /ready turns 503 while the proxy
-# drains (or is not serving yet), /server_info answers 200 as long as the
-# process runs.
-READY_PATH = "/ready"
-LIVE_PATH = "/server_info"
+# The health port's paths the probes ask: /healthz/ready turns 503 while the
+# proxy drains (or is not serving yet), /stats/prometheus answers 200 as long
+# as the process runs (the admin port, with /server_info, is loopback only).
+READY_PATH = "/healthz/ready"
+LIVE_PATH = METRICS_PATH
 
 # Where each kind keeps its pod template: the path to the object holding
 # "metadata" and "spec" of the pods. A Pod is its own template.
@@ -101,13 +139,19 @@ class InjectionSettings:
     @ivar initImage: the init container's image (C{init/Dockerfile}).
     @ivar imagePullPolicy: for both images.
     @ivar proxyPort: the proxy's plain HTTP port, where captured traffic goes.
-    @ivar adminPort: the proxy's admin port, serving C{/ready} and
-        C{/server_info} for the probes.
+    @ivar adminPort: the proxy's admin port, on loopback only (never
+        captured, and reserved in the pod).
+    @ivar healthPort: the proxy's health port, serving C{/healthz/ready} and
+        C{/stats/prometheus} to the kubelet's probes and to Prometheus.
     @ivar tlsPort: the proxy's TLS port, used when C{tlsSecret} is set.
     @ivar tlsSecret: the name of a Secret with C{cert.pem}, C{key.pem} and
         C{ca.pem}; when set, captured traffic goes to the TLS port and the
         proxy serves mutual TLS only.
     @ivar logFormat: the proxy's access log format.
+    @ivar proxyCPU: the proxy's CPU request (Istio's default).
+    @ivar proxyMemory: the proxy's memory request.
+    @ivar proxyCPULimit: the proxy's CPU limit.
+    @ivar proxyMemoryLimit: the proxy's memory limit.
     @ivar proxyUID: the user the proxy runs as (not root).
     @ivar nativeSidecar: put the proxy among the init containers with
         C{restartPolicy: Always}; otherwise it is an ordinary container, for
@@ -118,10 +162,15 @@ class InjectionSettings:
     initImage: str = "sidecar-init:latest"
     imagePullPolicy: str = "IfNotPresent"
     proxyPort: int = 8000
-    adminPort: int = 15000
+    adminPort: int = DEFAULT_ADMIN_PORT
+    healthPort: int = DEFAULT_HEALTH_PORT
     tlsPort: int = 8443
     tlsSecret: str | None = None
-    logFormat: str = "seed"
+    logFormat: str = "text"
+    proxyCPU: str = "100m"
+    proxyMemory: str = "128Mi"
+    proxyCPULimit: str = "2000m"
+    proxyMemoryLimit: str = "1Gi"
     proxyUID: int = 1337
     nativeSidecar: bool = True
 
@@ -138,8 +187,8 @@ class InjectionSettings:
         The ports the proxy itself listens on.
         """
         if self.tlsSecret:
-            return (self.tlsPort, self.adminPort)
-        return (self.proxyPort, self.adminPort)
+            return (self.tlsPort, self.adminPort, self.healthPort)
+        return (self.proxyPort, self.adminPort, self.healthPort)
 
 
 def objectName(obj: dict[str, Any]) -> str:
@@ -182,6 +231,85 @@ def _portList(value: object, what: str, wildcard: bool) -> list[str]:
     return [str(_portNumber(part, what)) for part in text.split(",") if part.strip()]
 
 
+#: A Kubernetes resource quantity: a decimal number and a suffix.
+_QUANTITY = re.compile(r"\A(\d+(?:\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][-+]?\d+)?\Z")
+_SUFFIX = {
+    None: 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def quantity(value: object, what: str) -> float:
+    """
+    Read a Kubernetes resource quantity (C{100m}, C{0.5}, C{128Mi}, C{1e3}).
+
+    @param value: the quantity.
+    @param what: where it came from, for the error.
+    @return: its value in base units (cores, bytes).
+    @raise InjectionError: if it is not a positive quantity.
+    """
+    match = _QUANTITY.match(str(value).strip())
+    if match is None:
+        raise InjectionError(
+            f"{what} must be a Kubernetes quantity such as 100m, 0.5, 128Mi or 1Gi, not {value!r}.")
+    number, suffix = match.groups()
+    if suffix is not None and suffix[0] in "eE":
+        result = float(number) * 10 ** int(suffix[1:])
+    else:
+        result = float(number) * _SUFFIX[suffix]
+    if result <= 0:
+        raise InjectionError(f"{what} must be above zero, not {value!r}.")
+    return result
+
+
+def proxyResources(
+    settings: InjectionSettings, annotations: dict[str, Any], where: str
+) -> dict[str, dict[str, str]]:
+    """
+    The proxy's requests and limits: the settings, or the pod template's
+    C{sidecar.istio.io/proxyCPU}, C{proxyMemory}, C{proxyCPULimit} and
+    C{proxyMemoryLimit} annotations.
+
+    @param settings: the injection settings.
+    @param annotations: the pod template's annotations.
+    @param where: the owning object's C{Kind/name}, for errors.
+    @return: the container's C{resources}.
+    @raise InjectionError: for a value that is not a quantity, or a request
+        above its limit (which the API server would refuse).
+    """
+    chosen = {
+        ("requests", "cpu"): (settings.proxyCPU, "--proxy-cpu"),
+        ("requests", "memory"): (settings.proxyMemory, "--proxy-memory"),
+        ("limits", "cpu"): (settings.proxyCPULimit, "--proxy-cpu-limit"),
+        ("limits", "memory"): (settings.proxyMemoryLimit, "--proxy-memory-limit"),
+    }
+    for annotation, kind, resource in RESOURCE_ANNOTATIONS:
+        if annotation in annotations:
+            chosen[kind, resource] = (str(annotations[annotation]).strip(), f"{where}'s {annotation} annotation")
+    values = {key: quantity(value, what) for key, (value, what) in chosen.items()}
+    for resource in ("cpu", "memory"):
+        if values["requests", resource] > values["limits", resource]:
+            raise InjectionError(
+                f"{where}: the proxy's {resource} request {chosen['requests', resource][0]}"
+                f" (from {chosen['requests', resource][1]}) is above its limit"
+                f" {chosen['limits', resource][0]} (from {chosen['limits', resource][1]}).")
+    return {
+        kind: {resource: chosen[kind, resource][0] for resource in ("cpu", "memory")}
+        for kind in ("requests", "limits")
+    }
+
+
+def _argList(args: Iterable[str]) -> list[str]:
+    """
+    @param args: a container's arguments.
+    @return: them as a list written on one line, each in double quotes, as a
+        command line reads (C{args: ["--listen", "8000"]}).
+    """
+    result = CommentedSeq(DoubleQuotedScalarString(arg) for arg in args)
+    result.fa.set_flow_style()
+    return result
+
+
 def _appContainers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """
     @param spec: a pod spec.
@@ -214,19 +342,21 @@ def initContainer(
     @param excluded: more ports never to capture.
     @return: the container.
     """
+    # The health port is never captured: the kubelet and Prometheus reach it
+    # from outside the pod, whatever -b says.
+    never = [str(settings.healthPort), *(p for p in excluded if p != str(settings.healthPort))]
     args = [
         "-p", str(settings.captureTo),
         "-b", ",".join(inbound),
         "-a", str(settings.adminPort),
         "-t", str(settings.tlsPort),
+        "-d", ",".join(never),
     ]
-    if excluded:
-        args += ["-d", ",".join(excluded)]
     return {
         "name": INIT_NAME,
         "image": settings.initImage,
         "imagePullPolicy": settings.imagePullPolicy,
-        "args": args,
+        "args": _argList(args),
         "securityContext": {
             "runAsUser": 0,
             "runAsNonRoot": False,
@@ -236,7 +366,7 @@ def initContainer(
     }
 
 
-def _adminProbe(
+def _healthProbe(
     settings: InjectionSettings,
     path: str,
     periodSeconds: int,
@@ -244,10 +374,10 @@ def _adminProbe(
     timeoutSeconds: int | None = None,
 ) -> dict[str, Any]:
     """
-    An HTTP probe on the admin server.
+    An HTTP probe on the health port.
 
     @param settings: the injection settings.
-    @param path: the admin path asked.
+    @param path: the path asked.
     @param periodSeconds: how often.
     @param failureThreshold: how many failures in a row count.
     @param timeoutSeconds: how long one answer may take; L{None} for
@@ -255,7 +385,7 @@ def _adminProbe(
     @return: the probe.
     """
     probe: dict[str, Any] = {
-        "httpGet": {"path": path, "port": settings.adminPort},
+        "httpGet": {"path": path, "port": settings.healthPort},
         "periodSeconds": periodSeconds,
     }
     if timeoutSeconds is not None:
@@ -275,12 +405,16 @@ def downwardEnv() -> list[dict[str, Any]]:
     ]
 
 
-def proxyContainer(settings: InjectionSettings, servicePort: int) -> dict[str, Any]:
+def proxyContainer(
+    settings: InjectionSettings, servicePort: int, resources: dict[str, dict[str, str]] | None = None
+) -> dict[str, Any]:
     """
     The proxy container.
 
     @param settings: the injection settings.
     @param servicePort: the port of the service the proxy forwards to.
+    @param resources: its requests and limits (L{proxyResources}); L{None}
+        for the settings'.
     @return: the container.
     """
     if settings.tlsSecret:
@@ -295,33 +429,37 @@ def proxyContainer(settings: InjectionSettings, servicePort: int) -> dict[str, A
     else:
         listen = ["--listen", str(settings.proxyPort)]
         ports = [{"name": "sidecar-http", "containerPort": settings.proxyPort}]
-    ports.append({"name": "sidecar-admin", "containerPort": settings.adminPort})
+    ports.append({"name": "sidecar-health", "containerPort": settings.healthPort})
+    args = [*listen, "--upstream", str(servicePort)]
+    # The proxy's defaults are the admin on 127.0.0.1:15000 and the health port
+    # on 15021; other ports are said, the admin's still on loopback.
+    if settings.adminPort != DEFAULT_ADMIN_PORT:
+        args += ["--admin", f"tcp:{settings.adminPort}:interface=127.0.0.1"]
+    if settings.healthPort != DEFAULT_HEALTH_PORT:
+        args += ["--health", str(settings.healthPort)]
+    args += ["--log-format", settings.logFormat, "--access-log", "-"]
     container: dict[str, Any] = {
         "name": PROXY_NAME,
         "image": settings.proxyImage,
         "imagePullPolicy": settings.imagePullPolicy,
-        "args": [
-            *listen,
-            "--upstream", str(servicePort),
-            "--admin", str(settings.adminPort),
-            "--log-format", settings.logFormat,
-            "--access-log", "-",
-        ],
+        "args": _argList(args),
         "env": downwardEnv(),
         "ports": ports,
+        "resources": resources or proxyResources(settings, {}, "the settings"),
     }
     if settings.nativeSidecar:
         container["restartPolicy"] = "Always"
     # The kubelet starts the service only once the startup probe passes (native
     # sidecars); the readiness probe keeps the pod out of its Services when the
     # proxy cannot serve. The liveness probe (which starts once the startup
-    # probe passed) must not ask /ready: that is 503 while the proxy drains,
-    # and a liveness failure would restart a proxy finishing its requests. It
-    # asks /server_info, which fails only when the process does not answer:
-    # about 30 s of that (3 misses 10 s apart, 3 s each) restarts the proxy.
-    container["startupProbe"] = _adminProbe(settings, READY_PATH, periodSeconds=1, failureThreshold=30)
-    container["readinessProbe"] = _adminProbe(settings, READY_PATH, periodSeconds=5, failureThreshold=3)
-    container["livenessProbe"] = _adminProbe(
+    # probe passed) must not ask /healthz/ready: that is 503 while the proxy
+    # drains, and a liveness failure would restart a proxy finishing its
+    # requests. It asks /stats/prometheus, which fails only when the process
+    # does not answer: about 30 s of that (3 misses 10 s apart, 3 s each)
+    # restarts the proxy.
+    container["startupProbe"] = _healthProbe(settings, READY_PATH, periodSeconds=1, failureThreshold=30)
+    container["readinessProbe"] = _healthProbe(settings, READY_PATH, periodSeconds=5, failureThreshold=3)
+    container["livenessProbe"] = _healthProbe(
         settings, LIVE_PATH, periodSeconds=10, failureThreshold=3, timeoutSeconds=3
     )
     container["securityContext"] = {
@@ -374,7 +512,7 @@ def injectTemplate(template: dict[str, Any], where: str, settings: InjectionSett
         if port in settings.ownPorts:
             raise InjectionError(
                 f"{where}: container {container} uses port {port}, which the proxy needs;"
-                f" choose other ports for the proxy with --proxy-port, --admin-port or --tls-port."
+                f" choose other ports for the proxy with --proxy-port, --admin-port, --health-port or --tls-port."
             )
     if SERVICE_PORT_ANNOTATION in annotations:
         servicePort = _portNumber(
@@ -400,17 +538,22 @@ def injectTemplate(template: dict[str, Any], where: str, settings: InjectionSett
         wildcard=False,
     )
 
+    resources = proxyResources(settings, annotations, where)
+
     ours = (INIT_NAME, PROXY_NAME)
     initContainers = [initContainer(settings, inbound, excluded)]
     containers = _without(spec.get("containers"), ours)
-    proxy = proxyContainer(settings, servicePort)
+    proxy = proxyContainer(settings, servicePort, resources)
     if settings.nativeSidecar:
         initContainers.append(proxy)
     else:
         containers.append(proxy)
     initContainers += _without(spec.get("initContainers"), ours)
-    if "initContainers" not in spec:
-        # Readers expect the init containers just before the containers.
+    if "initContainers" not in spec and "containers" in spec and hasattr(spec, "insert"):
+        # Readers expect the init containers just before the containers; a
+        # round-trip map keeps its comments when a key is inserted.
+        spec.insert(list(spec).index("containers"), "initContainers", initContainers)
+    elif "initContainers" not in spec:
         reordered = {}
         for key, value in spec.items():
             if key == "containers":
@@ -436,7 +579,31 @@ def injectTemplate(template: dict[str, Any], where: str, settings: InjectionSett
         spec["volumes"] = volumes
     else:
         spec.pop("volumes", None)
+    _scrapeAnnotations(template, settings)
     return None
+
+
+def _scrapeAnnotations(template: dict[str, Any], settings: InjectionSettings) -> None:
+    """
+    Point Prometheus at the proxy's metrics on the health port, as Istio
+    annotates injected pods, unless the pod template has scrape annotations of
+    its own (an earlier injection's, on C{/stats/prometheus}, are replaced).
+
+    @param template: the pod template, changed in place.
+    @param settings: the injection settings.
+    """
+    metadata = template.get("metadata")
+    if metadata is None:
+        metadata = template["metadata"] = {}
+    annotations = metadata.get("annotations")
+    if annotations is None:
+        annotations = metadata["annotations"] = {}
+    own = PROMETHEUS_SCRAPE in annotations or PROMETHEUS_PORT in annotations
+    if own and annotations.get(PROMETHEUS_PATH) != METRICS_PATH:
+        return
+    annotations[PROMETHEUS_SCRAPE] = "true"
+    annotations[PROMETHEUS_PORT] = str(settings.healthPort)
+    annotations[PROMETHEUS_PATH] = METRICS_PATH
 
 
 def injectObject(obj: object, settings: InjectionSettings) -> tuple[object, list[str]]:
@@ -488,8 +655,8 @@ def injectStream(text: str, settings: InjectionSettings) -> tuple[str, list[str]
         injected.
     """
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as e:
+        documents = [doc for doc in _yaml().load_all(text) if doc is not None]
+    except YAMLError as e:
         raise InjectionError(f"the input is not valid YAML ({_describeYAMLError(e)}).") from e
     output = []
     notes: list[str] = []
@@ -499,25 +666,60 @@ def injectStream(text: str, settings: InjectionSettings) -> tuple[str, list[str]
         notes += more
     if not output:
         return "", notes
-    return dumpStream(output), notes
+    return _leadingComments(text) + dumpStream(output), notes
+
+
+def _yaml() -> YAML:
+    """
+    @return: a round-trip reader and writer: comments, key order and the
+        input's quoting kept; block style, sequences at their key's column,
+        one C{---} before each document.
+    """
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.width = 100
+    rt.explicit_start = True
+    rt.indent(mapping=2, sequence=2, offset=0)
+    return rt
 
 
 def dumpStream(documents: Sequence[object]) -> str:
     """
     Write documents as a readable YAML stream: block style, keys in their
-    original order, one C{---} before each document.
+    original order, comments where the input had them, one C{---} before
+    each document.
 
-    @param documents: the objects.
+    @param documents: the objects (plain or as L{_yaml} read them).
     @return: the YAML text.
     """
-    return yaml.safe_dump_all(
-        documents, explicit_start=True, sort_keys=False, default_flow_style=False, width=100
-    )
+    out = io.StringIO()
+    _yaml().dump_all(documents, out)
+    return out.getvalue()
 
 
-def _describeYAMLError(error: yaml.YAMLError) -> str:
+def _leadingComments(text: str) -> str:
     """
-    @param error: a PyYAML error.
+    The comment lines before the first C{---} of a stream, which the YAML
+    round trip drops (those after it, it keeps).
+
+    @param text: the input stream.
+    @return: those lines, or C{""}.
+    """
+    prefix = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            prefix.append(line)
+            continue
+        if stripped == "---" or stripped.startswith("--- "):
+            return "".join(prefix).lstrip("\n") if any(p.strip() for p in prefix) else ""
+        break
+    return ""
+
+
+def _describeYAMLError(error: YAMLError) -> str:
+    """
+    @param error: a YAML error.
     @return: its problem and line, in a few words.
     """
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -560,6 +762,21 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
 
 
+def _quantity(text: str) -> str:
+    """
+    Read a resource flag's value.
+
+    @param text: the value.
+    @return: it, checked.
+    @raise argparse.ArgumentTypeError: if it is not a Kubernetes quantity.
+    """
+    try:
+        quantity(text, "the value")
+    except InjectionError as e:
+        raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
+    return text.strip()
+
+
 def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
     """
     @param errors: where usage errors go; L{None} for C{sys.stderr}.
@@ -578,7 +795,9 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
             f" {SERVICE_PORT_ANNOTATION} is the port the proxy forwards to (default:"
             f" the first TCP container port); {INBOUND_PORTS_ANNOTATION} the ports"
             f" captured (default: the service port; * for all);"
-            f" {EXCLUDE_PORTS_ANNOTATION} ports never captured."
+            f" {EXCLUDE_PORTS_ANNOTATION} ports never captured;"
+            f" {', '.join(a for a, _, _ in RESOURCE_ANNOTATIONS)} the proxy's requests"
+            f" and limits, as in Istio."
         ),
     )
     p.add_argument("-f", "--filename", default="-", help="the YAML file to read, - for stdin (default)")
@@ -590,7 +809,8 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
         choices=("Always", "IfNotPresent", "Never"), help="for both images (default: %(default)s)",
     )
     p.add_argument("--proxy-port", type=_port, default=defaults.proxyPort, help="the proxy's plain HTTP port (default: %(default)s)")
-    p.add_argument("--admin-port", type=_port, default=defaults.adminPort, help="the proxy's admin port, probed at /ready and /server_info (default: %(default)s)")
+    p.add_argument("--admin-port", type=_port, default=defaults.adminPort, help="the proxy's admin port, on loopback only (default: %(default)s)")
+    p.add_argument("--health-port", type=_port, default=defaults.healthPort, help="the proxy's health port, probed at /healthz/ready and scraped at /stats/prometheus (default: %(default)s)")
     p.add_argument("--tls-port", type=_port, default=defaults.tlsPort, help="the proxy's TLS port (default: %(default)s)")
     p.add_argument(
         "--tls-secret", default=None, metavar="NAME",
@@ -604,6 +824,14 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
         "--native-sidecar", action=argparse.BooleanOptionalAction, default=defaults.nativeSidecar,
         help="run the proxy as a native sidecar (Kubernetes 1.29+; default) or as an ordinary container",
     )
+    for flag, value, what in (
+        ("--proxy-cpu", defaults.proxyCPU, "CPU request"),
+        ("--proxy-memory", defaults.proxyMemory, "memory request"),
+        ("--proxy-cpu-limit", defaults.proxyCPULimit, "CPU limit"),
+        ("--proxy-memory-limit", defaults.proxyMemoryLimit, "memory limit"),
+    ):
+        p.add_argument(flag, type=_quantity, default=value, metavar="QUANTITY",
+                       help=f"the proxy's {what} (default: %(default)s)")
     p.errors = errors
     return p
 
@@ -634,10 +862,15 @@ def main(
         imagePullPolicy=options.image_pull_policy,
         proxyPort=options.proxy_port,
         adminPort=options.admin_port,
+        healthPort=options.health_port,
         tlsPort=options.tls_port,
         tlsSecret=options.tls_secret,
         logFormat=options.log_format,
         nativeSidecar=options.native_sidecar,
+        proxyCPU=options.proxy_cpu,
+        proxyMemory=options.proxy_memory,
+        proxyCPULimit=options.proxy_cpu_limit,
+        proxyMemoryLimit=options.proxy_memory_limit,
     )
     prog = "sidecar-inject"
     try:

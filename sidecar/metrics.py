@@ -20,6 +20,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -266,6 +268,16 @@ def _buckets(histogram: Histogram) -> List[Tuple[str, float]]:
     return [(floatToGoString(bound), count) for bound, count in histogram.cumulative()]
 
 
+def runtimeCollectors() -> Tuple[Any, ...]:
+    """
+    C{prometheus_client}'s process collector (C{process_cpu_seconds_total},
+    C{process_resident_memory_bytes}, C{process_open_fds}, ..., read from C{/proc} when
+    scraped) and platform collector (C{python_info}, worked out once, here), registered
+    in no global registry: the service hands them to its L{SidecarCollector}.
+    """
+    return (ProcessCollector(registry=None), PlatformCollector(registry=None))
+
+
 class SidecarCollector:
     """
     A C{prometheus_client} collector that reads the recorder, the pool and the engine
@@ -283,12 +295,19 @@ class SidecarCollector:
     @ivar tls: the L{sidecar.mtls.MutualTLS} counters (C{handshakes},
         C{handshakeFailures}, C{handshakeTimeouts}, C{denials}, C{context.rotations},
         C{context.failures}), or C{None} without mutual TLS.
+    @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},
+        C{limit}), or C{None} without an access log.
+    @ivar runtime: more collectors whose families follow ours (L{runtimeCollectors});
+        they are read when scraped, in the formatting thread, never per request.
     """
 
     def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
                  startTime: float, version: str = "",
-                 localPrincipal: Callable[[], str] = lambda: "", tls: Any = None) -> None:
+                 localPrincipal: Callable[[], str] = lambda: "", tls: Any = None,
+                 accessLog: Any = None, runtime: Sequence[Any] = ()) -> None:
         self.tls = tls
+        self.accessLog = accessLog
+        self.runtime = tuple(runtime)
         self.recorder = recorder
         self.localPrincipal = localPrincipal
         self.pool = pool
@@ -323,9 +342,12 @@ class SidecarCollector:
             handshakes=tls.handshakes, handshakeFailures=tls.handshakeFailures,
             handshakeTimeouts=tls.handshakeTimeouts, denials=tls.denials,
             context=SimpleNamespace(rotations=tls.context.rotations, failures=tls.context.failures))
+        log = self.accessLog
+        frozenLog = None if log is None else SimpleNamespace(dropped=log.dropped, buffered=log.buffered,
+                                                             limit=log.limit)
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
                                 self.startTime, self.version, localPrincipal=lambda: principal,
-                                tls=frozenTLS)
+                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -377,7 +399,12 @@ class SidecarCollector:
         if requestMessages.samples:
             yield requestMessages
             yield responseMessages
+        build = GaugeMetricFamily("istio_build", "Istio component build info", labels=("component", "tag"))
+        build.add_metric(("proxy", self.version), 1)
+        yield build
         yield from self.sidecarMetrics()
+        for collector in self.runtime:
+            yield from collector.collect()
 
     def sidecarMetrics(self) -> Iterator[Metric]:
         """
@@ -433,6 +460,15 @@ class SidecarCollector:
         info = GaugeMetricFamily("sidecar_build_info", "The sidecar's version.", labels=("version",))
         info.add_metric((self.version,), 1)
         yield info
+        accessLog = self.accessLog
+        if accessLog is not None:
+            yield CounterMetricFamily(
+                "sidecar_access_log_dropped_records_total",
+                "Access log records dropped because the log's output was not read and its buffer was full.",
+                value=accessLog.dropped)
+            yield GaugeMetricFamily(
+                "sidecar_access_log_buffered_bytes",
+                "Access log bytes waiting for the log's output to take them.", value=accessLog.buffered)
         tls = self.tls
         if tls is not None:
             for name, help, value in (

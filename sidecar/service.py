@@ -6,39 +6,29 @@ L{ProxyConfig}.  It decides nothing; every policy lives in the modules it wires.
 
 from __future__ import annotations
 
-import io
-import os
-import sys
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
+from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
 
-from sidecar.accesslog import FORMATS, AccessLog
+from sidecar.accesslog import FORMATS, AccessLog, LogOutput, openOutput
 from sidecar.config import ProxyConfig
 from sidecar.exchange import Engine
 from sidecar.stats import Recorder
 from sidecar.upstream import UpstreamPool
-from sidecar.admin import adminSite
+from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
-from sidecar.metrics import SidecarCollector
+from sidecar.metrics import SidecarCollector, runtimeCollectors
 
-def openAccessLog(path: Optional[str]) -> Optional[IO[str]]:
+def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
-    The stream the access log writes to: a duplicate of file descriptor 1 for C{"-"}
-    (twistd later replaces C{sys.stdout} with its own logger), a file opened for
-    appending otherwise.
+    The output the access log writes to without blocking (L{openOutput}): standard
+    output for C{"-"}, a file opened for appending otherwise, nothing for C{None}.
     """
     if path is None:
         return None
-    if path == "-":
-        try:
-            fd = os.dup(sys.stdout.fileno())
-        except (AttributeError, OSError, io.UnsupportedOperation):
-            return sys.stdout
-        return os.fdopen(fd, "w", buffering=64 * 1024, encoding="utf-8")
-    return open(path, "a", buffering=64 * 1024, encoding="utf-8")
+    return openOutput(path)
 
 
 class SidecarService(MultiService):
@@ -53,9 +43,9 @@ class SidecarService(MultiService):
         self.reactor = reactor
         self.accessLog: Optional[AccessLog] = None
         sinks = []
-        stream = openAccessLog(config.accessLog)
-        if stream is not None:
-            self.accessLog = AccessLog(stream, FORMATS[config.logFormat], reactor)
+        output = openAccessLog(config.accessLog)
+        if output is not None:
+            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer)
             sinks.append(self.accessLog)
         self.recorder = Recorder(sinks)
         self.pool = UpstreamPool(reactor, reactor, config.upstream)
@@ -108,19 +98,23 @@ class SidecarService(MultiService):
         self.collector = SidecarCollector(
             self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
-            tls=self.tls)
+            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors())
         self.adminListeners = []
+        self.healthListeners = []
         self.lifecycle = Lifecycle(
             reactor, config.lifecycle, self.engine, self.recorder, self.listeners, config.upstream,
             connections=self._clientConnections,
             flush=self.accessLog.flush if self.accessLog is not None else (lambda: None),
             announce=self._readyLine,
-            adminListeners=lambda: self.adminListeners,
+            adminListeners=lambda: self.adminListeners + self.healthListeners,
         )
         if config.admin is not None:
             site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime,
                              offload=self._offload)
             self.adminListeners.append(self._listen(config.admin, site))
+        if config.health is not None:
+            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload)
+            self.healthListeners.append(self._listen(config.health, health))
         self.lifecycle.setServiceParent(self)
 
     def _offload(self, f: Any, *args: Any) -> Any:
@@ -150,9 +144,11 @@ class SidecarService(MultiService):
 
     def _readyLine(self, addresses: list) -> str:
         proxied = addresses[:len(self.listeners)]
-        admin = addresses[len(self.listeners):]
+        admin = addresses[len(self.listeners):len(self.listeners) + len(self.adminListeners)]
+        health = addresses[len(self.listeners) + len(self.adminListeners):]
         return (f"sidecar ready: listening on {', '.join(proxied)} ({self.config.engine} front door), "
-                f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}")
+                f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}, "
+                f"health on {', '.join(health) or 'none'}")
 
     def proxyFactory(self) -> Any:
         """
@@ -177,8 +173,7 @@ class SidecarService(MultiService):
                                 self.config.requestHeadTimeout)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
-        service = StreamServerEndpointService(serverFromString(self.reactor, description), factory)
-        service._raiseSynchronously = True
+        service = strports.service(description, factory, reactor=self.reactor)
         service.setServiceParent(self)
         return service
 

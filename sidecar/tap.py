@@ -19,10 +19,10 @@ from sidecar.config import ENGINES, LOG_FORMATS, ProxyConfig, UpstreamConfig
 from sidecar.config import TLS_MODES, TLSConfig
 
 
-def _endpoint(flag: str, value: str, allowNone: bool = True) -> Optional[str]:
+def _endpoint(flag: str, value: str, allowNone: bool = True, interface: str = "") -> Optional[str]:
     """
-    A bare port becomes C{tcp:PORT} (every interface); anything else must be a Twisted
-    server endpoint string.
+    A bare port becomes C{tcp:PORT} (every interface, or C{interface} when given);
+    anything else must be a Twisted server endpoint string.
     """
     value = value.strip()
     if allowNone and value.lower() == "none":
@@ -31,7 +31,7 @@ def _endpoint(flag: str, value: str, allowNone: bool = True) -> Optional[str]:
         port = int(value)
         if not 0 <= port <= 65535:
             raise usage.UsageError(f"{flag}: port {value} is out of range (0-65535).")
-        return f"tcp:{port}"
+        return f"tcp:{port}:interface={interface}" if interface else f"tcp:{port}"
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
@@ -167,7 +167,11 @@ class Options(usage.Options):
         ["upstream-max-connections", None, "1024", "Connections to the service at most (Envoy's circuit breaker)."],
         ["upstream-max-pending", None, "1024", "Requests waiting for a connection at most; past it, 503 (UO)."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
-        ["admin", None, "15000", "Admin server: a port, a Twisted endpoint, or none."],
+        ["admin", None, "15000", "Admin server: a port (on 127.0.0.1), a Twisted endpoint, or none."],
+        ["health", None, "15021", "Health and metrics port (/ready, /healthz/ready, /stats/prometheus only): "
+                                  "a port (all interfaces), a Twisted endpoint, or none."],
+        ["access-log-buffer", None, "1048576", "Bytes of access log records held while the log is not read; "
+                                               "beyond, records are dropped and counted."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
@@ -288,7 +292,9 @@ class Options(usage.Options):
             accessLog=_accessLog(self["access-log"]),
             logFormat=logFormat,
             engine=engine,
-            admin=_endpoint("--admin", self["admin"]),
+            admin=_endpoint("--admin", self["admin"], interface="127.0.0.1"),
+            health=_endpoint("--health", self["health"]),
+            accessLogBuffer=_count("--access-log-buffer", self["access-log-buffer"], 4096),
             maxHeaderBytes=maxHeaderBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
@@ -300,6 +306,27 @@ class Options(usage.Options):
             self["config"] = attrs.evolve(self["config"], tls=tls)
         if listen is None and (tls is None or tls.listen is None):
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
+        _noForegroundPidfile(getattr(self, "parent", None))
+
+
+def _noForegroundPidfile(twistdOptions: Optional[usage.Options]) -> None:
+    """
+    In the foreground (C{twistd -n sidecar}, as in containers and the README), write
+    no pid file unless another one is named: twistd's default, C{twistd.pid} in the
+    current folder, would stop a second proxy started in the same folder, and cannot
+    be written on a read-only root filesystem. A daemon keeps it: the pid file is
+    how it is found and stopped.
+
+    @param twistdOptions: twistd's own options, the parent of the plugin's, or
+        L{None} when the plugin's options are parsed alone.
+    """
+    if twistdOptions is None:
+        return
+    try:
+        if twistdOptions["nodaemon"] and twistdOptions["pidfile"] == "twistd.pid":
+            twistdOptions["pidfile"] = ""
+    except KeyError:
+        pass
 
 
 def makeService(options: Options):

@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence, Tuple
 
 from twisted.internet import tcp
 
+from sidecar.compat import writeQueueEmpty
+
 #: Bytes read per event, and the write buffer past which a producer is paused.  Twisted's
 #: 64 KiB makes a 64 KiB POST two reads (head + body); 128 KiB makes it one, and halves
 #: the events of a large download, while memory per connection stays bounded.
@@ -64,9 +66,7 @@ def _optimistic(transport: tcp.Connection) -> Tuple[Write, WriteSequence]:
     fallback = transport.write
     fallbackSequence = transport.writeSequence
 
-    def idle() -> bool:
-        return not (transport._tempDataLen or transport.dataBuffer or transport.disconnecting
-                    or transport._writeDisconnected or not transport.connected)
+    idle = writeQueueEmpty(transport)
 
     def write(data: bytes) -> None:
         if not idle():

@@ -502,12 +502,15 @@ def portAnswers(port: int) -> defer.Deferred:
 
 def startSidecar(case: Any, *args: str) -> defer.Deferred:
     """
-    Start C{twistd -n sidecar ARGS} from this working tree on a free port; fire with
-    C{(child, port)} once it accepts connections.
+    Start C{twistd -n sidecar ARGS} from this working tree on a free port (and
+    C{--health none} unless C{ARGS} name one); fire with C{(child, port)} once it
+    accepts connections.
     """
     port = freePort()
+    # No fixed health port (15021, every interface) unless the test asks for one.
+    health = () if "--health" in args else ("--health", "none")
     argv = [PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sidecar",
-            "--listen", f"tcp:{port}:interface=127.0.0.1", *args]
+            "--listen", f"tcp:{port}:interface=127.0.0.1", *health, *args]
     child = ChildProcess(case, argv)
     return portAnswers(port).addCallback(lambda _: (child, port))
 

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from sidecar.admin import REDACTED, adminSite, configDump, isLoopback
+from sidecar.admin import REDACTED, adminSite, configDump, healthSite, isLoopback
 from sidecar.config import ProxyConfig, UpstreamConfig
 from sidecar.drain import DRAINING
 from tests.test_drain import Harness
@@ -212,14 +212,15 @@ class MutationTests(AdminSiteMixin, SynchronousTestCase):
 
     def test_quitquitquit(self) -> None:
         """
-        C{POST /quitquitquit} from loopback answers 200, drains and exits (nothing in
-        flight: right after the drain period).
+        C{POST /quitquitquit} from loopback answers 200 and, with nothing in flight,
+        exits on the next turn of the reactor (once the answer is on its way), without
+        the drain period.
         """
         response = self.request("POST", "/quitquitquit")
         self.assertEqual((response.status, response.body), (200, b"OK\n"))
         self.assertTrue(self.lifecycle.exiting)
         self.assertFalse(self.harness.stopped)
-        self.harness.reactor.advance(5.0)
+        self.harness.reactor.advance(0)
         self.assertTrue(self.harness.stopped)
 
     def test_quitquitquitFromElsewhere(self) -> None:
@@ -252,6 +253,59 @@ class MutationTests(AdminSiteMixin, SynchronousTestCase):
         self.assertEqual(self.request("GET", "/ready").status, 503)
         self.assertEqual(self.request("POST", "/healthcheck/ok").status, 200)
         self.assertEqual(self.request("GET", "/ready").status, 200)
+
+
+class HealthSiteTests(AdminSiteMixin, SynchronousTestCase):
+    """
+    The network-facing health port: readiness and the metrics, nothing else.
+    """
+
+    def setUp(self) -> None:
+        AdminSiteMixin.setUp(self)
+        self.site = healthSite(self.fixture.collector, self.lifecycle, self.harness.reactor)
+
+    def test_ready(self) -> None:
+        """
+        C{GET /ready} and C{GET /healthz/ready} (Istio's path) give the admin site's
+        answer: 200 C{LIVE}, then 503 after a failed health check or once draining.
+        """
+        for path in ("/ready", "/healthz/ready"):
+            response = self.request("GET", path)
+            self.assertEqual((response.status, response.body), (200, b"LIVE\n"), path)
+        self.lifecycle.failHealthcheck()
+        for path in ("/ready", "/healthz/ready"):
+            self.assertEqual(self.request("GET", path).status, 503, path)
+        self.lifecycle.passHealthcheck()
+        self.lifecycle.startDrain()
+        for path in ("/ready", "/healthz/ready"):
+            response = self.request("GET", path)
+            self.assertEqual((response.status, response.body), (503, b"DRAINING\n"), path)
+
+    def test_prometheus(self) -> None:
+        """
+        C{GET /stats/prometheus} serves the same exposition as the admin site.
+        """
+        response = self.request("GET", "/stats/prometheus")
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers["content-type"].startswith("text/plain; version=0.0.4"))
+        families = {f.name: f for f in text_string_to_metric_families(response.body.decode())}
+        counts = {s.labels["response_code"]: s.value for s in families["istio_requests"].samples}
+        self.assertEqual(counts, {"200": 2, "404": 1})
+
+    def test_nothingElse(self) -> None:
+        """
+        Every other path is 404, from any client, and no mutation happens: the
+        configuration, the JSON stats, the index and the actions stay on the admin site.
+        """
+        for method, path in [("GET", "/"), ("GET", "/config_dump"), ("GET", "/server_info"), ("GET", "/stats"),
+                             ("GET", "/stats?format=json"), ("GET", "/stats/prometheus/"), ("GET", "/ready/x"),
+                             ("GET", "/healthz"), ("GET", "/healthz/ready/"), ("POST", "/quitquitquit"),
+                             ("POST", "/drain_listeners"), ("POST", "/healthcheck/fail"), ("GET", "/nope")]:
+            for peer in (LOOPBACK, IPv4Address("TCP", "10.1.2.3", 5555)):
+                self.assertEqual(self.request(method, path, peer=peer).status, 404, (method, path))
+        self.assertEqual(self.lifecycle.state, "LIVE")
+        self.assertFalse(self.lifecycle.exiting)
+        self.assertFalse(self.lifecycle.healthcheckFailed)
 
 
 @attrs.frozen

@@ -9,6 +9,7 @@ PID in a cleanup.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import importlib.util
 import json
@@ -33,7 +34,8 @@ from tests.test_metrics import promtoolProblems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-READY = re.compile(r"sidecar ready: listening on 127\.0\.0\.1:(\d+) .*admin on 127\.0\.0\.1:(\d+)")
+READY = re.compile(r"sidecar ready: listening on 127\.0\.0\.1:(\d+) .*admin on 127\.0\.0\.1:(\d+), "
+                   r"health on (?:127\.0\.0\.1:(\d+)|none)")
 
 
 def missingPeers() -> Optional[str]:
@@ -160,10 +162,11 @@ class Sidecar(Child):
         else:
             prefix = [sys.executable, "-m", "twisted"]
         argv = prefix + ["sidecar", "--listen", "tcp:0:interface=127.0.0.1", "--admin",
-                         "tcp:0:interface=127.0.0.1", "--upstream", str(upstream),
+                         "tcp:0:interface=127.0.0.1", "--health", "tcp:0:interface=127.0.0.1",
+                         "--upstream", str(upstream),
                          "--access-log", self.accessLog.path, *flags]
         Child.__init__(self, testCase, argv, FilePath(testCase.mktemp()), cwd=directory.path)
-        self.port = self.adminPort = 0
+        self.port = self.adminPort = self.healthPort = 0
         if waitReady:
             self.waitReady()
 
@@ -176,6 +179,7 @@ class Sidecar(Child):
         waitFor(ready, "the sidecar's start-up line", timeout)
         match = READY.search(self.text())
         self.port, self.adminPort = int(match.group(1)), int(match.group(2))
+        self.healthPort = int(match.group(3) or 0)
 
     def admin(self, method: str, path: str) -> Tuple[int, Dict[str, str], bytes]:
         return request(self.adminPort, method, path)
@@ -335,7 +339,7 @@ class MetricsProcessTests(SynchronousTestCase):
 
     def test_prometheusScrapes(self) -> None:
         """
-        A real Prometheus server scrapes the admin port and its query API returns
+        A real Prometheus server scrapes the health port and its query API returns
         C{istio_requests_total} for the sidecar's workload.
         """
         prometheus = shutil.which("prometheus")
@@ -348,7 +352,7 @@ class MetricsProcessTests(SynchronousTestCase):
         config.setContent(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: sidecar\n    metrics_path: /stats/prometheus\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{sidecar.adminPort}']\n".encode())
+            f"    static_configs:\n      - targets: ['127.0.0.1:{sidecar.healthPort}']\n".encode())
         storage = FilePath(self.mktemp())
         port = freePort()
         server = Child(self, [prometheus, f"--config.file={config.path}", f"--storage.tsdb.path={storage.path}",
@@ -464,6 +468,46 @@ class DrainProcessTests(SynchronousTestCase):
         self.assertEqual(sidecar.wait(10), 0, sidecar.text())
         self.assertLess(time.monotonic() - started, 5.0)
 
+    def test_quitquitquitPrompt(self) -> None:
+        """
+        With nothing in flight, C{POST /quitquitquit} exits with status 0 within a
+        second, even with the default 5 s drain timeout and an idle keep-alive client
+        connected (Envoy's semantics, what a Job calls when its work is done).
+        """
+        sidecar = Sidecar(self, self.upstream)
+        keepAlive = http.client.HTTPConnection("127.0.0.1", sidecar.port, timeout=10)
+        self.addCleanup(keepAlive.close)
+        keepAlive.request("GET", "/status/200")
+        self.assertEqual(keepAlive.getresponse().read(), b"")
+        started = time.monotonic()
+        status, _, body = sidecar.admin("POST", "/quitquitquit")
+        self.assertEqual((status, body), (200, b"OK\n"))
+        self.assertEqual(sidecar.wait(10), 0, sidecar.text())
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn('"GET /status/200 HTTP/1.1" 200', sidecar.accessLog.getContent().decode())
+
+    def test_quitquitquitWaitsForInFlight(self) -> None:
+        """
+        With a request in flight, C{POST /quitquitquit} closes the listener at once,
+        lets the request finish with 200, and exits within a second of its end (well
+        before the drain timeout).
+        """
+        sidecar = Sidecar(self, self.upstream, "--drain-timeout", "10")
+        slow = Background(lambda: sidecar.get("/delay/2"))
+        waitForInFlight(sidecar)
+        started = time.monotonic()
+        self.assertEqual(sidecar.admin("POST", "/quitquitquit")[0], 200)
+        waitFor(lambda: not canConnect(sidecar.port), "the listener to close", timeout=1)
+        code = sidecar.wait(15)
+        exited = time.monotonic()
+        slow.join(10)
+        self.assertEqual(code, 0, sidecar.text())
+        self.assertIsNone(slow.error)
+        self.assertEqual(slow.result[0], 200)
+        self.assertLess(exited - slow.ended, 1.0)
+        self.assertLess(exited - started, 10.0)
+        self.assertIn('"GET /delay/2 HTTP/1.1" 200', sidecar.accessLog.getContent().decode())
+
     def test_waitForUpstream(self) -> None:
         """
         With C{--wait-for-upstream}, C{/ready} answers 503 and the start-up line waits
@@ -490,3 +534,131 @@ class DrainProcessTests(SynchronousTestCase):
         """
         match = waitFor(lambda: re.search(r"AdminSite starting on (\d+)", sidecar.text()), "the admin site")
         return int(match.group(1))
+
+
+class PortsProcessTests(SynchronousTestCase):
+    """
+    Where the admin site and the health port listen, and what each serves.
+    """
+
+    def setUp(self) -> None:
+        reason = missingPeers()
+        if reason is not None:
+            raise self.skipTest(reason)
+        self.upstream = startHttpbin(self)
+
+    def test_bareAdminPortIsLoopback(self) -> None:
+        """
+        A bare C{--admin} port listens on 127.0.0.1 only, a bare C{--health} port on
+        every interface, as the start-up line says (it prints the bound addresses).
+        """
+        admin, health = freePort(), freePort()
+        sidecar = Sidecar(self, self.upstream, "--admin", str(admin), "--health", str(health), waitReady=False)
+        waitFor(lambda: "sidecar ready" in sidecar.text() or sidecar.process.poll() is not None,
+                "the start-up line")
+        self.assertIn(f"admin on 127.0.0.1:{admin}, health on 0.0.0.0:{health}", sidecar.text())
+        self.assertEqual(request(health, "GET", "/healthz/ready")[:3:2], (200, b"LIVE\n"))
+        self.assertEqual(request(admin, "GET", "/config_dump")[0], 200)
+
+    def test_healthPort(self) -> None:
+        """
+        The health port answers C{/ready} and C{/healthz/ready} as the admin site's
+        C{/ready}, serves the metrics (with C{istio_build}, C{process_*} and
+        C{python_info}), and 404 for everything else, mutations included: a C{POST
+        /quitquitquit} there neither answers nor stops the process.
+        """
+        from sidecar import __version__
+
+        sidecar = Sidecar(self, self.upstream)
+        self.assertEqual(sidecar.get("/status/200")[0], 200)
+        for path in ("/ready", "/healthz/ready"):
+            self.assertEqual(request(sidecar.healthPort, "GET", path)[:3:2], (200, b"LIVE\n"), path)
+        status, headers, body = request(sidecar.healthPort, "GET", "/stats/prometheus")
+        self.assertEqual(status, 200)
+        samples = {s.name: s for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        self.assertEqual(samples["istio_build"].labels, {"component": "proxy", "tag": __version__})
+        self.assertEqual(samples["istio_requests_total"].value, 1)
+        self.assertGreater(samples["process_resident_memory_bytes"].value, 1024 * 1024)
+        self.assertGreater(samples["process_open_fds"].value, 3)
+        self.assertIn("python_info", samples)
+        for method, path in (("GET", "/config_dump"), ("GET", "/server_info"), ("GET", "/stats"), ("GET", "/"),
+                             ("POST", "/quitquitquit"), ("POST", "/healthcheck/fail"),
+                             ("POST", "/drain_listeners")):
+            self.assertEqual(request(sidecar.healthPort, method, path)[0], 404, (method, path))
+        self.assertIsNone(sidecar.wait(0.3))
+        self.assertEqual(sidecar.admin("GET", "/ready")[:3:2], (200, b"LIVE\n"))
+        self.assertEqual(sidecar.admin("GET", "/config_dump")[0], 200)
+
+
+class AccessLogPipeProcessTests(SynchronousTestCase):
+    """
+    C{twistd sidecar} logging to a standard output that nobody reads (a stalled
+    container log pipe).
+    """
+
+    def setUp(self) -> None:
+        reason = missingPeers()
+        if reason is not None:
+            raise self.skipTest(reason)
+        self.upstream = startHttpbin(self)
+
+    def test_unreadStdout(self) -> None:
+        """
+        With stdout a 16 KiB pipe nobody reads and a 16 KiB log buffer, 100 requests
+        with 1 kB records are all answered promptly and C{/ready} stays 200; the
+        records that did not fit are counted in
+        C{sidecar_access_log_dropped_records_total}.  Once the pipe is read, the first
+        records come out whole and in order, one line tells how many were dropped, and
+        later records follow.
+        """
+        read, write = os.pipe()
+        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), 16384)
+        listen, admin = freePort(), freePort()
+        errors = FilePath(self.mktemp())
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        with open(errors.path, "wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                 "sidecar", "--listen", f"tcp:{listen}:interface=127.0.0.1", "--admin", str(admin),
+                 "--health", "none", "--upstream", str(self.upstream), "--access-log", "-",
+                 "--access-log-buffer", "16384"],
+                stdin=subprocess.DEVNULL, stdout=write, stderr=err, env=environment(), cwd=directory.path)
+        os.close(write)
+        self.addCleanup(os.close, read)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait(10)))
+        waitFor(lambda: canConnect(admin) and request(admin, "GET", "/ready")[0] == 200, "the sidecar")
+        pad = "p" * 1000
+        for i in range(100):
+            started = time.monotonic()
+            self.assertEqual(request(listen, "GET", f"/status/200?n={i}&pad={pad}", timeout=5)[0], 200, i)
+            self.assertLess(time.monotonic() - started, 2.0, i)
+            if i % 25 == 0:
+                self.assertEqual(request(admin, "GET", "/ready", timeout=5)[:3:2], (200, b"LIVE\n"))
+        metrics = request(admin, "GET", "/stats/prometheus", timeout=5)[2].decode()
+        samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+        dropped = int(samples["sidecar_access_log_dropped_records_total"])
+        self.assertGreater(dropped, 50)
+        self.assertLessEqual(samples["sidecar_access_log_buffered_bytes"], 16384)
+        received = bytearray()
+        reader = Background(lambda: readAll(read, received))
+        waitFor(lambda: f"dropped {dropped} records".encode() in received, "the dropped-records line", timeout=10)
+        self.assertEqual(request(listen, "GET", "/status/200?marker", timeout=5)[0], 200)
+        waitFor(lambda: b"?marker" in received, "the next record", timeout=10)
+        kept = [int(n) for n in re.findall(rb'"GET /status/200\?n=(\d+)&', bytes(received))]
+        self.assertEqual(kept, list(range(100 - dropped)))
+        self.assertEqual(bytes(received).count(b" dropped "), 1)
+        process.kill()
+        process.wait(10)
+        reader.join(5)
+
+
+def readAll(fd: int, into: bytearray) -> None:
+    """
+    Read C{fd} into C{into} until its end.
+    """
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        into.extend(data)

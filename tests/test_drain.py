@@ -385,8 +385,8 @@ class DrainTests(SynchronousTestCase):
 
     def test_quitTwiceDoesNotHurry(self) -> None:
         """
-        C{/quitquitquit} drains and exits like a first SIGTERM; calling it again does
-        not make the exit abrupt.
+        C{/quitquitquit} called twice with a request in flight does not make the exit
+        abrupt: the request may end within C{drainTimeout}, and the exit follows.
         """
         harness = Harness(self, drainTimeout=1.0)
         lifecycle = harness.start()
@@ -398,6 +398,60 @@ class DrainTests(SynchronousTestCase):
         harness.reactor.advance(1.0)
         harness.endRequest()
         harness.reactor.advance(0)
+        self.assertTrue(harness.stopped)
+
+    def test_quitIdleExitsAtOnce(self) -> None:
+        """
+        C{/quitquitquit} with nothing in flight exits on the next turn of the reactor,
+        without waiting for the drain period: the listeners close, idle keep-alive
+        clients are closed gracefully, the access log is flushed.
+        """
+        harness = Harness(self, drainTimeout=5.0)
+        idle = FakeDoor(False)
+        harness.engine.doors.add(idle)
+        lifecycle = harness.start()
+        lifecycle.quit()
+        self.assertEqual(harness.ready(), (503, DRAINING))
+        self.assertFalse(harness.stopped)
+        harness.reactor.advance(0)
+        self.assertEqual([listener.running for listener in harness.listeners], [False, False])
+        self.assertTrue(idle.transport.losing)
+        self.assertTrue(harness.stopped)
+        self.assertEqual(harness.flushes, 1)
+        self.assertEqual(harness.reactor.getDelayedCalls(), [])
+
+    def test_quitWaitsForInFlight(self) -> None:
+        """
+        C{/quitquitquit} with a request in flight closes the listeners at once and
+        exits on the turn after that request ends, well before C{drainTimeout}.
+        """
+        harness = Harness(self, drainTimeout=5.0)
+        lifecycle = harness.start()
+        harness.beginRequest()
+        lifecycle.quit()
+        harness.reactor.advance(0)
+        self.assertEqual([listener.running for listener in harness.listeners], [False, False])
+        harness.reactor.advance(2.0)
+        self.assertFalse(harness.stopped)
+        harness.endRequest()
+        harness.reactor.advance(0)
+        self.assertTrue(harness.stopped)
+
+    def test_quitBoundedByDrainTimeout(self) -> None:
+        """
+        A request still in flight C{drainTimeout} seconds after C{/quitquitquit} does
+        not hold the exit (C{shutdownGrace} is not added): its connection is aborted.
+        """
+        harness = Harness(self, drainTimeout=2.0, shutdownGrace=20.0)
+        stuck = FakeTransport()
+        harness.transports.append(stuck)
+        harness.beginRequest()
+        harness.start().quit()
+        harness.reactor.advance(0)
+        harness.reactor.advance(1.99)
+        self.assertFalse(harness.stopped)
+        harness.reactor.advance(0.02)
+        self.assertTrue(stuck.aborted)
         self.assertTrue(harness.stopped)
 
     def test_terminateAfterDrainedListeners(self) -> None:

@@ -259,7 +259,7 @@ class ExchangeTests(unittest.SynchronousTestCase):
 
 class ClientTimeoutTests(unittest.SynchronousTestCase):
     """
-    L{sweepDoors} protects the proxy from clients that hold connections.
+    The doors registry's sweep protects the proxy from clients that hold connections.
     """
 
     def test_slowHead(self):

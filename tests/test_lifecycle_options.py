@@ -27,11 +27,13 @@ class LifecycleOptionsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        By default the admin site listens on port 15000 of every interface, the drain
-        lasts 5 s, the grace 20 s, and readiness waits for nothing.
+        By default the admin site listens on port 15000 of the loopback interface only,
+        the health port on 15021 of every interface, the drain lasts 5 s, the grace
+        20 s, and readiness waits for nothing.
         """
         config = parse()["config"]
-        self.assertEqual(config.admin, "tcp:15000")
+        self.assertEqual(config.admin, "tcp:15000:interface=127.0.0.1")
+        self.assertEqual(config.health, "tcp:15021")
         self.assertEqual(config.lifecycle, LifecycleConfig(5.0, 20.0, False, None))
 
     def test_values(self) -> None:
@@ -42,6 +44,18 @@ class LifecycleOptionsTests(SynchronousTestCase):
                        "--wait-for-upstream", "30", "--ready-requires-upstream")["config"]
         self.assertIsNone(config.admin)
         self.assertEqual(config.lifecycle, LifecycleConfig(0.5, 0.0, True, 30.0))
+
+    def test_bareAdminPortIsLoopback(self) -> None:
+        """
+        A bare C{--admin} port listens on loopback only (the admin site shows the
+        configuration); every interface takes an endpoint that says so.  A bare
+        C{--health} port listens on every interface; C{none} turns it off.
+        """
+        self.assertEqual(parse("--admin", "15001")["config"].admin, "tcp:15001:interface=127.0.0.1")
+        self.assertEqual(parse("--admin", "tcp:15001")["config"].admin, "tcp:15001")
+        self.assertEqual(parse("--health", "15090")["config"].health, "tcp:15090")
+        self.assertEqual(parse("--health", "tcp:0:interface=127.0.0.1")["config"].health, "tcp:0:interface=127.0.0.1")
+        self.assertIsNone(parse("--health", "none")["config"].health)
 
     def test_badValues(self) -> None:
         """
@@ -54,6 +68,8 @@ class LifecycleOptionsTests(SynchronousTestCase):
             (("--wait-for-upstream", "inf"), "--wait-for-upstream"),
             (("--admin", "99999"), "--admin"),
             (("--admin", "bogus:thing"), "--admin"),
+            (("--health", "70000"), "--health"),
+            (("--health", "bogus:thing"), "--health"),
             (("--principal", "reviews"), "--principal"),
             (("--app", " "), "--app"),
         ]:

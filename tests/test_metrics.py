@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import Dict, List, Tuple
+from types import SimpleNamespace
+from typing import Any, Dict, List, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock
@@ -23,6 +24,7 @@ from sidecar.metrics import (
     ISTIO_LABELS,
     SidecarCollector,
     prometheusText,
+    runtimeCollectors,
     seriesLabels,
     staticLabels,
     statsJSON,
@@ -70,13 +72,15 @@ class Fixture:
     A recorder, pool and engine as the service builds them, and their collector.
     """
 
-    def __init__(self, mesh: MeshLabels = MeshLabels(), localPrincipal: str = "") -> None:
+    def __init__(self, mesh: MeshLabels = MeshLabels(), localPrincipal: str = "", runtime: Any = (),
+                 accessLog: Any = None) -> None:
         clock = MemoryReactorClock()
         self.recorder = Recorder()
         self.pool = UpstreamPool(clock, clock, UpstreamConfig(port=8080))
         self.engine = Engine(clock, self.pool, self.recorder)
         self.collector = SidecarCollector(self.recorder, self.pool, self.engine, mesh, 1_700_000_000.5,
-                                          "9.9.9", localPrincipal=lambda: localPrincipal)
+                                          "9.9.9", localPrincipal=lambda: localPrincipal, runtime=runtime,
+                                          accessLog=accessLog)
 
 
 class PrometheusTextTests(SynchronousTestCase):
@@ -87,7 +91,9 @@ class PrometheusTextTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fixture = Fixture(MeshLabels(workload="reviews-v1", namespace="shop", app="reviews",
                                           version="v1", service="reviews.shop.svc.cluster.local",
-                                          principal=OURS))
+                                          principal=OURS),
+                               runtime=runtimeCollectors(),
+                               accessLog=SimpleNamespace(dropped=0, buffered=0, limit=1024))
         for status, flags, duration, received, sent in MIX:
             self.fixture.recorder.record(record(status, flags, duration, received, sent))
         self.parsed = families(prometheusText(self.fixture.collector))
@@ -200,6 +206,71 @@ class PrometheusTextTests(SynchronousTestCase):
         self.assertEqual(value("sidecar_process_start_time_seconds"), 1_700_000_000.5)
         self.assertEqual(value("sidecar_build_info", version="9.9.9"), 1)
 
+    def test_istioBuild(self) -> None:
+        """
+        C{istio_build} is a gauge of 1 with Istio's labels: C{component="proxy"} and
+        the version as C{tag}.
+        """
+        [sample] = self.parsed["istio_build"].samples
+        self.assertEqual((self.parsed["istio_build"].type, sample.labels, sample.value),
+                         ("gauge", {"component": "proxy", "tag": "9.9.9"}, 1))
+
+    def test_processAndPlatform(self) -> None:
+        """
+        C{prometheus_client}'s process and platform collectors are in the exposition
+        with this process's real numbers: resident memory, open descriptors, CPU time,
+        start time, and C{python_info}.
+        """
+        import platform
+        import resource
+
+        def value(name: str) -> float:
+            return [s.value for f in self.parsed.values() for s in f.samples if s.name == name][0]
+
+        self.assertGreater(value("process_resident_memory_bytes"), 1024 * 1024)
+        self.assertGreaterEqual(value("process_open_fds"), 3)
+        self.assertGreater(value("process_cpu_seconds_total"), 0)
+        self.assertEqual(value("process_max_fds"), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        [info] = self.parsed["python_info"].samples
+        self.assertEqual((info.labels["implementation"], info.labels["version"]),
+                         (platform.python_implementation(), platform.python_version()))
+
+    def test_runtimeReadWhenScraped(self) -> None:
+        """
+        The runtime collectors are read once per scrape (in the formatting thread, from
+        a snapshot too), never when a request is recorded.
+        """
+        calls = []
+
+        class Counting:
+            def collect(self) -> Any:
+                calls.append(1)
+                return iter(())
+
+        fixture = Fixture(runtime=(Counting(),))
+        for _ in range(100):
+            fixture.recorder.record(record(200))
+        self.assertEqual(calls, [])
+        prometheusText(fixture.collector)
+        prometheusText(fixture.collector.snapshot())
+        self.assertEqual(calls, [1, 1])
+
+    def test_accessLogGauges(self) -> None:
+        """
+        The access log's dropped records and the bytes it holds are exposed, as they
+        were when the snapshot was taken.
+        """
+        log = SimpleNamespace(dropped=3, buffered=4096, limit=65536)
+        fixture = Fixture(accessLog=log)
+        snapshot = fixture.collector.snapshot()
+        log.dropped = 5
+        for collector, dropped in ((snapshot, 3), (fixture.collector, 5)):
+            parsed = families(prometheusText(collector))
+            self.assertEqual(parsed["sidecar_access_log_dropped_records"].samples[0].value, dropped)
+            self.assertEqual(parsed["sidecar_access_log_dropped_records"].type, "counter")
+            self.assertEqual(parsed["sidecar_access_log_buffered_bytes"].samples[0].value, 4096)
+        self.assertNotIn("sidecar_access_log_dropped_records", families(prometheusText(Fixture().collector)))
+
     def test_readAtScrapeTime(self) -> None:
         """
         A record that arrives between two scrapes shows in the second: nothing is cached.
@@ -259,6 +330,14 @@ class PrometheusTextTests(SynchronousTestCase):
                               capture_output=True, timeout=60)
         self.assertEqual(promtoolProblems(done.stdout + done.stderr), [])
         self.assertIn(done.returncode, (0, 3))  # 3: lint remarks only, 1: errors
+        # What the README tells operators to expect, exactly (process_*, python_info,
+        # istio_build and the sidecar's own names add no remark).
+        self.assertEqual((done.returncode, (done.stdout + done.stderr).decode().strip()),
+                         (3, PROMTOOL_REMARK))
+
+
+#: The one remark of C{promtool check metrics} (Prometheus 2.42) on the exposition.
+PROMTOOL_REMARK = 'istio_request_duration_milliseconds use base unit "seconds" instead of "milliseconds"'
 
 
 def promtoolProblems(output: bytes) -> List[str]:

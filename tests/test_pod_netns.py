@@ -72,7 +72,9 @@ def proxyCommand() -> list[str]:
         "--access-log",
         "-",
         "--admin",
-        str(ADMIN_PORT),
+        # Every interface, said explicitly (a bare port is loopback only): these
+        # tests probe the admin port from outside the pod, through the capture rules.
+        f"tcp:{ADMIN_PORT}",
     ]
     from sidecar.tap import Options
 

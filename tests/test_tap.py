@@ -25,13 +25,15 @@ class OptionsTests(unittest.TestCase):
     def test_defaults(self):
         """
         With no flags: listen on 8000 everywhere, upstream 127.0.0.1:80, the article's
-        Server header, text log to stdout, 60 s / 5 s timeouts, the fast door.
+        Server header, text log to stdout with a 1 MiB buffer, 60 s / 5 s timeouts, the
+        fast door.
         """
         config = parse()
         self.assertEqual(config.listen, "tcp:8000")
         self.assertEqual((config.upstream.host, config.upstream.port), ("127.0.0.1", 80))
         self.assertEqual(config.serverHeader, "amazing-proxy")
         self.assertEqual((config.accessLog, config.logFormat), ("-", "text"))
+        self.assertEqual(config.accessLogBuffer, 1024 * 1024)
         self.assertEqual((config.upstream.responseTimeout, config.upstream.connectTimeout), (60.0, 5.0))
         self.assertEqual(config.engine, "fast")
 
@@ -47,6 +49,7 @@ class OptionsTests(unittest.TestCase):
         self.assertIsNone(config.upstream.responseTimeout)
         self.assertEqual((config.logFormat, config.engine, config.accessLog), ("json", "web", None))
         self.assertEqual(parseUpstream("[::1]:81"), ("::1", 81))
+        self.assertEqual(parse("--access-log-buffer", "65536").accessLogBuffer, 65536)
 
     def assertRefused(self, flag: str, *argv: str) -> None:
         error = self.assertRaises(usage.UsageError, parse, *argv)
@@ -72,9 +75,44 @@ class OptionsTests(unittest.TestCase):
         self.assertRefused("--max-header-bytes", "--max-header-bytes", "12")
         self.assertRefused("--upstream-max-connections", "--upstream-max-connections", "0")
         self.assertRefused("--upstream-max-pending", "--upstream-max-pending", "many")
+        self.assertRefused("--access-log-buffer", "--access-log-buffer", "100")
+        self.assertRefused("--access-log-buffer", "--access-log-buffer", "1MiB")
 
     def test_unwritableLog(self):
         """
         An access log path that can't be written is refused at start-up.
         """
         self.assertRefused("--access-log", "--access-log", "/nonexistent/dir/access.log")
+
+
+class PidfileTests(unittest.TestCase):
+    """
+    The plugin under twistd's own options: the README's commands work in any folder.
+    """
+
+    def twistd(self, *argv: str):
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config
+
+    def test_foregroundWritesNoPidfile(self):
+        """
+        C{twistd -n sidecar ...} writes no C{twistd.pid}, so a second proxy in
+        the same folder (or one on a read-only filesystem) starts.
+        """
+        self.assertEqual(self.twistd("-n", "sidecar", "--upstream", "80")["pidfile"], "")
+        self.assertEqual(self.twistd("--nodaemon", "sidecar", "--upstream", "80")["pidfile"], "")
+
+    def test_namedPidfileKept(self):
+        """
+        A pid file named on the command line is kept in the foreground, and a
+        daemon keeps twistd's default: it is how the daemon is found and stopped.
+        """
+        import os
+
+        named = self.twistd("-n", "--pidfile", "proxy.pid", "sidecar", "--upstream", "80")["pidfile"]
+        self.assertEqual(named, os.path.abspath("proxy.pid"))
+        daemon = self.twistd("sidecar", "--upstream", "80")["pidfile"]
+        self.assertEqual(daemon, os.path.abspath("twistd.pid"))
