@@ -79,7 +79,7 @@ class H2StreamDoor:
     acknowledged).
     """
 
-    __slots__ = ("conn", "id", "exchange", "clientAddress", "peerPrincipal", "mutualTLS", "head",
+    __slots__ = ("conn", "id", "exchange", "clientAddress", "peerPrincipal", "mutualTLS", "head", "tail",
                  "pending", "pendingBytes", "ending", "pauses", "unacked", "blockedSince",
                  "producer", "responded", "dataSent", "remoteEnded", "closed")
 
@@ -92,6 +92,9 @@ class H2StreamDoor:
         self.mutualTLS = conn.mutualTLS
         #: The response head, held until the first body bytes or the end.
         self.head: Optional[List[Header]] = None
+        #: The last body bytes, held until the upstream's read is over (L{flush}) so
+        #: that the end of the stream can ride on their DATA frame.
+        self.tail = b""
         #: Response bytes beyond the client's window.
         self.pending: List[bytes] = []
         self.pendingBytes = 0
@@ -117,6 +120,10 @@ class H2StreamDoor:
     def flush(self) -> None:
         if self.head is not None:
             self._sendHead()
+        tail = self.tail
+        if tail:
+            self.tail = b""
+            self.conn.sendData(self, tail)
         self.conn.flush()
 
     def startResponse(self, exchange: Exchange, status: int, reason: bytes, head: ResponseHead) -> None:
@@ -135,7 +142,10 @@ class H2StreamDoor:
         if self.head is not None:
             self._sendHead()
         self.dataSent = True
-        self.conn.sendData(self, data)
+        tail = self.tail
+        self.tail = data
+        if tail:
+            self.conn.sendData(self, tail)
 
     def finishResponse(self, exchange: Exchange) -> None:
         if self.closed:
@@ -150,6 +160,17 @@ class H2StreamDoor:
                 self._ended()
                 return
             self._sendHeaders(head, False)
+        tail = self.tail
+        if tail:
+            self.tail = b""
+            if trailers is None and not self.pending:
+                # The last DATA frame ends the stream (when the window takes it all).
+                if self.conn.sendData(self, tail, True):
+                    self._ended()
+                    return
+                self.ending = True
+                return
+            self.conn.sendData(self, tail)
         if self.pending:
             self.ending = trailers if trailers is not None else True
             return
@@ -180,11 +201,10 @@ class H2StreamDoor:
         withBody = bool(body) and exchange.method != b"HEAD"
         self._sendHeaders(out, not withBody)
         if withBody:
-            self.conn.sendData(self, body)
-            if self.pending:
-                self.ending = True
+            if self.conn.sendData(self, body, True):
+                self._ended()
             else:
-                self._end(None)
+                self.ending = True
         else:
             self._ended()
 
@@ -269,6 +289,7 @@ class H2StreamDoor:
         self.closed = True
         self.producer = None
         self.pending = []
+        self.tail = b""
         self.conn.streamClosed(self)
         self.conn.touched()
 
@@ -514,24 +535,27 @@ class H2ServerProtocol(Protocol):
                 return
         self._write(data)
 
-    def sendData(self, stream: H2StreamDoor, data: bytes) -> None:
+    def sendData(self, stream: H2StreamDoor, data: bytes, end: bool = False) -> bool:
         """
         Send response bytes within the client's windows; hold the rest on the stream
         and pause its upstream.
+
+        @param end: end the stream with the last frame, if all of C{data} fits now.
+        @return: whether all of C{data} was sent (and the stream ended, with C{end}).
         """
         if stream.pending:
             stream.pending.append(data)
             stream.pendingBytes += len(data)
-            return
+            return False
         h2 = self.h2
         sid = stream.id
         size = len(data)
         window = 0 if self._writePaused else h2.local_flow_control_window(sid)
         frame = h2.max_outbound_frame_size
         if size <= window and size <= frame:
-            h2.send_data(sid, data)
+            h2.send_data(sid, data, end_stream=end)
             self.touched()
-            return
+            return True
         offset = 0
         view = memoryview(data)
         while offset < size and window > 0:
@@ -545,6 +569,10 @@ class H2ServerProtocol(Protocol):
             stream.pending.append(rest)
             stream.pendingBytes += len(rest)
             self._blockedStream(stream)
+            return False
+        if end:
+            h2.end_stream(sid)
+        return True
 
     def _blockedStream(self, stream: H2StreamDoor) -> None:
         producer = stream.producer

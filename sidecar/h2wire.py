@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
+from hpack import NeverIndexedHeaderTuple
+
 from sidecar.headers import Header, Headers, RequestHead, ResponseHead, requestHead
 
 #: The connection-specific headers of RFC 9113 8.2.2 (h2 refuses them inbound; they
@@ -133,7 +135,11 @@ def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes
     append = out.append
     for name, value in req.headers:
         name = name.lower()
-        if name not in CONNECTION_SPECIFIC:
+        if name == b"x-request-id":
+            # Unique per request: never indexed, or it would crowd the HPACK table that
+            # every header of every later request is searched against.
+            append(NeverIndexedHeaderTuple(name, value))
+        elif name not in CONNECTION_SPECIFIC:
             append((name, value))
     if grpc:
         append((b"te", b"trailers"))
