@@ -755,3 +755,60 @@ class ControlFloodTests(unittest.SynchronousTestCase):
                 break
         self.assertTrue(transport.disconnecting or getattr(transport, "aborted", False))
         self.assertLess(len(transport.value()), 100 * 1024)
+
+
+class RecordTests(unittest.SynchronousTestCase):
+    """
+    What a gRPC call leaves in the access log and the metrics.
+    """
+
+    def record(self, **fields: Any) -> Any:
+        from sidecar.record import Record
+
+        return Record(1.0, 0.002, 0.001, 10, 10, 200, "POST", "/svc/M", "HTTP/2", "a", "127.0.0.1:9", "-",
+                      "id", "1.1.1.1", "grpc-go", "1.1.1.1:5", **fields)
+
+    def test_json(self) -> None:
+        """
+        The json access log of a gRPC call has its status and message counts; an HTTP/2
+        request without gRPC has neither.
+        """
+        from sidecar.accesslog import toJSON
+
+        fields = toJSON(self.record(grpc=True, grpcStatus="5", requestMessages=1, responseMessages=0))
+        self.assertEqual((fields["protocol"], fields["grpc_status"], fields["request_messages"],
+                          fields["response_messages"]), ("HTTP/2", "5", 1, 0))
+        self.assertNotIn("grpc_status", toJSON(self.record()))
+
+    def test_metrics(self) -> None:
+        """
+        A gRPC call is counted under C{request_protocol="grpc"} with its
+        C{grpc_response_status}, and its messages in C{istio_request_messages_total}
+        and C{istio_response_messages_total}; an HTTP/2 request is C{http} with an
+        empty status and no message counters.
+        """
+        from types import SimpleNamespace
+
+        from sidecar.config import MeshLabels
+        from sidecar.metrics import SidecarCollector, prometheusText
+        from sidecar.stats import Recorder
+
+        recorder = Recorder()
+        recorder.record(self.record(grpc=True, grpcStatus="0", requestMessages=3, responseMessages=5))
+        recorder.record(self.record(grpc=True, grpcStatus="0", requestMessages=1, responseMessages=1))
+        recorder.record(self.record())
+        pool = SimpleNamespace(active=0, idle=[], connecting=0, connects=0, connectFailures=0, pending=[],
+                               overflows=0)
+        text = prometheusText(SidecarCollector(recorder, pool, SimpleNamespace(draining=False), MeshLabels(), 0.0))
+        lines = text.decode().splitlines()
+
+        def sample(name: str, **labels: str) -> float:
+            for line in lines:
+                if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                    return float(line.rsplit(" ", 1)[1])
+            raise AssertionError(f"no {name} with {labels}")
+        self.assertEqual(sample("istio_requests_total", request_protocol="grpc", grpc_response_status="0"), 2)
+        self.assertEqual(sample("istio_requests_total", request_protocol="http", grpc_response_status=""), 1)
+        self.assertEqual(sample("istio_request_messages_total", grpc_response_status="0"), 4)
+        self.assertEqual(sample("istio_response_messages_total", grpc_response_status="0"), 6)
+        self.assertFalse([l for l in lines if l.startswith("istio_request_messages_total") and 'request_protocol="http"' in l])
