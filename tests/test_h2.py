@@ -184,6 +184,15 @@ class H2Service(Protocol):
             self.send(sid)
         elif path == b"/reset":
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        elif path == b"/goaway-once" and not self.factory.wentAway:
+            # Going away before this stream: it was not processed (retry elsewhere).
+            self.factory.wentAway = True
+            self.h2.close_connection(last_stream_id=max(sid - 2, 0))
+            self.transport.write(self.h2.data_to_send())
+            self.transport.loseConnection()
+        elif path == b"/goaway-once":
+            self.h2.send_headers(sid, [(b":status", b"200")])
+            self.h2.send_data(sid, b"second", end_stream=True)
 
     def send(self, sid: int) -> None:
         """
@@ -206,6 +215,7 @@ def startH2Service(case: Any) -> tuple:
     factory = Factory.forProtocol(H2Service)
     factory.seen = []  # type: ignore[attr-defined]
     factory.connections = 0  # type: ignore[attr-defined]
+    factory.wentAway = False  # type: ignore[attr-defined]
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     case.addCleanup(port.stopListening)
     return factory, port.getHost().port
@@ -422,6 +432,17 @@ class H2UpstreamTests(unittest.TestCase):
         self.assertEqual(self.proxy.records[-1].flags, "UR")
 
     @defer.inlineCallbacks
+    def test_serviceGoaway(self) -> Any:
+        """
+        The service's GOAWAY says a GET was not processed: it is sent again on a new
+        connection and answered there.
+        """
+        response = (yield rawRequest(self.port, b"GET /goaway-once HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).responses[0]
+        self.assertEqual((response.status, response.body), (200, b"second"))
+        self.assertEqual(self.service.connections, 2)
+        self.assertEqual(self.proxy.records[-1].flags, "-")
+
+    @defer.inlineCallbacks
     def test_multiplexed(self) -> Any:
         """
         Thirty concurrent HTTP/1.1 requests share one connection to the service.
@@ -516,6 +537,33 @@ class MutualTLSTests(unittest.TestCase):
         record = proxy.records[-1]
         self.assertEqual((record.protocol, record.mutualTLS, record.downstreamPeerPrincipal), ("HTTP/2", True, FRONTEND_ID))
         self.assertEqual(upstream.seen[-1].header(b"x-forwarded-proto"), [b"https"])
+
+    @defer.inlineCallbacks
+    def test_refusedIdentity(self) -> Any:
+        """
+        Over HTTP/2 too, an identity the policy refuses gets 403 RBAC on its streams and
+        nothing reaches the service.
+        """
+        from sidecar.config import TLSConfig
+        from sidecar.mtls import MutualTLS
+        from tests.tlsfixtures import EVIL_ID, FRONTEND_ID, writeMesh
+
+        upstream = Upstream()
+        proxy = H2Proxy(upstream.start(self), upstreamProtocol="http1")
+        mesh = writeMesh(tempfile.mkdtemp())
+        tls = MutualTLS.fromConfig(TLSConfig(listen=None, cert=mesh.crt("backend"), key=mesh.key("backend"),
+                                             ca=mesh.crt("ca"), allow=(FRONTEND_ID,)), reactor)
+        listening = reactor.listenTCP(0, tls.serverFactory(proxy.engine, 65536), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        out, err, code = yield getProcessOutputAndValue(CURL, [
+            "-s", "-i", "--max-time", "10", "--http2", "--cacert", mesh.crt("ca"), "--cert", mesh.crt("evil"),
+            "--key", mesh.key("evil"), f"https://localhost:{port}/bytes/10"])
+        self.assertTrue(out.startswith(b"HTTP/2 403"), out)
+        self.assertIn(b"RBAC: access denied", out)
+        self.assertEqual(upstream.seen, [])
+        record = proxy.records[-1]
+        self.assertEqual((record.status, record.flags, record.downstreamPeerPrincipal), (403, "RBAC", EVIL_ID))
 
 
 # -- flow control, drain -------------------------------------------------------------
