@@ -150,6 +150,9 @@ class H2StreamDoor:
     def finishResponse(self, exchange: Exchange) -> None:
         if self.closed:
             return
+        # The upstream stream is done with us (a pooled HTTP/1.1 connection may already
+        # serve another exchange): never resume it from here.
+        self.producer = None
         trailers = exchange.trailers
         head = self.head
         if head is not None:

@@ -54,7 +54,8 @@ def requestFromHeaders(headers: Sequence[Header], clientIP: str, proto: bytes,
                        ) -> Tuple[bytes, bytes, RequestHead, bool]:
     """
     A client's HTTP/2 request head (h2 has validated it: pseudo-headers first, no
-    connection-specific header, lower-case names) as the engine sees a request.
+    connection-specific header, lower-case names) as the engine sees a request; split
+    C{cookie} headers are joined into one.
 
     @param endStream: the HEADERS frame ended the stream (no body).
     @return: C{(method, path, head, grpc)}; C{head.error} says why the request must be
@@ -65,6 +66,7 @@ def requestFromHeaders(headers: Sequence[Header], clientIP: str, proto: bytes,
     regular: Headers = []
     grpc = False
     host: Optional[bytes] = None
+    cookies: List[bytes] = []
     for pair in headers:
         name = pair[0]
         if name[:1] == b":":
@@ -76,10 +78,15 @@ def requestFromHeaders(headers: Sequence[Header], clientIP: str, proto: bytes,
                 authority = pair[1]
         elif name == b"host":
             host = pair[1]
+        elif name == b"cookie":
+            # HTTP/2 may split cookies; HTTP/1.1 wants one header (RFC 9113 8.2.3).
+            cookies.append(pair[1])
         else:
             if name == b"content-type" and isGrpc(pair[1]):
                 grpc = True
             regular.append(pair)
+    if cookies:
+        regular.append((b"cookie", b"; ".join(cookies)))
     if authority is None:
         authority = host
     if authority is not None:

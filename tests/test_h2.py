@@ -99,6 +99,15 @@ class HeadsTests(unittest.SynchronousTestCase):
         self.assertEqual(dict(req.headers)[b"X-Forwarded-For"], b"1.2.3.4, 10.0.0.1")
         self.assertIn(b"X-Request-Id", names)
 
+    def test_cookies(self) -> None:
+        """
+        Cookies an HTTP/2 client split into several headers go on as one, joined with
+        C{"; "} (RFC 9113 8.2.3), which HTTP/1.1 services require.
+        """
+        req = requestFromHeaders([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a"), (b"cookie", b"a=1"),
+                                  (b"x", b"y"), (b"cookie", b"b=2")], "1.1.1.1", b"http", endStream=True)[2]
+        self.assertEqual([v for n, v in req.headers if n == b"cookie"], [b"a=1; b=2"])
+
     def test_requestErrors(self) -> None:
         """
         No C{:path}, CONNECT, or no authority at all: refused with a sentence.
