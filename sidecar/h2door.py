@@ -143,9 +143,13 @@ class H2StreamDoor:
             self._sendHead()
         self.dataSent = True
         tail = self.tail
-        self.tail = data
         if tail:
+            if len(tail) + len(data) <= self.conn.h2.max_outbound_frame_size:
+                # Two small upstream frames (nginx sends 8 KiB ones) make one DATA frame.
+                self.tail = tail + data
+                return
             self.conn.sendData(self, tail)
+        self.tail = data
 
     def finishResponse(self, exchange: Exchange) -> None:
         if self.closed:

@@ -294,6 +294,8 @@ class H2UpstreamConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._inRead = True
         touched: Dict[int, Exchange] = {}
+        #: Response bytes taken by each stream in this read, acknowledged once at its end.
+        acks: Dict[int, int] = {}
         try:
             try:
                 events = self.h2.receive_data(data)
@@ -317,7 +319,7 @@ class H2UpstreamConnection(Protocol):
                     if stream.paused:  # type: ignore[union-attr]
                         stream.unacked += size  # type: ignore[union-attr]
                     elif size and not stream.closed:  # type: ignore[union-attr]
-                        self.h2.acknowledge_received_data(size, event.stream_id)
+                        acks[event.stream_id] = acks.get(event.stream_id, 0) + size
                 elif cls is ResponseReceived:
                     if stream is None or stream.exchange is None:
                         continue
@@ -354,6 +356,15 @@ class H2UpstreamConnection(Protocol):
                     self.pool.capacityChanged()
                 elif cls is ConnectionTerminated:
                     self._goneAway(event.last_stream_id, event.error_code)
+            for sid, size in acks.items():
+                stream = self.streams.get(sid)
+                if stream is None or stream.closed:
+                    # Over since: only the connection's window matters now.
+                    self.h2.acknowledge_received_data(size, sid)
+                elif stream.paused:
+                    stream.unacked += size
+                else:
+                    self.h2.acknowledge_received_data(size, sid)
         finally:
             self._inRead = False
         self.flush()

@@ -76,6 +76,30 @@ class MessageCounterTests(unittest.SynchronousTestCase):
         self.assertEqual(counter.messages, 2)
 
 
+class FrameReprTests(unittest.SynchronousTestCase):
+    """
+    The trimmed frame repr says what hyperframe's own said.
+    """
+
+    def test_same(self) -> None:
+        """
+        For empty, short, 10-, 11- and 16384-byte bodies the text is hyperframe's.
+        """
+        import binascii
+
+        from sidecar.h2wire import _rawDataRepr
+
+        def original(data: Any) -> str:
+            if not data:
+                return "None"
+            r = binascii.hexlify(data).decode("ascii")
+            if len(r) > 20:
+                r = r[:20] + "..."
+            return "<hex:" + r + ">"
+        for data in (b"", b"ab", b"0123456789", b"0123456789a", os.urandom(16384)):
+            self.assertEqual(_rawDataRepr(data), original(data))
+
+
 class HeadsTests(unittest.SynchronousTestCase):
     """
     HTTP/2 heads to the engine's and back.
