@@ -322,6 +322,9 @@ class H2ServerProtocol(Protocol):
     mutualTLS = False
     proto = b"http"
     denial: Optional[bytes] = None
+    #: HTTP/2 was chosen by ALPN (the proxy chose it, not the service): requests other
+    #: than gRPC go to the service as an HTTP/1.1 client's would.
+    alpn = False
     activity = 0
     sweptActivity = -1
     idleSince: Optional[float] = None
@@ -440,6 +443,9 @@ class H2ServerProtocol(Protocol):
         stream.exchange = exchange
         if grpc:
             exchange.grpc = GrpcCounts()
+        elif self.alpn:
+            engine = self.engine
+            exchange.pool = engine.poolByVersion.get("1.1", engine.pool)
         if req.error is not None:
             exchange.reject(400, DOWNSTREAM_PROTOCOL_ERROR,
                             f"{_reason(400).decode()}: {req.error}\n".encode("utf-8", "replace"))

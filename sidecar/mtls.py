@@ -105,6 +105,7 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         h2.mutualTLS = True
         h2.proto = b"https"
         h2.denial = self.denial
+        h2.alpn = True
         h2.factory = self.factory
         transport = self.transport
         transport.wrappedProtocol = h2

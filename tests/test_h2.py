@@ -544,7 +544,8 @@ class MutualTLSTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_curlHttp2(self) -> Any:
         """
-        curl --http2 with a client certificate negotiates h2 and is served; the
+        curl --http2 with a client certificate negotiates h2 and is served by an
+        HTTP/1.1 service (ALPN's h2 is the proxy's choice, not the service's); the
         service sees XFCC; the record has the caller's identity.
         """
         from sidecar.config import TLSConfig
@@ -552,7 +553,8 @@ class MutualTLSTests(unittest.TestCase):
         from tests.tlsfixtures import FRONTEND_ID, writeMesh
 
         upstream = Upstream()
-        proxy = H2Proxy(upstream.start(self), upstreamProtocol="http1")
+        # "auto": HTTP/2 chosen by ALPN still reaches an HTTP/1.1 service as HTTP/1.1.
+        proxy = H2Proxy(upstream.start(self), upstreamProtocol="auto")
         mesh = writeMesh(tempfile.mkdtemp())
         tls = MutualTLS.fromConfig(TLSConfig(listen=None, cert=mesh.crt("backend"), key=mesh.key("backend"),
                                              ca=mesh.crt("ca")), reactor)
