@@ -68,7 +68,7 @@ class H2UpstreamStream:
     """
 
     __slots__ = ("conn", "id", "exchange", "reused", "pending", "ending", "source", "paused", "unacked",
-                 "responseStarted", "trailers", "closed", "ended")
+                 "responseStarted", "trailers", "closed", "ended", "tail")
 
     def __init__(self, conn: H2UpstreamConnection, exchange: Exchange) -> None:
         self.conn = conn
@@ -87,6 +87,9 @@ class H2UpstreamStream:
         self.trailers: Optional[Headers] = None
         self.closed = False
         self.ended = False
+        #: The last body bytes, held until the connection flushes so that the end of
+        #: the request can ride on their DATA frame.
+        self.tail = b""
 
     # -- UpstreamStream --------------------------------------------------------------
 
@@ -110,6 +113,29 @@ class H2UpstreamStream:
 
     def sendBody(self, data: bytes) -> None:
         if self.closed or not data:
+            return
+        if self.pending:
+            # Behind bytes the window holds back: in order, the held tail first.
+            if self.tail:
+                self.pending.append(self.tail)
+                self.tail = b""
+                self.conn.tails.pop(self.id, None)
+            self.pending.append(data)
+            return
+        tail = self.tail
+        self.tail = data
+        if tail:
+            self.sendNow(tail)
+        else:
+            self.conn.tails[self.id] = self
+            self.conn.touched()
+
+    def sendNow(self, data: bytes) -> None:
+        """
+        Send request bytes within the service's windows; hold the rest and pause the
+        client.
+        """
+        if self.closed:
             return
         conn = self.conn
         if self.pending:
@@ -138,6 +164,22 @@ class H2UpstreamStream:
     def sendEnd(self) -> None:
         if self.closed or self.ended:
             return
+        tail = self.tail
+        if tail:
+            self.tail = b""
+            self.conn.tails.pop(self.id, None)
+            exchange = self.exchange
+            h2 = self.conn.h2
+            if (not self.pending and not (exchange is not None and exchange.requestTrailers)
+                    and not self.conn.writePaused and len(tail) <= h2.max_outbound_frame_size
+                    and len(tail) <= h2.local_flow_control_window(self.id)):
+                # The last DATA frame ends the request.
+                h2.send_data(self.id, tail, end_stream=True)
+                self.ended = True
+                self._releaseSource()
+                self.conn.touched()
+                return
+            self.sendNow(tail)
         if self.pending:
             self.ending = True
             return
@@ -174,6 +216,8 @@ class H2UpstreamStream:
         if self.closed:
             return
         self.closed = True
+        self.tail = b""
+        self.conn.tails.pop(self.id, None)
         try:
             self.conn.h2.reset_stream(self.id, ErrorCodes.CANCEL)
         except ProtocolError:
@@ -247,6 +291,8 @@ class H2UpstreamConnection(Protocol):
         self.h2 = H2Connection(clientConfiguration())
         self.streams: Dict[int, H2UpstreamStream] = {}
         self.blocked: Dict[int, H2UpstreamStream] = {}
+        #: Streams holding their last body bytes until the next flush.
+        self.tails: Dict[int, H2UpstreamStream] = {}
         self.ready = False
         self.goneAway = False
         self.writePaused = False
@@ -402,6 +448,13 @@ class H2UpstreamConnection(Protocol):
         call, self._flushCall = self._flushCall, None
         if call is not None and call.active():
             call.cancel()
+        tails = self.tails
+        if tails:
+            self.tails = {}
+            for stream in tails.values():
+                tail, stream.tail = stream.tail, b""
+                if tail:
+                    stream.sendNow(tail)
         data = self.h2.data_to_send()
         if data and self.transport is not None:
             self._write(data)
@@ -442,6 +495,7 @@ class H2UpstreamConnection(Protocol):
     def _failAll(self, reason: Failure, protocol: bool = False) -> None:
         streams, self.streams = self.streams, {}
         self.blocked = {}
+        self.tails = {}
         for stream in streams.values():
             stream.closed = True
             stream._releaseSource()
