@@ -25,6 +25,15 @@ The uses:
     the port the kernel chose for port 0.  Twisted's service does not expose
     its port.  Without it the address is logged as C{"?"}.
 
+  - L{sidecar.resource.SidecarChannel}, the web door's channel, a subclass of
+    L{twisted.web.http.HTTPChannel}: it overrides the C{_respondToBadRequestAndDisconnect}
+    hook (twisted.web's only way to answer a malformed request) so the answer is the
+    proxy's; reads C{_receivedHeaderSize} and C{_receivedHeaderCount} to answer 414/431
+    before twisted.web would answer a bare 400; and reads C{_command}, C{_path} and
+    C{_version} (set per request, so not listed below) at the end of a head, to render
+    and stream the request before its body has arrived.  Without them the behaviour
+    suite's web door tests fail.
+
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come
 from the public L{twisted.application.strports.service}, which sets it.
@@ -37,6 +46,7 @@ from typing import Any, Callable, Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.web.http import HTTPChannel
 
 #: The Twisted release these uses were last checked against (C{tests.test_compat}).
 #: The dependency's upper bound is the next minor release after it.
@@ -46,6 +56,7 @@ TESTED_TWISTED = (26, 10)
 PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     FileDescriptor: ("_tempDataLen", "_writeDisconnected"),
     StreamServerEndpointService: ("_waitingForPort",),
+    HTTPChannel: ("_respondToBadRequestAndDisconnect", "_receivedHeaderSize", "_receivedHeaderCount"),
 }
 
 

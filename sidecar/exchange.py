@@ -219,6 +219,12 @@ class Engine:
     #: service for HTTP/2 clients, Envoy's "use downstream protocol"); C{pool} for
     #: versions not listed.
     poolByVersion: Dict[str, UpstreamPool] = attrs.field(factory=dict)
+    #: What to do with client request headers whose names have an underscore
+    #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
+    #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
+    #: and close.  C{None}: no limit.
+    maxRequestBytes: Optional[int] = None
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -324,11 +330,15 @@ class Exchange:
         The exchange may now talk to the client and the upstream: run the request-head
         filters, then answer C{Expect: 100-continue} and ask the pool for a stream.
         """
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
+            self._tooLarge()
+            return
         chain = self.engine.filters
         if chain is not None:
             req = self.req
             door = self.door
-            call = self.call = Call(self.method, self.target, req.authority, req.headers,
+            call = self.call = Call(self.method, req.target, req.authority, req.headers,
                                     door.clientAddress, door.peerPrincipal)
             if chain.requestBodies and (req.chunked or req.contentLength):
                 # Filters may change the body's length: send it chunked.
@@ -357,7 +367,7 @@ class Exchange:
             self._localReply(reply.status, reply.body, reply.headers)
             return
         self.flags.extend(call.flags)  # type: ignore[union-attr]
-        self.target = call.path  # type: ignore[union-attr]
+        self.req.target = call.path  # type: ignore[union-attr]
         if call.upstream is not None:  # type: ignore[union-attr]
             pool = self.engine.pools.get(call.upstream)  # type: ignore[union-attr]
             if pool is None:
@@ -395,6 +405,10 @@ class Exchange:
         if phase is DONE:
             return
         self.bytesReceived += len(data)
+        limit = self.engine.maxRequestBytes
+        if limit is not None and self.bytesReceived > limit:
+            self._tooLarge()
+            return
         if self.grpc is not None:
             self.grpc.request.feed(data)
         if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
@@ -708,6 +722,16 @@ class Exchange:
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
         self._localReply(400, body)
 
+    def _tooLarge(self) -> None:
+        """
+        The request body is larger than C{maxRequestBytes}: drop the upstream side,
+        answer 413 if nothing was answered yet (else cut the response), and close.
+        """
+        self.mustClose = True
+        self.requestDone = True
+        self._dropUpstream()
+        self._localReply(413, b"Payload Too Large\n")
+
     def _timedOut(self) -> None:
         self.timeout = None
         stream, self.stream = self.stream, None
@@ -793,7 +817,7 @@ class Exchange:
             self.status,
             self.method.decode("latin-1"),
             self.target.decode("latin-1"),
-            "HTTP/" + self.version,
+            "HTTP/" + self.version if self.version else "-",
             self.req.authority,
             self.pool.address,
             ",".join(self.flags) if self.flags else "-",

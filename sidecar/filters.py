@@ -141,7 +141,8 @@ class Call:
     What filters see of one exchange, and what they may change.
 
     @ivar method: the request method (bytes).
-    @ivar path: the request target as it goes upstream (bytes); may be changed.
+    @ivar path: the request target as it goes upstream (bytes); may be changed (the
+        record keeps the client's).
     @ivar authority: the C{Host} (text).
     @ivar headers: the request headers going upstream, a list of C{(name, value)}
         byte pairs in order (change it in place, or use L{header}/L{setHeader}).

@@ -331,9 +331,13 @@ class H2ServerProtocol(Protocol):
     inHead = False
     headSince: Optional[float] = None
 
-    def __init__(self, engine: Engine, config: H2Config = H2Config(), extra: Headers = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, engine: Engine, config: H2Config = H2Config(), extra: Headers = (),  # type: ignore[assignment]
+                 pool: Any = None) -> None:
         self.engine = engine
         self.config = config
+        #: The pool every request of this connection uses (a port declared HTTP/2),
+        #: else the engine's choice.
+        self.pool = pool
         self.extra = list(extra)
         self.clientAddress = "-"
         self.clientIP = "-"
@@ -443,7 +447,9 @@ class H2ServerProtocol(Protocol):
         stream.exchange = exchange
         if grpc:
             exchange.grpc = GrpcCounts()
-        elif self.alpn:
+        if self.pool is not None:
+            exchange.pool = self.pool
+        elif self.alpn and not grpc:
             engine = self.engine
             exchange.pool = engine.poolByVersion.get("1.1", engine.pool)
         if req.error is not None:
@@ -803,77 +809,12 @@ class H2ServerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, engine: Engine, config: H2Config = H2Config()) -> None:
+    def __init__(self, engine: Engine, config: H2Config = H2Config(), pool: Any = None) -> None:
         self.engine = engine
         self.config = config
+        self.pool = pool
 
     def buildProtocol(self, addr: Any) -> H2ServerProtocol:
-        proto = H2ServerProtocol(self.engine, self.config)
+        proto = H2ServerProtocol(self.engine, self.config, pool=self.pool)
         proto.factory = self
         return proto
-
-
-class _Preface(Protocol):
-    """
-    One connection on the plain listener until its first bytes tell the HTTP/2 client
-    preface from HTTP/1.1; then every event goes to the protocol chosen.  (No HTTP/1.1
-    request starts with C{PRI * HTTP/2.0}.)
-    """
-
-    def __init__(self, factory: H2cOrHTTP1Factory, addr: Any) -> None:
-        self.factory = factory
-        self.addr = addr
-        self.inner: Any = None
-        self.buffered = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        inner = self.inner
-        if inner is None:
-            data = self.buffered + data
-            n = min(len(data), len(PREFACE))
-            if data[:n] == PREFACE[:n] and n < len(PREFACE):
-                self.buffered = data
-                return
-            self.buffered = b""
-            chosen = self.factory.h2 if data[:n] == PREFACE[:n] else self.factory.http1
-            inner = self.inner = chosen.buildProtocol(self.addr)
-            inner.makeConnection(self.transport)
-            self.transport.protocol = inner
-        inner.dataReceived(data)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            inner.connectionLost(reason)
-
-    def loseConnection(self) -> None:
-        inner = self.inner
-        close = getattr(inner, "loseConnection", None)
-        if close is not None:
-            close()
-        else:
-            self.transport.loseConnection()
-
-
-class H2cOrHTTP1Factory(Factory):
-    """
-    The plain listener's factory: HTTP/2 with prior knowledge (the client preface) to
-    the HTTP/2 door, anything else to the HTTP/1.1 one.
-    """
-
-    noisy = False
-
-    def __init__(self, http1: Any, h2: Any) -> None:
-        self.http1 = http1
-        self.h2 = h2
-
-    def startFactory(self) -> None:
-        self.http1.doStart()
-        self.h2.doStart()
-
-    def stopFactory(self) -> None:
-        self.http1.doStop()
-        self.h2.doStop()
-
-    def buildProtocol(self, addr: Any) -> _Preface:
-        return _Preface(self, addr)

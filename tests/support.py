@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import httptools
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.web import resource, server
 
 from sidecar.config import UpstreamConfig
@@ -526,10 +526,90 @@ def startHttpbin(case: Any) -> defer.Deferred:
     return portAnswers(port).addCallback(lambda _: (child, port))
 
 
+class _RawUpstreamConnection(Protocol):
+    """
+    One connection to a L{RawUpstream}: every byte received is logged as it came, the
+    requests are parsed strictly with llhttp, and each is answered C{200} with its own
+    target as the body (so a smuggled request shows up in the answer of the next).
+    """
+
+    def __init__(self, owner: "RawUpstream") -> None:
+        self.owner = owner
+        self.received = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+
+    def connectionMade(self) -> None:
+        self.owner.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.owner.errors.append(str(e))
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.loseConnection()
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_message_complete(self) -> None:
+        self.owner.targets.append(self._url)
+        body = b"target=" + self._url
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+class RawUpstream(Factory):
+    """
+    A strict upstream on 127.0.0.1 port 0 that keeps the raw bytes of every connection
+    (C{connections[i].received}), for byte-for-byte assertions on what the proxy sent.
+
+    @ivar targets: the request targets it parsed, in order, over all connections.
+    @ivar errors: llhttp's complaints about what it received.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: List[_RawUpstreamConnection] = []
+        self.targets: List[bytes] = []
+        self.errors: List[str] = []
+        self.port: Any = None
+
+    def buildProtocol(self, addr: Any) -> _RawUpstreamConnection:
+        return _RawUpstreamConnection(self)
+
+    def start(self, case: Any) -> int:
+        """
+        Listen, and stop listening (closing every connection) when C{case} ends.
+        """
+        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+
+        def stop() -> Any:
+            for conn in self.connections:
+                if conn.transport is not None:
+                    conn.transport.abortConnection()
+            return self.port.stopListening()
+
+        case.addCleanup(stop)
+        return self.port.getHost().port
+
+    @property
+    def received(self) -> List[bytes]:
+        """
+        The raw bytes of each connection, in the order the connections were made.
+        """
+        return [bytes(c.received) for c in self.connections]
+
+
 class H2Proxy:
     """
     The proxy under test with both front doors on its plain port (HTTP/2 with prior
-    knowledge told by its preface) and an HTTP/2 upstream pool for HTTP/2 clients
+    knowledge told by its preface, by L{sidecar.detect}) and an HTTP/2 upstream pool for HTTP/2 clients
     (C{upstreamProtocol} C{"auto"}), for every client (C{"http2"}) or none (C{"http1"}).
 
     @ivar records: every record it produced.
@@ -538,7 +618,8 @@ class H2Proxy:
     def __init__(self, upstreamPort: int, upstreamProtocol: str = "auto", responseTimeout: Optional[float] = 5.0,
                  h2config: Any = None, connectTimeout: float = 2.0) -> None:
         from sidecar.config import H2Config
-        from sidecar.h2door import H2cOrHTTP1Factory, H2ServerFactory
+        from sidecar.detect import HTTP1, HTTP2, DetectingFactory
+        from sidecar.h2door import H2ServerFactory
         from sidecar.h2upstream import H2UpstreamPool
 
         self.records: List[Record] = []
@@ -551,7 +632,11 @@ class H2Proxy:
         if upstreamProtocol != "http1":
             versions = ("2",) if upstreamProtocol == "auto" else ("2", "1.1", "1.0")
             self.engine.poolByVersion.update({v: self.h2pool for v in versions})
-        self.factory = H2cOrHTTP1Factory(DownstreamFactory(self.engine), H2ServerFactory(self.engine, self.h2config))
+        http1, h2 = DownstreamFactory(self.engine), H2ServerFactory(self.engine, self.h2config)
+        # The sidecar's detection: the preface to the HTTP/2 door, a request line to HTTP/1.1.
+        self.factory = DetectingFactory({HTTP1: lambda d: http1.buildProtocol(d.addr),
+                                         HTTP2: lambda d: h2.buildProtocol(d.addr)},
+                                        reactor, 1.0, swap=frozenset([HTTP1, HTTP2]))
         self.port: Any = None
 
     def start(self, case: Any) -> int:
