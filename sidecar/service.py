@@ -116,7 +116,7 @@ class SidecarService(MultiService):
         routes.  C{underTLS}: behind the mutual-TLS layer (detection on the decrypted
         stream); C{permissive}: a TLS ClientHello goes to mutual TLS.
         """
-        from sidecar.detect import HTTP1, HTTP2, NO_ROUTE, TCP, TLS, DetectingFactory
+        from sidecar.detect import DECLARED, HTTP1, HTTP2, NO_ROUTE, TCP, TLS, DetectingFactory
 
         config = self.config
         upstream = config.upstream
@@ -147,7 +147,9 @@ class SidecarService(MultiService):
             routes[TLS] = lambda detector: inner.buildProtocol(detector.addr)
         fast = config.engine == "fast" and not underTLS
         return DetectingFactory(
-            routes, self.reactor, config.protocolDetectTimeout, dict(config.portProtocols),
+            routes, self.reactor, config.protocolDetectTimeout,
+            # The declared names (http, grpc...) as the kinds the routes are keyed by.
+            {port: DECLARED[protocol] for port, protocol in config.portProtocols},
             original=upstream.original, limit=config.maxHeaderBytes,
             swap=frozenset([HTTP1, HTTP2]) if fast else frozenset([HTTP2]) if not underTLS else frozenset(),
             tls=tls)

@@ -337,3 +337,67 @@ def waitFor(predicate: Any, timeout: float = 5.0) -> defer.Deferred:
             reactor.callLater(0.02, check)
     check()
     return d
+
+
+class SidecarProcessTests(GrpcMixin, unittest.TestCase):
+    """
+    The whole sidecar (C{twistd -n sidecar}) as a child process: its listeners detect
+    HTTP/2 and route it to the HTTP/2 door, in plain text on a port declared C{grpc} and
+    under mutual TLS.
+    """
+
+    if grpc is None:
+        skip = "needs grpcio"
+
+    def records(self, log: str, count: int) -> defer.Deferred:
+        import json
+        import os
+
+        def found() -> List[dict]:
+            if not os.path.exists(log):
+                return []
+            with open(log) as f:
+                records = [json.loads(line) for line in f if line.startswith("{")]
+            return [r for r in records if r["protocol"] != "tcp"]  # not the readiness probes' connections
+        d = waitFor(lambda: len(found()) >= count, timeout=10).addCallback(lambda _: found())
+        d.addErrback(lambda f: self.fail(f"records: {open(log).read() if os.path.exists(log) else None}"))
+        return d
+
+    @defer.inlineCallbacks
+    def test_declaredGrpcPortAndMutualTLS(self) -> Any:
+        """
+        A port declared C{grpc} takes a unary call at L7 (the record has its status and
+        messages); the mutual-TLS listener takes a call by ALPN h2 and names the caller.
+        """
+        from tests.support import PYTHON, ChildProcess, portAnswers
+        from tests.tlsfixtures import FRONTEND_ID, writeMesh
+
+        service, servicePort = startService(self)
+        mesh = writeMesh(tempfile.mkdtemp())
+        log = self.mktemp()
+        port, tlsPort = freePort(), freePort()
+        ChildProcess(self, [
+            PYTHON, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sidecar",
+            "--listen", f"tcp:{port}:interface=127.0.0.1", "--upstream", str(servicePort), "--admin", "none",
+            "--health", "none", "--access-log", log, "--log-format", "json", "--port-protocol", f"{port}=grpc",
+            "--tls-listen", f"tcp:{tlsPort}:interface=127.0.0.1", "--tls-cert", mesh.crt("backend"),
+            "--tls-key", mesh.key("backend"), "--tls-ca", mesh.crt("ca")])
+        yield portAnswers(port)
+        yield portAnswers(tlsPort)
+        reply = yield self.call(self.channel(f"127.0.0.1:{port}").unary_unary(f"/{SERVICE}/SayHello"), b"a",
+                                timeout=10)
+        self.assertEqual(reply, b"hello a")
+        with open(mesh.crt("ca"), "rb") as f:
+            ca = f.read()
+        with open(mesh.crt("frontend"), "rb") as f:
+            cert = f.read()
+        with open(mesh.key("frontend"), "rb") as f:
+            key = f.read()
+        ch = self.channel(f"localhost:{tlsPort}", grpc.ssl_channel_credentials(ca, key, cert))
+        reply = yield self.call(ch.unary_unary(f"/{SERVICE}/SayHello"), b"b", timeout=10)
+        self.assertEqual(reply, b"hello b")
+        records = yield self.records(log, 2)
+        self.assertEqual([(r["protocol"], r["grpc_status"], r["request_messages"], r["response_messages"])
+                          for r in records], [("HTTP/2", "0", 1, 1)] * 2)
+        self.assertEqual([r["downstream_peer_principal"] for r in records], [None, FRONTEND_ID])
+        self.assertIn(FRONTEND_ID, service.metadata[-1]["x-forwarded-client-cert"])
