@@ -895,3 +895,32 @@ class RecordTests(unittest.SynchronousTestCase):
         self.assertEqual(sample("istio_request_messages_total", grpc_response_status="0"), 4)
         self.assertEqual(sample("istio_response_messages_total", grpc_response_status="0"), 6)
         self.assertFalse([l for l in lines if l.startswith("istio_request_messages_total") and 'request_protocol="http"' in l])
+
+
+class BenchConfigTests(unittest.SynchronousTestCase):
+    """
+    The peers of C{bench/h2_bench.py} speak h2c on both sides.
+    """
+
+    def test_envoyAndNginx(self) -> None:
+        """
+        Envoy's listener takes HTTP/2 (codec AUTO) and its cluster speaks HTTP/2 to the
+        service; nginx listens for HTTP/2 and answers gRPC with trailers; our sidecar
+        runs with its defaults (auto: HTTP/2 for HTTP/2 clients).
+        """
+        from pathlib import Path
+
+        from bench.h2_bench import envoyH2Config, nginxH2Config, oursArgv
+
+        config = envoyH2Config(1, 2, 3)
+        manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        self.assertEqual(manager["codec_type"], "AUTO")
+        cluster = config["static_resources"]["clusters"][0]
+        options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        self.assertIn("http2_protocol_options", options["explicit_http_config"])
+        text = nginxH2Config(Path("/x"), 9)
+        self.assertIn("listen 127.0.0.1:9 http2;", text)
+        self.assertIn("add_trailer grpc-status 0 always;", text)
+        argv = oursArgv(1, 9)
+        self.assertNotIn("--upstream-protocol", argv)
+        self.assertIn("127.0.0.1:9", argv)
