@@ -141,7 +141,11 @@ class SidecarService(MultiService):
             return self._h2DoorFactory(detector.destination, underTLS, detector.how == "declared").buildProtocol(
                 detector.addr)
 
-        routes = {HTTP1: http1, HTTP2: http2, TCP: tcp, NO_ROUTE: refuse}
+        routes = {HTTP1: http1, TCP: tcp, NO_ROUTE: refuse}
+        if not upstream.original:
+            # (With --upstream original there is no HTTP/2 pool per port dialled yet:
+            # HTTP/2 passes there as opaque TCP.)
+            routes[HTTP2] = http2
         if permissive:
             inner = self.tls.detectingServerFactory(self.detectingFactory(underTLS=True))
             routes[TLS] = lambda detector: inner.buildProtocol(detector.addr)
@@ -175,19 +179,17 @@ class SidecarService(MultiService):
 
     def _h2DoorFactory(self, destination: Any, underTLS: bool, declared: bool) -> Any:
         """
-        The HTTP/2 door's factory for a connection to C{destination} (on the engine of
-        the port dialled with C{--upstream original}); C{declared}: the port is declared
-        C{http2}/C{grpc}, so every request goes to the service over HTTP/2 (when the
-        sidecar has an HTTP/2 pool).
+        The HTTP/2 door's factory (not with C{--upstream original}); C{declared}: the
+        port is declared C{http2}/C{grpc}, so every request goes to the service over
+        HTTP/2 (when the sidecar has an HTTP/2 pool).
         """
         from sidecar.h2door import H2ServerFactory
 
-        port = destination.port if self.originals is not None else None
-        key = ("h2", port, underTLS, declared)
+        key = ("h2", underTLS, declared)
         door = self._doors.get(key)
         if door is None:
-            engine = self.engine if port is None else self.originals.engineFor(port)
-            pool = self.h2pool if declared and port is None else None
+            engine = self.engine
+            pool = self.h2pool if declared else None
             if underTLS:
                 door = self.tls.h2Factory(engine, self.config.h2, pool)
             else:
