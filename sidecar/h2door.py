@@ -452,6 +452,11 @@ class H2ServerProtocol(Protocol):
         elif self.alpn and not grpc:
             engine = self.engine
             exchange.pool = engine.poolByVersion.get("1.1", engine.pool)
+        if ended:
+            # No body: the request is complete before it goes up (its HEADERS end the
+            # stream there too, with no empty DATA frame after them).
+            stream.remoteEnded = True
+            exchange.requestComplete()
         if req.error is not None:
             exchange.reject(400, DOWNSTREAM_PROTOCOL_ERROR,
                             f"{_reason(400).decode()}: {req.error}\n".encode("utf-8", "replace"))
@@ -482,7 +487,7 @@ class H2ServerProtocol(Protocol):
 
     def _streamEnded(self, event: StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is None:
+        if stream is None or stream.remoteEnded:
             return
         stream.remoteEnded = True
         exchange = stream.exchange
