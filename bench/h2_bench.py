@@ -6,6 +6,11 @@ both sides, in front of the same nginx (h2c, one worker), with the same load cli
 (h2load), in one session:
 
     python3 bench/h2_bench.py [--calls 20000] [--gets 20000] [--big-mib 256] [--rounds 3]
+                              [--base-tree /work/main]
+
+All peers run at once; each round measures every peer in turn (interleaved), so a
+shift in the machine's load hits every peer alike.  C{--base-tree} adds the sidecar
+of another checkout as peer C{base}: a before/after of a change in one session.
 
 Three figures per peer, each the median of C{--rounds}:
 
@@ -215,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--big-mib", type=int, default=256, help="size of the large response, MiB")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default="envoy,ours", help="comma-separated: envoy, ours")
+    parser.add_argument("--base-tree", default="",
+                        help="also measure the sidecar of this checkout (peer 'base'), e.g. main's")
     parser.add_argument("--json", action="store_true", help="print the medians as JSON")
     args = parser.parse_args(argv)
     for program in ("nginx", "h2load"):
@@ -241,7 +248,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 "-g", "daemon off;"], directory / "nginx.log")
         children.append(nginx)
         time.sleep(0.5)
-        for name in args.peers.split(","):
+        # Every peer is started first; then each round measures every peer in turn, so
+        # a change in the machine's load hits all of them alike.
+        running: List[Tuple[str, Child, int]] = []
+        names = args.peers.split(",")
+        if args.base_tree:
+            names.append("base")
+        for name in names:
             port = freeLoopbackPort()
             if name == "envoy":
                 envoy, how = findEnvoy()
@@ -251,15 +264,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                 config = directory / "envoy.json"
                 config.write_text(json.dumps(envoyH2Config(port, freeLoopbackPort(), nginxPort)))
                 child = Child("envoy", envoyCommand(envoy, config, []), directory / "envoy.log")
+            elif name == "base":
+                tree = Path(args.base_tree).resolve()
+                child = Child("base", oursArgv(port, nginxPort), directory / "base.log",
+                              dict(os.environ, PYTHONPATH=str(tree)), tree)
             else:
                 child = Child("ours", oursArgv(port, nginxPort), directory / "ours.log")
             children.append(child)
             waitServing(port, child)
             h2load(f"http://127.0.0.1:{port}/small", 2000, 100)  # warm up
-            rounds = [measurePeer(child, port, args, directory) for _ in range(args.rounds)]
-            results[name] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-            child.stop()
-            children.remove(child)
+            running.append((name, child, port))
+        rounds: Dict[str, List[Dict[str, float]]] = {name: [] for name, _, _ in running}
+        for _ in range(args.rounds):
+            for name, child, port in running:
+                rounds[name].append(measurePeer(child, port, args, directory))
+        for name, measured in rounds.items():
+            results[name] = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
     finally:
         for child in reversed(children):
             child.stop()
@@ -270,12 +290,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     keys = ["grpc_us_per_call", "grpc_calls_per_s", "get100_us_per_request", "get100_requests_per_s",
             "big_MB_per_s", "big_cpu_s_per_GiB"]
     names = list(results)
-    print(f"{'figure':<24}" + "".join(f"{n:>12}" for n in names) + ("   ours/envoy" if len(names) == 2 else ""))
+    versus = [n for n in ("ours", "base") if n in results and "envoy" in results]
+    print(f"{'figure':<24}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/envoy':>14}" for n in versus))
     for key in keys:
         row = f"{key:<24}" + "".join(f"{results[n][key]:>12.1f}" for n in names)
-        if "envoy" in results and "ours" in results:
-            row += f"   {results['ours'][key] / results['envoy'][key]:>8.2f}x"
+        row += "".join(f"{results[n][key] / results['envoy'][key]:>13.2f}x" for n in versus)
         print(row)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} (medians of {args.rounds} interleaved rounds)")
     return 0
 
 

@@ -41,6 +41,27 @@ afterwards (C{AppLogger.start}, C{Runner.startLogging}).  Should a release build
 earlier, twistd's log goes back to blocking writes on stdout; C{tests.test_logs}
 (C{TakeOverTests} and the unread-pipe processes) fails on such a Twisted.
 
+Uses of h2's and hyperframe's internals (python-hyper), for the HTTP/2 codecs
+(L{tuneH2Connection}, called on every C{H2Connection} the door and the upstream
+build):
+
+  - C{hyperframe.frame._raw_data_repr}, replaced process-wide by L{_rawDataRepr}
+    (L{trimFrameRepr}).  h2 formats C{repr(frame)} for a trace line on every frame
+    it receives (C{H2Connection._receive_frame}), even when nothing logs, and
+    hyperframe's helper hexlifies a DATA frame's whole body (16 KiB) before keeping
+    20 characters: a tenth of the proxy's CPU on a large download.  The replacement
+    writes the same text from the first bytes, so every repr reads as before.
+    Without the attribute (a hyperframe that renamed it) nothing is replaced: reprs
+    cost what they cost.  C{tests.test_compat} checks the text is hyperframe's.
+  - C{H2Connection.encoder}, the connection's HPACK encoder, replaced by a
+    L{PlainEncoder} before the first frame: literals go out without Huffman coding.
+    Huffman coding is pure Python in C{hpack} and was a third of its encode time;
+    on loopback to the service the few extra bytes cost less than the CPU (the
+    decoders, ours and the peer's, are faster on plain literals too).  h2 calls
+    C{encoder.encode(headers)} and sets C{encoder.header_table_size} on a
+    SETTINGS change, both of which the subclass keeps.  Without the attribute the
+    connection keeps h2's own encoder (Huffman on).
+
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come
 from the public L{twisted.application.strports.service}, which sets it.
@@ -48,7 +69,11 @@ from the public L{twisted.application.strports.service}, which sets it.
 
 from __future__ import annotations
 
+import binascii
 from typing import Any, Callable, Optional
+
+import hyperframe.frame
+from hpack import Encoder
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.abstract import FileDescriptor
@@ -97,3 +122,51 @@ def listeningPort(service: Any) -> Optional[Deferred[Any]]:
         Twisted does not keep it or the service was not started.
     """
     return getattr(service, "_waitingForPort", None)
+
+
+def _rawDataRepr(data: Optional[bytes]) -> str:
+    """
+    hyperframe's C{_raw_data_repr}, with the same text, from the first 10 bytes only.
+    """
+    if not data:
+        return "None"
+    r = binascii.hexlify(data[:11]).decode("ascii")
+    if len(r) > 20:
+        r = r[:20] + "..."
+    return "<hex:" + r + ">"
+
+
+def trimFrameRepr(module: Any = hyperframe.frame) -> None:
+    """
+    Give hyperframe a frame-body repr helper that formats only the bytes it shows
+    (see the module docstring).  Idempotent; the text of every repr is unchanged.
+
+    @param module: the module holding C{_raw_data_repr} (hyperframe's, or a test's).
+    """
+    if hasattr(module, "_raw_data_repr") and module._raw_data_repr is not _rawDataRepr:
+        module._raw_data_repr = _rawDataRepr
+
+
+class PlainEncoder(Encoder):
+    """
+    An HPACK encoder that writes literals without Huffman coding (RFC 7541 5.2,
+    H=0): the same header table and indexing as hpack's, less CPU.
+    """
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:  # type: ignore[override]
+        return super().encode(headers, huffman=False)
+
+
+def tuneH2Connection(conn: Any) -> Any:
+    """
+    Trim a new h2 C{H2Connection}'s CPU cost (see the module docstring): the frame
+    repr h2 builds per frame, and Huffman coding in its HPACK encoder.  Call it
+    before the connection sends or receives anything.
+
+    @param conn: an C{h2.connection.H2Connection}.
+    @return: C{conn}.
+    """
+    trimFrameRepr()
+    if isinstance(getattr(conn, "encoder", None), Encoder):
+        conn.encoder = PlainEncoder()
+    return conn

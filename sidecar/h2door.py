@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.compat import tuneH2Connection
 from sidecar.config import H2Config
 from sidecar.h2wire import GrpcCounts, grpcLocalReply, requestFromHeaders, responseHeaders
 from sidecar.headers import Header, Headers, ResponseHead, bodyForbidden
@@ -345,7 +346,7 @@ class H2ServerProtocol(Protocol):
         self.clientAddress = "-"
         self.clientIP = "-"
         self.streams: Dict[int, H2StreamDoor] = {}
-        self.h2 = H2Connection(serverConfiguration())
+        self.h2 = tuneH2Connection(H2Connection(serverConfiguration()))
         self._inRead = False
         self._flushCall: Any = None
         self._writePaused = False

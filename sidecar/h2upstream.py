@@ -31,6 +31,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.compat import tuneH2Connection
 from sidecar.config import H2Config, UpstreamConfig
 from sidecar.h2wire import requestHeaders, responseFromHeaders
 from sidecar.headers import Headers, responseHead
@@ -288,7 +289,7 @@ class H2UpstreamConnection(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.h2 = H2Connection(clientConfiguration())
+        self.h2 = tuneH2Connection(H2Connection(clientConfiguration()))
         self.streams: Dict[int, H2UpstreamStream] = {}
         self.blocked: Dict[int, H2UpstreamStream] = {}
         #: Streams holding their last body bytes until the next flush.

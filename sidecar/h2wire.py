@@ -22,9 +22,6 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
-import binascii
-
-import hyperframe.frame
 from hpack import NeverIndexedHeaderTuple
 
 from sidecar.headers import Header, Headers, RequestHead, ResponseHead, requestHead
@@ -36,6 +33,13 @@ CONNECTION_SPECIFIC = frozenset([
 ])
 
 _GRPC = b"application/grpc"
+
+#: Request headers sent as never-indexed HPACK literals (RFC 7541 7.1.3):
+#: C{x-request-id} is unique per request (indexed, it would crowd the table that every
+#: header of every later request is searched against, for no gain); credentials stay
+#: out of the shared compression context, as nghttp2 (Envoy's codec) keeps them, and so
+#: do cookies shorter than 20 bytes (guessable by a CRIME-style probe).
+_NEVER_INDEXED = frozenset([b"x-request-id", b"authorization", b"proxy-authorization"])
 
 #: HTTP statuses to gRPC codes (grpc/doc/http-grpc-status-mapping.md), for the proxy's
 #: own answers to a gRPC call.
@@ -145,9 +149,7 @@ def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes
     append = out.append
     for name, value in req.headers:
         name = name.lower()
-        if name == b"x-request-id":
-            # Unique per request: never indexed, or it would crowd the HPACK table that
-            # every header of every later request is searched against.
+        if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
             append(NeverIndexedHeaderTuple(name, value))
         elif name not in CONNECTION_SPECIFIC:
             append((name, value))
@@ -266,30 +268,3 @@ class GrpcCounts:
     def __init__(self) -> None:
         self.request = MessageCounter()
         self.response = MessageCounter()
-
-
-def _rawDataRepr(data: Optional[bytes]) -> str:
-    """
-    hyperframe's C{_raw_data_repr}, with the same text, from the first 10 bytes only.
-    """
-    if not data:
-        return "None"
-    r = binascii.hexlify(data[:11]).decode("ascii")
-    if len(r) > 20:
-        r = r[:20] + "..."
-    return "<hex:" + r + ">"
-
-
-def trimFrameRepr(module: object = hyperframe.frame) -> None:
-    """
-    h2 formats C{repr(frame)} for a trace line on every frame it receives, even when
-    nothing logs, and hyperframe's repr hexlifies a DATA frame's whole body (16 KiB)
-    before keeping 20 characters: a tenth of the proxy's CPU on a large download.  Give
-    hyperframe a helper that writes the same text from the first bytes.  (Idempotent;
-    the text of every repr is unchanged.)
-    """
-    if getattr(module, "_raw_data_repr", None) is not _rawDataRepr:
-        module._raw_data_repr = _rawDataRepr  # type: ignore[attr-defined]
-
-
-trimFrameRepr()

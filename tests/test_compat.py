@@ -136,3 +136,73 @@ class ListenErrorTests(unittest.TestCase):
                               "--admin", "none", "--access-log", "none"])
         service = makeService(options["config"], reactor)
         self.assertRaises(CannotListenError, service.privilegedStartService)
+
+
+class H2TuningTests(unittest.SynchronousTestCase):
+    """
+    The uses of h2's and hyperframe's internals in L{tuneH2Connection}.
+    """
+
+    def test_frameReprText(self) -> None:
+        """
+        For empty, short, 10-, 11- and 16384-byte bodies the trimmed helper's text is
+        hyperframe's; hyperframe still has the helper it replaces, and a tuned
+        connection leaves hyperframe using it, so a DATA frame's repr reads as before.
+        """
+        import binascii
+        import os
+
+        import hyperframe.frame
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        from sidecar.compat import _rawDataRepr, tuneH2Connection
+
+        def original(data: object) -> str:
+            if not data:
+                return "None"
+            r = binascii.hexlify(data).decode("ascii")  # type: ignore[arg-type]
+            if len(r) > 20:
+                r = r[:20] + "..."
+            return "<hex:" + r + ">"
+        for data in (b"", b"ab", b"0123456789", b"0123456789a", os.urandom(16384)):
+            self.assertEqual(_rawDataRepr(data), original(data))
+        tuneH2Connection(H2Connection(H2Configuration()))
+        self.assertIs(hyperframe.frame._raw_data_repr, _rawDataRepr)
+        frame = hyperframe.frame.DataFrame(1, b"\x01" * 16384)
+        self.assertEqual(repr(frame), "DataFrame(stream_id=1, flags=[]): <hex:01010101010101010101...>")
+
+    def test_plainLiterals(self) -> None:
+        """
+        A tuned connection's HEADERS carry literals without Huffman coding (the H bit
+        of every string clear), still indexed, and decode to the same header list;
+        without the tuning h2 Huffman-codes them.
+        """
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from hpack import Decoder
+        from sidecar.compat import PlainEncoder, tuneH2Connection
+
+        headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/p"),
+                   (b":authority", b"svc"), (b"x-thing", b"some value")]
+
+        config = H2Configuration(client_side=True, header_encoding=None)
+        tuned = tuneH2Connection(H2Connection(config))
+        self.assertIsInstance(tuned.encoder, PlainEncoder)
+        tuned.initiate_connection()
+        tuned.clear_outbound_data_buffer()
+        tuned.send_headers(1, headers, end_stream=True)
+        plain = tuned.data_to_send()[9:]
+        stock = H2Connection(config)
+        stock.initiate_connection()
+        stock.clear_outbound_data_buffer()
+        stock.send_headers(1, headers, end_stream=True)
+        huffman = stock.data_to_send()[9:]
+        self.assertIn(b"some value", plain)
+        self.assertIn(b"/p", plain)
+        self.assertNotIn(b"some value", huffman)
+        self.assertEqual(Decoder().decode(plain, raw=True), headers)
+        self.assertEqual(Decoder().decode(huffman, raw=True), headers)
+        # Indexed all the same: the second identical head is one byte a field.
+        tuned.send_headers(3, headers, end_stream=True)
+        self.assertEqual(len(tuned.data_to_send()) - 9, len(headers))

@@ -76,30 +76,6 @@ class MessageCounterTests(unittest.SynchronousTestCase):
         self.assertEqual(counter.messages, 2)
 
 
-class FrameReprTests(unittest.SynchronousTestCase):
-    """
-    The trimmed frame repr says what hyperframe's own said.
-    """
-
-    def test_same(self) -> None:
-        """
-        For empty, short, 10-, 11- and 16384-byte bodies the text is hyperframe's.
-        """
-        import binascii
-
-        from sidecar.h2wire import _rawDataRepr
-
-        def original(data: Any) -> str:
-            if not data:
-                return "None"
-            r = binascii.hexlify(data).decode("ascii")
-            if len(r) > 20:
-                r = r[:20] + "..."
-            return "<hex:" + r + ">"
-        for data in (b"", b"ab", b"0123456789", b"0123456789a", os.urandom(16384)):
-            self.assertEqual(_rawDataRepr(data), original(data))
-
-
 class HeadsTests(unittest.SynchronousTestCase):
     """
     HTTP/2 heads to the engine's and back.
@@ -152,6 +128,28 @@ class HeadsTests(unittest.SynchronousTestCase):
         out = requestHeaders(b"PUT", b"/p?q", req, b"http", True)
         self.assertEqual(out[:4], [(b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/p?q"), (b":authority", b"svc")])
         self.assertEqual(out[4:], [(b"x-thing", b"1"), (b"te", b"trailers"), (b"content-length", b"3")])
+
+    def test_neverIndexed(self) -> None:
+        """
+        The request id, credentials and short cookies go to the service as
+        never-indexed HPACK literals (kept out of the shared compression table, and
+        so by every intermediary after); other headers, long cookies included, may be
+        indexed.
+        """
+        from hpack import Decoder, NeverIndexedHeaderTuple
+
+        from sidecar.compat import PlainEncoder
+        req = RequestHead(headers=[(b"X-Request-Id", b"r-1"), (b"Authorization", b"Bearer t"),
+                                   (b"Proxy-Authorization", b"Basic x"), (b"Cookie", b"a=1"),
+                                   (b"Cookie", b"session=" + b"s" * 30), (b"X-Thing", b"1")],
+                          authority="svc")
+        out = requestHeaders(b"GET", b"/", req, b"http", False)
+        never = {(h[0], h[1]) for h in out if isinstance(h, NeverIndexedHeaderTuple)}
+        self.assertEqual(never, {(b"x-request-id", b"r-1"), (b"authorization", b"Bearer t"),
+                                 (b"proxy-authorization", b"Basic x"), (b"cookie", b"a=1")})
+        decoded = Decoder().decode(PlainEncoder().encode(out), raw=True)
+        flagged = {(h[0], h[1]) for h in decoded if isinstance(h, NeverIndexedHeaderTuple)}
+        self.assertEqual(flagged, never)
 
     def test_grpcLocalReply(self) -> None:
         """
