@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_compat -*-
 """
-Every use the sidecar makes of Twisted's internals, in one place.
+Every use the sidecar makes of Twisted's (and h2's and hyperframe's) internals, in one place.
 
 Twisted promises nothing about attributes it does not document, so each one read
 here is named with why the sidecar needs it and what happens when a Twisted
