@@ -33,7 +33,8 @@ TLS12_CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
-#: The one application protocol offered by ALPN.
+#: The application protocols offered by ALPN, the preferred first.
+ALPN_PROTOCOLS = (b"h2", b"http/1.1")
 ALPN = b"http/1.1"
 
 
@@ -122,7 +123,7 @@ def _publicBytes(key: Any) -> bytes:
 def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: bytes) -> ServerMaterial:
     """
     Check the three files' contents and build the server context: TLS 1.2 and 1.3
-    only, forward-secret AEAD suites, ALPN C{http/1.1}, a client certificate required
+    only, forward-secret AEAD suites, ALPN C{h2} and C{http/1.1}, a client certificate required
     and verified against the CA bundle, no renegotiation.
 
     @raise TLSFileError: naming the file at fault.
@@ -215,8 +216,9 @@ def _clientContext(files: TLSFiles, leaf: x509.Certificate, extras: Sequence[x50
 
 
 def _selectALPN(connection: SSL.Connection, offered: List[bytes]) -> Any:
-    if ALPN in offered:
-        return ALPN
+    for protocol in ALPN_PROTOCOLS:
+        if protocol in offered:
+            return protocol
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
