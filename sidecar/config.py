@@ -178,3 +178,10 @@ class ProxyConfig:
     tls: Optional[TLSConfig] = None
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    #: The YAML configuration file (routes, upstreams, filters; reloaded when it
+    #: changes), or C{None}.
+    configFile: Optional[str] = None
+    #: C{--filter} flags: C{(name, JSON arguments)} of the filters every request runs.
+    filters: Tuple[Tuple[str, str], ...] = ()
+    #: Seconds between looks at C{configFile}.
+    configReloadInterval: float = 1.0

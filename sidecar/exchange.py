@@ -29,7 +29,7 @@ from sidecar.doors import Doors
 from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
 from sidecar.headers import Header, RequestHead, ResponseHead
 from sidecar.record import (
-    DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
+    DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, NO_ROUTE_FOUND, UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
     Record,
 )
@@ -246,7 +246,7 @@ class Exchange:
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
-        "mustClose", "malformed", "pool", "call", "held",
+        "mustClose", "malformed", "pool", "call", "held", "chain", "route", "retry",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -281,6 +281,12 @@ class Exchange:
         self.call: Optional[Call] = None
         #: Response events held while response-head filters decide.
         self.held: Optional[List[Any]] = None
+        #: The filter chain this exchange started with (a reload does not change it).
+        self.chain: Optional[FilterChain] = None
+        #: The route it took (L{sidecar.routes.Route}), when routes are configured.
+        self.route: Any = None
+        #: Its retry state (L{sidecar.routes.Retry}), when its route retries.
+        self.retry: Any = None
 
     @property
     def finished(self) -> bool:
@@ -321,6 +327,18 @@ class Exchange:
             door = self.door
             call = self.call = Call(self.method, req.target, req.authority, req.headers,
                                     door.clientAddress, door.peerPrincipal)
+            router = chain.router
+            if router is not None:
+                route = self.route = router.select(call)
+                if route is None:
+                    self.reject(404, NO_ROUTE_FOUND, b"")
+                    return
+                call.route = route.name
+                call.upstream = route.upstream
+                chain = route.chain
+                if route.retry is not None:
+                    self.retry = route.retry.start(self)
+            self.chain = chain
             if chain.requestBodies and (req.chunked or req.contentLength):
                 # Filters may change the body's length: send it chunked.
                 req.contentLength = None
@@ -330,6 +348,8 @@ class Exchange:
                 chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,
                                self._filterFailed)
                 return
+            self._requestFiltered()
+            return
         self._acquire()
 
     def _requestFiltered(self) -> None:
@@ -350,7 +370,8 @@ class Exchange:
         self.flags.extend(call.flags)  # type: ignore[union-attr]
         self.req.target = call.path  # type: ignore[union-attr]
         if call.upstream is not None:  # type: ignore[union-attr]
-            pool = self.engine.pools.get(call.upstream)  # type: ignore[union-attr]
+            pools = self.chain.pools  # type: ignore[union-attr]
+            pool = (self.engine.pools if pools is None else pools).get(call.upstream)  # type: ignore[union-attr]
             if pool is None:
                 self._filterFailed(FilterFailed("route", f"no upstream named {call.upstream!r}"))  # type: ignore[union-attr]
                 return
@@ -390,9 +411,9 @@ class Exchange:
         if limit is not None and self.bytesReceived > limit:
             self._tooLarge()
             return
-        if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
+        if self.call is not None and self.chain.requestBodies:  # type: ignore[union-attr]
             try:
-                data = self.engine.filters.requestBody(self.call, data)  # type: ignore[union-attr]
+                data = self.chain.requestBody(self.call, data)  # type: ignore[union-attr]
             except Exception as e:
                 self._filterFailed(FilterFailed("request body filter", e))
                 return
@@ -460,6 +481,8 @@ class Exchange:
         """
         if self.phase is not ACQUIRING:
             return
+        if self.retry is not None and self.retry.again("connect-failure", 0):
+            return
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
         self.flags.append(UPSTREAM_CONNECT_FAILURE)
@@ -483,10 +506,12 @@ class Exchange:
         The upstream's final response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
+        if status >= 500 and self.retry is not None and self.retry.again("status", status):
+            return
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         call = self.call
         if call is not None and status != 101:
-            chain = self.engine.filters
+            chain = self.chain
             if chain.responseBodies and head.contentLength is not None:  # type: ignore[union-attr]
                 # Filters may change the body's length: the door frames it anew.
                 head.contentLength = None
@@ -550,7 +575,7 @@ class Exchange:
             if self.held is not None:
                 self.held.append(data)
                 return
-            chain = self.engine.filters
+            chain = self.chain
             if chain.responseBodies:  # type: ignore[union-attr]
                 try:
                     data = chain.responseBody(self.call, data)  # type: ignore[union-attr]
@@ -643,6 +668,8 @@ class Exchange:
             self._go(ACQUIRING)
             self.pool.acquire(self, fresh=True)
             return
+        if self.retry is not None and self.retry.again("reset", 0):
+            return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
         self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
@@ -697,15 +724,17 @@ class Exchange:
         self._dropUpstream()
         self._localReply(413, b"Payload Too Large\n")
 
-    def _timedOut(self) -> None:
+    def _timedOut(self, seconds: float) -> None:
         self.timeout = None
+        if self.phase is AWAITING and self.retry is not None and self.retry.again("timeout", 0):
+            return
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
         if self.phase is not AWAITING:
             return
         self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
-                   seconds=self.engine.responseTimeout)
+                   seconds=seconds)
         self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
         self._localReply(504, b"upstream request timeout")
 
@@ -749,8 +778,36 @@ class Exchange:
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and self.phase is AWAITING:
-            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
+        if self.timeout is not None or self.phase is not AWAITING:
+            return
+        seconds = self.engine.responseTimeout
+        route = self.route
+        if route is not None:
+            if route.timeout is not None:
+                seconds = route.timeout or None
+            if self.retry is not None:
+                seconds = self.retry.tryTimeout(seconds)
+        if seconds:
+            self.timeout = self.engine.clock.callLater(seconds, self._timedOut, seconds)
+
+    def retryUpstream(self, delay: float, fresh: bool) -> None:
+        """
+        Try the upstream again after C{delay} seconds (the route's retry policy said
+        so, L{sidecar.routes.Retry.again}): drop the stream and the timer, wait, ask the
+        pool again (C{fresh}: for a new connection).
+        """
+        self._cancelTimeout()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase is not ACQUIRING:
+            self._go(ACQUIRING)
+        self.timeout = self.engine.clock.callLater(delay, self._acquireAgain, fresh)
+
+    def _acquireAgain(self, fresh: bool) -> None:
+        self.timeout = None
+        if self.phase is ACQUIRING:
+            self.pool.acquire(self, fresh=fresh)
 
     def _cancelTimeout(self) -> None:
         if self.timeout is not None:
@@ -789,7 +846,10 @@ class Exchange:
             door.mutualTLS,
         )
         engine.recorder.record(record)
-        if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]
-            for failure in engine.filters.logged(record):  # type: ignore[union-attr]
+        if self.retry is not None:
+            self.retry.ended()
+        chain = self.chain
+        if chain is not None and chain.loggers:
+            for failure in chain.logged(record):
                 self._warn("filter {filter} failed on the record of {method} {path}: {reason}",
                            filter=failure.filter, reason=failure.reason)

@@ -286,6 +286,8 @@ class SidecarCollector:
         C{context.failures}), or C{None} without mutual TLS.
     @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},
         C{limit}), or C{None} without an access log.
+    @ivar configFile: the L{sidecar.configfile.ConfigWatcher} (C{reloads},
+        C{rejections}), or C{None} without C{--config}.
     @ivar runtime: more collectors whose families follow ours (L{runtimeCollectors});
         they are read when scraped, in the formatting thread, never per request.
     """
@@ -293,8 +295,9 @@ class SidecarCollector:
     def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
                  startTime: float, version: str = "",
                  localPrincipal: Callable[[], str] = lambda: "", tls: Any = None,
-                 accessLog: Any = None, runtime: Sequence[Any] = ()) -> None:
+                 accessLog: Any = None, runtime: Sequence[Any] = (), configFile: Any = None) -> None:
         self.tls = tls
+        self.configFile = configFile
         self.accessLog = accessLog
         self.runtime = tuple(runtime)
         self.recorder = recorder
@@ -334,9 +337,12 @@ class SidecarCollector:
         log = self.accessLog
         frozenLog = None if log is None else SimpleNamespace(dropped=log.dropped, buffered=log.buffered,
                                                              limit=log.limit)
+        configFile = self.configFile
+        frozenConfig = None if configFile is None else SimpleNamespace(reloads=configFile.reloads,
+                                                                       rejections=configFile.rejections)
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
                                 self.startTime, self.version, localPrincipal=lambda: principal,
-                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime)
+                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime, configFile=frozenConfig)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -447,6 +453,15 @@ class SidecarCollector:
             yield GaugeMetricFamily(
                 "sidecar_access_log_buffered_bytes",
                 "Access log bytes waiting for the log's output to take them.", value=accessLog.buffered)
+        configFile = self.configFile
+        if configFile is not None:
+            reloads = CounterMetricFamily(
+                "sidecar_config_reloads_total",
+                "Changed versions of the configuration file put in use (ok) or refused (rejected).",
+                labels=("result",))
+            reloads.add_metric(("ok",), configFile.reloads)
+            reloads.add_metric(("rejected",), configFile.rejections)
+            yield reloads
         tls = self.tls
         if tls is not None:
             for name, help, value in (

@@ -21,6 +21,10 @@ DOWNSTREAM_CONNECTION_TERMINATION = "DC"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 UNAUTHORIZED = "RBAC"
 UPSTREAM_OVERFLOW = "UO"
+#: No configured route matched the request (404).
+NO_ROUTE_FOUND = "NR"
+#: The route's retries were used up and the last failure went to the client.
+UPSTREAM_RETRY_LIMIT_EXCEEDED = "URX"
 
 
 @attrs.frozen

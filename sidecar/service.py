@@ -55,6 +55,8 @@ class SidecarService(MultiService):
             responseTimeout=config.upstream.responseTimeout,
             maxRequestBytes=config.maxRequestBytes,
         )
+        self.configWatcher = None
+        self._assembleFilters()
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
         self.listeners = []
@@ -77,6 +79,33 @@ class SidecarService(MultiService):
 
         self._assembleAdmin()
 
+    def _assembleFilters(self) -> None:
+        """
+        The configuration file's routes, upstreams and filters (reloaded on a timer),
+        or the C{--filter} flags' chain; nothing at all without them.
+        """
+        config, reactor = self.config, self.reactor
+        if config.configFile is None and not config.filters:
+            return
+        from sidecar.builtins import FilterContext
+        from sidecar.configfile import ConfigWatcher, filtersOnly
+
+        context = FilterContext(clock=reactor, reactor=reactor)
+        if config.configFile is None:
+            self.engine.filters = filtersOnly(config.filters, context)
+            return
+
+        def apply(active: Any) -> None:
+            self.engine.filters = active.chain
+            self.engine.pools = dict(active.pools)
+
+        self.configWatcher = ConfigWatcher(
+            config.configFile, context, lambda settings: UpstreamPool(reactor, reactor, settings), apply,
+            requestsActive=lambda: self.recorder.requestsActive, cliFilters=config.filters)
+        reload = TimerService(config.configReloadInterval, self.configWatcher.check)
+        reload.clock = reactor
+        reload.setServiceParent(self)
+
     def _assembleAdmin(self) -> None:
         """
         The metrics collector, the lifecycle (readiness, drain, exit) and the admin site.
@@ -88,7 +117,7 @@ class SidecarService(MultiService):
         self.collector = SidecarCollector(
             self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
-            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors())
+            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors(), configFile=self.configWatcher)
         self.adminListeners = []
         self.healthListeners = []
         self.lifecycle = Lifecycle(
@@ -100,7 +129,8 @@ class SidecarService(MultiService):
         )
         if config.admin is not None:
             site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime,
-                             offload=self._offload)
+                             offload=self._offload,
+                             configFile=self.configWatcher.dump if self.configWatcher is not None else None)
             self.adminListeners.append(self._listen(config.admin, site))
         if config.health is not None:
             health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload)
@@ -167,6 +197,8 @@ class SidecarService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         self.pool.closeAll()
+        if self.configWatcher is not None:
+            self.configWatcher.closeAll()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d
