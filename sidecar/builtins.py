@@ -120,6 +120,12 @@ def seconds(value: Any) -> float:
     return number
 
 
+class Seconds(float):
+    """
+    A duration in the configuration: seconds, or C{"1.5s"}, C{"200ms"} (L{seconds}).
+    """
+
+
 def _positive(instance: Any, attribute: Any, value: Any) -> None:
     if value is not None and value <= 0:
         raise ValueError(f"{attribute.name} must be positive")
@@ -141,7 +147,7 @@ class RateLimitConfig:
     """
 
     maxTokens: int = attrs.field(validator=_positive)
-    fillInterval: float = attrs.field(validator=_positive)
+    fillInterval: Seconds = attrs.field(validator=_positive)
     tokensPerFill: int = attrs.field(default=1, validator=_positive)
     statusCode: int = 429
 
@@ -193,7 +199,7 @@ class DelayConfig:
     Delay C{percentage} of requests by C{fixedDelay} seconds.
     """
 
-    fixedDelay: float
+    fixedDelay: Seconds
     percentage: float = attrs.field(default=100.0, validator=_percentage)
 
 
@@ -527,12 +533,12 @@ class JwtConfig:
     jwks: Optional[str] = attrs.field(default=None)
     jwksFile: Optional[str] = None
     jwksUri: Optional[str] = attrs.field(default=None, validator=_oneJwksSource)
-    jwksCacheDuration: float = attrs.field(default=600.0, validator=_positive)
+    jwksCacheDuration: Seconds = attrs.field(default=Seconds(600.0), validator=_positive)
     forwardOriginalToken: bool = False
     outputPayloadToHeader: Optional[str] = None
     outputClaimToHeaders: List[ClaimToHeader] = attrs.field(factory=list)
     requireToken: bool = False
-    clockSkew: float = 60.0
+    clockSkew: Seconds = Seconds(60.0)
 
 
 def parseJwks(data: bytes, where: str) -> jwt.PyJWKSet:

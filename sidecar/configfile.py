@@ -40,7 +40,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from cattrs.v import format_exception
 from twisted.logger import Logger
 
-from sidecar.builtins import BUILTINS, FilterContext, seconds
+from sidecar.builtins import BUILTINS, FilterContext, Seconds, seconds
 from sidecar.config import UpstreamConfig
 from sidecar.filters import FilterChain, IFilter
 from sidecar.routes import RETRY_ON, Route, RouteMatch, Router, RetryPolicy, RetryRule
@@ -75,12 +75,6 @@ class ConfigError(Exception):
 
 
 # -- the schema ----------------------------------------------------------------------
-
-
-class Seconds(float):
-    """
-    A duration in the file: seconds, or C{"1.5s"}, C{"200ms"}.
-    """
 
 
 class FlagValue(str):
