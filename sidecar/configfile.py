@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import attrs
 import cattrs
@@ -44,9 +44,6 @@ from sidecar.builtins import BUILTINS, FilterContext, Seconds, seconds
 from sidecar.config import UpstreamConfig
 from sidecar.filters import FilterChain, IFilter
 from sidecar.routes import RETRY_ON, Route, RouteMatch, Router, RetryPolicy, RetryRule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from twisted.internet.interfaces import IReactorTime
 
 #: The entry point group of installed filters (C{pip install}ed packages).
 ENTRY_POINT_GROUP = "sidecar.filters"

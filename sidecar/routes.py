@@ -24,7 +24,7 @@ When the last allowed try fails, the record says C{URX}.
 from __future__ import annotations
 
 import random as _random
-from typing import TYPE_CHECKING, Any, Callable, FrozenSet, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, FrozenSet, Optional, Sequence, Tuple
 
 import attrs
 

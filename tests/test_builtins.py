@@ -13,13 +13,10 @@ from typing import Any, List
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.trial import unittest
 
-from sidecar.builtins import (
-    Authorization, FaultInjection, FilterContext, HeaderRules, JwtAuthentication, LocalRateLimit, RemoteJwks,
-    normalizePath,
-)
+from sidecar.builtins import FilterContext, normalizePath
 from sidecar.configfile import ConfigError, FilterSpec, makeFilter
 from sidecar.filters import FilterChain
 from tests.test_exchange import GET, OK, Harness
