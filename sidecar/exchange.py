@@ -519,8 +519,11 @@ class Exchange:
                 call.status = status
                 call.responseHeaders = head.headers
                 self.held = []
-                chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
-                               lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                waiter = chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
+                                        lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                if waiter is not None:
+                    # Decided later, outside the upstream's read: send what is ready.
+                    waiter.addCallback(self._flushAfterFilters)
                 return
         self._startResponse(status, reason, head)
 
@@ -555,7 +558,14 @@ class Exchange:
                 self.door.finishResponse(self)
                 return
             self.responseBody(event)
-        self.door.flush()
+
+    def _flushAfterFilters(self, _: Any) -> None:
+        """
+        Response-head filters that waited have decided: send the head and the body held
+        meanwhile now (when they decide within the upstream's read, its end flushes).
+        """
+        if self.phase is RESPONDING:
+            self.door.flush()
 
     def _startResponse(self, status: int, reason: bytes, head: ResponseHead) -> None:
         self.status = status

@@ -287,7 +287,7 @@ class FilterChain:
             except Exception as e:
                 failed(FilterFailed(getattr(f, "name", repr(f)), e))
                 return None
-            if isinstance(result, Deferred):
+            if result is not None and isinstance(result, Deferred):
                 waiter: Deferred[None] = Deferred()
 
                 def resumed(_: Any, index: int = index) -> None:
