@@ -6,7 +6,7 @@ configuration is plain data, built by L{sidecar.tap} and read by everything else
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import attrs
 
@@ -29,6 +29,9 @@ class UpstreamConfig:
     @ivar maxIdle: how many idle connections the pool keeps at most.
     @ivar maxConnections: connections to the service open or opening at most.
     @ivar maxPending: requests waiting for a connection at most.
+    @ivar original: C{--upstream original}: forward each connection to C{host} on the
+        port the client originally dialled (C{SO_ORIGINAL_DST} after an iptables
+        C{REDIRECT}); C{port} is then unused.
     """
 
     host: str = "127.0.0.1"
@@ -41,12 +44,16 @@ class UpstreamConfig:
     #: requests waiting for one at most (past that, 503 with flag UO).
     maxConnections: int = 1024
     maxPending: int = 1024
+    original: bool = False
 
     @property
     def address(self) -> str:
         """
-        C{host:port}, as the access log and metrics show it.
+        C{host:port}, as the access log and metrics show it (C{host:original} for
+        C{--upstream original}).
         """
+        if self.original:
+            return f"{self.host}:original"
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
@@ -168,6 +175,9 @@ class ProxyConfig:
     health: Optional[str] = None
     accessLogBuffer: int = 1024 * 1024
     maxHeaderBytes: int = 64 * 1024
+    #: Request headers with an underscore in their name: C{"allow"} (Envoy's and
+    #: Istio's default), C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
     #: The largest request body accepted, in bytes (413 beyond; C{None}: no limit).
     maxRequestBytes: Optional[int] = None
     #: Seconds a client connection may sit idle between requests (C{None}: forever).
@@ -176,6 +186,12 @@ class ProxyConfig:
     requestHeadTimeout: Optional[float] = 30.0
     extra: Tuple[Tuple[str, str], ...] = ()
     tls: Optional[TLSConfig] = None
+    #: Seconds to wait for a client's first bytes before treating the connection as
+    #: opaque TCP (a server-first protocol); C{None}: wait for ever.
+    protocolDetectTimeout: Optional[float] = 1.0
+    #: Declared protocols by port dialled (C{tcp}, C{http}, C{http2}, C{grpc}); such
+    #: ports are not sniffed.
+    portProtocols: Tuple[Tuple[int, str], ...] = ()
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()
     #: The YAML configuration file (routes, upstreams, filters; reloaded when it
@@ -185,3 +201,7 @@ class ProxyConfig:
     filters: Tuple[Tuple[str, str], ...] = ()
     #: Seconds between looks at C{configFile}.
     configReloadInterval: float = 1.0
+    #: The application's probes the health port performs for the kubelet at
+    #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
+    #: C{ISTIO_KUBE_APP_PROBERS}.
+    appProbers: Tuple[Any, ...] = ()
