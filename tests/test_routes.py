@@ -323,3 +323,45 @@ routes:
         conn.dataReceived(OK)
         self.assertIn(b" 200 OK", client1.value())
         self.assertEqual(rule.active, 0)
+
+
+class ReadmeExampleTests(unittest.SynchronousTestCase):
+    """
+    The README's example filter and configuration do what the README says.
+    """
+
+    def test_example(self):
+        """
+        The 20-line filter, run in the README's configuration (with the filter given
+        directly): no C{X-Team} is a 403 C{RBAC}; C{X-Team: canary} goes to the
+        C{canary} upstream with C{X-Checked-By}; the response says C{x-team-seen}.
+        """
+        import os
+        import re
+
+        from sidecar.filters import FilterChain
+
+        readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+        section = readme[readme.index("## Filters, routes and a configuration file that reloads"):]
+        code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        self.assertLessEqual(len(code.strip().splitlines()), 20)
+        yaml = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+        namespace: Dict[str, Any] = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        h = Harness()
+        pools = routed(h, yaml.replace("filters:\n  - name: require-team\n", ""))
+        chain = h.engine.filters
+        example = namespace["RequireTeam"]()
+        for route in chain.router.routes:
+            route.chain = FilterChain([example] + route.chain.filters, pools=pools)
+        door, client = h.client()
+        door.dataReceived(GET)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 403 Forbidden\r\n"))
+        door, client = h.client()
+        door.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: svc\r\nX-Team: canary\r\n\r\n")
+        self.assertEqual(h.reactor.tcpClients[-1][1], 8081)
+        conn, upstream = connect(h)
+        self.assertIn(b"x-checked-by: sidecar\r\n", upstream.value())
+        conn.dataReceived(OK)
+        self.assertIn(b"x-team-seen: canary\r\n", client.value())
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(403, "RBAC"), (200, "-")])
