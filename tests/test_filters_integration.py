@@ -25,7 +25,7 @@ from twisted.web import resource, server, static
 from twisted.web.client import Agent
 
 from sidecar.builtins import FilterContext
-from sidecar.configfile import ConfigWatcher, FilterSpec, makeFilter
+from sidecar.configfile import ConfigWatcher, FilterSpec, build, makeFilter, parse
 from sidecar.filters import Filter, FilterChain
 from sidecar.upstream import UpstreamPool
 from tests.support import (
@@ -261,6 +261,50 @@ class DoorMixin:
         self.assertEqual({(r.status, r.flags) for r in self.proxy.records} - {(0, "DC")}, {(200, "-")})
         client = yield get(self.port, "/bytes/1")
         self.assertEqual(client.responses[0].header(b"x-version"), [b"v5"])
+
+
+    @defer.inlineCallbacks
+    def test_routes(self):
+        """
+        Routes over real sockets: a prefix goes to a named upstream (a second real
+        service) with its own filter, an unmatched path is a 404 C{NR}, and a refused
+        connect to a named upstream is retried, then a 502 C{URX,UF}.
+        """
+        other = Upstream()
+        otherPort = other.start(self)
+        spec, data = parse(f"""
+upstreams:
+  other: {{address: "127.0.0.1:{otherPort}"}}
+  closed: {{address: "127.0.0.1:{freePort()}"}}
+routes:
+  - name: other
+    match: {{prefix: /other/}}
+    upstream: other
+    filters: [{{name: headers, config: {{request: {{set: {{x-route: other}}}}}}}}]
+  - name: closed
+    match: {{prefix: /closed}}
+    upstream: closed
+    retry: {{attempts: 2, retryOn: connect-failure}}
+  - name: echo
+    match: {{prefix: /echo}}
+""".encode(), "routes.yaml")
+        active = build(spec, data, "d", FilterContext(clock=reactor, reactor=reactor),
+                       lambda settings: UpstreamPool(reactor, reactor, settings))
+        self.addCleanup(lambda: [p.closeAll() for p in active.pools.values()])
+        self.proxy.engine.filters = active.chain
+        client = yield get(self.port, "/other/echo")
+        self.assertEqual(client.responses[0].status, 404)  # the other service has no /other
+        self.assertEqual(other.seen[-1].uri, b"/other/echo")
+        self.assertEqual(other.seen[-1].header(b"x-route"), [b"other"])
+        client = yield get(self.port, "/echo")
+        self.assertEqual(client.responses[0].status, 200)
+        self.assertEqual(self.upstream.seen[-1].header(b"x-route"), [])
+        client = yield get(self.port, "/nowhere")
+        self.assertEqual(client.responses[0].status, 404)
+        self.assertEqual(self.proxy.records[-1].flags, "NR")
+        client = yield get(self.port, "/closed")
+        self.assertEqual(client.responses[0].status, 502)
+        self.assertEqual(self.proxy.records[-1].flags, "URX,UF")
 
 
 class FastDoorTests(DoorMixin, unittest.TestCase):
