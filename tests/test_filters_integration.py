@@ -268,7 +268,7 @@ class DoorMixin:
         """
         Routes over real sockets: a prefix goes to a named upstream (a second real
         service) with its own filter, an unmatched path is a 404 C{NR}, and a refused
-        connect to a named upstream is retried, then a 502 C{URX,UF}.
+        connect to a named upstream is retried, then a 502 C{UF,URX}.
         """
         other = Upstream()
         otherPort = other.start(self)
@@ -304,7 +304,7 @@ routes:
         self.assertEqual(self.proxy.records[-1].flags, "NR")
         client = yield get(self.port, "/closed")
         self.assertEqual(client.responses[0].status, 502)
-        self.assertEqual(self.proxy.records[-1].flags, "URX,UF")
+        self.assertEqual(self.proxy.records[-1].flags, "UF,URX")
 
 
 class FastDoorTests(DoorMixin, unittest.TestCase):
