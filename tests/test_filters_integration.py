@@ -403,6 +403,28 @@ class ProcessTests(unittest.TestCase):
         self.assertIn(f"{broken}: routes[0].timeout: 'soon' is not a duration".encode(), out + err)
 
     @defer.inlineCallbacks
+    def test_http2(self):
+        """
+        Filters run for HTTP/2 clients too (nghttp, prior knowledge): the response
+        header rule applies, and past the bucket the stream gets a 429.
+        """
+        nghttp = shutil.which("nghttp")
+        if nghttp is None:
+            raise unittest.SkipTest("needs nghttp (nghttp2-client)")
+        yield self.startSidecar(CONFIG.replace("filters:\n", "filters:\n  - name: local_ratelimit\n"
+                                               "    config: {maxTokens: 2, fillInterval: 60s}\n"),
+                                "--upstream-protocol", "http1")
+        statuses = []
+        for _ in range(3):
+            out, err, code = yield getProcessOutputAndValue(
+                nghttp, ["-v", f"http://127.0.0.1:{self.listen}/echo"], env=os.environ)
+            text = out.decode("latin-1")
+            statuses.append(re.search(r":status: (\d+)", text).group(1))
+            if statuses[-1] == "200":
+                self.assertIn("x-config: good", text)
+        self.assertEqual(statuses, ["200", "200", "429"])
+
+    @defer.inlineCallbacks
     def test_installedFilter(self):
         """
         The example package in C{examples/myfilter}, installed with pip (offline:
