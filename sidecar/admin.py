@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -205,12 +205,17 @@ class ConfigDumpResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, configFile: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
         Resource.__init__(self)
         self.config = config
+        self.configFile = configFile
 
     def render_GET(self, request: Any) -> bytes:
-        return _json(request, configDump(self.config))
+        dump = configDump(self.config)
+        if self.configFile is not None:
+            # The configuration file's active version (routes, upstreams, filters).
+            dump["config_file"] = _redact("", self.configFile())
+        return _json(request, dump)
 
 
 class ReadyResource(Resource):
@@ -320,7 +325,8 @@ class AdminSite(Site):
 
 
 def adminResource(collector: SidecarCollector, lifecycle: Any, config: Any,
-                  info: Callable[[], Dict[str, Any]], offload: Offload = inline) -> Resource:
+                  info: Callable[[], Dict[str, Any]], offload: Offload = inline,
+                  configFile: Optional[Callable[[], Dict[str, Any]]] = None) -> Resource:
     """
     The admin resource tree.
 
@@ -329,11 +335,12 @@ def adminResource(collector: SidecarCollector, lifecycle: Any, config: Any,
     @param config: the effective L{sidecar.config.ProxyConfig}.
     @param info: returns C{/server_info}'s content.
     @param offload: runs the formatting of the metrics.
+    @param configFile: returns the configuration file's active version, if any.
     """
     root = AdminRoot(IndexResource())
     root.putChild(b"stats", StatsResource(collector, offload))
     root.putChild(b"server_info", ServerInfoResource(info))
-    root.putChild(b"config_dump", ConfigDumpResource(config))
+    root.putChild(b"config_dump", ConfigDumpResource(config, configFile))
     root.putChild(b"ready", ReadyResource(lifecycle))
     root.putChild(b"drain_listeners", MutationResource(lifecycle.startDrain))
     root.putChild(b"quitquitquit", MutationResource(lifecycle.quit))
@@ -361,7 +368,8 @@ def serverInfo(version: str, lifecycle: Any, config: Any, clock: Any, startTime:
 
 
 def adminSite(collector: SidecarCollector, lifecycle: Any, config: Any, version: str,
-              clock: Any, startTime: float, offload: Offload = inline) -> AdminSite:
+              clock: Any, startTime: float, offload: Offload = inline,
+              configFile: Optional[Callable[[], Dict[str, Any]]] = None) -> AdminSite:
     """
     The admin site of one sidecar.
 
@@ -370,7 +378,7 @@ def adminSite(collector: SidecarCollector, lifecycle: Any, config: Any, version:
         pool's).
     """
     info = lambda: serverInfo(version, lifecycle, config, clock, startTime)  # noqa: E731
-    return AdminSite(adminResource(collector, lifecycle, config, info, offload), reactor=clock)
+    return AdminSite(adminResource(collector, lifecycle, config, info, offload, configFile), reactor=clock)
 
 
 class HealthRoot(Resource):

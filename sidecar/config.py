@@ -252,6 +252,13 @@ class ProxyConfig:
     portProtocols: Tuple[Tuple[int, str], ...] = ()
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    #: The YAML configuration file (routes, upstreams, filters; reloaded when it
+    #: changes), or C{None}.
+    configFile: Optional[str] = None
+    #: C{--filter} flags: C{(name, JSON arguments)} of the filters every request runs.
+    filters: Tuple[Tuple[str, str], ...] = ()
+    #: Seconds between looks at C{configFile}.
+    configReloadInterval: float = 1.0
     #: The application's probes the health port performs for the kubelet at
     #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
     #: C{ISTIO_KUBE_APP_PROBERS}.

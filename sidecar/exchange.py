@@ -30,7 +30,7 @@ from sidecar.h2wire import GrpcCounts, grpcStatusFor, grpcStatusOf
 from sidecar.headers import Header, Headers, RequestHead, ResponseHead
 from sidecar.logs import WarningLimit
 from sidecar.record import (
-    DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
+    DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, NO_ROUTE_FOUND, UPSTREAM_CONNECT_FAILURE,
     STREAM_IDLE_TIMEOUT, UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR,
     UPSTREAM_REMOTE_RESET, UPSTREAM_REQUEST_TIMEOUT, UPSTREAM_RETRY_LIMIT_EXCEEDED, Record,
 )
@@ -309,7 +309,8 @@ class Exchange:
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
-        "mustClose", "malformed", "pool", "call", "held", "activity", "sweptActivity", "idleSince",
+        "mustClose", "malformed", "pool", "call", "held", "chain", "route", "retry",
+        "activity", "sweptActivity", "idleSince",
         "tunnelEnds", "peer", "connectRetried", "trailers", "requestTrailers", "grpc",
         "grpcStatus",
     )
@@ -347,6 +348,12 @@ class Exchange:
         self.call: Optional[Call] = None
         #: Response events held while response-head filters decide.
         self.held: Optional[List[Any]] = None
+        #: The filter chain this exchange started with (a reload does not change it).
+        self.chain: Optional[FilterChain] = None
+        #: The route it took (L{sidecar.routes.Route}), when routes are configured.
+        self.route: Any = None
+        #: Its retry state (L{sidecar.routes.Retry}), when its route retries.
+        self.retry: Any = None
         #: Events that moved bytes, and what L{Engine.sweepStreams} last saw of it.
         self.activity = 0
         self.sweptActivity = -1
@@ -409,6 +416,18 @@ class Exchange:
             door = self.door
             call = self.call = Call(self.method, req.target, req.authority, req.headers,
                                     door.clientAddress, door.peerPrincipal)
+            router = chain.router
+            if router is not None:
+                route = self.route = router.select(call)
+                if route is None:
+                    self.reject(404, NO_ROUTE_FOUND, b"")
+                    return
+                call.route = route.name
+                call.upstream = route.upstream
+                chain = route.chain
+                if route.retry is not None:
+                    self.retry = route.retry.start(self)
+            self.chain = chain
             if chain.requestBodies and (req.chunked or req.contentLength):
                 # Filters may change the body's length: send it chunked.
                 req.contentLength = None
@@ -418,6 +437,8 @@ class Exchange:
                 chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,
                                self._filterFailed)
                 return
+            self._requestFiltered()
+            return
         self._acquire()
 
     def _requestFiltered(self) -> None:
@@ -438,7 +459,8 @@ class Exchange:
         self.flags.extend(call.flags)  # type: ignore[union-attr]
         self.req.target = call.path  # type: ignore[union-attr]
         if call.upstream is not None:  # type: ignore[union-attr]
-            pool = self.engine.pools.get(call.upstream)  # type: ignore[union-attr]
+            pools = self.chain.pools  # type: ignore[union-attr]
+            pool = (self.engine.pools if pools is None else pools).get(call.upstream)  # type: ignore[union-attr]
             if pool is None:
                 self._filterFailed(FilterFailed("route", f"no upstream named {call.upstream!r}"))  # type: ignore[union-attr]
                 return
@@ -481,9 +503,9 @@ class Exchange:
             return
         if self.grpc is not None:
             self.grpc.request.feed(data)
-        if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
+        if self.call is not None and self.chain.requestBodies:  # type: ignore[union-attr]
             try:
-                data = self.engine.filters.requestBody(self.call, data)  # type: ignore[union-attr]
+                data = self.chain.requestBody(self.call, data)  # type: ignore[union-attr]
             except Exception as e:
                 self._filterFailed(FilterFailed("request body filter", e))
                 return
@@ -552,13 +574,18 @@ class Exchange:
         """
         if self.phase != ACQUIRING:
             return
-        retries = self.engine.connectRetries
-        if retries and self.method in IDEMPOTENT:
-            if self.connectRetried < retries:
-                self.connectRetried += 1
-                self.pool.acquire(self, fresh=True)
+        if self.retry is not None:
+            # The route's retry policy, not the engine's connect retries.
+            if self.retry.again("connect-failure", 0):
                 return
-            self.flags.append(UPSTREAM_RETRY_LIMIT_EXCEEDED)
+        else:
+            retries = self.engine.connectRetries
+            if retries and self.method in IDEMPOTENT:
+                if self.connectRetried < retries:
+                    self.connectRetried += 1
+                    self.pool.acquire(self, fresh=True)
+                    return
+                self.flags.append(UPSTREAM_RETRY_LIMIT_EXCEEDED)
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
         self.flags.insert(0, UPSTREAM_CONNECT_FAILURE)
@@ -583,13 +610,15 @@ class Exchange:
         """
         self._cancelTimeout()
         self.activity += 1
+        if status >= 500 and self.retry is not None and self.retry.again("status", status):
+            return
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         if self.grpc is not None:
             # A trailers-only response carries its status in the head.
             self.grpcStatus = grpcStatusOf(head.headers) or ""
         call = self.call
         if call is not None and status != 101:
-            chain = self.engine.filters
+            chain = self.chain
             if chain.responseBodies and head.contentLength is not None:  # type: ignore[union-attr]
                 # Filters may change the body's length: the door frames it anew.
                 head.contentLength = None
@@ -597,8 +626,11 @@ class Exchange:
                 call.status = status
                 call.responseHeaders = head.headers
                 self.held = []
-                chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
-                               lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                waiter = chain.runHeads(chain.responseHeads, "responseHead", call,  # type: ignore[union-attr]
+                                        lambda: self._responseFiltered(status, reason, head), self._filterFailed)
+                if waiter is not None:
+                    # Decided later, outside the upstream's read: send what is ready.
+                    waiter.addCallback(self._flushAfterFilters)
                 return
         self._startResponse(status, reason, head)
 
@@ -633,7 +665,14 @@ class Exchange:
                 self.door.finishResponse(self)
                 return
             self.responseBody(event)
-        self.door.flush()
+
+    def _flushAfterFilters(self, _: Any) -> None:
+        """
+        Response-head filters that waited have decided: send the head and the body held
+        meanwhile now (when they decide within the upstream's read, its end flushes).
+        """
+        if self.phase == RESPONDING:
+            self.door.flush()
 
     def _startResponse(self, status: int, reason: bytes, head: ResponseHead) -> None:
         self.status = status
@@ -654,7 +693,7 @@ class Exchange:
             if self.held is not None:
                 self.held.append(data)
                 return
-            chain = self.engine.filters
+            chain = self.chain
             if chain.responseBodies:  # type: ignore[union-attr]
                 try:
                     data = chain.responseBody(self.call, data)  # type: ignore[union-attr]
@@ -804,6 +843,8 @@ class Exchange:
             self._go(ACQUIRING)
             self.pool.acquire(self, fresh=True)
             return
+        if self.retry is not None and self.retry.again("reset", 0):
+            return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
         self.flags.append(flag)
@@ -885,15 +926,17 @@ class Exchange:
             self.mustClose = True
             self._localReply(408, b"stream timeout")
 
-    def _timedOut(self) -> None:
+    def _timedOut(self, seconds: float) -> None:
         self.timeout = None
+        if self.phase == AWAITING and self.retry is not None and self.retry.again("timeout", 0):
+            return
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
         if self.phase != AWAITING:
             return
         self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
-                   seconds=self.engine.responseTimeout)
+                   seconds=seconds)
         self.flags.append(UPSTREAM_REQUEST_TIMEOUT)
         self._localReply(504, b"upstream request timeout")
 
@@ -943,8 +986,36 @@ class Exchange:
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and self.phase == AWAITING:
-            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
+        if self.timeout is not None or self.phase != AWAITING:
+            return
+        seconds = self.engine.responseTimeout
+        route = self.route
+        if route is not None:
+            if route.timeout is not None:
+                seconds = route.timeout or None
+            if self.retry is not None:
+                seconds = self.retry.tryTimeout(seconds)
+        if seconds:
+            self.timeout = self.engine.clock.callLater(seconds, self._timedOut, seconds)
+
+    def retryUpstream(self, delay: float, fresh: bool) -> None:
+        """
+        Try the upstream again after C{delay} seconds (the route's retry policy said
+        so, L{sidecar.routes.Retry.again}): drop the stream and the timer, wait, ask the
+        pool again (C{fresh}: for a new connection).
+        """
+        self._cancelTimeout()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.abandon()
+        if self.phase != ACQUIRING:
+            self._go(ACQUIRING)
+        self.timeout = self.engine.clock.callLater(delay, self._acquireAgain, fresh)
+
+    def _acquireAgain(self, fresh: bool) -> None:
+        self.timeout = None
+        if self.phase == ACQUIRING:
+            self.pool.acquire(self, fresh=fresh)
 
     def _cancelTimeout(self) -> None:
         if self.timeout is not None:
@@ -990,7 +1061,10 @@ class Exchange:
             self.peer,
         )
         engine.recorder.record(record)
-        if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]
-            for failure in engine.filters.logged(record):  # type: ignore[union-attr]
+        if self.retry is not None:
+            self.retry.ended()
+        chain = self.chain
+        if chain is not None and chain.loggers:
+            for failure in chain.logged(record):
                 self._warn("filter {filter} failed on the record of {method} {path}: {reason}",
                            filter=failure.filter, reason=failure.reason)

@@ -153,11 +153,12 @@ class Call:
     @ivar responseHeaders: the response headers going to the client (in the response
         phases), without framing.
     @ivar metadata: a dict for filters to share values along one exchange.
+    @ivar route: the name of the route the request took, or C{None}.
     @ivar reply: the local reply asked for with L{respond}, if any.
     """
 
     __slots__ = ("method", "path", "authority", "headers", "clientAddress", "peerPrincipal", "upstream",
-                 "status", "responseHeaders", "metadata", "reply", "flags")
+                 "status", "responseHeaders", "metadata", "reply", "flags", "route")
 
     def __init__(self, method: bytes, path: bytes, authority: str, headers: List[Header],
                  clientAddress: str, peerPrincipal: str) -> None:
@@ -174,6 +175,8 @@ class Call:
         self.reply: Optional[LocalReply] = None
         #: Flags a filter adds to the record without answering (e.g. C{DI}, a delay).
         self.flags: List[str] = []
+        #: The name of the route the request took (L{sidecar.routes}), or C{None}.
+        self.route: Optional[str] = None
 
     def header(self, name: bytes) -> Optional[bytes]:
         """
@@ -248,9 +251,16 @@ class FilterChain:
     @ivar requestBodies: those that opted in to request body chunks.
     @ivar responseBodies: those that opted in to response body chunks (reverse order).
     @ivar loggers: those whose L{IFilter.logged} runs.
+    @ivar router: the L{sidecar.routes.Router} that picks each request's route (and
+        with it the chain the request runs) before any filter, or C{None}.
+    @ivar pools: the upstream pools that C{call.upstream} names, when this chain comes
+        with its own (a configuration file's); C{None}: the engine's.
     """
 
-    def __init__(self, filters: Sequence[Any]) -> None:
+    def __init__(self, filters: Sequence[Any], router: Any = None,
+                 pools: Optional[Dict[str, Any]] = None) -> None:
+        self.router = router
+        self.pools = pools
         for f in filters:
             if not IFilter.providedBy(f):
                 raise TypeError(f"{f!r} does not provide IFilter (subclass sidecar.filters.Filter)")
@@ -277,7 +287,7 @@ class FilterChain:
             except Exception as e:
                 failed(FilterFailed(getattr(f, "name", repr(f)), e))
                 return None
-            if isinstance(result, Deferred):
+            if result is not None and isinstance(result, Deferred):
                 waiter: Deferred[None] = Deferred()
 
                 def resumed(_: Any, index: int = index) -> None:

@@ -353,6 +353,8 @@ class SidecarCollector:
         C{context.failures}), or C{None} without mutual TLS.
     @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},
         C{limit}), or C{None} without an access log.
+    @ivar configFile: the L{sidecar.configfile.ConfigWatcher} (C{reloads},
+        C{rejections}), or C{None} without C{--config}.
     @ivar logStream: returns twistd's log stream (L{sidecar.logs.LogStream}: C{dropped}),
         or C{None} when twistd's log is left as it is (a file).
     @ivar runtime: more collectors whose families follow ours (L{runtimeCollectors});
@@ -363,8 +365,9 @@ class SidecarCollector:
                  startTime: float, version: str = "",
                  localPrincipal: Callable[[], str] = lambda: "", tls: Any = None,
                  accessLog: Any = None, runtime: Sequence[Any] = (),
-                 logStream: Callable[[], Any] = lambda: None) -> None:
+                 logStream: Callable[[], Any] = lambda: None, configFile: Any = None) -> None:
         self.tls = tls
+        self.configFile = configFile
         self.accessLog = accessLog
         self.logStream = logStream
         self.runtime = tuple(runtime)
@@ -408,10 +411,13 @@ class SidecarCollector:
                                                              limit=log.limit)
         stream = self.logStream()
         frozenStream = None if stream is None else SimpleNamespace(dropped=stream.dropped)
+        configFile = self.configFile
+        frozenConfig = None if configFile is None else SimpleNamespace(reloads=configFile.reloads,
+                                                                       rejections=configFile.rejections)
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
                                 self.startTime, self.version, localPrincipal=lambda: principal,
                                 tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime,
-                                logStream=lambda: frozenStream)
+                                logStream=lambda: frozenStream, configFile=frozenConfig)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -539,6 +545,15 @@ class SidecarCollector:
             "sidecar_log_dropped_lines_total",
             "Lines of the sidecar's own log dropped because its output was not read and the buffer was full.",
             value=0 if stream is None else stream.dropped)
+        configFile = self.configFile
+        if configFile is not None:
+            reloads = CounterMetricFamily(
+                "sidecar_config_reloads_total",
+                "Changed versions of the configuration file put in use (ok) or refused (rejected).",
+                labels=("result",))
+            reloads.add_metric(("ok",), configFile.reloads)
+            reloads.add_metric(("rejected",), configFile.rejections)
+            yield reloads
         tls = self.tls
         if tls is not None:
             for name, help, value in (

@@ -61,6 +61,8 @@ class SidecarService(MultiService):
             streamIdleTimeout=config.streamIdleTimeout,
             maxResponseHeaderBytes=config.maxResponseHeaderBytes,
         )
+        self.configWatcher = None
+        self._assembleFilters()
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         self.h2pool = None
         if config.upstreamProtocol != "http1":
@@ -90,6 +92,32 @@ class SidecarService(MultiService):
 
         self._assembleAdmin()
 
+    def _assembleFilters(self) -> None:
+        """
+        The configuration file's routes, upstreams and filters (reloaded on a timer),
+        or the C{--filter} flags' chain; nothing at all without them.
+        """
+        config, reactor = self.config, self.reactor
+        if config.configFile is None and not config.filters:
+            return
+        from sidecar.builtins import FilterContext
+        from sidecar.configfile import ConfigWatcher, filtersOnly
+
+        context = FilterContext(clock=reactor, reactor=reactor)
+        if config.configFile is None:
+            self.engine.filters = filtersOnly(config.filters, context)
+            return
+
+        def apply(active: Any) -> None:
+            self.engine.filters = active.chain
+            self.engine.pools = dict(active.pools)
+
+        self.configWatcher = ConfigWatcher(
+            config.configFile, context, lambda settings: UpstreamPool(reactor, reactor, settings), apply,
+            requestsActive=lambda: self.recorder.requestsActive, cliFilters=config.filters)
+        reload = TimerService(config.configReloadInterval, self.configWatcher.check)
+        reload.clock = reactor
+        reload.setServiceParent(self)
     def _assembleListeners(self) -> None:
         """
         The inbound listeners, each detecting protocols (L{sidecar.detect}): HTTP/1.x
@@ -263,7 +291,7 @@ class SidecarService(MultiService):
             self.recorder, pools, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
             tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors(),
-            logStream=lambda: self.logStream)
+            logStream=lambda: self.logStream, configFile=self.configWatcher)
         self.adminListeners = []
         self.healthListeners = []
         self.lifecycle = Lifecycle(
@@ -275,7 +303,8 @@ class SidecarService(MultiService):
         )
         if config.admin is not None:
             site = adminSite(self.collector, self.lifecycle, config, __version__, reactor, self.startTime,
-                             offload=self._offload)
+                             offload=self._offload,
+                             configFile=self.configWatcher.dump if self.configWatcher is not None else None)
             self.adminListeners.append(self._listen(config.admin, site))
         if config.health is not None:
             probes = probeResource({p.path.encode("utf-8"): p for p in config.appProbers}, reactor)
@@ -348,6 +377,8 @@ class SidecarService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         self.pool.closeAll()
+        if self.configWatcher is not None:
+            self.configWatcher.closeAll()
         if self.h2pool is not None:
             self.h2pool.closeAll()
         if self.originals is not None:

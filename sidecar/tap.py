@@ -296,6 +296,32 @@ class Options(usage.Options):
                                       "TLS with this workload's certificate, the server in our trust domain."],
     ]
 
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        #: The flags given on the command line (a file's key may not contradict one).
+        self.given: set = set()
+        for name in list(self._dispatch):
+            handler = self._dispatch[name]
+            if isinstance(handler, usage.CoerceParameter):
+                def record(flag: str, value: str, handler: usage.CoerceParameter = handler) -> None:
+                    self.given.add(flag)
+                    handler.dispatch(flag, value)
+                self._dispatch[name] = record
+        self["config-file"] = None
+
+    def opt_config(self, path: str) -> None:
+        """
+        YAML configuration file: start-up keys as the flags, and upstreams, filters and routes, reloaded when it changes (docs/filters.md).
+        """
+        self["config-file"] = path
+
+    def opt_filter(self, value: str) -> None:
+        """
+        A filter every request runs, NAME or NAME:JSON-OBJECT of its config (repeatable, in order; docs/filters.md).
+        """
+        name, _, args = value.partition(":")
+        self.setdefault("filter", []).append((name.strip(), args.strip()))
+
     def opt_mesh_peer(self, value: str) -> None:
         """
         CIDR=SPIFFE-ID: outbound connections to CIDR get mutual TLS and the server must be that id (repeatable).
@@ -377,6 +403,76 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """
         Check every flag and build L{ProxyConfig} into C{self["config"]}.
+        """
+        import json
+
+        for name, args in self.get("filter", ()):
+            if not name:
+                raise usage.UsageError("--filter: give NAME or NAME:JSON-OBJECT.")
+            try:
+                parsed = json.loads(args) if args else {}
+            except ValueError as e:
+                raise usage.UsageError(f"--filter {name}: the arguments are not JSON ({e}).")
+            if not isinstance(parsed, dict):
+                raise usage.UsageError(f"--filter {name}: the arguments must be a JSON object.")
+        fromFile = self._readConfigFile()
+        try:
+            self._build()
+        except usage.UsageError as e:
+            message = str(e)
+            for key, flag in fromFile.items():
+                if message.startswith(f"--{flag}:"):
+                    raise usage.UsageError(f"{self['config-file']}: {key}:{message[len(flag) + 3:]}")
+            raise
+        self._filters()
+
+    def _readConfigFile(self) -> dict:
+        """
+        With C{--config}, read and check the file, and take its start-up keys as the
+        flags' values; a flag given that says otherwise is an error naming both.
+
+        @return: the file's start-up keys and their flags.
+        """
+        path = self["config-file"]
+        if path is None:
+            return {}
+        from sidecar.configfile import FLAG_KEYS, ConfigError, check
+
+        try:
+            spec = check(path, tuple(self.get("filter", ())))
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+        fromFile = {}
+        for key, value in spec.flagValues().items():
+            flag = FLAG_KEYS[key]
+            if flag in self.given and str(self[flag]).strip() != value.strip():
+                raise usage.UsageError(
+                    f"--{flag} {self[flag]!r} and {key}: {value!r} in {path} disagree; give only one of them.")
+            self[flag] = value
+            fromFile[key] = flag
+        if spec.filters and self.get("filter"):
+            raise usage.UsageError(f"--filter and filters: in {path} both give the filter chain; use one of them.")
+        self["config-path"] = os.path.abspath(path)  # twistd may change directory later
+        return fromFile
+
+    def _filters(self) -> None:
+        """
+        C{--filter} flags (without a file: checked here) and C{--config} into the
+        configuration.
+        """
+        filters = tuple(self.get("filter", ()))
+        if filters and self["config-file"] is None:
+            from sidecar.configfile import ConfigError, filtersOnly, inertContext
+
+            try:
+                filtersOnly(filters, inertContext())
+            except ConfigError as e:
+                raise usage.UsageError(f"{e}.")
+        self["config"] = attrs.evolve(self["config"], filters=filters, configFile=self.get("config-path"))
+
+    def _build(self) -> None:
+        """
+        Build L{ProxyConfig} from the flags' values into C{self["config"]}.
         """
         listen = _endpoint("--listen", self["listen"])
         original = self["upstream"].strip().lower() == "original"

@@ -510,6 +510,9 @@ class TcpSplice(Protocol):
                 # TLS has no half-close: close once the client's bytes are out.
                 _close(upstream.transport)
             self._closeIfDone()
+        elif self._upstreamLost:
+            # Refused (L{_fail}): our FIN went out, now the client's came.
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -645,7 +648,16 @@ class TcpSplice(Protocol):
         self._upstreamLost = True
         self.proxy.warnings.warn("TCP connection from {client} closed ({flag}): {detail}",
                                  client=self.clientAddress, flag=flag, detail=detail)
-        self.transport.loseConnection()
+        transport = self.transport
+        if self.halfClose and not self._clientFin:
+            # Closing a socket whose client bytes were not all read makes the kernel
+            # send a reset: send a FIN instead, read (and drop) what the client still
+            # sends, and close when it closes (or when the idle sweep says so).
+            self._pending = []
+            transport.resumeProducing()
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
 
     def _maybeRecord(self) -> None:
         if self._recorded or not (self._clientLost and (self._upstreamLost or self.upstream is None

@@ -163,14 +163,20 @@ class SpliceTests(SynchronousTestCase):
 
     def test_connectFailureClosesTheClient(self):
         """
-        A refused connect closes the client's connection (a FIN, not a reset), and
-        the record says UF and why.
+        A refused connect closes the client's connection with a FIN, never a reset:
+        the proxy half-closes at once and reads (and drops) what the client still
+        sends, so that no unread byte turns the close into a reset, and closes when
+        the client's FIN comes; the record says UF and why.
         """
         splice, client = self.open()
         factory = self.reactor.tcpClients[0][2]
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
-        self.assertTrue(client.disconnecting)
+        self.assertTrue(client.writeClosed)
         self.assertFalse(client.aborted)
+        self.assertEqual(client.producerState, "producing")
+        splice.dataReceived(b"late bytes")
+        splice.readConnectionLost()
+        self.assertTrue(client.disconnecting)
         splice.connectionLost(Failure(ConnectionDone()))
         [rec] = self.records
         self.assertEqual(rec.flags, "UF")
@@ -252,6 +258,9 @@ class SpliceTests(SynchronousTestCase):
         """
         splice, client = self.open(identify=lambda transport: ("spiffe://td/ns/a/sa/b", False))
         self.assertEqual(self.reactor.tcpClients, [])
+        self.assertTrue(client.writeClosed or client.disconnecting)
+        self.assertFalse(client.aborted)
+        splice.readConnectionLost()
         self.assertTrue(client.disconnecting)
         splice.connectionLost(Failure(ConnectionDone()))
         [rec] = self.records
