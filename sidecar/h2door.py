@@ -42,7 +42,7 @@ from zope.interface import implementer
 from sidecar.compat import tuneH2Connection
 from sidecar.config import H2Config
 from sidecar.h2wire import GrpcCounts, grpcLocalReply, requestFromHeaders, responseHeaders
-from sidecar.headers import Header, Headers, ResponseHead, bodyForbidden
+from sidecar.headers import Header, Headers, ResponseHead
 from sidecar.http1 import reason as _reason
 from sidecar.record import (
     DOWNSTREAM_PROTOCOL_ERROR, DOWNSTREAM_REMOTE_RESET, STREAM_IDLE_TIMEOUT, UNAUTHORIZED,
