@@ -26,7 +26,10 @@ class UpstreamConfig:
         means no limit.
     @ivar idleTimeout: seconds an idle pooled connection is kept; below the usual
         keep-alive of servers (Node 5 s, nginx 75 s) so that we close before they do.
-    @ivar maxIdle: how many idle connections the pool keeps at most.
+    @ivar maxIdle: how many idle connections the pool keeps at most; C{None} (the
+        default) follows C{maxConnections}, so that every connection the circuit breaker
+        lets open may be reused (a lower cap closes and reopens connections whenever
+        more requests than it are in flight).
     @ivar maxConnections: connections to the service open or opening at most.
     @ivar maxPending: requests waiting for a connection at most.
     """
@@ -36,11 +39,19 @@ class UpstreamConfig:
     connectTimeout: float = 5.0
     responseTimeout: Optional[float] = 60.0
     idleTimeout: float = 4.0
-    maxIdle: int = 128
+    maxIdle: Optional[int] = None
     #: Envoy's circuit-breaker defaults: connections open or opening at most, and
     #: requests waiting for one at most (past that, 503 with flag UO).
     maxConnections: int = 1024
     maxPending: int = 1024
+
+    @property
+    def idleLimit(self) -> int:
+        """
+        How many idle connections the pool keeps at most: C{maxIdle}, or
+        C{maxConnections} when it is not set.
+        """
+        return self.maxConnections if self.maxIdle is None else self.maxIdle
 
     @property
     def address(self) -> str:

@@ -6,6 +6,7 @@ L{ProxyConfig}.  It decides nothing; every policy lives in the modules it wires.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from twisted.application import strports
@@ -20,6 +21,32 @@ from sidecar.upstream import UpstreamPool
 from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
 from sidecar.metrics import SidecarCollector, runtimeCollectors
+
+#: The listen backlog every listener gets unless its endpoint string names one: Envoy's
+#: 1024, where Twisted's default of 50 drops connects (and retries them a second later)
+#: as soon as a burst of clients arrives at once.  The kernel caps it at
+#: C{net.core.somaxconn}.
+LISTEN_BACKLOG = 1024
+
+#: Endpoint types whose server endpoint takes a C{backlog} argument.
+_WITH_BACKLOG = frozenset(["tcp", "tcp6", "unix", "ssl"])
+
+
+def withBacklog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    C{description} (a Twisted server endpoint string) with C{backlog=BACKLOG} added,
+    unless it names a backlog itself or its type takes none (C{systemd:} adopts a
+    socket that is already listening).
+
+    @param description: the user's endpoint string, such as C{tcp:8000}.
+    @param backlog: the listen backlog to ask for.
+    @return: the endpoint string to listen on.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _WITH_BACKLOG or re.search(r"(^|:)backlog=", description) or description.endswith("\\"):
+        return description
+    return f"{description}:backlog={backlog}"
+
 
 def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
@@ -160,7 +187,7 @@ class SidecarService(MultiService):
                                 self.config.requestHeadTimeout)
 
     def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
-        service = strports.service(description, factory, reactor=self.reactor)
+        service = strports.service(withBacklog(description), factory, reactor=self.reactor)
         service.setServiceParent(self)
         return service
 

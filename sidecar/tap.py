@@ -165,6 +165,8 @@ class Options(usage.Options):
         ["connect-timeout", None, "5", "Seconds allowed to connect to the service."],
         ["upstream-idle-timeout", None, "4", "Seconds an idle pooled upstream connection is kept."],
         ["upstream-max-connections", None, "1024", "Connections to the service at most (Envoy's circuit breaker)."],
+        ["upstream-max-idle", None, None, "Idle connections to the service kept for reuse at most "
+                                          "(default: --upstream-max-connections)."],
         ["upstream-max-pending", None, "1024", "Requests waiting for a connection at most; past it, 503 (UO)."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port (on 127.0.0.1), a Twisted endpoint, or none."],
@@ -271,6 +273,8 @@ class Options(usage.Options):
                 idleTimeout=_seconds("--upstream-idle-timeout", self["upstream-idle-timeout"], allowZero=False),
                 maxConnections=_count("--upstream-max-connections", self["upstream-max-connections"], 1),
                 maxPending=_count("--upstream-max-pending", self["upstream-max-pending"], 0),
+                maxIdle=(None if self["upstream-max-idle"] is None
+                         else _count("--upstream-max-idle", self["upstream-max-idle"], 0)),
             ),
             serverHeader=server,
             accessLog=_accessLog(self["access-log"]),

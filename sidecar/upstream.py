@@ -475,7 +475,7 @@ class UpstreamPool:
                 waiting.upstreamConnected(conn, True)
                 return
         self.active -= 1
-        if conn.transport is None or len(self.idle) >= self.config.maxIdle:
+        if conn.transport is None or len(self.idle) >= self.config.idleLimit:
             conn.state = CLOSED
             conn.abandon()
             return

@@ -423,3 +423,48 @@ class CircuitBreakerTests(unittest.SynchronousTestCase):
         self.assertIn(b"502", firstClient.value())
         self.assertEqual(len(h.reactor.tcpClients), 2)
         self.assertEqual(len(h.pool.pending), 0)
+
+
+class IdleReuseTests(unittest.SynchronousTestCase):
+    """
+    Upstream reuse follows the circuit breaker: every connection it lets open may wait
+    idle for the next request, unless C{maxIdle} says fewer.
+    """
+
+    def burst(self, h: Harness, count: int) -> list:
+        """
+        C{count} clients each send one GET at once; the service answers all of them.
+        """
+        clients = [h.client() for _ in range(count)]
+        before = len(h.reactor.tcpClients)
+        for door, _ in clients:
+            door.dataReceived(GET)
+        for index in range(before, len(h.reactor.tcpClients)):
+            h.connectUpstream(index)
+        conns = [door._current.stream for door, _ in clients]
+        for conn in conns:
+            conn.dataReceived(OK)
+        for _, transport in clients:
+            self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+        return conns
+
+    def test_burstAboveOldCapReused(self):
+        """
+        With the default limits, 300 requests in flight at once leave 300 idle
+        connections, and a second burst of 300 opens no new connection.
+        """
+        h = Harness()
+        self.burst(h, 300)
+        self.assertEqual((len(h.reactor.tcpClients), len(h.pool.idle)), (300, 300))
+        self.burst(h, 300)
+        self.assertEqual((len(h.reactor.tcpClients), len(h.pool.idle)), (300, 300))
+
+    def test_explicitCap(self):
+        """
+        C{maxIdle} set below C{maxConnections} closes the connections released past it.
+        """
+        h = Harness()
+        h.pool.config = UpstreamConfig(port=8080, maxIdle=2)
+        conns = self.burst(h, 5)
+        self.assertEqual(len(h.pool.idle), 2)
+        self.assertEqual(sum(conn.transport.disconnecting for conn in conns), 3)
