@@ -241,7 +241,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """
         Check every flag and build L{ProxyConfig} into C{self["config"]}.
+
+        First, unless a reactor is installed already (C{--reactor} of twistd or twist),
+        install the sidecar's (L{sidecar.reactor}): the endpoint checks below import the
+        global reactor, which would otherwise install Twisted's default.
         """
+        from sidecar.reactor import installIfNone
+
+        installIfNone()
         listen = _endpoint("--listen", self["listen"])
         host, port = parseUpstream(self["upstream"])
         logFormat = self["log-format"].strip().lower()
