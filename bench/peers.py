@@ -39,12 +39,15 @@ class Peer:
     @ivar arguments: flags appended to the peer's command line, after its defaults (so
         a repeated flag overrides the default one).
     @ivar description: a few words for the report.
+    @ivar root: for a peer of ours, the checkout whose C{sidecar} it runs (L{None}:
+        this one), to measure a change before and after in one session.
     """
 
     name: str
     kind: str
     arguments: tuple[str, ...] = ()
     description: str = ""
+    root: str | None = None
 
     def withMoreArguments(self, arguments: Sequence[str]) -> Peer:
         """
@@ -53,7 +56,7 @@ class Peer:
         @param arguments: the flags to add.
         @return: a new peer.
         """
-        return Peer(self.name, self.kind, self.arguments + tuple(arguments), self.description)
+        return Peer(self.name, self.kind, self.arguments + tuple(arguments), self.description, self.root)
 
 
 def builtinPeers() -> list[Peer]:

@@ -148,6 +148,14 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         " --variant metrics-on='--admin tcp:0'",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="add peer ours-base: the fast door of the sidecar in another checkout DIR"
+        " (e.g. a git worktree of the commit before a change), in the same session",
+    )
+    parser.add_argument(
         "--extra-args",
         action="append",
         default=[],
@@ -201,6 +209,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(str(error))
         if sum(peer.name == f"ours-{name.strip()}" for peer in peers) > 1:
             parser.error(f"--variant {name.strip()!r} given twice")
+
+    if options.baseline is not None:
+        if not (options.baseline / "sidecar" / "tap.py").exists():
+            parser.error(f"--baseline {options.baseline}: no sidecar/tap.py there")
+        peers.append(Peer("ours-base", "ours", (), f"sidecar from {options.baseline}",
+                          str(options.baseline.resolve())))
 
     names = [peer.name for peer in peers]
     for text in options.extra_args:
@@ -385,7 +399,7 @@ class Session:
             argv = envoyCommand(self.envoyPath, config, peer.arguments)
         elif peer.kind == "ours":
             argv = oursCommand(sys.executable, port, self.upstreamPort, peer.arguments)
-            paths = [str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")]
+            paths = [peer.root or str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")]
             environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
             if not (REPOSITORY_ROOT / "sidecar" / "tap.py").exists():
                 hint = " (sidecar/tap.py does not exist yet in this checkout)"

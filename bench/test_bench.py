@@ -328,6 +328,17 @@ class CommandLineTests(SynchronousTestCase):
         options = run.parseArguments(["--only", "ours-fast", "--variant", "m=--admin tcp:0"])
         self.assertEqual([peer.name for peer in options.peers], ["ours-fast", "ours-m"])
 
+    def test_baseline(self) -> None:
+        """
+        C{--baseline DIR} adds peer C{ours-base}, which runs the sidecar found in DIR;
+        a folder without one is refused.
+        """
+        root = Path(__file__).resolve().parent.parent
+        options = run.parseArguments(["--only", "envoy", "--baseline", str(root)])
+        self.assertEqual([(peer.name, peer.root) for peer in options.peers],
+                         [("envoy", None), ("ours-base", str(root))])
+        self.assertRaises(SystemExit, run.parseArguments, ["--baseline", str(root / "bench")])
+
     def test_badInput(self) -> None:
         """
         Unknown peers or workloads, malformed variants and colliding names are refused.
