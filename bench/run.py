@@ -326,7 +326,10 @@ class Session:
         @param environment: its environment; ours when L{None}.
         @return: the child.
         """
-        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", environment)
+        # In the temporary directory: C{python -m} puts the current directory first on
+        # the path, which would shadow the checkout a peer of ours runs from.
+        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", environment,
+                      workingDirectory=self.directory)
         self._children.append(child)
         return child
 
