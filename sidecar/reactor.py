@@ -1,22 +1,19 @@
 # -*- test-case-name: tests.test_reactor -*-
 """
-The sidecar's reactor: Twisted's epoll reactor with two costs of every event removed.
+The sidecar's reactor: Twisted's epoll reactor without the cost it adds to every event.
 
-  - Twisted wraps each ready socket's read or write in C{log.callWithLogger}, which
-    asks the transport for its C{logPrefix()} and runs the call inside a legacy log
-    context (C{callWithContext}): 8.5% of the CPU of a small proxied GET, for a
-    C{system} field that only Twisted's legacy C{log.msg} calls read (the sidecar logs
-    with C{twisted.logger}, whose events carry their own namespace).  Here the event
-    is dispatched to C{_doReadOrWrite} directly.  That method already catches and
-    logs what a transport's C{doRead}/C{doWrite} raises and disconnects it; anything
-    raised outside those is caught and logged here, so one bad connection never stops
-    the loop.
-  - C{reactor.seconds()} reads the wall clock on every call (eleven times per proxied
-    request).  Here it is read once when the poll returns and once before the timers
-    run, and C{seconds()} answers with that reading for the rest of the turn, as
-    Envoy's dispatcher does with its approximate time.  Durations and timers are
-    therefore exact to within one reactor turn's work (microseconds to a few
-    milliseconds under load).
+Twisted wraps each ready socket's read or write in C{log.callWithLogger}, which asks the
+transport for its C{logPrefix()} and runs the call inside a legacy log context
+(C{callWithContext}): 8.5% of the CPU of a small proxied GET, for a C{system} field that
+only Twisted's legacy C{log.msg} calls read (the sidecar logs with C{twisted.logger},
+whose events carry their own namespace). Here the event is dispatched to
+C{_doReadOrWrite} directly. That method already catches and logs what a transport's
+C{doRead}/C{doWrite} raises and disconnects it; anything raised outside those is caught
+and logged here, so one bad connection never stops the loop.
+
+Reading the clock once per turn instead (C{reactor.seconds()} is called seven times per
+proxied request) was measured and not kept: a Python-level C{seconds()} returning a
+cached reading costs more per call than C{time.time()}, a C call on the vDSO.
 
 It is still an C{EPollReactor} (every Twisted interface, C{--reactor} still chooses
 another).  L{installIfNone} is what L{sidecar.tap} calls: it installs this reactor
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import sys
-from time import time
 from typing import Any, Optional
 
 from twisted.internet.epollreactor import EPollReactor
@@ -38,36 +34,12 @@ log = Logger()
 
 class SidecarReactor(EPollReactor):
     """
-    An L{EPollReactor} that dispatches events without a log context and reads the
-    clock once per turn.
+    An L{EPollReactor} that dispatches events without a log context.
     """
-
-    def __init__(self) -> None:
-        #: The clock's reading for this turn; L{None} outside the loop's turns (before
-        #: C{run}, after it), where L{seconds} reads the clock itself.
-        self._now: Optional[float] = None
-        EPollReactor.__init__(self)
-
-    def seconds(self) -> float:  # type: ignore[override]
-        """
-        The time read at the start of this reactor turn (after the poll, or before the
-        timers run); outside the loop, the time now.
-        """
-        now = self._now
-        return time() if now is None else now
-
-    def runUntilCurrent(self) -> None:
-        """
-        Read the clock, then run the timers that are due (the reading holds until the
-        poll, for L{timeout}).
-        """
-        self._now = time()
-        EPollReactor.runUntilCurrent(self)
 
     def doPoll(self, timeout: Optional[float]) -> None:
         """
-        Wait for events, read the clock once, and handle each event with no log
-        context around it.
+        Wait for events and handle each with no log context around it.
         """
         if timeout is None:
             timeout = -1
@@ -77,22 +49,18 @@ class SidecarReactor(EPollReactor):
             if e.errno == errno.EINTR:
                 return
             raise
-        self._now = time()
         selectables = self._selectables
         handle = self._doReadOrWrite
-        try:
-            for fd, event in events:
-                selectable = selectables.get(fd)
-                if selectable is None:
-                    continue
-                try:
-                    handle(selectable, fd, event)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:
-                    log.failure("unhandled error handling an event on {selectable!r}", selectable=selectable)
-        finally:
-            self._now = None
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.failure("unhandled error handling an event on {selectable!r}", selectable=selectable)
 
     doIteration = doPoll  # type: ignore[assignment]
 

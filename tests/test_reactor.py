@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_reactor -*-
 """
 The sidecar's reactor: events dispatched without a log context, errors still caught,
-the clock read once per turn, and installed only when no reactor is.
+and installed only when no reactor is.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ class _Reader(FileDescriptor):
         self.explode = explode
         self.read: List[bytes] = []
         self.systems: List[object] = []
-        self.seen: List[float] = []
         self.lost: List[object] = []
 
     def fileno(self) -> int:
@@ -51,7 +50,6 @@ class _Reader(FileDescriptor):
 
     def doRead(self):
         self.systems.append(context.get("system"))
-        self.seen.append(self.reactor.seconds())
         data = self.sock.recv(100)
         if self.explode == "read":
             raise RuntimeError("doRead failed")
@@ -133,42 +131,6 @@ class SidecarReactorTests(unittest.TestCase):
         self.assertEqual(good.read, [b"y"])
         self.assertEqual(len(bad.lost), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-
-    def test_clockOncePerTurn(self):
-        """
-        Every C{seconds()} of one turn gives the reading taken when the poll returned;
-        the next turn reads the clock again; outside a turn, it is the time now.
-        """
-        first, firstPeer = self.pair()
-        second, secondPeer = self.pair()
-        firstPeer.send(b"a")
-        secondPeer.send(b"b")
-        self.reactor.doIteration(1)
-        self.assertEqual(len(first.seen + second.seen), 2)
-        self.assertEqual(first.seen, second.seen)
-        outside = self.reactor.seconds()
-        self.assertGreaterEqual(outside, first.seen[0])
-        import time
-
-        time.sleep(0.01)
-        firstPeer.send(b"c")
-        self.reactor.doIteration(1)
-        self.assertGreater(first.seen[1], first.seen[0])
-
-    def test_timersUseTurnClock(self):
-        """
-        A call scheduled during a turn is due C{delay} after the turn's reading, and
-        runs when L{runUntilCurrent} finds it due.
-        """
-        ran = []
-        self.reactor.runUntilCurrent()
-        call = self.reactor.callLater(0.01, ran.append, True)
-        self.assertEqual(call.getTime(), self.reactor.seconds() + 0.01)
-        import time
-
-        time.sleep(0.02)
-        self.reactor.runUntilCurrent()
-        self.assertEqual(ran, [True])
 
 
 class InstallTests(unittest.TestCase):
