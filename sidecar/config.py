@@ -179,6 +179,9 @@ class ProxyConfig:
     health: Optional[str] = None
     accessLogBuffer: int = 1024 * 1024
     maxHeaderBytes: int = 64 * 1024
+    #: Request headers with an underscore in their name: C{"allow"} (Envoy's and
+    #: Istio's default), C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
     #: The largest request body accepted, in bytes (413 beyond; C{None}: no limit).
     maxRequestBytes: Optional[int] = None
     #: Seconds a client connection may sit idle between requests (C{None}: forever).

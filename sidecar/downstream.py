@@ -39,6 +39,17 @@ MAX_QUEUED = 16
 #: How many headers a request may have (Envoy's default).
 MAX_HEADERS = 100
 
+#: Protocol names llhttp accepts in a request line besides C{HTTP/} (and reports as
+#: HTTP versions): refused with 505.
+_OTHER_PROTOCOLS = (b"RTSP/", b"ICE/")
+
+#: llhttp's own complaints that deserve another status than 400.
+_PARSER_STATUS = {
+    "Invalid `Transfer-Encoding` header value": 501,
+    "Request has invalid `Transfer-Encoding`": 501,
+    "Invalid HTTP version": 505,
+}
+
 
 class _Refusal(Exception):
     """
@@ -102,6 +113,12 @@ class DownstreamProtocol(Protocol):
         self._headBytes = 0
         self._inBody = False
         self._identified = False
+        #: The bytes being parsed, and where in them the last request target ended;
+        #: then the bytes after that target, up to 6 (to read the protocol name, which
+        #: llhttp does not report), or C{None} outside a request line.
+        self._feed = b""
+        self._feedAt = 0
+        self._afterTarget: Optional[bytes] = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -130,6 +147,12 @@ class DownstreamProtocol(Protocol):
             self._early.append(data)
             self._pause(_UPGRADE)
             return
+        after = self._afterTarget
+        if after is not None and len(after) < 6:
+            # The request line was cut after its target: its protocol starts here.
+            self._afterTarget = after + data[:6 - len(after)]
+        self._feed = data
+        self._feedAt = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -140,7 +163,8 @@ class DownstreamProtocol(Protocol):
                 raise
             self._refuse(refusal.status, refusal.message)
         except httptools.HttpParserError as e:
-            self._refuse(400, str(e))
+            message = str(e)
+            self._refuse(_PARSER_STATUS.get(message, 400), message)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.engine.doors.discard(self)
@@ -167,6 +191,11 @@ class DownstreamProtocol(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        feed = self._feed
+        at = feed.find(url, self._feedAt)
+        if at >= 0:
+            self._feedAt = at = at + len(url)
+            self._afterTarget = feed[at:at + 6]
         self._headBytes += len(url)
         if self._headBytes > self.maxHeaderBytes:
             self._refusal = _Refusal(414, "request target too long")
@@ -196,17 +225,23 @@ class DownstreamProtocol(Protocol):
         if version != "1.1" and version != "1.0":
             self._refusal = _Refusal(505, f"HTTP/{version} is not supported")
             raise self._refusal
+        after, self._afterTarget = self._afterTarget, None
+        if after is not None and after.startswith(_OTHER_PROTOCOLS, 1):
+            self._refusal = _Refusal(505, "only HTTP is supported")
+            raise self._refusal
         method = parser.get_method()
         if method == b"CONNECT":
             self._refusal = _Refusal(405, "CONNECT is not supported")
             raise self._refusal
+        engine = self.engine
         req = requestHead(method, self._url, version, self._headers, self.clientIP, self.proto,
-                          self.extraRequestHeaders())
+                          self.extraRequestHeaders(), engine.pool.address.encode("ascii"),
+                          engine.headersWithUnderscores)
         if req.error is not None:
-            self._refusal = _Refusal(400, req.error)
+            self._refusal = _Refusal(req.status, req.error)
             raise self._refusal
         self._inBody = True
-        exchange = self.engine.exchange(self, method, self._url, version, req)
+        exchange = engine.exchange(self, method, req.target, version, req)
         if not parser.should_keep_alive():
             exchange.mustClose = True
         self._parsing = exchange
@@ -476,13 +511,13 @@ class DownstreamProtocol(Protocol):
             # Answer in order: after the requests already accepted.
             self._refusal = _Refusal(status, message)
             return
-        method = b"-"
-        try:
-            method = self._parser.get_method()
-        except (httptools.HttpParserError, AttributeError):
-            pass
+        # What was never read is recorded as "-" (llhttp's method defaults to DELETE,
+        # its version to 0.0): a method was read once a target began.
+        method = self._parser.get_method() if self._url else b"-"
+        version = self._parser.get_http_version()
         req = RequestHead(authority="", requestId="", forwardedFor=self.clientIP)
-        exchange = self.engine.exchange(self, method, self._url or b"-", "1.1", req)
+        exchange = self.engine.exchange(self, method, self._url or b"-",
+                                        "" if version == "0.0" else version, req)
         exchange.mustClose = True
         self._current = exchange
         exchange.reject(status, DOWNSTREAM_PROTOCOL_ERROR, body)

@@ -214,6 +214,9 @@ class Engine:
     filters: Optional[FilterChain] = None
     #: Other upstreams a filter or route may choose by name (C{Call.upstream}).
     pools: Dict[str, UpstreamPool] = attrs.field(factory=dict)
+    #: What to do with client request headers whose names have an underscore
+    #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
+    headersWithUnderscores: str = "allow"
     #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
     #: and close.  C{None}: no limit.
     maxRequestBytes: Optional[int] = None
@@ -777,7 +780,7 @@ class Exchange:
             self.status,
             self.method.decode("latin-1"),
             self.target.decode("latin-1"),
-            "HTTP/" + self.version,
+            "HTTP/" + self.version if self.version else "-",
             self.req.authority,
             self.pool.address,
             ",".join(self.flags) if self.flags else "-",

@@ -10,7 +10,9 @@ a reactor and shared by both front doors.
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 from typing import List, Optional, Tuple
 
 import attrs
@@ -36,11 +38,35 @@ HOP_BY_HOP = frozenset(
 #: Headers the proxy owns on the upstream request: a client's copy is dropped.
 _OWNED_REQUEST = frozenset([b"x-forwarded-proto", b"x-forwarded-client-cert", b"expect"])
 
+#: Headers a client's C{Connection} may not nominate: the proxy frames, routes and
+#: identifies requests with them (Envoy answers 400 to C{Connection: Host} too).
+_PROTECTED = frozenset([
+    b"host", b"content-length", b"transfer-encoding", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-request-id", b"x-forwarded-client-cert",
+])
+
+
+def _underscoreSpellings(names: frozenset) -> frozenset:
+    """
+    Every spelling of C{names} with some of their hyphens written as underscores
+    (C{x_forwarded_for}, C{x-forwarded_for}, ...): servers that map C{_} to C{-} (CGI,
+    WSGI, PHP) would show the application these as the proxy's own headers.
+    """
+    out = set()
+    for name in names:
+        parts = name.split(b"-")
+        for seps in itertools.product(b"-_", repeat=len(parts) - 1):
+            spelled = parts[0] + b"".join(bytes([sep]) + part for sep, part in zip(seps, parts[1:]))
+            if b"_" in spelled:
+                out.add(spelled)
+    return frozenset(out)
+
+
 # What the rules do with a header, by lower-cased name (one dict lookup per header on
 # the hot path; a name not listed passes unchanged).
 (_DROP, _CONNECTION, _FRAMING, _UPGRADE, _EXPECT, _HOST, _FORWARDED_FOR, _REQUEST_ID,
  _USER_AGENT, _LENGTH, _SERVER) = range(11)
-_REQUEST_KINDS = {name: _DROP for name in HOP_BY_HOP | _OWNED_REQUEST}
+_REQUEST_KINDS = {name: _DROP for name in HOP_BY_HOP | _OWNED_REQUEST | _underscoreSpellings(_PROTECTED)}
 _REQUEST_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
     b"expect": _EXPECT, b"host": _HOST, b"x-forwarded-for": _FORWARDED_FOR,
@@ -51,6 +77,42 @@ _RESPONSE_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
     b"server": _DROP, b"content-length": _LENGTH,
 })
+
+#: What C{--headers-with-underscores} may say (Envoy's C{headers_with_underscores_action}).
+UNDERSCORE_ACTIONS = ("allow", "drop", "reject")
+
+#: A valid C{Host} (or absolute-form authority): an RFC 3986 IP-literal, or a reg-name
+#: (which covers IPv4), and an optional port of 1 to 5 digits.  Spaces, tabs, C{/},
+#: C{@}, C{\}, controls and bytes past ASCII are not in it.
+_AUTHORITY = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\]"
+    rb"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::([0-9]{1,5}))?\Z"
+)
+
+
+#: The bytes of a reg-name (unreserved and sub-delims) and the port's C{:}: a Host made
+#: of these only is checked without the regular expression.
+_PLAIN_AUTHORITY = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:"
+
+
+def validAuthority(value: bytes) -> bool:
+    """
+    Whether C{value} is a valid C{Host} header value (RFC 9112 3.2, RFC 3986 3.2.2-3):
+    a host and an optional numeric port no larger than 65535.
+    """
+    if not value.translate(None, _PLAIN_AUTHORITY):
+        # The common case, in a fraction of the regular expression's time.
+        colon = value.find(b":")
+        if colon < 0:
+            return True
+        port = value[colon + 1:]
+        return port.isdigit() and (len(port) < 5 or (len(port) == 5 and port <= b"65535"))
+    match = _AUTHORITY.match(value)
+    if match is None:
+        return False
+    port = match.group(1)
+    return port is None or int(port) <= 65535
 
 
 def newRequestId(_bits=random.getrandbits) -> str:
@@ -79,9 +141,10 @@ class RequestHead:
     @ivar headers: the headers for the upstream, in order, without framing
         (C{Content-Length}, C{Transfer-Encoding}): the upstream codec writes framing
         from L{contentLength} and L{chunked}, the proxy's own parse.
-    @ivar target: the request target to send upstream (the client's, or what a front
-        door or a filter made of it; the record keeps the client's).
-    @ivar authority: the C{Host} header (empty if none).
+    @ivar target: the request target sent upstream (origin-form for an absolute-form
+        target, else as the client sent it; a front door's path rule or a filter may
+        change it; the record keeps the client's).
+    @ivar authority: the C{Host} sent upstream (empty if none).
     @ivar requestId: the C{X-Request-Id} sent upstream (the client's or a new one).
     @ivar forwardedFor: the C{X-Forwarded-For} value sent upstream.
     @ivar userAgent: the C{User-Agent} header, or empty.
@@ -90,7 +153,9 @@ class RequestHead:
     @ivar expectContinue: the client asked for C{100 Continue}.
     @ivar upgrade: the request asks to switch protocols (C{Upgrade} with
         C{Connection: upgrade}); the head keeps both for the upstream.
-    @ivar error: a sentence when the head must be refused with a 400, else C{None}.
+    @ivar error: a sentence when the head must be refused, else C{None}.
+    @ivar status: the status to refuse it with (400, or 501 for a transfer coding the
+        proxy does not implement).
     """
 
     headers: Headers = attrs.field(factory=list)
@@ -104,6 +169,37 @@ class RequestHead:
     expectContinue: bool = False
     upgrade: bool = False
     error: Optional[str] = None
+    status: int = 400
+
+
+def _originForm(method: bytes, target: bytes, result: RequestHead) -> Tuple[bytes, Optional[bytes]]:
+    """
+    Check a request target that does not start with C{/}: C{*} for C{OPTIONS}, or an
+    absolute-form C{http(s)} URI, which becomes origin-form and its authority (RFC 9112
+    3.2.2).  Sets C{result.error} when the target is invalid.
+
+    @return: the target to send, and the authority that replaces C{Host} (or C{None}).
+    """
+    if target == b"*":
+        if method != b"OPTIONS":
+            result.error = "the asterisk-form target is for OPTIONS only"
+        return target, None
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        result.error = "the request target is not in origin, absolute or asterisk form"
+        return target, None
+    cut = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        at = rest.find(stop)
+        if 0 <= at < cut:
+            cut = at
+    authority, path = rest[:cut], rest[cut:]
+    if not authority or not validAuthority(authority):
+        result.error = "the absolute-form target has an invalid authority"
+        return target, None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path, authority
 
 
 def requestHead(
@@ -114,19 +210,29 @@ def requestHead(
     clientIP: str,
     proto: bytes = b"http",
     extra: Headers = (),  # type: ignore[assignment]
+    defaultHost: bytes = b"",
+    underscores: str = "allow",
 ) -> RequestHead:
     """
     Apply the forwarding rules to a client's request head.  Returns header lists, never
     bytes: each codec (L{sidecar.http1} for HTTP/1.1) serialises them.
 
+    The body framing sent upstream is the proxy's own: C{Content-Length} or
+    C{Transfer-Encoding: chunked} is generated from what was parsed, never copied, and
+    C{Connection} may not nominate a header the proxy depends on (L{_PROTECTED}).
+
     @param method: the request method, as sent.
-    @param target: the request target to send upstream (the client's, unchanged, on
-        the fast door).
+    @param target: the request target, as sent (origin-form passes unchanged).
     @param version: C{"1.1"} or C{"1.0"}.
     @param headers: the client's headers, in order and case.
     @param clientIP: the client's address, appended to C{X-Forwarded-For}.
     @param proto: C{b"http"} or C{b"https"}, for C{X-Forwarded-Proto}.
     @param extra: headers the proxy adds (e.g. C{X-Forwarded-Client-Cert}).
+    @param defaultHost: the C{Host} given to an HTTP/1.0 request without one (as
+        Envoy's C{default_host_for_http_10}); when empty, such a request is refused.
+    @param underscores: what to do with other header names with an underscore:
+        C{"allow"}, C{"drop"} or C{"reject"} (400).  The underscore spellings of the
+        headers the proxy owns are always dropped.
     @return: the head to send upstream and what the proxy learnt from it.
     """
     result = RequestHead(target=target)
@@ -135,11 +241,19 @@ def requestHead(
     forwarded: List[bytes] = []
     upgradeValue = None
     connection: List[bytes] = []
+    codings: Optional[List[bytes]] = None
     host = None
+    hostAt = -1
+    lengths = 0
+    strict = underscores != "allow"
     kinds = _REQUEST_KINDS
     for pair in headers:
         kind = kinds.get(pair[0].lower())
         if kind is None:
+            if strict and b"_" in pair[0]:
+                if underscores == "drop":
+                    continue
+                result.error = "a header name has an underscore"
             append(pair)
             continue
         name, value = pair
@@ -148,8 +262,9 @@ def requestHead(
         if kind == _CONNECTION:
             connection.extend(connectionTokens(value))
         elif kind == _FRAMING:
-            # llhttp has already refused anything but a final "chunked".
-            result.chunked = True
+            if codings is None:
+                codings = []
+            codings.extend(c.strip().lower() for c in value.split(b","))
         elif kind == _UPGRADE:
             upgradeValue = value
         elif kind == _EXPECT:
@@ -160,7 +275,10 @@ def requestHead(
         elif kind == _HOST:
             if host is not None:
                 result.error = "more than one Host header"
+            elif not validAuthority(value):
+                result.error = "invalid Host header"
             host = value
+            hostAt = len(out)
             append(pair)
         elif kind == _FORWARDED_FOR:
             forwarded.append(value)
@@ -171,7 +289,33 @@ def requestHead(
             result.userAgent = value.decode("latin-1")
             append(pair)
         else:  # _LENGTH: framing, written by the upstream codec from the parse
-            result.contentLength = int(value)
+            lengths += 1
+            value = value.strip()
+            if lengths > 1 or not value.isdigit():
+                result.error = "invalid Content-Length"
+            else:
+                result.contentLength = int(value)
+
+    if codings is not None:
+        if codings != [b"chunked"]:
+            # Envoy and nginx: 501 for a coding the proxy can't decode, before any
+            # byte goes upstream (a gzip body must not be relabelled identity).
+            result.error = "transfer coding not implemented"
+            result.status = 501
+        elif version == "1.0":
+            result.error = "Transfer-Encoding in an HTTP/1.0 request"
+        elif result.contentLength is not None:
+            result.error = "Content-Length with Transfer-Encoding"
+        else:
+            result.chunked = True
+
+    if target[:1] != b"/":
+        target, authority = _originForm(method, target, result)
+        if authority is not None and host is not None:
+            # RFC 9112 3.2.2: the target's authority replaces Host.
+            host = authority
+            out[hostAt] = (b"Host", authority)
+    result.target = target
 
     if connection:
         named = set(connection)
@@ -179,18 +323,27 @@ def requestHead(
         named.discard(b"keep-alive")
         named.discard(b"upgrade")
         if named:
+            if not named.isdisjoint(_PROTECTED):
+                result.error = "Connection names a header the proxy depends on"
             out = [(n, v) for (n, v) in out if n.lower() not in named]
     if upgradeValue is not None and b"upgrade" in connection:
         result.upgrade = True
     if host is None:
         if version != "1.0":
             result.error = "HTTP/1.1 request without a Host header"
-    else:
+        elif defaultHost:
+            host = defaultHost
+            out.append((b"Host", defaultHost))
+        else:
+            result.error = "HTTP/1.0 request without a Host header"
+    if host is not None:
         result.authority = host.decode("latin-1")
-
     forwarded.append(clientIP.encode("ascii"))
     xff = b", ".join(forwarded)
     result.forwardedFor = xff.decode("latin-1")
+    if result.error is not None:
+        return result
+
     out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", proto))
     if not result.requestId:

@@ -150,18 +150,18 @@ class WebDoor:
         for name, values in request.requestHeaders.getAllRawHeaders():
             lower = name.lower()
             if lower == b"content-length" or lower == b"transfer-encoding":
-                # Framing comes from twisted.web's parse, never from these headers.
+                # Given to the rules to judge (501 for a coding, 400 for both), but the
+                # framing sent on is twisted.web's parse, set below.
                 hadLength = True
-                continue
             for value in values:
                 if len(value.translate(None, _CTL)) != len(value):
                     badValue = True
                 headers.append((name, value))
-        if length is None:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        elif hadLength or length:
-            headers.append((b"Content-Length", b"%d" % length))
-        req = requestHead(method, target, version, headers, self.clientIP, proto, extra)
+        engine = self.engine
+        req = requestHead(method, target, version, headers, self.clientIP, proto, extra,
+                          engine.pool.address.encode("ascii"), engine.headersWithUnderscores)
+        req.chunked = length is None
+        req.contentLength = length if length is not None and (hadLength or length) else None
         exchange = self.exchange = self.engine.exchange(self, method, request.uri, version, req)
         request.notifyFinish().addErrback(self._clientGone)
         if not self.streaming and length == 0:
@@ -178,7 +178,7 @@ class WebDoor:
         elif badValue:
             refusal = 400, "a header value has a control character"
         elif req.error is not None:
-            refusal = 400, req.error
+            refusal = req.status, req.error
         if refusal is not None:
             status, message = refusal
             body = f"{http1.reason(status).decode('ascii')}: {message}\n".encode("utf-8", "replace")

@@ -80,6 +80,7 @@ class SidecarService(MultiService):
             reactor, self.pool, self.recorder,
             serverHeader=config.serverHeader.encode("ascii"),
             responseTimeout=config.upstream.responseTimeout,
+            headersWithUnderscores=config.headersWithUnderscores,
             maxRequestBytes=config.maxRequestBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)

@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from sidecar.config import ENGINES, LOG_FORMATS, ProxyConfig, UpstreamConfig
 from sidecar.config import TLS_MODES, TLSConfig
+from sidecar.headers import UNDERSCORE_ACTIONS
 
 
 def _endpoint(flag: str, value: str, allowNone: bool = True, interface: str = "") -> Optional[str]:
@@ -175,6 +176,8 @@ class Options(usage.Options):
         ["access-log-buffer", None, "1048576", "Bytes of access log records held while the log is not read; "
                                                "beyond, records are dropped and counted."],
         ["max-header-bytes", None, "65536", "Largest request head accepted, in bytes."],
+        ["headers-with-underscores", None, "allow",
+         "Request headers with an underscore in their name: allow, drop or reject (400)."],
         ["max-request-bytes", None, None, "Largest request body accepted, in bytes; past it, 413 (default: no limit)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
@@ -267,6 +270,10 @@ class Options(usage.Options):
             maxHeaderBytes = -1
         if maxHeaderBytes < 1024:
             raise usage.UsageError("--max-header-bytes: must be a whole number of at least 1024.")
+        underscores = self["headers-with-underscores"].strip().lower()
+        if underscores not in UNDERSCORE_ACTIONS:
+            raise usage.UsageError(f"--headers-with-underscores: {self['headers-with-underscores']!r} "
+                                   f"is not one of {', '.join(UNDERSCORE_ACTIONS)}.")
         maxRequestBytes = None
         if self["max-request-bytes"] is not None:
             maxRequestBytes = _count("--max-request-bytes", self["max-request-bytes"], 0)
@@ -291,6 +298,7 @@ class Options(usage.Options):
             health=_endpoint("--health", self["health"]),
             accessLogBuffer=_count("--access-log-buffer", self["access-log-buffer"], 4096),
             maxHeaderBytes=maxHeaderBytes,
+            headersWithUnderscores=underscores,
             maxRequestBytes=maxRequestBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,

@@ -315,6 +315,7 @@ class _ConnectAttempt(ClientFactory):
     def __init__(self, pool: UpstreamPool, exchange: Exchange) -> None:
         self.pool = pool
         self.exchange: Optional[Exchange] = exchange
+        self.connector: Any = None
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
         conn = UpstreamConnection(self.pool)
@@ -363,7 +364,7 @@ class UpstreamPool:
         #: Requests refused with 503 because C{maxPending} were already waiting.
         self.overflows = 0
         #: The connects under way, by the exchange they are for.
-        self.attempts: Dict[Exchange, Any] = {}
+        self.attempts: Dict[Exchange, _ConnectAttempt] = {}
 
     def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -400,7 +401,8 @@ class UpstreamPool:
         connector = self.reactor.connectTCP(
             self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
         )
-        self.attempts[exchange] = connector
+        attempt.connector = connector
+        self.attempts[exchange] = attempt
 
     def _nextWaiting(self) -> Optional[Exchange]:
         pending = self.pending
@@ -424,9 +426,12 @@ class UpstreamPool:
         C{exchange} no longer wants a connection (its client left): stop its wait, or
         the connect under way for it.
         """
-        connector = self.attempts.pop(exchange, None)
-        if connector is not None:
-            connector.disconnect()
+        attempt = self.attempts.pop(exchange, None)
+        if attempt is not None:
+            # Twisted reports a cancelled connect at once, inside disconnect(): the
+            # exchange gave up on it and must not hear of it as an upstream failure.
+            attempt.exchange = None
+            attempt.connector.disconnect()
             return
         try:
             self.pending.remove(exchange)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import httptools
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, ProcessProtocol, Protocol
 from twisted.web import resource, server
 
 from sidecar.config import UpstreamConfig
@@ -524,3 +524,83 @@ def startHttpbin(case: Any) -> defer.Deferred:
     child = ChildProcess(case, [PYTHON, "-m", "gunicorn", "-w", "1", "--graceful-timeout", "1",
                                 "-b", f"127.0.0.1:{port}", "httpbin:app"], stopSignal=15)
     return portAnswers(port).addCallback(lambda _: (child, port))
+
+
+class _RawUpstreamConnection(Protocol):
+    """
+    One connection to a L{RawUpstream}: every byte received is logged as it came, the
+    requests are parsed strictly with llhttp, and each is answered C{200} with its own
+    target as the body (so a smuggled request shows up in the answer of the next).
+    """
+
+    def __init__(self, owner: "RawUpstream") -> None:
+        self.owner = owner
+        self.received = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+
+    def connectionMade(self) -> None:
+        self.owner.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.owner.errors.append(str(e))
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.loseConnection()
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_message_complete(self) -> None:
+        self.owner.targets.append(self._url)
+        body = b"target=" + self._url
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+class RawUpstream(Factory):
+    """
+    A strict upstream on 127.0.0.1 port 0 that keeps the raw bytes of every connection
+    (C{connections[i].received}), for byte-for-byte assertions on what the proxy sent.
+
+    @ivar targets: the request targets it parsed, in order, over all connections.
+    @ivar errors: llhttp's complaints about what it received.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: List[_RawUpstreamConnection] = []
+        self.targets: List[bytes] = []
+        self.errors: List[str] = []
+        self.port: Any = None
+
+    def buildProtocol(self, addr: Any) -> _RawUpstreamConnection:
+        return _RawUpstreamConnection(self)
+
+    def start(self, case: Any) -> int:
+        """
+        Listen, and stop listening (closing every connection) when C{case} ends.
+        """
+        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+
+        def stop() -> Any:
+            for conn in self.connections:
+                if conn.transport is not None:
+                    conn.transport.abortConnection()
+            return self.port.stopListening()
+
+        case.addCleanup(stop)
+        return self.port.getHost().port
+
+    @property
+    def received(self) -> List[bytes]:
+        """
+        The raw bytes of each connection, in the order the connections were made.
+        """
+        return [bytes(c.received) for c in self.connections]

@@ -424,12 +424,18 @@ class BehaviourMixin:
         return self.assertRefused(
             b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde")
 
+    #: The answer to a transfer coding other than a lone C{chunked}: 501 as Envoy and
+    #: nginx on the fast door; twisted.web refuses it itself with 400 on the web door.
+    unknownCodingStatus = 501
+
     def test_obfuscatedTransferEncoding(self):
         """
-        A Transfer-Encoding that is not plainly chunked gets 400.
+        A Transfer-Encoding that is not plainly chunked is refused (501 on the fast
+        door) and never reaches the service.
         """
         return self.assertRefused(
-            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n")
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+            self.unknownCodingStatus)
 
     def test_missingHost(self):
         """
@@ -709,6 +715,7 @@ class WebDoorBehaviourTests(BehaviourMixin, unittest.TestCase):
     """
 
     engine = "web"
+    unknownCodingStatus = 400
 
 
 class FastDoorRawUpstreamTests(RawUpstreamMixin, unittest.TestCase):

@@ -8,7 +8,7 @@ No network, no real time.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, UserError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -126,6 +126,40 @@ class ExchangeTests(unittest.SynchronousTestCase):
         self.assertEqual([r.flags for r in h.records], ["UF"])
         self.assertEqual(h.pool.connectFailures, 1)
         self.flushLoggedErrors()
+
+    def test_malformedBodyWhileConnecting(self):
+        """
+        A chunked body that turns out malformed while the upstream connect is under way
+        is the client's fault: 400 C{DPE}, once.  The connect the exchange cancels, which
+        Twisted reports at once as failed, is no upstream failure (no 502 C{UF}).
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(b"POST /x HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n")
+        factory = h.reactor.tcpClients[0][2]
+        [connector] = h.reactor.connectors
+        # What a real connector's disconnect() does while connecting: report at once.
+        connector.disconnect = lambda: factory.clientConnectionFailed(connector, Failure(UserError()))
+        door.dataReceived(b"+3\r\nabc\r\n")
+        self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", client.value())
+        self.assertNotIn(b"502", client.value())
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(400, "DPE")])
+
+    def test_clientLeavesWhileConnecting(self):
+        """
+        A client that leaves while the upstream connect is under way is recorded C{DC}
+        only: the cancelled connect, reported at once by Twisted, adds no C{UF} and no
+        502.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        factory = h.reactor.tcpClients[0][2]
+        [connector] = h.reactor.connectors
+        connector.disconnect = lambda: factory.clientConnectionFailed(connector, Failure(UserError()))
+        door.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(0, "DC")])
+        self.assertEqual(client.value(), b"")
 
     def test_staleConnectionRetried(self):
         """

@@ -11,11 +11,12 @@ from sidecar import http1
 from sidecar.headers import bodyForbidden, newRequestId, requestHead, responseHead
 
 
-def wire(req, method: bytes = b"GET", target: bytes = b"/") -> bytes:
+def wire(req, method: bytes = b"GET", target: bytes = b"") -> bytes:
     """
-    The request head as the HTTP/1.1 upstream codec writes it from C{req}.
+    The request head as the HTTP/1.1 upstream codec writes it from C{req} (its target
+    unless another is given).
     """
-    return http1.requestHead(method, target, req.headers, req.contentLength, req.chunked)
+    return http1.requestHead(method, target or req.target, req.headers, req.contentLength, req.chunked)
 
 
 def parse(head: bytes):
@@ -112,11 +113,102 @@ class RequestHeadTests(unittest.SynchronousTestCase):
 
     def test_hostRules(self):
         """
-        HTTP/1.1 without Host, or with two, is an error; HTTP/1.0 without Host is not.
+        HTTP/1.1 without Host, or with two, is an error; HTTP/1.0 without Host gets the
+        default Host the door gives (the service's address), and is an error when the
+        door gives none.
         """
         self.assertIsNotNone(requestHead(b"GET", b"/", "1.1", [], "1.1.1.1").error)
         self.assertIsNotNone(requestHead(b"GET", b"/", "1.1", [(b"Host", b"a"), (b"host", b"b")], "1.1.1.1").error)
-        self.assertIsNone(requestHead(b"GET", b"/", "1.0", [], "1.1.1.1").error)
+        req = requestHead(b"GET", b"/", "1.0", [], "1.1.1.1", defaultHost=b"svc:80")
+        self.assertIsNone(req.error)
+        self.assertEqual(req.authority, "svc:80")
+        self.assertIn((b"Host", b"svc:80"), parse(wire(req))[1])
+        self.assertIsNotNone(requestHead(b"GET", b"/", "1.0", [], "1.1.1.1").error)
+
+    def test_connectionMayNotNominateProtectedHeaders(self):
+        """
+        C{Connection} naming a header the proxy frames, routes or identifies with is an
+        error (400), in any case and position in the list.
+        """
+        for name in (b"Content-Length", b"transfer-encoding", b"HOST", b"X-Forwarded-For",
+                     b"x-forwarded-proto", b"X-Request-Id", b"X-Forwarded-Client-Cert"):
+            req = requestHead(b"POST", b"/", "1.1", [(b"Host", b"h"), (b"Connection", b"close, " + name),
+                                                     (b"Content-Length", b"3"), (b"X-Request-Id", b"r")],
+                              "1.1.1.1")
+            self.assertEqual((req.error, req.status), ("Connection names a header the proxy depends on", 400))
+
+    def test_framingGeneratedNotCopied(self):
+        """
+        The upstream's C{Content-Length} is written by the proxy from the parsed value,
+        at the end of the head, never copied as the client spelled it.
+        """
+        req = requestHead(b"POST", b"/", "1.1", [(b"Content-Length", b" 003 "), (b"Host", b"h"),
+                                                 (b"X-Request-Id", b"r")], "1.1.1.1")
+        self.assertEqual(req.contentLength, 3)
+        self.assertEqual(wire(req, b"POST"), b"POST / HTTP/1.1\r\nHost: h\r\nX-Request-Id: r\r\nX-Forwarded-For: 1.1.1.1\r\n"
+                                   b"X-Forwarded-Proto: http\r\nContent-Length: 3\r\n\r\n")
+        for bad in ([(b"Content-Length", b"3"), (b"Content-Length", b"3")], [(b"Content-Length", b"+3")],
+                    [(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")]):
+            self.assertIsNotNone(requestHead(b"POST", b"/", "1.1", [(b"Host", b"h")] + bad, "1.1.1.1").error)
+
+    def test_transferCodings(self):
+        """
+        Only a lone C{chunked} is implemented; anything else, split over headers or not,
+        is refused with 501.
+        """
+        for values in ([b"gzip, chunked"], [b"gzip", b"chunked"], [b"chunked", b"chunked"], [b"identity"],
+                       [b"xchunked"], [b"chunked,"], [b"chunk"]):
+            req = requestHead(b"POST", b"/", "1.1", [(b"Host", b"h")] + [(b"Transfer-Encoding", v) for v in values],
+                              "1.1.1.1")
+            self.assertEqual(req.status, 501, values)
+            self.assertIsNotNone(req.error)
+        self.assertTrue(requestHead(b"POST", b"/", "1.1", [(b"Host", b"h"), (b"Transfer-Encoding", b" Chunked ")],
+                                    "1.1.1.1").chunked)
+
+    def test_hostValidity(self):
+        """
+        Host must be a reg-name, IPv4 or IP literal with an optional port up to 65535.
+        """
+        for good in (b"a", b"a.b-c_d~e:0", b"10.1.2.3:65535", b"[::1]", b"", b"%41"):
+            self.assertIsNone(requestHead(b"GET", b"/", "1.1", [(b"Host", good)], "1.1.1.1").error, good)
+        for bad in (b"a b", b"a/b", b"a\tb", b"\xff", b"a:", b"a:65536", b"a:1:2", b"u@a", b"[::1", b"%4", b"a\x7f"):
+            self.assertEqual(requestHead(b"GET", b"/", "1.1", [(b"Host", bad)], "1.1.1.1").error,
+                             "invalid Host header", bad)
+
+    def test_absoluteForm(self):
+        """
+        An absolute-form target becomes origin-form, and its authority replaces Host.
+        """
+        req = requestHead(b"GET", b"https://a.example:8443?x", "1.1", [(b"Host", b"b"), (b"X-Request-Id", b"r")],
+                          "1.1.1.1")
+        self.assertEqual((req.target, req.authority), (b"/?x", "a.example:8443"))
+        self.assertTrue(wire(req).startswith(b"GET /?x HTTP/1.1\r\nHost: a.example:8443\r\n"))
+        for bad in (b"ftp://a/x", b"http://u:p@a/x", b"http://a b/x", b"x", b"http:/a"):
+            self.assertIsNotNone(requestHead(b"GET", bad, "1.1", [(b"Host", b"b")], "1.1.1.1").error, bad)
+
+    def test_asteriskForm(self):
+        """
+        C{*} is for OPTIONS only.
+        """
+        self.assertIsNone(requestHead(b"OPTIONS", b"*", "1.1", [(b"Host", b"b")], "1.1.1.1").error)
+        self.assertIsNotNone(requestHead(b"GET", b"*", "1.1", [(b"Host", b"b")], "1.1.1.1").error)
+
+    def test_underscores(self):
+        """
+        The underscore spellings of the proxy's own headers are always dropped; other
+        headers with underscores are kept, dropped or refused as the setting says.
+        """
+        headers = [(b"Host", b"h"), (b"X_Forwarded_Client_Cert", b"forged"), (b"x-forwarded_for", b"6.6.6.6"),
+                   (b"X_REQUEST_ID", b"f"), (b"Content_Length", b"9"), (b"my_header", b"1")]
+        allow = requestHead(b"GET", b"/", "1.1", headers, "1.1.1.1")
+        names = [n for n, v in parse(wire(allow))[1]]
+        self.assertEqual(names[:2], [b"Host", b"my_header"])
+        self.assertEqual(allow.forwardedFor, "1.1.1.1")
+        drop = requestHead(b"GET", b"/", "1.1", headers, "1.1.1.1", underscores="drop")
+        self.assertNotIn(b"my_header", wire(drop))
+        self.assertIsNone(drop.error)
+        reject = requestHead(b"GET", b"/", "1.1", headers, "1.1.1.1", underscores="reject")
+        self.assertEqual((reject.error, reject.status), ("a header name has an underscore", 400))
 
     def test_requestIdShape(self):
         """

@@ -54,6 +54,16 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(parse("--upstream-max-connections", "64").upstream.idleLimit, 64)
         self.assertEqual(parse("--upstream-max-idle", "8").upstream.idleLimit, 8)
 
+    def test_headersWithUnderscores(self):
+        """
+        C{--headers-with-underscores} is C{allow} by default (as Envoy and Istio), takes
+        C{drop} or C{reject} in any case, and refuses anything else in one sentence.
+        """
+        self.assertEqual(parse().headersWithUnderscores, "allow")
+        self.assertEqual(parse("--headers-with-underscores", "REJECT").headersWithUnderscores, "reject")
+        self.assertEqual(parse("--headers-with-underscores", "drop").headersWithUnderscores, "drop")
+        self.assertRefused("--headers-with-underscores", "--headers-with-underscores", "strip")
+
     def assertRefused(self, flag: str, *argv: str) -> None:
         error = self.assertRaises(usage.UsageError, parse, *argv)
         message = str(error)

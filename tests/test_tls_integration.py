@@ -341,6 +341,23 @@ class AllowedTests(MutualTLSCase):
         self.assertEqual((record.status, record.downstreamPeerPrincipal, record.mutualTLS), (200, FRONTEND_ID, True))
 
     @defer.inlineCallbacks
+    def test_forgedClientCertTricks(self) -> Any:
+        """
+        Under mutual TLS, underscore spellings of a forged XFCC never reach the service
+        (it sees ours only), and C{Connection: X-Forwarded-Client-Cert}, which would
+        strip ours, gets 400 before the service is contacted.
+        """
+        code, body, status = yield self.curl("frontend", "-H", f"X_Forwarded_Client_Cert: {FORGED}",
+                                             "-H", f"x-forwarded_client-cert: {FORGED}")
+        self.assertEqual((code, status), (0, "200"))
+        self.assertEqual(self.upstream.xfcc(), [self.expectedXFCC("frontend", FRONTEND_ID)])
+        self.assertEqual([k for k, v in self.upstream.seen[-1] if "_" in k], [])
+        seen = len(self.upstream.seen)
+        code, body, status = yield self.curl("frontend", "-H", "Connection: X-Forwarded-Client-Cert")
+        self.assertEqual(status, "400")
+        self.assertEqual(len(self.upstream.seen), seen)
+
+    @defer.inlineCallbacks
     def test_opensslALPN(self) -> Any:
         """
         C{openssl s_client} offering h2 and http/1.1 negotiates http/1.1 over TLS 1.3
