@@ -152,6 +152,10 @@ class Phase(enum.Enum):
     a fact about the client, not a phase: a response may start before it ends.
     """
 
+    #: By identity: L{Exchange._go} looks phases up in sets five times per request, and
+    #: C{Enum}'s own C{__hash__} is a Python call (hash of the name) each time.
+    __hash__ = object.__hash__
+
     #: Its head has arrived; it waits its turn behind pipelined requests.
     NEW = "new"
     #: The request-head filters are deciding (one of them waits on a Deferred).
