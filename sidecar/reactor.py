@@ -86,3 +86,28 @@ def installIfNone() -> Optional[Any]:
     reactor = SidecarReactor()
     installReactor(reactor)
     return reactor
+
+
+#: The young generation's threshold: net container allocations between two collections
+#: (CPython's default is 700).  With many requests in flight, 700 is reached by the
+#: objects of the requests still open, so every few hundred requests the collector
+#: walks them and promotes them to the older generations, which it then walks too
+#: (measured: 9.4% of the CPU at 1,000 connections, none at 16).  At 10,000 no
+#: collection happens in steady state even at 1,000 connections; reference cycles are
+#: still collected, later.
+YOUNG_THRESHOLD = 10_000
+
+
+def tuneCollector() -> None:
+    """
+    Tune CPython's cyclic garbage collector for a long-running proxy, once start-up is
+    over: collect, move every object that exists now (modules, classes, the
+    configuration, the listeners) to the permanent generation (C{gc.freeze}) so that
+    full collections never walk them again, and raise the young generation's threshold
+    to L{YOUNG_THRESHOLD}.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, 10, 10)

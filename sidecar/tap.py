@@ -338,9 +338,12 @@ def makeService(options: Options):
     """
     from twisted.internet import reactor
 
+    from sidecar.reactor import tuneCollector
     from sidecar.service import makeService as assemble
 
     service = assemble(options["config"], reactor)
+    # A process of its own: tune the garbage collector once start-up is over.
+    reactor.callWhenRunning(tuneCollector)
     # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
     service.lifecycle.handleSignals = True
     return service

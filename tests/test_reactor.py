@@ -177,3 +177,31 @@ class InstallTests(unittest.TestCase):
         self.assertEqual(self.run_(["twist", "--reactor", "poll", "sidecar"]), "PollReactor")
         self.assertEqual(self.run_(["twistd", "-n", "sidecar"]), "SidecarReactor")
         self.assertEqual(self.run_(["twistd", "-n", "--reactor", "select", "sidecar"]), "SelectReactor")
+
+
+class CollectorTests(unittest.TestCase):
+    """
+    The garbage collector's tuning, in a process of its own (it is process-wide).
+    """
+
+    def test_tuned(self):
+        """
+        L{tuneCollector} freezes what exists and raises the young threshold to
+        L{YOUNG_THRESHOLD}; objects made afterwards are still collected.
+        """
+        script = (
+            "import gc\n"
+            "from sidecar.reactor import tuneCollector, YOUNG_THRESHOLD\n"
+            "tuneCollector()\n"
+            "assert gc.get_threshold()[0] == YOUNG_THRESHOLD, gc.get_threshold()\n"
+            "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+            "class Cycle: pass\n"
+            "for _ in range(50000):\n"
+            "    c = Cycle(); c.me = c\n"
+            "del c\n"
+            "assert sum(type(o) is Cycle for o in gc.get_objects()) < 2 * YOUNG_THRESHOLD\n"
+            "print('tuned')\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=subprocessEnv(), timeout=60)
+        self.assertEqual(out.stdout.strip(), "tuned", out.stderr)
