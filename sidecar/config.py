@@ -189,6 +189,9 @@ class ProxyConfig:
     #: Seconds a client may take to send a request head before a 408 (C{None}: forever).
     requestHeadTimeout: Optional[float] = 30.0
     extra: Tuple[Tuple[str, str], ...] = ()
+    #: Worker processes sharing the listeners (C{--workers}; L{sidecar.workers}); 1 is a
+    #: single process.
+    workers: int = 1
     tls: Optional[TLSConfig] = None
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()

@@ -6,12 +6,13 @@ L{ProxyConfig}.  It decides nothing; every policy lives in the modules it wires.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 
 from sidecar.accesslog import FORMATS, AccessLog, LogOutput, openOutput
 from sidecar.config import ProxyConfig
@@ -64,15 +65,24 @@ class SidecarService(MultiService):
     attributes.
     """
 
-    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+    def __init__(self, config: ProxyConfig, reactor: Any, adopted: Sequence[Tuple[int, int]] = ()) -> None:
+        """
+        @param adopted: for a worker of C{--workers} (L{sidecar.workers}): the listening
+            sockets inherited from the parent, as C{(descriptor, address family)}, the
+            plain listener's first, then the mutual-TLS one's; they replace the
+            endpoint strings of the configuration.
+        """
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self._adopted = list(adopted)
         self.accessLog: Optional[AccessLog] = None
         sinks = []
         output = openAccessLog(config.accessLog)
         if output is not None:
-            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer)
+            # Workers share the output: whole lines, in writes the kernel never interleaves.
+            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer,
+                                       wholeLines=bool(adopted))
             sinks.append(self.accessLog)
         self.recorder = Recorder(sinks)
         self.pool = UpstreamPool(reactor, reactor, config.upstream)
@@ -98,10 +108,11 @@ class SidecarService(MultiService):
             plain = self.proxyFactory()
             if self.tls is not None and config.tls.permissive:
                 plain = self.tls.permissiveFactory(plain, self.engine, config.maxHeaderBytes)
-            self.listeners.append(self._listen(config.listen, plain))
+            self.listeners.append(self._listen(config.listen, plain, proxied=True))
         if self.tls is not None and config.tls.listen is not None:
             self.listeners.append(
-                self._listen(config.tls.listen, self.tls.serverFactory(self.engine, config.maxHeaderBytes)))
+                self._listen(config.tls.listen, self.tls.serverFactory(self.engine, config.maxHeaderBytes),
+                             proxied=True))
 
         self._assembleAdmin()
 
@@ -187,7 +198,12 @@ class SidecarService(MultiService):
         self.engine.doors.sweep(self.reactor.seconds(), self.config.clientIdleTimeout,
                                 self.config.requestHeadTimeout)
 
-    def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
+    def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
+        if proxied and self._adopted:
+            fd, family = self._adopted.pop(0)
+            service = AdoptedPortService(self.reactor, fd, family, factory)
+            service.setServiceParent(self)
+            return service
         service = strports.service(withBacklog(description), factory, reactor=self.reactor)
         service.setServiceParent(self)
         return service
@@ -198,6 +214,37 @@ class SidecarService(MultiService):
         if self.accessLog is not None:
             self.accessLog.flush()
         return d
+
+
+class AdoptedPortService(Service):
+    """
+    A listener on a listening socket this process inherited (a worker of
+    C{--workers}): adopted into the reactor when started, closed when stopped.  It
+    offers the port as L{sidecar.compat.listeningPort} reads it.
+    """
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.port: Any = None
+        self._waitingForPort: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet.defer import succeed
+
+        Service.startService(self)
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        os.close(self.fd)  # the port holds its own duplicate
+        self._waitingForPort = succeed(self.port)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
 
 
 def makeService(config: ProxyConfig, reactor: Any) -> SidecarService:

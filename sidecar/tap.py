@@ -169,6 +169,7 @@ class Options(usage.Options):
         ["upstream-max-idle", None, None, "Idle connections to the service kept for reuse at most "
                                           "(default: --upstream-max-connections)."],
         ["upstream-max-pending", None, "1024", "Requests waiting for a connection at most; past it, 503 (UO)."],
+        ["workers", None, "1", "Worker processes sharing the listeners: a number, or auto (one per CPU)."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port (on 127.0.0.1), a Twisted endpoint, or none."],
         ["health", None, "15021", "Health and metrics port (/ready, /healthz/ready, /stats/prometheus only): "
@@ -307,9 +308,28 @@ class Options(usage.Options):
         tls = _tlsConfig(self, listen)
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
+        _workersOption(self, listen, tls)
         if listen is None and (tls is None or tls.listen is None):
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
         _noForegroundPidfile(getattr(self, "parent", None))
+
+
+def _workersOption(options: usage.Options, listen: Optional[str], tls: Optional[TLSConfig]) -> None:
+    """
+    C{--workers}: a count or C{auto}; more than one needs TCP listeners (the parent
+    binds them and its workers share them).
+    """
+    from sidecar.workers import workerCount
+
+    try:
+        workers = workerCount(options["workers"])
+    except ValueError:
+        raise usage.UsageError(f"--workers: {options['workers']!r} must be a whole number of at least 1, or auto.")
+    if workers > 1:
+        for flag, value in (("--listen", listen), ("--tls-listen", tls.listen if tls is not None else None)):
+            if value is not None and value.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6"):
+                raise usage.UsageError(f"{flag}: {value!r}: with --workers, listeners must be tcp: or tcp6: endpoints.")
+    options["config"] = attrs.evolve(options["config"], workers=workers)
 
 
 def _noForegroundPidfile(twistdOptions: Optional[usage.Options]) -> None:
@@ -341,7 +361,14 @@ def makeService(options: Options):
     from sidecar.reactor import tuneCollector
     from sidecar.service import makeService as assemble
 
-    service = assemble(options["config"], reactor)
+    config = options["config"]
+    if config.workers > 1:
+        from sidecar.workers import WorkersService
+
+        service = WorkersService(config, reactor, config.workers)
+        service.lifecycle.handleSignals = True
+        return service
+    service = assemble(config, reactor)
     # A process of its own: tune the garbage collector once start-up is over.
     reactor.callWhenRunning(tuneCollector)
     # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
