@@ -170,6 +170,22 @@ def cpuTicksFromStat(statText: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def reapedChildTicksFromStat(statText: str) -> int:
+    """
+    The CPU time of a process's children that have exited and been waited for
+    (C{cutime + cstime}, fields 16 and 17 of C{/proc/<pid>/stat}), in clock ticks.
+    """
+    fields = statText[statText.rindex(")") + 1 :].split()
+    return int(fields[13]) + int(fields[14])
+
+
+def parentPidFromStat(statText: str) -> int:
+    """
+    The parent process id (field 4) in the text of C{/proc/<pid>/stat}.
+    """
+    return int(statText[statText.rindex(")") + 1 :].split()[1])
+
+
 @frozen
 class Measurement:
     """

@@ -373,6 +373,22 @@ class Session:
         if problem is not None:
             raise PeerUnavailable(f"nginx: {problem}\n{child.logTail()}")
 
+    def peerCpu(self, peer: Peer) -> int | None:
+        """
+        The CPU a peer runs on: the proxy's, except for our C{--workers N} with N above
+        1, which runs unpinned (its workers share the load CPU with wrk and nginx).
+        """
+        arguments = list(peer.arguments)
+        if "--workers" in arguments:
+            index = len(arguments) - 1 - arguments[::-1].index("--workers")
+            value = arguments[index + 1] if index + 1 < len(arguments) else "1"
+            if value != "1":
+                note = f"{peer.name} runs unpinned: its workers share CPU {self.loadCpu} with wrk and nginx"
+                if note not in self.notes:
+                    self.notes.append(note)
+                return None
+        return self.proxyCpu
+
     def startPeer(self, peer: Peer) -> tuple[int, Child | None]:
         """
         Start one peer on the proxy CPU and wait until it proxies every workload right.
@@ -409,7 +425,7 @@ class Session:
         else:
             raise PeerUnavailable(f"unknown kind of peer {peer.kind!r}")
         try:
-            child = self.start(peer.name, argv, self.proxyCpu, environment=environment)
+            child = self.start(peer.name, argv, self.peerCpu(peer), environment=environment)
         except OSError as error:
             raise PeerUnavailable(f"could not start {argv[0]}: {error}") from error
         problem = waitUntilServing(port, WORKLOADS["small"], child, self.options.ready_timeout)

@@ -20,6 +20,8 @@ from bench.measure import (
     WrkSummary,
     answerProblem,
     cpuTicksFromStat,
+    parentPidFromStat,
+    reapedChildTicksFromStat,
     measurementFrom,
     medianOf,
     parseWrkOutput,
@@ -107,6 +109,15 @@ class CpuTicksTests(SynchronousTestCase):
         fields = ["S"] + [str(n) for n in range(4, 14)] + ["700", "42"] + ["0"] * 30
         stat = "1234 (python3 (a) b) " + " ".join(fields) + "\n"
         self.assertEqual(cpuTicksFromStat(stat), 742)
+
+    def test_parentAndReapedChildren(self) -> None:
+        """
+        The parent pid (field 4) and the waited-for children's cutime + cstime (fields
+        16 and 17), for the workers of C{--workers}.
+        """
+        fields = ["S", "77"] + [str(n) for n in range(5, 14)] + ["700", "42", "5", "6"] + ["0"] * 30
+        stat = "1234 (python3 (a) b) " + " ".join(fields) + "\n"
+        self.assertEqual((parentPidFromStat(stat), reapedChildTicksFromStat(stat)), (77, 11))
 
 
 class MeasurementTests(SynchronousTestCase):
