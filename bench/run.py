@@ -41,6 +41,8 @@ from bench.peers import (
     builtinPeers,
     envoyCommand,
     findEnvoy,
+    haproxyConfig,
+    nginxProxyConfig,
     nginxCommand,
     nginxConfig,
     oursCommand,
@@ -136,7 +138,26 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="workloads to run (default: " + ",".join(WORKLOADS) + ")",
     )
     parser.add_argument(
-        "--connections", type=int, default=16, help="wrk connections, -c (default 16)"
+        "--connections",
+        type=lambda text: [int(part) for part in commaList(text)],
+        default=[16],
+        metavar="N[,N]",
+        help="wrk connections, -c (default 16); several (e.g. 16,256,1000) make a sweep:"
+        " every workload at the first, the --sweep-workloads at the others",
+    )
+    parser.add_argument(
+        "--sweep-workloads",
+        type=commaList,
+        default=["small"],
+        metavar="NAME[,NAME]",
+        help="workloads run at the connection counts after the first (default: small)",
+    )
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also draw the results as a PNG chart (needs matplotlib)",
     )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads, -t (default 1)")
     parser.add_argument(
@@ -184,12 +205,14 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
     options = parser.parse_args(argv)
 
-    for name in ("duration", "rounds", "connections", "threads"):
+    for name in ("duration", "rounds", "threads"):
         if getattr(options, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not options.connections or min(options.connections) < 1:
+        parser.error("--connections must be at least 1")
     if options.warmup < 0:
         parser.error("--warmup must not be negative")
-    if options.connections < options.threads:
+    if min(options.connections) < options.threads:
         parser.error("--connections must be at least --threads (wrk needs one per thread)")
     unknown = [name for name in options.workloads if name not in WORKLOADS]
     if unknown or not options.workloads:
@@ -410,6 +433,18 @@ class Session:
                 self.upstreamPort,
                 peer.arguments,
             )
+        elif peer.kind == "nginx":
+            prefix = self.directory / peer.name
+            prefix.mkdir(exist_ok=True)
+            config = prefix / "nginx.conf"
+            config.write_text(nginxProxyConfig(prefix, port, self.upstreamPort))
+            argv = nginxCommand(prefix, config) + list(peer.arguments)
+        elif peer.kind == "haproxy":
+            if shutil.which("haproxy") is None:
+                raise PeerUnavailable("no haproxy binary: apt-get install haproxy")
+            config = self.directory / "haproxy.cfg"
+            config.write_text(haproxyConfig(port, self.upstreamPort))
+            argv = ["haproxy", "-db", "-f", str(config), *peer.arguments]
         elif peer.kind == "envoy":
             if self.envoyPath is None:
                 raise PeerUnavailable(self.envoySource)
@@ -621,48 +656,69 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stopOnTerm)
 
-    directory = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    session = Session(options, directory)
-    if session.loadCpu is not None:
-        # This script mostly waits for wrk; keep it off the proxy's CPU too.
-        os.sched_setaffinity(0, {session.loadCpu})
-    try:
-        session.run()
-    except PeerUnavailable as reason:
-        print(f"bench: the upstream could not run: {reason}", file=sys.stderr)
-        return 1
-    finally:
-        session.stopAll()
-        if not options.keep_temp:
-            shutil.rmtree(directory, ignore_errors=True)
+    sessions = []
+    for index, connections in enumerate(options.connections):
+        part = argparse.Namespace(**vars(options))
+        part.connections = connections
+        if index:
+            part.workloads = [name for name in options.workloads if name in options.sweep_workloads]
+            if not part.workloads:
+                continue
+        directory = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+        session = Session(part, directory)
+        if session.loadCpu is not None:
+            # This script mostly waits for wrk; keep it off the proxy's CPU too.
+            os.sched_setaffinity(0, {session.loadCpu})
+        try:
+            session.run()
+        except PeerUnavailable as reason:
+            print(f"bench: the upstream could not run: {reason}", file=sys.stderr)
+            return 1
+        finally:
+            session.stopAll()
+            if not options.keep_temp:
+                shutil.rmtree(directory, ignore_errors=True)
+        results = session.results()
+        report, outcomes = renderReport(session, results)
+        print(report)
+        sessions.append((session, results, outcomes))
 
-    results = session.results()
-    report, outcomes = renderReport(session, results)
-    print(report)
+    if options.chart is not None:
+        from bench.chart import drawChart
+
+        options.chart.parent.mkdir(parents=True, exist_ok=True)
+        drawChart(options.chart, [(session.options.connections, results) for session, results, _ in sessions],
+                  [peer.name for peer in options.peers], sessions[0][0].environmentFacts() if sessions else {})
+        print(f"chart written to {options.chart}", file=sys.stderr)
     if options.json is not None:
         document = {
-            "environment": session.environmentFacts(),
-            "options": {
-                "duration": options.duration,
-                "warmup": options.warmup,
-                "rounds": options.rounds,
-                "connections": options.connections,
-                "threads": options.threads,
-                "workloads": options.workloads,
-                "peers": [attrs.asdict(peer) for peer in options.peers],
-            },
-            "results": [attrs.asdict(cell) for cell in results.values()],
-            "rounds": [attrs.asdict(cell) for cells in session.rounds.values() for cell in cells],
-            "ratios": [
+            "sessions": [
                 {
-                    "ratio": outcome.target.label,
-                    "value": outcome.value,
-                    "target": outcome.target.goal,
-                    "verdict": outcome.verdict,
+                    "environment": session.environmentFacts(),
+                    "options": {
+                        "duration": session.options.duration,
+                        "warmup": session.options.warmup,
+                        "rounds": session.options.rounds,
+                        "connections": session.options.connections,
+                        "threads": session.options.threads,
+                        "workloads": session.options.workloads,
+                        "peers": [attrs.asdict(peer) for peer in session.options.peers],
+                    },
+                    "results": [attrs.asdict(cell) for cell in results.values()],
+                    "rounds": [attrs.asdict(cell) for cells in session.rounds.values() for cell in cells],
+                    "ratios": [
+                        {
+                            "ratio": outcome.target.label,
+                            "value": outcome.value,
+                            "target": outcome.target.goal,
+                            "verdict": outcome.verdict,
+                        }
+                        for outcome in outcomes
+                    ],
+                    "skipped": session.skipped,
                 }
-                for outcome in outcomes
+                for session, results, outcomes in sessions
             ],
-            "skipped": session.skipped,
         }
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")

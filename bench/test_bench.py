@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from bench import processes, run
 from bench.measure import (
@@ -350,16 +350,30 @@ class CommandLineTests(SynchronousTestCase):
                          [("envoy", None), ("ours-base", str(root))])
         self.assertRaises(SystemExit, run.parseArguments, ["--baseline", str(root / "bench")])
 
+    def test_sweep(self) -> None:
+        """
+        C{--connections 16,256,1000} is a sweep; the built-in peers include nginx and
+        HAProxy as proxies and our workers.
+        """
+        options = run.parseArguments(["--connections", "16,256,1000", "--sweep-workloads", "small,post"])
+        self.assertEqual((options.connections, options.sweep_workloads), ([16, 256, 1000], ["small", "post"]))
+        names = [peer.name for peer in options.peers]
+        for name in ("nginx", "haproxy", "ours-workers"):
+            self.assertIn(name, names)
+        workers = {peer.name: peer for peer in options.peers}["ours-workers"]
+        self.assertEqual(workers.arguments, ("--workers", "auto"))
+
     def test_badInput(self) -> None:
         """
         Unknown peers or workloads, malformed variants and colliding names are refused.
         """
         for argv in (
-            ["--only", "nginx"],
+            ["--only", "lighttpd"],
             ["--workloads", "huge"],
             ["--variant", "no-equals-sign"],
             ["--variant", "fast=--x"],
-            ["--extra-args", "haproxy:--x"],
+            ["--extra-args", "lighttpd:--x"],
+            ["--connections", "16,0"],
             ["--duration", "0"],
         ):
             self.assertRaises(SystemExit, run.parseArguments, argv)
@@ -409,3 +423,48 @@ class ReadinessTests(SynchronousTestCase):
                 1, WORKLOADS["small"], None, 5.0, clock=lambda: 0.0, sleep=lambda s: None
             )
         )
+
+
+class ChartTests(SynchronousTestCase):
+    """
+    The figures the chart draws (drawing itself needs matplotlib).
+    """
+
+    def cell(self, peer: str, workload: str, cpu: float | None, rate: float = 100.0) -> Measurement:
+        return Measurement(peer, workload, 100, 0, rate, 1.0, 2.0, 0.1, cpu, 50.0)
+
+    def test_series(self) -> None:
+        """
+        One value per connection count for each peer measured; a peer never measured
+        is left out; ratios are over Envoy's CPU per request, per workload.
+        """
+        from bench.chart import chartSeries, ratiosToEnvoy
+
+        first = {("envoy", "small"): self.cell("envoy", "small", 100.0),
+                 ("ours-fast", "small"): self.cell("ours-fast", "small", 90.0),
+                 ("envoy", "post"): self.cell("envoy", "post", 200.0),
+                 ("ours-fast", "post"): self.cell("ours-fast", "post", 300.0),
+                 ("direct", "small"): self.cell("direct", "small", None)}
+        second = {("envoy", "small"): self.cell("envoy", "small", 120.0)}
+        series = chartSeries([(16, first), (256, second)], ["direct", "envoy", "ours-fast", "stock"], "small",
+                             "cpuMicrosecondsPerRequest")
+        self.assertEqual(series, {"envoy": [100.0, 120.0], "ours-fast": [90.0, None]})
+        ratios = ratiosToEnvoy(first, ["envoy", "ours-fast", "direct"], ["small", "post"])
+        self.assertEqual(ratios, {"envoy": [1.0, 1.0], "ours-fast": [0.9, 1.5]})
+
+    def test_draw(self) -> None:
+        """
+        With matplotlib, the chart is a PNG file.
+        """
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SkipTest("needs matplotlib (requirements-test.txt)")
+        from bench.chart import drawChart
+
+        results = {("envoy", "small"): self.cell("envoy", "small", 100.0),
+                   ("ours-fast", "small"): self.cell("ours-fast", "small", 90.0)}
+        path = Path(self.mktemp() + ".png")
+        drawChart(path, [(16, results), (256, results)], ["envoy", "ours-fast"],
+                  {"date": "2026-12-01", "cpus": 2, "loadAverage": [1.0, 1.0, 1.0]})
+        self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
