@@ -368,3 +368,98 @@ class AccessLog:
 
     def logPrefix(self) -> str:
         return "AccessLog"
+
+
+# -- opaque TCP connections (L{sidecar.tcp.TcpRecord}) -------------------------------
+
+from sidecar.tcp import TcpRecord  # noqa: E402
+
+
+def formatTcpText(rec: TcpRecord) -> str:
+    """
+    One line per TCP connection in the columns of L{formatText}, as Envoy logs a TCP
+    connection with Istio's format: C{"- - -"} and C{0} for the request and status,
+    C{-} for every HTTP field::
+
+      [START_TIME] "- - -" 0 FLAGS BYTES_RECEIVED BYTES_SENT DURATION - "-" "-" "-" "-"
+      "UPSTREAM_HOST" DOWNSTREAM_REMOTE_ADDRESS
+    """
+    return (
+        f'[{isoTime(rec.startTime)}] "- - -" 0 {rec.flags} {rec.bytesReceived} {rec.bytesSent} '
+        f'{_ms(rec.duration)} - "-" "-" "-" "-" "{_dash(rec.upstreamHost)}" '
+        f'{rec.downstreamRemoteAddress}\n'
+    )
+
+
+def toTcpJSON(rec: TcpRecord) -> Dict[str, object]:
+    """
+    A TCP record as the C{json} format's fields: the same keys as L{toJSON} (the HTTP
+    ones null, the status 0), with C{protocol} C{tcp}, how detection chose TCP, and
+    why the connection ended when it did not end cleanly.
+    """
+    return {
+        "start_time": isoTime(rec.startTime),
+        "method": None,
+        "path": None,
+        "protocol": "tcp",
+        "response_code": 0,
+        "response_flags": rec.flags,
+        "bytes_received": rec.bytesReceived,
+        "bytes_sent": rec.bytesSent,
+        "duration_ms": _ms(rec.duration),
+        "upstream_service_time_ms": None,
+        "x_forwarded_for": None,
+        "user_agent": None,
+        "request_id": None,
+        "authority": None,
+        "upstream_host": rec.upstreamHost or None,
+        "downstream_remote_address": rec.downstreamRemoteAddress,
+        "downstream_peer_principal": rec.downstreamPeerPrincipal or None,
+        "detected": rec.detected or None,
+        "connection_termination_details": rec.detail or None,
+    }
+
+
+def formatTcpJSON(rec: TcpRecord) -> str:
+    """
+    One JSON object per line.
+    """
+    return json.dumps(toTcpJSON(rec), separators=(",", ":")) + "\n"
+
+
+def formatTcpSeed(rec: TcpRecord) -> str:
+    """
+    The article's block for a TCP connection: where it came from and went, how long,
+    the bytes each way and the flags.
+    """
+    return (
+        f"TCP Connection: {rec.downstreamRemoteAddress} -> {_dash(rec.upstreamHost)}\n"
+        f"Connection Duration: {_goDuration(rec.duration)}\n"
+        f"Bytes Received: {rec.bytesReceived}\n"
+        f"Bytes Sent: {rec.bytesSent}\n"
+        f"Response Flags: {rec.flags}\n\n"
+    )
+
+
+TCP_FORMATS: Dict[str, Callable[[TcpRecord], str]] = {
+    "seed": formatTcpSeed,
+    "text": formatTcpText,
+    "json": formatTcpJSON,
+}
+
+
+def tcpSink(writer: AccessLog, fmt: Callable[[TcpRecord], str]) -> Callable[[TcpRecord], None]:
+    """
+    A sink of TCP records for the recorder that writes through C{writer} (the same
+    buffer, order and non-blocking output as the HTTP records), formatting them with
+    C{fmt}; the HTTP records' path is untouched.
+    """
+    def sink(rec: TcpRecord) -> None:
+        http = writer.format
+        writer.format = fmt  # type: ignore[assignment]
+        try:
+            writer(rec)  # type: ignore[arg-type]
+        finally:
+            writer.format = http
+
+    return sink

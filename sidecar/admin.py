@@ -401,15 +401,19 @@ class HealthSite(AdminSite):
     """
 
 
-def healthSite(collector: SidecarCollector, lifecycle: Any, clock: Any, offload: Offload = inline) -> HealthSite:
+def healthSite(collector: SidecarCollector, lifecycle: Any, clock: Any, offload: Offload = inline,
+               more: Dict[bytes, Resource] | None = None) -> HealthSite:
     """
     The network-facing port of one sidecar, for the kubelet and Prometheus: C{GET
     /ready} and C{/healthz/ready} (Istio's path on its port 15021) give the admin
-    site's C{/ready} answer, C{GET /stats/prometheus} the metrics; every other path is
-    404, so that the configuration and the mutations stay on the loopback admin site.
+    site's C{/ready} answer, C{GET /stats/prometheus} the metrics; C{more} adds exact
+    paths (the application's probes, C{/app-health/...}, from L{sidecar.probes});
+    every other path is 404, so that the configuration and the mutations stay on the
+    loopback admin site.
     """
     ready = ReadyResource(lifecycle)
     return HealthSite(HealthRoot({
+        **(more or {}),
         b"/ready": ready,
         b"/healthz/ready": ready,
         b"/stats/prometheus": PrometheusResource(collector, offload),

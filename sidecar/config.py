@@ -6,7 +6,7 @@ configuration is plain data, built by L{sidecar.tap} and read by everything else
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import attrs
 
@@ -32,6 +32,9 @@ class UpstreamConfig:
         more requests than it are in flight).
     @ivar maxConnections: connections to the service open or opening at most.
     @ivar maxPending: requests waiting for a connection at most.
+    @ivar original: C{--upstream original}: forward each connection to C{host} on the
+        port the client originally dialled (C{SO_ORIGINAL_DST} after an iptables
+        C{REDIRECT}); C{port} is then unused.
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +47,7 @@ class UpstreamConfig:
     #: requests waiting for one at most (past that, 503 with flag UO).
     maxConnections: int = 1024
     maxPending: int = 1024
+    original: bool = False
 
     @property
     def idleLimit(self) -> int:
@@ -56,8 +60,11 @@ class UpstreamConfig:
     @property
     def address(self) -> str:
         """
-        C{host:port}, as the access log and metrics show it.
+        C{host:port}, as the access log and metrics show it (C{host:original} for
+        C{--upstream original}).
         """
+        if self.original:
+            return f"{self.host}:original"
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
@@ -193,5 +200,15 @@ class ProxyConfig:
     #: single process.
     workers: int = 1
     tls: Optional[TLSConfig] = None
+    #: Seconds to wait for a client's first bytes before treating the connection as
+    #: opaque TCP (a server-first protocol); C{None}: wait for ever.
+    protocolDetectTimeout: Optional[float] = 1.0
+    #: Declared protocols by port dialled (C{tcp}, C{http}, C{http2}, C{grpc}); such
+    #: ports are not sniffed.
+    portProtocols: Tuple[Tuple[int, str], ...] = ()
     mesh: MeshLabels = MeshLabels()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    #: The application's probes the health port performs for the kubelet at
+    #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
+    #: C{ISTIO_KUBE_APP_PROBERS}.
+    appProbers: Tuple[Any, ...] = ()

@@ -320,6 +320,7 @@ class SidecarCollector:
             requestsActive=recorder.requestsActive,
             downstreamBytesReceived=recorder.downstreamBytesReceived,
             downstreamBytesSent=recorder.downstreamBytesSent,
+            tcp=snapshotTcp(recorder),
         )
         frozenPool = SimpleNamespace(active=pool.active, idle=[None] * len(pool.idle), connecting=pool.connecting,
                                      connects=pool.connects, connectFailures=pool.connectFailures,
@@ -377,6 +378,7 @@ class SidecarCollector:
         yield duration
         yield requestBytes
         yield responseBytes
+        yield from tcpMetrics(self.recorder, self._static, self.localPrincipal() or self.mesh.principal)
         build = GaugeMetricFamily("istio_build", "Istio component build info", labels=("component", "tag"))
         build.add_metric(("proxy", self.version), 1)
         yield build
@@ -504,3 +506,66 @@ def statsJSON(collector: SidecarCollector) -> Dict[str, object]:
                 stats.append({"name": sample.name, "type": family.type,
                               "labels": dict(sample.labels), "value": sample.value})
     return {"stats": stats}
+
+
+# -- opaque TCP connections -------------------------------------------------------------
+
+#: Istio's labels of the TCP metrics: the request labels less the response code and the
+#: gRPC status.
+TCP_LABELS: Tuple[str, ...] = tuple(
+    name for name in ISTIO_LABELS if name not in ("response_code", "grpc_response_status"))
+
+
+def tcpLabels(key: Tuple[str, str, bool], static: Mapping[str, str], principal: str) -> Tuple[str, ...]:
+    """
+    The Istio label values, in L{TCP_LABELS} order, of the recorder's TCP series C{key}
+    (flags, peer principal, mutual TLS), with C{request_protocol="tcp"} and the
+    principals as L{seriesLabels} reports them.
+    """
+    flags, peer, mutualTLS = key
+    labels = dict(zip(ISTIO_LABELS, seriesLabels(("tcp", 0, flags, peer, mutualTLS), static, principal)))
+    return tuple(labels[name] for name in TCP_LABELS)
+
+
+def snapshotTcp(recorder: Any) -> Dict[Tuple[str, str, bool], Any]:
+    """
+    A copy of the recorder's TCP counters, for L{SidecarCollector.snapshot}.
+    """
+    copies = {}
+    for key, series in list(getattr(recorder, "tcp", {}).items()):
+        copies[key] = SimpleNamespace(opened=series.opened, closed=series.closed,
+                                      received=series.received, sent=series.sent)
+    return copies
+
+
+def tcpMetrics(recorder: Any, static: Mapping[str, str], principal: str) -> Iterator[Metric]:
+    """
+    Istio's TCP metrics from the recorder's TCP series: connections opened and closed,
+    bytes received from clients and sent to them (counted as they flow; the bytes and
+    openings of a connection still open are under C{response_flags="-"}, its closing
+    under its final flags).
+    """
+    families = {
+        "opened": CounterMetricFamily("istio_tcp_connections_opened_total",
+                                      "TCP connections opened.", labels=TCP_LABELS),
+        "closed": CounterMetricFamily("istio_tcp_connections_closed_total",
+                                      "TCP connections closed.", labels=TCP_LABELS),
+        "received": CounterMetricFamily("istio_tcp_received_bytes_total",
+                                        "Bytes received from clients over TCP connections.", labels=TCP_LABELS),
+        "sent": CounterMetricFamily("istio_tcp_sent_bytes_total",
+                                    "Bytes sent to clients over TCP connections.", labels=TCP_LABELS),
+    }
+    merged: Dict[Tuple[str, ...], List[int]] = {}
+    for key, series in list(getattr(recorder, "tcp", {}).items()):
+        labels = tcpLabels(key, static, principal)
+        into = merged.setdefault(labels, [0, 0, 0, 0])
+        into[0] += series.opened
+        into[1] += series.closed
+        into[2] += series.received
+        into[3] += series.sent
+    for labels, (opened, closed, received, sent) in sorted(merged.items()):
+        families["opened"].add_metric(labels, opened)
+        families["closed"].add_metric(labels, closed)
+        families["received"].add_metric(labels, received)
+        families["sent"].add_metric(labels, sent)
+    yield from families.values()

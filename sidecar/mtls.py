@@ -15,13 +15,12 @@ from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.detect import HTTP1, TLS, DetectingFactory, Detector, firstByte
 from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
 from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
@@ -38,16 +37,19 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
     mutualTLS = True
     proto = b"https"
 
-    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS) -> None:
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
         DownstreamProtocol.__init__(self, engine, maxHeaderBytes)
         self.tls = tls
-        self._handshaken = False
+        #: Built after the handshake, by detection (which then owns the handshake's
+        #: timer and counters).
+        self._handshaken = handshaken
         self._handshakeTimer: Any = None
         self._extra: List[Tuple[bytes, bytes]] = []
 
     def connectionMade(self) -> None:
         DownstreamProtocol.connectionMade(self)
-        self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
+        if not self._handshaken:
+            self._handshakeTimer = self.engine.clock.callLater(self.tls.handshakeTimeout, self._handshakeTimedOut)
 
     def _handshakeTimedOut(self) -> None:
         self._handshakeTimer = None
@@ -95,12 +97,13 @@ class MutualTLSDownstreamFactory(DownstreamFactory):
     TLS layer.
     """
 
-    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS) -> None:
+    def __init__(self, engine: Any, maxHeaderBytes: int, tls: MutualTLS, handshaken: bool = False) -> None:
         DownstreamFactory.__init__(self, engine, maxHeaderBytes)
         self.tls = tls
+        self.handshaken = handshaken
 
     def buildProtocol(self, addr: Any) -> MutualTLSDownstreamProtocol:
-        proto = MutualTLSDownstreamProtocol(self.engine, self.maxHeaderBytes, self.tls)
+        proto = MutualTLSDownstreamProtocol(self.engine, self.maxHeaderBytes, self.tls, self.handshaken)
         proto.factory = self
         return proto
 
@@ -109,69 +112,32 @@ class MutualTLSDownstreamFactory(DownstreamFactory):
 TLS_HANDSHAKE_RECORD = b"\x16"
 
 
-class _FirstByte(Protocol):
+#: One connection on a permissive port until its first byte is seen (the detector).
+_FirstByte = Detector
+
+
+class PermissiveFactory(DetectingFactory):
     """
-    One connection on a permissive port, until its first byte tells TLS from plain
-    HTTP; then it hands every event to the protocol chosen.
+    Istio's PERMISSIVE mode on one port, as the simplest table of detection: a
+    connection whose first byte starts a TLS record (0x16) goes to the mutual-TLS
+    factory, any other to the plain one.  (The sidecar's own listeners use the full
+    detection of L{sidecar.detect}, with opaque TCP; see L{sidecar.service}.)
     """
-
-    def __init__(self, factory: PermissiveFactory, addr: Any) -> None:
-        self.factory = factory
-        self.addr = addr
-        self.inner: Any = None
-
-    def dataReceived(self, data: bytes) -> None:
-        inner = self.inner
-        if inner is None:
-            chosen = self.factory.tls if data[:1] == TLS_HANDSHAKE_RECORD else self.factory.plain
-            inner = chosen.buildProtocol(self.addr)
-            if inner is None:
-                self.transport.loseConnection()
-                return
-            self.inner = inner
-            inner.makeConnection(self.transport)
-        inner.dataReceived(data)
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            inner.connectionLost(reason)
-
-    def loseConnection(self) -> None:
-        """
-        Close gracefully: through the TLS layer when the connection turned out to be
-        TLS (so buffered bytes and C{close_notify} go out first), else the transport.
-        """
-        inner = self.inner
-        if isinstance(inner, ProtocolWrapper):
-            inner.loseConnection()
-        else:
-            self.transport.loseConnection()
-
-
-class PermissiveFactory(Factory):
-    """
-    Istio's PERMISSIVE mode on one port: a connection whose first byte starts a TLS
-    record (0x16) goes to the mutual-TLS factory, any other to the plain one.  (No HTTP
-    method starts with 0x16, so the test is exact.)
-    """
-
-    noisy = False
 
     def __init__(self, plain: Any, tls: Any) -> None:
         self.plain = plain
-        self.tls = tls
+        routes = {TLS: lambda detector: tls.buildProtocol(detector.addr),
+                  HTTP1: lambda detector: plain.buildProtocol(detector.addr)}
+        DetectingFactory.__init__(self, routes, None, None, classify=firstByte)
+        self.tlsFactory = tls
 
     def startFactory(self) -> None:
         self.plain.doStart()
-        self.tls.doStart()
+        self.tlsFactory.doStart()
 
     def stopFactory(self) -> None:
         self.plain.doStop()
-        self.tls.doStop()
-
-    def buildProtocol(self, addr: Any) -> _FirstByte:
-        return _FirstByte(self, addr)
+        self.tlsFactory.doStop()
 
 
 #: Seconds a client has to complete its TLS handshake (a client that connects and never
@@ -265,6 +231,28 @@ class MutualTLS:
         return TLSMemoryBIOFactory(
             self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
         )
+
+    def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
+        """
+        The TLS layer around a L{sidecar.detect.DetectingFactory}: protocol detection
+        on the decrypted stream (the detector owns the handshake's timer and counters).
+        """
+        return TLSMemoryBIOFactory(self.context, False, detecting, clock=self.clock)
+
+    def admitPeer(self, transport: Any) -> Optional[Tuple[str, bool]]:
+        """
+        The client's SPIFFE id and whether the policy allows it, from the certificate
+        on C{transport} (a TLS layer after its handshake); C{None} without one.  A
+        refusal is counted and logged.
+        """
+        peer = transport.getPeerCertificate()
+        if peer is None:
+            return None
+        admission = self.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        if not admission.allowed:
+            self.denials += 1
+            self.log.warn("mTLS client refused (TCP connection closed, RBAC): {reason}", reason=admission.reason)
+        return admission.principal, admission.allowed
 
     def permissiveFactory(self, plain: Any, engine: Any, maxHeaderBytes: int) -> PermissiveFactory:
         """

@@ -22,6 +22,7 @@ from sidecar.upstream import UpstreamPool
 from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
 from sidecar.metrics import SidecarCollector, runtimeCollectors
+from sidecar.probes import probePaths, probeResource
 
 #: The listen backlog every listener gets unless its endpoint string names one: Envoy's
 #: 1024, where Twisted's default of 50 drops connects (and retries them a second later)
@@ -104,17 +105,93 @@ class SidecarService(MultiService):
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
             reload.clock = reactor
             reload.setServiceParent(self)
-        if config.listen is not None:
-            plain = self.proxyFactory()
-            if self.tls is not None and config.tls.permissive:
-                plain = self.tls.permissiveFactory(plain, self.engine, config.maxHeaderBytes)
-            self.listeners.append(self._listen(config.listen, plain, proxied=True))
-        if self.tls is not None and config.tls.listen is not None:
-            self.listeners.append(
-                self._listen(config.tls.listen, self.tls.serverFactory(self.engine, config.maxHeaderBytes),
-                             proxied=True))
+        self._assembleListeners()
 
         self._assembleAdmin()
+
+    def _assembleListeners(self) -> None:
+        """
+        The inbound listeners, each detecting protocols (L{sidecar.detect}): HTTP/1.x
+        to the front door, TLS to mutual TLS (permissive port) or opaque TCP, the rest
+        to the TCP splice (L{sidecar.tcp}); and, for C{--upstream original}, the pools
+        by port dialled (L{sidecar.origdst}).
+        """
+        from sidecar.accesslog import TCP_FORMATS, tcpSink
+        from sidecar.origdst import OriginalDestinations
+        from sidecar.tcp import TcpProxy
+
+        config, reactor = self.config, self.reactor
+        if self.accessLog is not None:
+            self.recorder.tcpSinks.append(tcpSink(self.accessLog, TCP_FORMATS[config.logFormat]))
+        self.tcp = TcpProxy(reactor, self.recorder, config.upstream.connectTimeout, config.clientIdleTimeout)
+        self.originals = None
+        if config.upstream.original:
+            self.originals = OriginalDestinations(reactor, config.upstream, self.engine)
+            TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.originals.sweep).setServiceParent(self)
+        self._doors: dict = {}
+        if config.listen is not None:
+            permissive = self.tls is not None and config.tls.permissive
+            self.listeners.append(self._listen(config.listen, self.detectingFactory(permissive=permissive),
+                                               proxied=True))
+        if self.tls is not None and config.tls.listen is not None:
+            self.listeners.append(self._listen(config.tls.listen, self.tls.detectingServerFactory(
+                self.detectingFactory(underTLS=True)), proxied=True))
+
+    def detectingFactory(self, underTLS: bool = False, permissive: bool = False) -> Any:
+        """
+        The factory of one inbound listener: protocol detection and its table of
+        routes.  C{underTLS}: behind the mutual-TLS layer (detection on the decrypted
+        stream); C{permissive}: a TLS ClientHello goes to mutual TLS.
+        """
+        from sidecar.detect import HTTP1, NO_ROUTE, TCP, TLS, DetectingFactory
+
+        config = self.config
+        upstream = config.upstream
+        tls = self.tls if underTLS else None
+
+        def http1(detector: Any) -> Any:
+            return self._doorFactory(detector.destination, underTLS).buildProtocol(detector.addr)
+
+        identify = tls.admitPeer if tls is not None else None
+
+        def tcp(detector: Any) -> Any:
+            port = detector.destination.port if upstream.original else upstream.port
+            return self.tcp.splice(upstream.host, port, detector.how, identify, detector.started)
+
+        def refuse(detector: Any) -> Any:
+            destination = detector.destination
+            return self.tcp.refusal(
+                f"--upstream original, but the connection to {destination.host}:{destination.port} "
+                f"has no original destination (no iptables REDIRECT brought it here)")
+
+        routes = {HTTP1: http1, TCP: tcp, NO_ROUTE: refuse}
+        if permissive:
+            inner = self.tls.detectingServerFactory(self.detectingFactory(underTLS=True))
+            routes[TLS] = lambda detector: inner.buildProtocol(detector.addr)
+        fast = config.engine == "fast" and not underTLS
+        return DetectingFactory(
+            routes, self.reactor, config.protocolDetectTimeout, dict(config.portProtocols),
+            original=upstream.original, limit=config.maxHeaderBytes,
+            swap=frozenset([HTTP1]) if fast else frozenset(), tls=tls)
+
+    def _doorFactory(self, destination: Any, underTLS: bool) -> Any:
+        """
+        The front door's factory for a connection to C{destination}: one per port
+        dialled with C{--upstream original} (each on its own pool), else one.
+        """
+        port = destination.port if self.originals is not None else None
+        key = (port, underTLS)
+        door = self._doors.get(key)
+        if door is None:
+            engine = self.engine if port is None else self.originals.engineFor(port)
+            if underTLS:
+                from sidecar.mtls import MutualTLSDownstreamFactory
+
+                door = MutualTLSDownstreamFactory(engine, self.config.maxHeaderBytes, self.tls, handshaken=True)
+            else:
+                door = self.proxyFactory(engine)
+            self._doors[key] = door
+        return door
 
     def _assembleAdmin(self) -> None:
         """
@@ -142,7 +219,9 @@ class SidecarService(MultiService):
                              offload=self._offload)
             self.adminListeners.append(self._listen(config.admin, site))
         if config.health is not None:
-            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload)
+            probes = probeResource({p.path.encode("utf-8"): p for p in config.appProbers}, reactor)
+            health = healthSite(self.collector, self.lifecycle, reactor, offload=self._offload,
+                                more=probePaths(probes))
             self.healthListeners.append(self._listen(config.health, health))
         self.lifecycle.setServiceParent(self)
 
@@ -179,24 +258,27 @@ class SidecarService(MultiService):
                 f"upstream {self.pool.address}, admin on {', '.join(admin) or 'none'}, "
                 f"health on {', '.join(health) or 'none'}")
 
-    def proxyFactory(self) -> Any:
+    def proxyFactory(self, engine: Any = None) -> Any:
         """
-        The factory of the configured front door.
+        The factory of the configured front door (on C{engine}, by default the
+        sidecar's).
         """
+        engine = self.engine if engine is None else engine
         if self.config.engine == "web":
             from sidecar.resource import proxySite
 
-            return proxySite(self.engine, self.config.maxHeaderBytes)
+            return proxySite(engine, self.config.maxHeaderBytes)
         from sidecar.downstream import DownstreamFactory
 
-        return DownstreamFactory(self.engine, self.config.maxHeaderBytes)
+        return DownstreamFactory(engine, self.config.maxHeaderBytes)
 
     def sweepClients(self) -> None:
         """
         Enforce the client idle and request-head timeouts.
         """
-        self.engine.doors.sweep(self.reactor.seconds(), self.config.clientIdleTimeout,
-                                self.config.requestHeadTimeout)
+        now = self.reactor.seconds()
+        self.engine.doors.sweep(now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
+        self.tcp.sweep(now)
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:
@@ -211,6 +293,8 @@ class SidecarService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         self.pool.closeAll()
+        if self.originals is not None:
+            self.originals.closeAll()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d

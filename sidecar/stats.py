@@ -71,6 +71,25 @@ class Series:
         self.responseBytes = Histogram()
 
 
+class TcpSeries:
+    """
+    The counters of one TCP label set: connections opened and closed, bytes received
+    from clients and sent to them (counted as they flow).
+    """
+
+    __slots__ = ("opened", "closed", "received", "sent")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.received = 0
+        self.sent = 0
+
+
+#: The labels by which TCP connections are counted: flags, peer principal, mutual TLS.
+TcpKey = Tuple[str, str, bool]
+
+
 class Recorder:
     """
     Aggregates L{Record}s and passes each to the access log.
@@ -90,6 +109,11 @@ class Recorder:
         self.downstreamBytesReceived = 0
         self.downstreamBytesSent = 0
         self.lastRecord: Optional[Record] = None
+        #: Opaque TCP connections by L{TcpKey} (see L{sidecar.tcp}).
+        self.tcp: Dict[TcpKey, TcpSeries] = {}
+        #: Callables given every TCP record (the access log's TCP formatter).
+        self.tcpSinks: List[Callable[[object], None]] = []
+        self.lastTcpRecord: Optional[object] = None
 
     def record(self, rec: Record) -> None:
         """
@@ -124,3 +148,24 @@ class Recorder:
         How many exchanges have been recorded.
         """
         return sum(s.requests for s in self.series.values())
+
+    def tcpSeries(self, flags: str, principal: str, mutualTLS: bool) -> TcpSeries:
+        """
+        The TCP counters of one label set, made on first use; a splice keeps the one
+        it counts its bytes into.
+        """
+        key = (flags, principal, mutualTLS)
+        series = self.tcp.get(key)
+        if series is None:
+            series = self.tcp[key] = TcpSeries()
+        return series
+
+    def recordTcp(self, rec: object) -> None:
+        """
+        Count one finished TCP connection (a L{sidecar.tcp.TcpRecord}) as closed under
+        its flags, and pass it to the TCP sinks.  Its bytes were counted as they flowed.
+        """
+        self.tcpSeries(rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS).closed += 1  # type: ignore[attr-defined]
+        self.lastTcpRecord = rec
+        for sink in self.tcpSinks:
+            sink(rec)

@@ -144,6 +144,41 @@ def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSCon
     return TLSConfig(listen=tlsListen, cert=paths[0], key=paths[1], ca=paths[2], allow=allow, mode=mode)
 
 
+def _port(flag: str, value: str) -> int:
+    value = value.strip()
+    if not value.isdigit() or not 0 < int(value) <= 65535:
+        raise usage.UsageError(f"{flag}: {value!r} is not a port from 1 to 65535.")
+    return int(value)
+
+
+def _portProtocols(declared: Tuple[str, ...], opaque: Optional[str]) -> Tuple[Tuple[int, str], ...]:
+    """
+    C{--port-protocol PORT=PROTOCOL} (repeatable) and C{--opaque-ports P,Q,...} as
+    sorted C{(port, protocol)} pairs; a port declared twice differently is refused.
+    """
+    from sidecar.detect import DECLARED
+
+    found: dict = {}
+
+    def declare(flag: str, port: int, protocol: str) -> None:
+        if found.get(port, protocol) != protocol:
+            raise usage.UsageError(f"{flag}: port {port} is declared both {found[port]} and {protocol}.")
+        found[port] = protocol
+
+    for value in declared:
+        port, sep, protocol = value.partition("=")
+        protocol = protocol.strip().lower()
+        if not sep or protocol not in DECLARED:
+            raise usage.UsageError(
+                f"--port-protocol: {value!r} is not PORT=PROTOCOL with PROTOCOL one of {', '.join(DECLARED)}.")
+        declare("--port-protocol", _port("--port-protocol", port), protocol)
+    if opaque is not None:
+        for value in opaque.split(","):
+            if value.strip():
+                declare("--opaque-ports", _port("--opaque-ports", value), "tcp")
+    return tuple(sorted(found.items()))
+
+
 class Options(usage.Options):
     """
     C{twistd sidecar} flags.  Each bad value is refused with one sentence naming it.
@@ -158,7 +193,8 @@ class Options(usage.Options):
 
     optParameters = [
         ["listen", None, "8000", "Plain HTTP listener: a port (all interfaces), a Twisted endpoint, or none."],
-        ["upstream", None, "80", "The service: PORT or HOST:PORT (host defaults to 127.0.0.1)."],
+        ["upstream", None, "80", "The service: PORT or HOST:PORT (host defaults to 127.0.0.1), or original: "
+                                 "the port each client dialled (after an iptables REDIRECT)."],
         ["server-header", None, "amazing-proxy", "The Server header set on every response."],
         ["access-log", None, "-", "Access log: a file path, - for stdout, or none."],
         ["log-format", None, "text", "Access log format: seed, text or json."],
@@ -197,7 +233,18 @@ class Options(usage.Options):
         ["tls-key", None, None, "Mutual TLS: PEM private key of --tls-cert."],
         ["tls-ca", None, None, "Mutual TLS: PEM bundle of the CAs that client certificates must chain to."],
         ["tls-mode", None, "strict", "strict, or permissive: the plain --listen port also accepts mutual TLS."],
+        ["protocol-detect-timeout", None, "1", "Seconds to wait for a client's first bytes before passing the "
+                                               "connection through as opaque TCP (0: wait for ever)."],
+        ["opaque-ports", None, None, "Ports (as dialled) passed through as opaque TCP without detection: 6379,25,..."],
+        ["app-probers", None, None, "JSON of the app's probes the health port performs at /app-health/... "
+         "(default: ISTIO_KUBE_APP_PROBERS; sidecar-inject writes it)."],
     ]
+
+    def opt_port_protocol(self, value: str) -> None:
+        """
+        PORT=tcp|http|http2|grpc: the protocol of a port (as dialled), not sniffed (repeatable).
+        """
+        self.setdefault("port-protocol", []).append(value)
 
     def opt_tls_allow(self, value: str) -> None:
         """
@@ -240,7 +287,13 @@ class Options(usage.Options):
         if "principal" in labels and not labels["principal"].startswith("spiffe://"):
             raise usage.UsageError(f"--principal: {labels['principal']!r} is not a SPIFFE id (spiffe://...).")
         mesh = workloadLabels(os.environ, **labels)
-        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh)
+        from sidecar.probes import ProberError, appProbers
+
+        try:
+            probers = tuple(appProbers(self["app-probers"], os.environ).values())
+        except ProberError as e:
+            raise usage.UsageError(str(e)) from None
+        self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh, appProbers=probers)
 
     def postOptions(self) -> None:
         """
@@ -254,7 +307,8 @@ class Options(usage.Options):
 
         installIfNone()
         listen = _endpoint("--listen", self["listen"])
-        host, port = parseUpstream(self["upstream"])
+        original = self["upstream"].strip().lower() == "original"
+        host, port = ("127.0.0.1", 80) if original else parseUpstream(self["upstream"])
         logFormat = self["log-format"].strip().lower()
         if logFormat not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}.")
@@ -290,6 +344,7 @@ class Options(usage.Options):
                 maxPending=_count("--upstream-max-pending", self["upstream-max-pending"], 0),
                 maxIdle=(None if self["upstream-max-idle"] is None
                          else _count("--upstream-max-idle", self["upstream-max-idle"], 0)),
+                original=original,
             ),
             serverHeader=server,
             accessLog=_accessLog(self["access-log"]),
@@ -305,7 +360,22 @@ class Options(usage.Options):
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
         )
         self._lifecycleAndLabels()
+        self["config"] = attrs.evolve(
+            self["config"],
+            protocolDetectTimeout=_seconds("--protocol-detect-timeout", self["protocol-detect-timeout"],
+                                           allowZero=True) or None,
+            portProtocols=_portProtocols(self.get("port-protocol", ()), self["opaque-ports"]),
+        )
+        config = self["config"]
+        if original and (config.lifecycle.readyRequiresUpstream or config.lifecycle.waitForUpstream is not None):
+            raise usage.UsageError(
+                "--upstream original: readiness cannot check one service port; drop --ready-requires-upstream "
+                "and --wait-for-upstream, or give a fixed --upstream.")
         tls = _tlsConfig(self, listen)
+        if original and tls is not None and tls.listen is not None:
+            raise usage.UsageError(
+                "--upstream original: connections to --tls-listen are not redirected, so they have no port to go "
+                "to; use --tls-mode permissive, which takes mutual TLS on the redirected ports.")
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
         _workersOption(self, listen, tls)

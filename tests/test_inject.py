@@ -6,12 +6,18 @@ Tests for L{sidecar.inject}, the C{sidecar-inject} command.
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import sys
 from typing import Any
 
 import yaml
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -23,11 +29,15 @@ from sidecar.inject import (
     PROXY_NAME,
     InjectionError,
     InjectionSettings,
+    PROBERS_ENV,
     injectObject,
     injectStream,
     main,
+    protocolName,
 )
 from sidecar.metrics import MeshLabels, workloadLabels
+from sidecar.admin import healthSite
+from sidecar.probes import appProbers, probePaths, probeResource
 from tests.test_admin import AdminSiteMixin
 from tests.test_pod_netns import ROOT
 from tests.support import subprocessEnv
@@ -643,14 +653,49 @@ class InjectTests(TestCase):
 
 class ProbePathTests(AdminSiteMixin, SynchronousTestCase):
     """
-    The injected probes' paths against the proxy's real admin site, which
-    serves the health port's paths too.
+    The injected probes' paths against the proxy's real health site (the
+    health port's), on a memory reactor.
     """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site = healthSite(self.fixture.collector, self.lifecycle, self.harness.reactor)
+
+    def test_appProbesOnTheHealthPort(self) -> None:
+        """
+        The app's probes the injector rewrites are served by the health site
+        built with the probers it hands the proxy: the rewritten tcpSocket
+        probe makes the proxy connect to the app's port on 127.0.0.1, and
+        answers 200 once connected, 503 when the app refuses.
+        """
+        spec = (
+            "      containers:\n      - name: app\n        image: example/app:1\n        ports:\n"
+            "        - containerPort: 8080\n        livenessProbe:\n          tcpSocket:\n            port: 8080\n"
+        )
+        pod = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec)))
+        probe = container(pod, "app")["livenessProbe"]["httpGet"]
+        self.assertEqual(probe["port"], 15021)
+        env = {v["name"]: v["value"] for v in container(pod, PROXY_NAME)["env"] if "value" in v}
+        reactor = self.harness.reactor
+        resource = probeResource(appProbers(None, env), reactor)
+        self.site = healthSite(self.fixture.collector, self.lifecycle, reactor, more=probePaths(resource))
+        for connected, status in ((True, 200), (False, 503)):
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+            channel = self.site.buildProtocol(None)
+            channel.makeConnection(transport)
+            channel.dataReceived(f"GET {probe['path']} HTTP/1.1\r\nHost: pod\r\n\r\n".encode())
+            host, port, factory, _, _ = reactor.tcpClients[-1]
+            self.assertEqual((host, port), ("127.0.0.1", 8080))
+            if connected:
+                factory.buildProtocol(None).makeConnection(StringTransport())
+            else:
+                factory.clientConnectionFailed(reactor.connectors[-1], Failure(ConnectionRefusedError()))
+            self.assertTrue(transport.value().startswith(f"HTTP/1.1 {status} ".encode()), transport.value())
 
     def probe(self, kind: str) -> int:
         """
         @param kind: C{readinessProbe} or C{livenessProbe}.
-        @return: the status the admin site gives that probe of an injected
+        @return: the status the health site gives that probe of an injected
             proxy now.
         """
         proxy = container(podSpecOf(injectOne(workload("Deployment", "apps/v1"))), PROXY_NAME)
@@ -784,3 +829,544 @@ class CommandTests(TestCase):
             sys.executable, ("-m", "sidecar.inject", "--bogus"), env=subprocessEnv(), path=ROOT.path
         )
         self.assertEqual(bad[2], 2)
+
+
+FIXTURES = ROOT.child("tests").child("fixtures")
+
+
+def injectFixture(name: str, settings: InjectionSettings | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """
+    Inject one of the fixtures modelled on public manifests.
+
+    @param name: its file name in C{tests/fixtures}.
+    @param settings: the injection settings, default ones if L{None}.
+    @return: each workload's pod spec by its name, and the notes.
+    """
+    output, notes = injectStream(FIXTURES.child(name).getContent().decode(), settings or InjectionSettings())
+    specs = {doc["metadata"]["name"]: podSpecOf(doc) for doc in yaml.safe_load_all(output)
+             if doc["kind"] in WORKLOADS}
+    return specs, notes
+
+
+def protocolFlags(spec: dict[str, Any]) -> list[str]:
+    """
+    @param spec: an injected pod spec.
+    @return: the proxy's C{--port-protocol} and C{--opaque-ports} arguments.
+    """
+    args = container(spec, PROXY_NAME)["args"]
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("--port-protocol", "--opaque-ports"):
+            found += [arg, args[i + 1]]
+    return found
+
+
+def probers(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    @param spec: an injected pod spec.
+    @return: the proxy's C{ISTIO_KUBE_APP_PROBERS}, parsed, or L{None}.
+    """
+    for var in container(spec, PROXY_NAME)["env"]:
+        if var["name"] == PROBERS_ENV:
+            assert set(var) == {"name", "value"}, var
+            return json.loads(var["value"])
+    return None
+
+
+def validate(case: TestCase, text: str) -> None:
+    """
+    Check every object of a YAML stream strictly against the Kubernetes API
+    schemas of 1.29 and the newest known.
+    """
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise SkipTest("needs the kubernetes-validate package (pip install -r requirements-test.txt)")
+    for doc in yaml.safe_load_all(text):
+        for version in ("1.29", kubernetes_validate.latest_version()):
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                case.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for {version}: {e.message}")
+
+
+def serviceAndPod(servicePorts: str, containerPorts: str, annotations: str = "", selector: str = "app: web",
+                  extra: str = "") -> str:
+    """
+    A Service and a Deployment of C{app: web}.
+
+    @param servicePorts: the Service's C{ports} entries, indented by 2.
+    @param containerPorts: the container's C{ports} entries, indented by 8.
+    @param annotations: pod template annotations, indented for a template.
+    @param selector: the Service's selector, one line.
+    @param extra: more of the Service's C{metadata}, indented by 2.
+    @return: the YAML stream.
+    """
+    spec = f"      containers:\n      - name: app\n        image: example/app:1\n        ports:\n{containerPorts}"
+    return (f"apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n{extra}spec:\n  selector:\n    {selector}\n"
+            f"  ports:\n{servicePorts}---\n" + workload("Deployment", "apps/v1", spec, annotations))
+
+
+class ProtocolTests(TestCase):
+    """
+    Protocol selection as Istio does it, and the proxy's C{--port-protocol}
+    and C{--opaque-ports}.
+    """
+
+    def test_protocolName(self) -> None:
+        """
+        A port's protocol is its C{appProtocol} when that names one, else its
+        name up to the first hyphen (C{grpc-web} whole), in any case; other
+        names (C{httpbin}, C{metrics}, C{udp}) declare nothing.
+        """
+        for name, appProtocol, expected in (
+            ("grpc", None, "grpc"), ("grpc-web", None, "grpc-web"), ("GRPC-api", None, "grpc"),
+            ("http2-x", None, "http2"), ("https", None, "https"), ("tcp-redis", None, "tcp"),
+            ("redis", None, "redis"), ("mongo-db", None, "mongo"), ("mysql", None, "mysql"),
+            ("tls-passthrough", None, "tls"), ("http", None, "http"), ("http-metrics", None, "http"),
+            ("httpbin", None, None), ("metrics", None, None), ("udp-dns", None, None), (None, None, None),
+            ("web", "kubernetes.io/h2c", "http2"), ("grpc", "http", "http"), ("x", "HTTP2", "http2"),
+            ("tcp", "example.com/custom", "tcp"), ("web", "kubernetes.io/wss", "tls"),
+        ):
+            self.assertEqual(protocolName(name, appProtocol), expected, (name, appProtocol))
+
+    def test_microservicesDemo(self) -> None:
+        """
+        Google's microservices-demo: the gRPC services' captured ports are
+        declared grpc from their Service port names (emailservice's Service
+        port 5000 names the container's 8080), redis-cart's 6379 is opaque
+        (Service port C{tcp-redis}), the frontend's HTTP port is left to
+        detection; nothing is noted.
+        """
+        specs, notes = injectFixture("microservices-demo.yaml")
+        self.assertEqual(notes, [])
+        self.assertEqual({name: protocolFlags(spec) for name, spec in specs.items()}, {
+            "emailservice": ["--port-protocol", "8080=grpc"],
+            "frontend": [],
+            "cartservice": ["--port-protocol", "7070=grpc"],
+            "redis-cart": ["--opaque-ports", "6379"],
+        })
+        self.assertEqual(container(specs["redis-cart"], PROXY_NAME)["args"][:6],
+                         ["--listen", "8000", "--upstream", "6379", "--opaque-ports", "6379"])
+
+    def test_guestbook(self) -> None:
+        """
+        The Kubernetes guestbook: the Redis leader and followers, whose
+        Service ports have no name, are opaque on 6379, the well-known Redis
+        port; the PHP frontend is left to detection.
+        """
+        specs, notes = injectFixture("guestbook.yaml")
+        self.assertEqual(notes, [])
+        self.assertEqual({name: protocolFlags(spec) for name, spec in specs.items()}, {
+            "redis-leader": ["--opaque-ports", "6379"],
+            "redis-follower": ["--opaque-ports", "6379"],
+            "frontend": [],
+        })
+
+    def test_bookinfo(self) -> None:
+        """
+        Istio's bookinfo: every Service port is named C{http}, so no port is
+        declared to the proxy (HTTP/1.1 is detected from its first bytes), no
+        probe is rewritten; its own prometheus.io annotations are kept.
+        """
+        specs, notes = injectFixture("bookinfo.yaml")
+        self.assertEqual(notes, [])
+        self.assertEqual(sorted(specs), ["details-v1", "productpage-v1", "reviews-v2"])
+        for name, spec in specs.items():
+            self.assertEqual(protocolFlags(spec), [], name)
+            self.assertIsNone(probers(spec), name)
+            self.assertEqual(container(spec, INIT_NAME)["args"][2:4], ["-b", "9080"])
+
+    def test_fixturesValidate(self) -> None:
+        """
+        The three fixtures, injected plain, with mutual TLS and with outbound
+        capture, validate strictly against the Kubernetes API schemas.
+        """
+        for name in ("bookinfo.yaml", "microservices-demo.yaml", "guestbook.yaml"):
+            source = FIXTURES.child(name).getContent().decode()
+            validate(self, source)
+            for settings in (InjectionSettings(), InjectionSettings(tlsSecret="certs"),
+                             InjectionSettings(outbound=True)):
+                validate(self, injectStream(source, settings)[0])
+
+    def test_targetPortByName(self) -> None:
+        """
+        A Service's C{targetPort} may name a container port; the protocol is
+        the Service port's, for that container port's number.
+        """
+        text = serviceAndPod("  - name: grpc-api\n    port: 80\n    targetPort: api\n",
+                             "        - name: api\n          containerPort: 9000\n")
+        spec = podSpecOf(injectOne(text.split("---\n")[1], InjectionSettings()))
+        self.assertEqual(protocolFlags(spec), [])
+        output, _ = injectStream(text, InjectionSettings())
+        spec = podSpecOf(list(yaml.safe_load_all(output))[1])
+        self.assertEqual(protocolFlags(spec), ["--port-protocol", "9000=grpc"])
+
+    def test_onlySelectingServices(self) -> None:
+        """
+        Only Services that select the pod count: not one whose selector
+        differs, one in another namespace, or one without a selector.
+        """
+        ports = "  - name: redis\n    port: 9000\n"
+        containerPorts = "        - containerPort: 9000\n"
+        for selector, extra in (("app: other", ""), ("app: web", "  namespace: elsewhere\n"),
+                                ("{}", "")):
+            text = serviceAndPod(ports, containerPorts, selector=selector, extra=extra)
+            text = text.replace("kind: Deployment\nmetadata:\n", "kind: Deployment\nmetadata:\n  namespace: shop\n")
+            output, _ = injectStream(text, InjectionSettings())
+            self.assertEqual(protocolFlags(podSpecOf(list(yaml.safe_load_all(output))[1])), [], (selector, extra))
+        text = serviceAndPod(ports, containerPorts, extra="  namespace: shop\n")
+        text = text.replace("kind: Deployment\nmetadata:\n", "kind: Deployment\nmetadata:\n  namespace: shop\n")
+        output, _ = injectStream(text, InjectionSettings())
+        self.assertEqual(protocolFlags(podSpecOf(list(yaml.safe_load_all(output))[1])), ["--opaque-ports", "9000"])
+
+    def test_precedence(self) -> None:
+        """
+        A Service's C{appProtocol} beats its port name, the Service beats the
+        container port's name, and anything declared beats a well-known port:
+        a Service that says C{http} on 6379 leaves it to detection.
+        """
+        cases = (
+            ("  - name: tcp\n    port: 9000\n    appProtocol: kubernetes.io/h2c\n",
+             "        - name: redis\n          containerPort: 9000\n", ["--port-protocol", "9000=http2"]),
+            ("  - name: other\n    port: 9000\n", "        - name: mongo\n          containerPort: 9000\n",
+             ["--opaque-ports", "9000"]),
+            ("  - name: http\n    port: 6379\n", "        - containerPort: 6379\n", []),
+            ("  - name: web\n    port: 80\n    targetPort: 5432\n", "        - containerPort: 5432\n",
+             ["--opaque-ports", "5432"]),
+            ("  - name: web\n    port: 3306\n    targetPort: 9000\n", "        - containerPort: 9000\n",
+             ["--opaque-ports", "9000"]),
+        )
+        for servicePorts, containerPorts, expected in cases:
+            output, _ = injectStream(serviceAndPod(servicePorts, containerPorts), InjectionSettings())
+            self.assertEqual(protocolFlags(podSpecOf(list(yaml.safe_load_all(output))[1])), expected, servicePorts)
+
+    def test_containerPortNames(self) -> None:
+        """
+        Without a Service, the container port's name declares the protocol;
+        only captured ports are declared to the proxy (with C{*}, every one
+        but the excluded), in ascending order, opaque ones on one flag.
+        """
+        spec = (
+            "      containers:\n      - name: app\n        image: example/app:1\n        ports:\n"
+            "        - {name: http, containerPort: 8080}\n        - {name: grpc, containerPort: 9090}\n"
+            "        - {name: redis, containerPort: 7000}\n        - {name: mysql, containerPort: 3306}\n"
+            "        - {name: tls, containerPort: 9443}\n"
+        )
+        plain = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec)))
+        self.assertEqual(protocolFlags(plain), [])
+        every = "      annotations:\n        sidecar/inbound-ports: \"*\"\n        sidecar/exclude-inbound-ports: \"9443\"\n"
+        spec2 = podSpecOf(injectOne(workload("Deployment", "apps/v1", spec, every)))
+        self.assertEqual(protocolFlags(spec2), ["--port-protocol", "9090=grpc", "--opaque-ports", "3306,7000"])
+
+    def test_disagreeingServices(self) -> None:
+        """
+        Two Services that give one port different protocols: the first in the
+        stream is used, and a note says so.
+        """
+        text = serviceAndPod("  - name: grpc\n    port: 9000\n", "        - containerPort: 9000\n")
+        other = text.split("---\n")[0].replace("name: web\n", "name: web-tcp\n", 1).replace("- name: grpc", "- name: tcp")
+        output, notes = injectStream(text + "---\n" + other, InjectionSettings())
+        self.assertEqual(protocolFlags(podSpecOf(list(yaml.safe_load_all(output))[1])), ["--port-protocol", "9000=grpc"])
+        self.assertEqual(notes, ["Deployment/web: port 9000 is grpc for Service/web port grpc but tcp for"
+                                 " Service/web-tcp port tcp; the first is used"])
+
+    def test_list(self) -> None:
+        """
+        Services inside a C{List} count, for workloads in the same C{List}.
+        """
+        docs = list(yaml.safe_load_all(serviceAndPod("  - name: tcp-x\n    port: 9000\n", "        - containerPort: 9000\n")))
+        result = injectOne(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": docs}))
+        self.assertEqual(protocolFlags(podSpecOf(result["items"][1])), ["--opaque-ports", "9000"])
+
+
+class ProbeRewriteTests(TestCase):
+    """
+    The app containers' probes, pointed at the proxy's C{/app-health} paths
+    where the kubelet could not reach the application itself.
+    """
+
+    SPEC = (
+        "      containers:\n      - name: app\n        image: example/app:1\n        ports:\n"
+        "        - {name: http, containerPort: 8080}\n        - {name: admin, containerPort: 9901}\n"
+        "        readinessProbe:\n          initialDelaySeconds: 5\n          httpGet:\n            path: /ready\n"
+        "            port: http\n          periodSeconds: 3\n"
+        "        livenessProbe:\n          tcpSocket:\n            port: 8080\n          timeoutSeconds: 4\n"
+        "        startupProbe:\n          httpGet:\n            path: /started\n            port: 9901\n"
+        "            scheme: HTTPS\n"
+        "      - name: sidecar-tool\n        image: example/tool:1\n"
+        "        livenessProbe:\n          exec:\n            command: [\"true\"]\n"
+        "        readinessProbe:\n          tcpSocket:\n            port: 9901\n"
+    )
+
+    def test_mutualTLS(self) -> None:
+        """
+        Under mutual TLS, the app's httpGet probes (any port) and its
+        tcpSocket probes of the captured port ask the health port's
+        C{/app-health/<container>/readyz|livez|startupz}, keeping their other
+        fields in place; the proxy gets the originals in
+        C{ISTIO_KUBE_APP_PROBERS}, named ports resolved, the scheme and the
+        timeout said. A tcpSocket probe of a port that is not captured, and
+        an exec probe, are left alone.
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", self.SPEC), InjectionSettings(tlsSecret="c")))
+        app = container(spec, "app")
+        self.assertEqual(app["readinessProbe"], {
+            "initialDelaySeconds": 5,
+            "httpGet": {"path": "/app-health/app/readyz", "port": 15021, "scheme": "HTTP"},
+            "periodSeconds": 3,
+        })
+        self.assertEqual(list(app["readinessProbe"]), ["initialDelaySeconds", "httpGet", "periodSeconds"])
+        self.assertEqual(app["livenessProbe"], {
+            "httpGet": {"path": "/app-health/app/livez", "port": 15021, "scheme": "HTTP"}, "timeoutSeconds": 4})
+        self.assertEqual(app["startupProbe"]["httpGet"]["path"], "/app-health/app/startupz")
+        self.assertEqual(probers(spec), {
+            "/app-health/app/readyz": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"},
+                                       "timeoutSeconds": 1},
+            "/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 4},
+            "/app-health/app/startupz": {"httpGet": {"path": "/started", "port": 9901, "scheme": "HTTPS"},
+                                         "timeoutSeconds": 1},
+        })
+        tool = container(spec, "sidecar-tool")
+        self.assertEqual(tool["livenessProbe"], {"exec": {"command": ["true"]}})
+        self.assertEqual(tool["readinessProbe"], {"tcpSocket": {"port": 9901}})
+        self.assertEqual(proxyEnv({"env": container(spec, PROXY_NAME)["env"][:-1]}), EXPECTED_ENV)
+
+    def test_plainObjects(self) -> None:
+        """
+        L{injectObject} rewrites probes of plain dicts (as C{yaml.safe_load}
+        gives them) the same way, each handler in its place, and leaves its
+        argument alone.
+        """
+        obj = yaml.safe_load(workload("Deployment", "apps/v1", self.SPEC))
+        before = yaml.safe_dump(obj)
+        injected, notes = injectObject(obj, InjectionSettings(tlsSecret="c"))
+        self.assertEqual((yaml.safe_dump(obj), notes), (before, []))
+        app = container(podSpecOf(injected), "app")
+        self.assertEqual(list(app["readinessProbe"].items()), [
+            ("initialDelaySeconds", 5),
+            ("httpGet", {"path": "/app-health/app/readyz", "port": 15021, "scheme": "HTTP"}),
+            ("periodSeconds", 3),
+        ])
+        self.assertEqual(sorted(probers(podSpecOf(injected)) or {}),
+                         ["/app-health/app/livez", "/app-health/app/readyz", "/app-health/app/startupz"])
+
+    def test_plain(self) -> None:
+        """
+        Without mutual TLS, httpGet probes reach the application through the
+        plain proxy and are left alone; a tcpSocket probe of a captured port
+        is still rewritten (the proxy would accept its connect whatever the
+        application's state).
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", self.SPEC)))
+        app = container(spec, "app")
+        self.assertEqual(app["readinessProbe"]["httpGet"], {"path": "/ready", "port": "http"})
+        self.assertEqual(app["startupProbe"]["httpGet"]["port"], 9901)
+        self.assertEqual(app["livenessProbe"]["httpGet"]["path"], "/app-health/app/livez")
+        self.assertEqual(probers(spec), {"/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 4}})
+
+    def test_istioAnnotation(self) -> None:
+        """
+        Istio's C{sidecar.istio.io/rewriteAppHTTPProbers}: C{"false"} leaves
+        every probe alone, even under mutual TLS (and the proxy gets no
+        probers); C{"true"} rewrites httpGet probes of a plain pod too.
+        """
+        off = "      annotations:\n        sidecar.istio.io/rewriteAppHTTPProbers: \"false\"\n"
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", self.SPEC, off), InjectionSettings(tlsSecret="c")))
+        self.assertEqual(container(spec, "app")["livenessProbe"], {"tcpSocket": {"port": 8080}, "timeoutSeconds": 4})
+        self.assertIsNone(probers(spec))
+        self.assertEqual(proxyEnv(container(spec, PROXY_NAME)), EXPECTED_ENV)
+        on = off.replace('"false"', '"true"')
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", self.SPEC, on)))
+        self.assertEqual(sorted(probers(spec) or {}), ["/app-health/app/livez", "/app-health/app/readyz",
+                                                       "/app-health/app/startupz"])
+        bad = off.replace('"false"', "maybe")
+        with self.assertRaises(InjectionError) as caught:
+            injectOne(workload("Deployment", "apps/v1", self.SPEC, bad))
+        self.assertIn("sidecar.istio.io/rewriteAppHTTPProbers annotation must be \"true\" or \"false\"",
+                      str(caught.exception))
+
+    def test_microservicesDemo(self) -> None:
+        """
+        microservices-demo: redis-cart's tcpSocket probes of 6379 and the
+        gRPC services' grpc probes of their captured ports go to the proxy's
+        health port in every pod; the frontend's httpGet probes, with their
+        Cookie header, are rewritten as its Istio annotation asks.
+        """
+        specs, _ = injectFixture("microservices-demo.yaml")
+        self.assertEqual(probers(specs["redis-cart"]), {
+            "/app-health/redis/livez": {"tcpSocket": {"port": 6379}, "timeoutSeconds": 1},
+            "/app-health/redis/readyz": {"tcpSocket": {"port": 6379}, "timeoutSeconds": 1},
+        })
+        self.assertEqual(probers(specs["frontend"])["/app-health/server/readyz"], {
+            "httpGet": {"path": "/_healthz", "port": 8080, "scheme": "HTTP",
+                        "httpHeaders": [{"name": "Cookie", "value": "shop_session-id=x-readiness-probe"}]},
+            "timeoutSeconds": 1,
+        })
+        for settings in (InjectionSettings(), InjectionSettings(tlsSecret="c")):
+            specs, _ = injectFixture("microservices-demo.yaml", settings)
+            self.assertEqual(probers(specs["cartservice"]), {
+                "/app-health/server/livez": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
+                "/app-health/server/readyz": {"grpc": {"port": 7070}, "timeoutSeconds": 1},
+            })
+            self.assertEqual(container(specs["cartservice"], "server")["readinessProbe"], {
+                "initialDelaySeconds": 15,
+                "httpGet": {"path": "/app-health/server/readyz", "port": 15021, "scheme": "HTTP"}})
+            self.assertEqual(probers(specs["emailservice"]), {
+                "/app-health/server/livez": {"grpc": {"port": 8080}, "timeoutSeconds": 1},
+                "/app-health/server/readyz": {"grpc": {"port": 8080}, "timeoutSeconds": 1},
+            })
+
+    def test_proxyParsesThem(self) -> None:
+        """
+        Every prober the injector writes for the fixtures, plain or mutual
+        TLS, is one the proxy's C{--app-probers} parser accepts, path for path.
+        """
+        from sidecar.probes import parseProbers
+
+        for name in ("bookinfo.yaml", "microservices-demo.yaml", "guestbook.yaml"):
+            for settings in (InjectionSettings(), InjectionSettings(tlsSecret="c")):
+                specs, _ = injectFixture(name, settings)
+                for spec in specs.values():
+                    written = probers(spec) or {}
+                    self.assertEqual(sorted(parseProbers(json.dumps(written))),
+                                     sorted(p.encode() for p in written))
+
+    def test_reinjection(self) -> None:
+        """
+        Injecting an injected workload again gives the same text; injecting
+        it without mutual TLS puts back the original httpGet probes (their
+        ports as numbers) from the old proxy's probers.
+        """
+        once, _ = injectStream(workload("Deployment", "apps/v1", self.SPEC), InjectionSettings(tlsSecret="c"))
+        twice, _ = injectStream(once, InjectionSettings(tlsSecret="c"))
+        self.assertEqual(twice, once)
+        spec = podSpecOf(injectOne(once))
+        app = container(spec, "app")
+        self.assertEqual(app["readinessProbe"]["httpGet"], {"path": "/ready", "port": 8080, "scheme": "HTTP"})
+        self.assertEqual(app["startupProbe"]["httpGet"], {"path": "/started", "port": 9901, "scheme": "HTTPS"})
+        self.assertEqual(probers(spec), {"/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 4}})
+
+    def test_undeclaredNamedPort(self) -> None:
+        """
+        A probe naming a port that its container does not declare is refused
+        with a sentence naming the workload, the container and the port.
+        """
+        spec = self.SPEC.replace("port: http\n", "port: web\n")
+        with self.assertRaises(InjectionError) as caught:
+            injectOne(workload("Deployment", "apps/v1", spec), InjectionSettings(tlsSecret="c"))
+        self.assertEqual(str(caught.exception), "Deployment/web: container app's readinessProbe names port 'web',"
+                                                " which the container does not declare.")
+
+
+class OutboundTests(TestCase):
+    """
+    Outbound capture: off unless asked for.
+    """
+
+    def test_offByDefault(self) -> None:
+        """
+        By default the init container captures inbound traffic only, and the
+        proxy has no outbound listener.
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1")))
+        self.assertNotIn("-o", container(spec, INIT_NAME)["args"])
+        self.assertNotIn("--outbound-listen", container(spec, PROXY_NAME)["args"])
+
+    def test_on(self) -> None:
+        """
+        With outbound capture, the init script redirects the pod's outgoing
+        TCP to the proxy's outbound listener (C{-o 15001}), exempting the
+        proxy's own user (C{-u 1337}, the user it runs as) and never capturing
+        15001 inbound; the proxy listens there (C{--outbound-listen 15001}).
+        """
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1"), InjectionSettings(outbound=True)))
+        self.assertEqual(container(spec, INIT_NAME)["args"], [
+            "-p", "8000", "-b", "8080", "-a", "15000", "-t", "8443", "-d", "15021,15001", "-o", "15001", "-u", "1337"])
+        proxy = container(spec, PROXY_NAME)
+        self.assertEqual(proxy["args"][4:6], ["--outbound-listen", "15001"])
+        self.assertEqual(proxy["securityContext"]["runAsUser"], 1337)
+
+    def test_annotations(self) -> None:
+        """
+        C{sidecar/outbound} turns it on or off for one pod template, whatever
+        the flag; Istio's C{traffic.sidecar.istio.io/includeOutboundIPRanges},
+        C{excludeOutboundIPRanges} and C{excludeOutboundPorts} become the
+        init script's C{-i}, C{-x} and C{-q}; bad values are refused with a
+        sentence naming the annotation.
+        """
+        on = ("      annotations:\n        sidecar/outbound: \"true\"\n"
+              "        traffic.sidecar.istio.io/includeOutboundIPRanges: \"10.0.0.0/8, fd00::/8\"\n"
+              "        traffic.sidecar.istio.io/excludeOutboundIPRanges: 169.254.169.254/32\n"
+              "        traffic.sidecar.istio.io/excludeOutboundPorts: \"5432, 6379\"\n")
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", annotations=on)))
+        self.assertEqual(container(spec, INIT_NAME)["args"][10:], [
+            "-o", "15001", "-u", "1337", "-i", "10.0.0.0/8,fd00::/8", "-x", "169.254.169.254/32",
+            "-q", "5432,6379"])
+        off = "      annotations:\n        sidecar/outbound: \"false\"\n"
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", annotations=off), InjectionSettings(outbound=True)))
+        self.assertNotIn("-o", container(spec, INIT_NAME)["args"])
+        for annotation, words in (
+            ("sidecar/outbound: sometimes", "Deployment/web's sidecar/outbound annotation must be \"true\" or \"false\""),
+            ("traffic.sidecar.istio.io/excludeOutboundIPRanges: 10.0.0.0/33",
+             "excludeOutboundIPRanges annotation must be comma-separated CIDRs such as 10.0.0.0/8 or *;"
+             " '10.0.0.0/33' is not one."),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts: http", "excludeOutboundPorts annotation must be a port"),
+        ):
+            text = workload("Deployment", "apps/v1",
+                            annotations=f"      annotations:\n        {annotation}\n")
+            with self.assertRaises(InjectionError) as caught:
+                injectStream(text, InjectionSettings(outbound=True))
+            self.assertIn(words, str(caught.exception))
+
+    def test_portConflict(self) -> None:
+        """
+        A container port equal to the outbound listener is refused when the
+        pod's outgoing traffic is captured, and allowed when it is not.
+        """
+        text = workload("Deployment", "apps/v1", POD_SPEC.replace("9090", "15001"))
+        injectStream(text, InjectionSettings())
+        with self.assertRaises(InjectionError) as caught:
+            injectStream(text, InjectionSettings(outbound=True))
+        self.assertIn("container app uses port 15001, which the proxy needs", str(caught.exception))
+
+    @inlineCallbacks
+    def test_initScriptAcceptsThem(self):
+        """
+        The init script's dry run accepts the outbound arguments the injector
+        writes and redirects outgoing TCP to the outbound listener, exempting
+        the proxy's user.
+        """
+        from tests.test_iptables_script import STUB, STUB_NAMES
+        from tests.test_pod_netns import SCRIPT
+
+        stubs = FilePath(self.mktemp())
+        stubs.makedirs()
+        for stubName in STUB_NAMES:
+            stubs.child(stubName).setContent(STUB.encode())
+            stubs.child(stubName).chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env.update(PATH=stubs.path + os.pathsep + env.get("PATH", "/usr/bin:/bin"), STUB_LOG=os.devnull,
+                   SIDECAR_IPV6="off")
+        on = ("      annotations:\n        traffic.sidecar.istio.io/excludeOutboundIPRanges: 169.254.169.254/32\n"
+              "        traffic.sidecar.istio.io/excludeOutboundPorts: \"5432\"\n")
+        spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", annotations=on), InjectionSettings(outbound=True)))
+        out, err, code = yield getProcessOutputAndValue(
+            "/bin/sh", (SCRIPT.path, "-n", *container(spec, INIT_NAME)["args"]), env=env)
+        self.assertEqual(code, 0, err)
+        text = out.decode()
+        self.assertIn("-j REDIRECT --to-ports 15001", text)
+        self.assertIn("--uid-owner 1337", text)
+        self.assertIn("169.254.169.254/32", text)
+        self.assertIn("--dport 5432 -j RETURN", text)
+
+    def test_command(self) -> None:
+        """
+        C{--outbound} and C{--outbound-port} on the command line.
+        """
+        out, err = io.StringIO(), io.StringIO()
+        code = main(["--outbound", "--outbound-port", "15006"], io.StringIO(workload("Pod", "v1")), out, err)
+        self.assertEqual((code, err.getvalue()), (0, ""))
+        spec = yaml.safe_load(out.getvalue())["spec"]
+        self.assertEqual(container(spec, INIT_NAME)["args"][-4:], ["-o", "15006", "-u", "1337"])
+        self.assertIn("--outbound-listen", container(spec, PROXY_NAME)["args"])

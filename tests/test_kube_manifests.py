@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
-from sidecar.inject import INIT_NAME, PROXY_NAME, InjectionSettings, injectStream
+from sidecar.inject import INIT_NAME, PROBERS_ENV, PROXY_NAME, InjectionSettings, injectStream
 from tests.test_inject import ENV_FIELD_PATHS, EXPECTED_ENV, proxyEnv
 from tests.test_iptables_script import STUB, STUB_NAMES
 from tests.test_pod_netns import ROOT, SCRIPT
@@ -53,7 +53,7 @@ spec:
 """
 
 
-def bareDeployment(name: str, servicePort: int, targetPort: int, portName: str) -> str:
+def bareDeployment(name: str, servicePort: int, targetPort: int, portName: str, probe: str = "") -> str:
     """
     A Deployment of httpbin and its Service, before injection.
 
@@ -61,6 +61,7 @@ def bareDeployment(name: str, servicePort: int, targetPort: int, portName: str) 
     @param servicePort: the Service's port.
     @param targetPort: the pods' port it sends to.
     @param portName: the Service port's name.
+    @param probe: the service container's probes, indented for it.
     @return: the YAML stream.
     """
     return f"""
@@ -87,7 +88,7 @@ spec:
         ports:
         - name: http
           containerPort: 80
----
+{probe}---
 apiVersion: v1
 kind: Service
 metadata:
@@ -104,12 +105,19 @@ spec:
 """
 
 
+# The mutual-TLS service's readiness probe, before injection.
+MTLS_PROBE = """        readinessProbe:
+          httpGet:
+            path: /status/200
+            port: http
+"""
+
 # Each manifest, the bare objects it is made from, and the injection settings.
 MANIFESTS = {
     "httpbin-pod.yaml": (ARTICLE_POD, InjectionSettings()),
     "httpbin-deployment.yaml": (bareDeployment("httpbin", 80, 80, "http"), InjectionSettings()),
     "httpbin-mtls.yaml": (
-        bareDeployment("httpbin-mtls", 443, 8443, "https"),
+        bareDeployment("httpbin-mtls", 443, 8443, "https", MTLS_PROBE),
         InjectionSettings(tlsSecret="httpbin-sidecar-certs"),
     ),
 }
@@ -255,11 +263,35 @@ class ManifestTests(TestCase):
         """
         for name, spec in podSpecs():
             init, proxy = spec["initContainers"][:2]
-            self.assertEqual(proxyEnv(proxy), EXPECTED_ENV, name)
-            for _, path in proxyEnv(proxy):
+            downward = {"env": [v for v in proxy["env"] if v["name"] != PROBERS_ENV]}
+            self.assertEqual(proxyEnv(downward), EXPECTED_ENV, name)
+            for _, path in proxyEnv(downward):
                 self.assertRegex(path, ENV_FIELD_PATHS, name)
             for other in [init, *spec["containers"]]:
                 self.assertNotIn("env", other, name)
+
+    def test_probesUnderMutualTLS(self) -> None:
+        """
+        The mutual-TLS service's readiness probe asks the proxy's health port
+        (C{/app-health/service/readyz} on 15021, never captured), and the
+        proxy's C{ISTIO_KUBE_APP_PROBERS} holds the original, its port a
+        number, in the form the proxy reads; the plain manifests' proxies get
+        no probers.
+        """
+        from sidecar.probes import Prober, appProbers
+
+        for name, spec in podSpecs():
+            proxy = spec["initContainers"][1]
+            values = [v["value"] for v in proxy["env"] if v["name"] == PROBERS_ENV]
+            if name != "httpbin-mtls.yaml":
+                self.assertEqual(values, [], name)
+                continue
+            [service] = spec["containers"]
+            self.assertEqual(service["readinessProbe"], {
+                "httpGet": {"path": "/app-health/service/readyz", "port": 15021, "scheme": "HTTP"}})
+            self.assertEqual(list(appProbers(None, {PROBERS_ENV: values[0]}).values()), [
+                Prober(path="/app-health/service/readyz", kind="httpGet", port=80, httpPath="/status/200")])
+            self.assertIn("15021", flagValue(spec["initContainers"][0]["args"], "-d").split(","))
 
     def test_captureMatchesTheProxy(self) -> None:
         """

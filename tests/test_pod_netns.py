@@ -27,6 +27,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -300,7 +301,7 @@ class NetworkNamespace:
         network = self._freeNetwork()
         host, pod = list(network.hosts())
         self.hostAddress, self.podAddress = str(host), str(pod)
-        hostEnd = f"scv{secrets.token_hex(4)}"
+        hostEnd = self.hostEnd = f"scv{secrets.token_hex(4)}"
         run(["ip", "link", "add", hostEnd, "type", "veth", "peer", "name", "eth0",
              "netns", self.name])
         # Deleting the namespace deletes both ends; this covers a failure before that.
@@ -736,3 +737,172 @@ class PodDemoScriptTests(TestCase):
         self.assertIn("same rules as after the first run", out)
         namespace = re.search(r"network namespace (\S+),", out).group(1)  # type: ignore[union-attr]
         self.assertNotIn(namespace, run(["ip", "netns", "list"]).stdout)
+
+
+REDIS_PORT = 6379
+SMTP_PORT = 25
+GRPC_PORT = 50051
+
+
+class EveryPortPodTests(TestCase):
+    """
+    One proxy in front of every port of the pod: the init script's C{-b '*'} and the
+    proxy's C{--upstream original}, which forwards each connection to 127.0.0.1 on
+    the port the client dialled (C{SO_ORIGINAL_DST}).  Behind it, at the same time:
+    httpbin on 80 (still proxied at L7), a real C{redis-server} on 6379, a real SMTP
+    server (aiosmtpd, server-first) on 25 and a real gRPC service (grpcio) on 50051,
+    the last three listening on the pod's loopback only, so that a client from
+    outside reaches them through the proxy or not at all.  One backend (nft): the
+    rules are the same as in L{PodScenarioMixin}.
+    """
+
+    def setUp(self) -> None:
+        reason = missingForPod("nft") or missingForNamespaces(("redis-server",))
+        if reason is None:
+            for module in ("redis", "grpc", "aiosmtpd"):
+                if importlib.util.find_spec(module) is None:
+                    reason = f"needs the {module} Python package (pip install -r requirements-test.txt)"
+        if reason is not None:
+            raise SkipTest(reason)
+        self.pod = Pod(self, "nft")
+
+    def startEverything(self, listen: str = str(PROXY_PORT)) -> None:
+        pod = self.pod
+        pod.initScript("-b", "*")
+        pod.startService()
+        peers = ROOT.child("tests").child("peers")
+        for name, argv in (
+            ("redis", ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no"]),
+            ("smtp", [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{SMTP_PORT}"]),
+            ("grpc", [sys.executable, peers.child("grpc_greeter.py").path, "server", f"127.0.0.1:{GRPC_PORT}"]),
+        ):
+            log = FilePath(self.mktemp())
+            setattr(self, name + "Log", log)
+            pod.spawn(argv, log, env=dict(os.environ))
+        for port in (REDIS_PORT, SMTP_PORT, GRPC_PORT):
+            pollUntil(
+                lambda port=port: pod.namespace.run(
+                    [sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"],
+                    check=False).returncode == 0,
+                lambda port=port: f"a server on port {port} in the pod",
+            )
+        env = dict(os.environ, PYTHONPATH=ROOT.path, PYTHONUNBUFFERED="1")
+        pod.spawn(proxyCommand() + ["--upstream", "original", "--log-format", "json", "--listen", listen],
+                  pod.proxyLog, env=env, cwd=ROOT.path)
+        pollUntil(
+            lambda: pod.curl([pod.adminURL("/ready")], check=False)[0] == 200,
+            lambda: f"the proxy's /ready in the pod; its log:\n{pod.proxyLog.getContent()!r}",
+        )
+
+    def records(self, predicate: Callable[[dict], bool], count: int) -> list[dict]:
+        import json
+
+        def found() -> list[dict]:
+            lines = self.pod.proxyLog.getContent().decode().splitlines()
+            return [r for r in (json.loads(line) for line in lines if line.startswith('{"start_time"'))
+                    if predicate(r)]
+
+        pollUntil(lambda: len(found()) >= count,
+                  lambda: f"{count} records in the proxy's log:\n{self.pod.proxyLog.getContent()!r}")
+        return found()
+
+    def test_everyProtocolAtOnce(self):
+        """
+        Redis (redis-py SET/GET, a 10 MB value, MONITOR streaming and a raw
+        connection whose bytes are known), an SMTP session (the greeting comes after
+        the detection timeout), gRPC unary and streaming calls and HTTP requests to
+        port 80, all sent from outside the pod at the same time, all succeed; HTTP
+        is answered by the proxy at L7 (C{Server: amazing-proxy}, an HTTP record),
+        every other connection has a TCP record to 127.0.0.1 on the port dialled;
+        the TCP metrics' byte totals equal the records' and every connection opened
+        was closed.
+        """
+        return deferToThread(self._everyProtocol)
+
+    def _everyProtocol(self) -> None:
+        from tests.test_tcp import grpcClient, redisExchange, redisMonitor, redisPy, smtpSession, tcpTotal
+
+        pod = self.pod
+        self.startEverything()
+        address = pod.namespace.podAddress
+        results: dict[str, object] = {}
+        failures: list[str] = []
+
+        def job(name: str, f: Callable[[], object]) -> None:
+            try:
+                results[name] = f()
+            except BaseException as e:  # reported below, with the others
+                failures.append(f"{name}: {e!r}")
+
+        jobs = {
+            "redis-py": lambda: redisPy(REDIS_PORT, address),
+            "monitor": lambda: redisMonitor(REDIS_PORT, 100, address),
+            "exact": lambda: redisExchange(REDIS_PORT, address),
+            "smtp": lambda: smtpSession(SMTP_PORT, address),
+            "grpc": lambda: grpcClient(GRPC_PORT, address),
+            "http": lambda: [pod.curl([pod.url(f"/anything/{i}")]) for i in range(5)],
+        }
+        threads = [threading.Thread(target=job, args=item) for item in jobs.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        self.assertEqual(failures, [])
+        self.assertEqual(results["monitor"], 100)
+        self.assertIn(b"ok unary stream=50", results["grpc"])
+        for status, headers, _ in results["http"]:
+            self.assertEqual((status, headers.get("server")), (200, "amazing-proxy"))
+        greeting, waited = results["smtp"]
+        self.assertGreaterEqual(waited, 1.0)
+
+        http = self.records(lambda r: r["protocol"] == "HTTP/1.1", 5)
+        self.assertEqual(sorted(r["path"] for r in http), [f"/anything/{i}" for i in range(5)])
+        self.assertEqual({r["upstream_host"] for r in http}, {f"127.0.0.1:{SERVICE_PORT}"})
+        # redis-py (1), MONITOR (2), the raw exchange (1), SMTP (1), gRPC (1).
+        tcp = self.records(lambda r: r["protocol"] == "tcp", 6)
+        self.assertEqual(len(tcp), 6, tcp)
+        self.assertEqual(sorted(r["upstream_host"] for r in tcp),
+                         [f"127.0.0.1:{p}" for p in (SMTP_PORT, GRPC_PORT, REDIS_PORT, REDIS_PORT, REDIS_PORT,
+                                                    REDIS_PORT)])
+        self.assertEqual({r["response_flags"] for r in tcp}, {"-"})
+        sent, received = results["exact"]
+        self.assertEqual([(r["bytes_received"], r["bytes_sent"]) for r in tcp if r["bytes_received"] == sent],
+                         [(sent, received)])
+        self.assertEqual({r["detected"] for r in tcp if r["upstream_host"].endswith(f":{SMTP_PORT}")}, {"timeout"})
+        self.assertEqual({r["detected"] for r in tcp if r["upstream_host"].endswith(f":{GRPC_PORT}")}, {"http2"})
+        self.assertGreater(max(r["bytes_received"] for r in tcp), 10 * 1024 * 1024)
+        self.assertIn(b"Subject: via sidecar", self.smtpLog.getContent())
+
+        _, _, body = pod.curl([pod.adminURL("/stats/prometheus")])
+        text = body.decode()
+        self.assertEqual(tcpTotal(text, "istio_tcp_received_bytes_total"), sum(r["bytes_received"] for r in tcp))
+        self.assertEqual(tcpTotal(text, "istio_tcp_sent_bytes_total"), sum(r["bytes_sent"] for r in tcp))
+        self.assertEqual(tcpTotal(text, "istio_tcp_connections_opened_total"), 6)
+        self.assertEqual(tcpTotal(text, "istio_tcp_connections_closed_total"), 6)
+
+    def test_ipv6AndIPv4OnOneDualStackListener(self):
+        """
+        Behind a dual-stack listener (C{tcp6:8000:interface=::}), a Redis exchange
+        from outside over IPv6 (the original destination read with
+        C{IP6T_SO_ORIGINAL_DST}) and one over IPv4 (C{SO_ORIGINAL_DST} on the same
+        IPv6 socket) both reach the pod's Redis, each with its exact bytes recorded.
+        """
+        return deferToThread(self._dualStack)
+
+    def _dualStack(self) -> None:
+        from tests.test_tcp import redisExchange
+
+        pod = self.pod
+        prefix = f"fd00:{secrets.token_hex(2)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+        run(["ip", "-6", "addr", "add", f"{prefix}::1/64", "dev", pod.namespace.hostEnd, "nodad"])
+        pod.namespace.ip("-6", "addr", "add", f"{prefix}::2/64", "dev", "eth0", "nodad")
+        self.startEverything(listen=f"tcp6:{PROXY_PORT}:interface=\\:\\:")
+        exchanges = [redisExchange(REDIS_PORT, f"{prefix}::2"), redisExchange(REDIS_PORT, pod.namespace.podAddress)]
+        tcp = self.records(lambda r: r["protocol"] == "tcp", 2)
+        self.assertEqual(sorted((r["bytes_received"], r["bytes_sent"], r["upstream_host"], r["response_flags"])
+                                for r in tcp),
+                         sorted((sent, got, f"127.0.0.1:{REDIS_PORT}", "-") for sent, got in exchanges))
+        clients = sorted(r["downstream_remote_address"].rpartition(":")[0] for r in tcp)
+        host6 = ipaddress.IPv6Address(f"{prefix}::1")
+        self.assertEqual(clients, sorted([f"[{host6}]", f"[::ffff:{pod.namespace.hostAddress}]"]))
