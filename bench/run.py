@@ -657,7 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stopOnTerm)
 
     sessions = []
+    cpus = os.sched_getaffinity(0)
     for index, connections in enumerate(options.connections):
+        # Each session chooses its CPUs from all of them (the last one narrowed ours).
+        os.sched_setaffinity(0, cpus)
         part = argparse.Namespace(**vars(options))
         part.connections = connections
         if index:
