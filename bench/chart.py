@@ -51,12 +51,13 @@ def ratiosToEnvoy(results: Mapping[tuple[str, str], Measurement], peers: Sequenc
     return out
 
 
-def _bars(axes, groups: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> None:
+def _bars(axes, groups: Sequence[str], series: Mapping[str, Sequence[float | None]],
+          colours: Mapping[str, str]) -> None:
     width = 0.8 / max(1, len(series))
     for index, (peer, values) in enumerate(series.items()):
         xs = [group + (index - (len(series) - 1) / 2) * width for group in range(len(groups))]
         heights = [0.0 if value is None else value for value in values]
-        axes.bar(xs, heights, width, label=peer)
+        axes.bar(xs, heights, width, label=peer, color=colours[peer])
     axes.set_xticks(range(len(groups)))
     axes.set_xticklabels(groups)
 
@@ -77,21 +78,23 @@ def drawChart(path: Path, sweep: Sequence[tuple[int, Mapping[tuple[str, str], Me
     import matplotlib.pyplot as plt
 
     connections = [str(count) for count, _ in sweep]
+    palette = plt.get_cmap("tab10")
+    colours = {peer: palette(index % 10) for index, peer in enumerate(peers)}
     figure, (cpu, rate, ratio) = plt.subplots(1, 3, figsize=(17, 5.5))
-    _bars(cpu, connections, chartSeries(sweep, peers, "small", "cpuMicrosecondsPerRequest"))
+    _bars(cpu, connections, chartSeries(sweep, peers, "small", "cpuMicrosecondsPerRequest"), colours)
     cpu.set_title("GET 13 B: proxy CPU µs per request (lower is better)")
     cpu.set_xlabel("connections")
     rate.set_title("GET 13 B: requests per second")
-    _bars(rate, connections, chartSeries(sweep, peers, "small", "requestsPerSecond"))
+    _bars(rate, connections, chartSeries(sweep, peers, "small", "requestsPerSecond"), colours)
     rate.set_xlabel("connections")
     first, results = sweep[0]
     workloads = [name for name in WORKLOADS if any(key[1] == name for key in results)]
-    _bars(ratio, [WORKLOADS[name].description for name in workloads], ratiosToEnvoy(results, peers, workloads))
+    _bars(ratio, [WORKLOADS[name].description for name in workloads], ratiosToEnvoy(results, peers, workloads), colours)
     ratio.axhline(1.0, color="black", linewidth=0.8)
     ratio.set_title(f"CPU per request ÷ Envoy's, {first} connections (lower is better)")
     for axes in (cpu, rate, ratio):
         axes.grid(axis="y", alpha=0.3)
-    cpu.legend(fontsize=8)
+    rate.legend(fontsize=8)
     load = environment.get("loadAverage")
     loadText = f", load {load[0]:.1f}" if isinstance(load, (list, tuple)) and load else ""
     figure.suptitle(f"sidecar benchmark, {environment.get('date', '')}, {environment.get('cpus', '?')} CPUs"
