@@ -468,3 +468,34 @@ class ChartTests(SynchronousTestCase):
         drawChart(path, [(16, results), (256, results)], ["envoy", "ours-fast"],
                   {"date": "2026-12-01", "cpus": 2, "loadAverage": [1.0, 1.0, 1.0]})
         self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+
+
+class ProfileTests(SynchronousTestCase):
+    """
+    How the profile puts py-spy's samples into components.
+    """
+
+    def test_components(self) -> None:
+        """
+        Socket calls are the kernel's, epoll_wait is idle (left out), llhttp is llhttp,
+        other native leaves are the runtime, the rest goes to the innermost Python frame
+        of ours or Twisted's.
+        """
+        from bench.profile import renderShares, shares
+
+        base = "main (twisted/internet/base.py:697);doPoll (sidecar/reactor.py:59)"
+        raw = [
+            f"{base};doRead (twisted/internet/tcp.py:278);recv (libc.so.6) 30",
+            f"{base};epoll_wait (libc.so.6) 50",
+            f"{base};dataReceived (sidecar/downstream.py:157);feed_data (httptools/parser/parser.cpython-311.so) 5",
+            f"{base};dataReceived (sidecar/downstream.py:157);requestHead (sidecar/headers.py:400) 10",
+            f"{base};dataReceived (sidecar/downstream.py:157);_PyObject_Malloc (python3.11) 5",
+        ]
+        counts, busy, idle = shares(raw)
+        self.assertEqual((busy, idle), (50, 50))
+        self.assertEqual(counts, {"kernel: socket system calls": 30, "llhttp (httptools)": 5,
+                                  "sidecar: headers": 10,
+                                  "CPython runtime (native: objects, allocation, the evaluation loop)": 5})
+        table = renderShares(counts, busy, 100.0)
+        self.assertIn("| kernel: socket system calls | 60.0% | 60.0 |", table)
+        self.assertIn("| **total** | 100% | 100.0 |", table)
