@@ -178,8 +178,8 @@ def renderTable(
     @return: markdown.
     """
     lines = [
-        "| peer | workload | req/s | p50 ms | p99 ms | MB/s | CPU µs/req | proxy CPU % | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peer | workload | req/s | p50 ms | p99 ms | MB/s | CPU µs/req | proxy CPU % | load CPU % | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for peer in peers:
         for workload in workloads:
@@ -194,6 +194,7 @@ def renderTable(
                 f" | {_number(cell.megabytesPerSecond, 1)}"
                 f" | {_number(cell.cpuMicrosecondsPerRequest, 1)}"
                 f" | {_number(cell.cpuPercent, 0)}"
+                f" | {_number(cell.loadCpuPercent, 0)}"
                 f" | {cell.errors}"
                 " |"
             )

@@ -324,6 +324,7 @@ class Session:
         self.skipped: dict[str, str] = {}
         self.upstreamPort = 0
         self._children: list[Child] = []
+        self._upstream: Child | None = None
         self.ticksPerSecond = os.sysconf("SC_CLK_TCK")
         self.envoyPath, self.envoySource = findEnvoy()
 
@@ -390,11 +391,28 @@ class Session:
         config = self.directory / "nginx.conf"
         config.write_text(nginxConfig(self.directory, self.upstreamPort, echo))
         child = self.start("nginx", nginxCommand(self.directory, config), self.loadCpu)
+        self._upstream = child
         problem = waitUntilServing(
             self.upstreamPort, WORKLOADS["small"], child, self.options.ready_timeout
         ) or checkEveryWorkload(self.upstreamPort, list(WORKLOADS.values()))
         if problem is not None:
             raise PeerUnavailable(f"nginx: {problem}\n{child.logTail()}")
+
+    def loadTicks(self) -> int | None:
+        """
+        The CPU time so far of the load side: the upstream nginx (master and worker)
+        and the children this script has waited for (wrk, once each run ends), in
+        clock ticks.
+        """
+        import resource
+
+        upstream = self._upstream
+        try:
+            nginx = upstream.cpuTicks() if upstream is not None else 0
+        except OSError:
+            return None
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return nginx + round((waited.ru_utime + waited.ru_stime) * self.ticksPerSecond)
 
     def peerCpu(self, peer: Peer) -> int | None:
         """
@@ -499,15 +517,18 @@ class Session:
                 if options.warmup:
                     runWrk(port, workload, options.warmup, *load)
                 before = child.cpuTicks() if child is not None else None
+                loadBefore = self.loadTicks()
                 began = time.monotonic()
                 summary, output = runWrk(port, workload, options.duration, *load)
                 after = child.cpuTicks() if child is not None else None
+                loadAfter = self.loadTicks()
                 window = time.monotonic() - began
                 if options.verbose:
                     self.say(output.rstrip())
                 ticks = None if before is None or after is None else after - before
                 cell = measurementFrom(
-                    peer.name, name, summary, ticks, self.ticksPerSecond, window
+                    peer.name, name, summary, ticks, self.ticksPerSecond, window,
+                    None if loadBefore is None or loadAfter is None else loadAfter - loadBefore,
                 )
                 self.rounds.setdefault((peer.name, name), []).append(cell)
                 cpu = (

@@ -139,6 +139,9 @@ class MeasurementTests(SynchronousTestCase):
         self.assertEqual(measured.p50Milliseconds, 0.15)
         self.assertEqual(measured.cpuMicrosecondsPerRequest, 500.0)
         self.assertEqual(measured.cpuPercent, 25.0)
+        self.assertIsNone(measured.loadCpuPercent)
+        loaded = measurementFrom("envoy", "small", self.summary(), 50, 100, 2.0, loadTicks=180)
+        self.assertEqual(loaded.loadCpuPercent, 90.0)
 
     def test_noProxyNoCpu(self) -> None:
         """
