@@ -130,6 +130,8 @@ class DownstreamProtocol(Protocol):
             self.clientIP = host
             self.clientAddress = f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
         self._parser = httptools.HttpRequestParser(self)
+        #: The Host given to an HTTP/1.0 request without one: the service's address.
+        self._defaultHost = self.engine.pool.address.encode("ascii")
         self._write, self._writeSequence = prepare(self.transport)
         recorder = self.engine.recorder
         recorder.downstreamConnectionsActive += 1
@@ -235,8 +237,7 @@ class DownstreamProtocol(Protocol):
             raise self._refusal
         engine = self.engine
         req = requestHead(method, self._url, version, self._headers, self.clientIP, self.proto,
-                          self.extraRequestHeaders(), engine.pool.address.encode("ascii"),
-                          engine.headersWithUnderscores)
+                          self.extraRequestHeaders(), self._defaultHost, engine.headersWithUnderscores)
         if req.error is not None:
             self._refusal = _Refusal(req.status, req.error)
             raise self._refusal

@@ -19,8 +19,7 @@ The exchange never writes bytes and imports no adapter.
 
 from __future__ import annotations
 
-import enum
-from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Protocol, Sequence, Tuple
 
 import attrs
 from twisted.logger import Logger
@@ -146,10 +145,12 @@ class UpstreamPool(Protocol):
         """C{stream}'s response ended cleanly: it may serve another exchange."""
 
 
-class Phase(enum.Enum):
+class Phase:
     """
-    Where an exchange stands.  The request body's arrival (L{Exchange.requestDone}) is
-    a fact about the client, not a phase: a response may start before it ends.
+    Where an exchange stands, as small integers (cheap to compare and to hash on the
+    hot path; L{NAMES} has their names).  The request body's arrival
+    (L{Exchange.requestDone}) is a fact about the client, not a phase: a response may
+    start before it ends.
     """
 
     #: By identity: L{Exchange._go} looks phases up in sets five times per request, and
@@ -157,38 +158,39 @@ class Phase(enum.Enum):
     __hash__ = object.__hash__
 
     #: Its head has arrived; it waits its turn behind pipelined requests.
-    NEW = "new"
+    NEW = 0
     #: The request-head filters are deciding (one of them waits on a Deferred).
-    FILTERING = "filtering"
+    FILTERING = 1
     #: Asked the pool for a stream (connecting, or waiting for a free connection).
-    ACQUIRING = "acquiring"
+    ACQUIRING = 2
     #: It has an upstream stream; the request is going up.
-    SENDING = "sending"
+    SENDING = 3
     #: The whole request is with the service; the response timeout runs.
-    AWAITING = "awaiting"
+    AWAITING = 4
     #: The response head went to the client; the body follows.
-    RESPONDING = "responding"
+    RESPONDING = 5
     #: The service switched protocols: bytes pass both ways untouched.
-    TUNNEL = "tunnel"
+    TUNNEL = 6
     #: Over, and recorded.
-    DONE = "done"
+    DONE = 7
+
+    NAMES = ("new", "filtering", "acquiring", "sending", "awaiting", "responding", "tunnel", "done")
 
 
-#: Every change of phase an exchange may make (L{Exchange._go} checks it).
-TRANSITIONS: Dict[Phase, FrozenSet[Phase]] = {
-    Phase.NEW: frozenset([Phase.FILTERING, Phase.ACQUIRING, Phase.DONE]),
-    Phase.FILTERING: frozenset([Phase.ACQUIRING, Phase.DONE]),
-    Phase.ACQUIRING: frozenset([Phase.SENDING, Phase.AWAITING, Phase.DONE]),
-    Phase.SENDING: frozenset([Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
-    Phase.AWAITING: frozenset([Phase.ACQUIRING, Phase.RESPONDING, Phase.TUNNEL, Phase.DONE]),
-    Phase.RESPONDING: frozenset([Phase.DONE]),
-    Phase.TUNNEL: frozenset([Phase.DONE]),
-    Phase.DONE: frozenset(),
-}
+NEW, FILTERING, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = range(8)
 
-NEW, FILTERING, ACQUIRING, SENDING, AWAITING, RESPONDING, TUNNEL, DONE = (
-    Phase.NEW, Phase.FILTERING, Phase.ACQUIRING, Phase.SENDING, Phase.AWAITING, Phase.RESPONDING, Phase.TUNNEL,
-    Phase.DONE)
+#: Every change of phase an exchange may make, indexed by the phase it leaves
+#: (L{Exchange._go} checks it).
+TRANSITIONS: Tuple[FrozenSet[int], ...] = (
+    frozenset([FILTERING, ACQUIRING, DONE]),  # NEW
+    frozenset([ACQUIRING, DONE]),  # FILTERING
+    frozenset([SENDING, AWAITING, DONE]),  # ACQUIRING
+    frozenset([AWAITING, RESPONDING, TUNNEL, DONE]),  # SENDING
+    frozenset([ACQUIRING, RESPONDING, TUNNEL, DONE]),  # AWAITING
+    frozenset([DONE]),  # RESPONDING
+    frozenset([DONE]),  # TUNNEL
+    frozenset(),  # DONE
+)
 _ANSWERED = frozenset([RESPONDING, TUNNEL])
 
 
@@ -244,7 +246,7 @@ class Exchange:
     L{responseHead}, L{responseBody}, L{responseComplete}, L{upstreamReadDone} and
     L{upstreamLost} (or L{upgradeAccepted} and the C{tunnel*} methods after a 101).
 
-    @ivar phase: where it stands (L{Phase}).
+    @ivar phase: where it stands (a L{Phase} value).
     @ivar requestDone: the client's request has all arrived.
     @ivar mustClose: the client connection cannot be reused after this exchange.
     """
@@ -294,21 +296,21 @@ class Exchange:
         """
         Whether the exchange is over (and recorded).
         """
-        return self.phase is DONE
+        return self.phase == DONE
 
     @property
     def headSent(self) -> bool:
         """
         Whether a response head (the service's or the proxy's) has gone to the client.
         """
-        return self.phase in _ANSWERED or (self.phase is DONE and self.status != 0)
+        return self.phase in _ANSWERED or (self.phase == DONE and self.status != 0)
 
-    def _go(self, phase: Phase) -> None:
+    def _go(self, phase: int) -> None:
         """
         The one place where the phase changes.
         """
         if phase not in TRANSITIONS[self.phase]:
-            raise IllegalTransition(f"{self.phase.value} -> {phase.value}")
+            raise IllegalTransition(f"{Phase.NAMES[self.phase]} -> {Phase.NAMES[phase]}")
         self.phase = phase
 
     # -- the client side -------------------------------------------------------------
@@ -343,7 +345,7 @@ class Exchange:
         """
         The request-head filters are done: answer as one of them asked, or go on.
         """
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         call = self.call
         reply = call.reply  # type: ignore[union-attr]
@@ -375,7 +377,7 @@ class Exchange:
         A filter raised or its Deferred failed: 500 (or a cut connection once the
         response has started), flag C{FE}, the filter named in the log.
         """
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         self._warn("filter {filter} failed on {method} {path}: {reason}", filter=failure.filter,
                    reason=failure.reason)
@@ -390,7 +392,7 @@ class Exchange:
         Request body bytes from the client (decoded: no framing).
         """
         phase = self.phase
-        if phase is DONE:
+        if phase == DONE:
             return
         self.bytesReceived += len(data)
         limit = self.engine.maxRequestBytes
@@ -405,7 +407,7 @@ class Exchange:
                 return
             if not data:
                 return
-        if phase is SENDING or phase is RESPONDING or phase is TUNNEL:
+        if phase == SENDING or phase == RESPONDING or phase == TUNNEL:
             self.stream.sendBody(data)  # type: ignore[union-attr]
             return
         self.pending.append(data)
@@ -420,18 +422,18 @@ class Exchange:
         """
         self.requestDone = True
         phase = self.phase
-        if phase is SENDING:
+        if phase == SENDING:
             self.stream.sendEnd()  # type: ignore[union-attr]
             self._go(AWAITING)
             self._armTimeout()
-        elif phase is RESPONDING:
+        elif phase == RESPONDING:
             self.stream.sendEnd()  # type: ignore[union-attr]
 
     def downstreamLost(self) -> None:
         """
         The client went away before the exchange ended: cancel the upstream side.
         """
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
         self._dropUpstream()
@@ -443,7 +445,7 @@ class Exchange:
         """
         The pool gives us C{stream}: send the head and whatever body has arrived.
         """
-        if self.phase is not ACQUIRING:
+        if self.phase != ACQUIRING:
             self.pool.release(stream)
             return
         self.stream = stream
@@ -458,14 +460,14 @@ class Exchange:
             self.door.resumeReading()
         if done:
             self._armTimeout()
-        elif self.phase is SENDING:
+        elif self.phase == SENDING:
             stream.streamFrom(self.door)  # type: ignore[arg-type]
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         """
         No connection to the service could be made.
         """
-        if self.phase is not ACQUIRING:
+        if self.phase != ACQUIRING:
             return
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
@@ -512,7 +514,7 @@ class Exchange:
         or the local reply a filter asked for instead.
         """
         held, self.held = self.held, None
-        if self.phase is DONE or held is None:
+        if self.phase == DONE or held is None:
             return
         call = self.call
         reply = call.reply  # type: ignore[union-attr]
@@ -530,7 +532,7 @@ class Exchange:
             status, reason = call.status, b""  # type: ignore[union-attr]
         self._startResponse(status, reason, head)
         for event in held:
-            if self.phase is DONE:
+            if self.phase == DONE:
                 return
             if event is None:
                 self._end()
@@ -634,15 +636,15 @@ class Exchange:
         self._cancelTimeout()
         self.stream = None
         phase = self.phase
-        if phase is DONE:
+        if phase == DONE:
             return
-        if phase is RESPONDING:
+        if phase == RESPONDING:
             self._warn("upstream {upstream} closed in the middle of the response to {method} {path}")
             self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
             self._end()
             self.door.abortResponse(self)
             return
-        if (reused and not responseStarted and not self.retried and phase is AWAITING
+        if (reused and not responseStarted and not self.retried and phase == AWAITING
                 and self.method in IDEMPOTENT and not self.req.chunked and not self.req.contentLength
                 and not self.req.upgrade):
             # A pooled connection the service had closed: once more, on a new connection.
@@ -664,7 +666,7 @@ class Exchange:
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         self._warn("upstream {upstream} sent a malformed response to {method} {path}: {detail}",
                    detail=detail)
@@ -688,7 +690,7 @@ class Exchange:
         """
         self.mustClose = True
         self.requestDone = True
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         self._dropUpstream()
         self.flags.append(DOWNSTREAM_PROTOCOL_ERROR)
@@ -709,7 +711,7 @@ class Exchange:
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
-        if self.phase is not AWAITING:
+        if self.phase != AWAITING:
             return
         self._warn("upstream {upstream} did not answer {method} {path} within {seconds} s",
                    seconds=self.engine.responseTimeout)
@@ -745,7 +747,7 @@ class Exchange:
         stream.
         """
         self._cancelTimeout()
-        if self.phase is ACQUIRING:
+        if self.phase == ACQUIRING:
             self.pool.cancel(self)
         stream, self.stream = self.stream, None
         if stream is not None:
@@ -756,7 +758,7 @@ class Exchange:
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and self.phase is AWAITING:
+        if self.engine.responseTimeout and self.timeout is None and self.phase == AWAITING:
             self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
@@ -765,7 +767,7 @@ class Exchange:
             self.timeout = None
 
     def _end(self) -> None:
-        if self.phase is DONE:
+        if self.phase == DONE:
             return
         self._go(DONE)
         engine = self.engine
