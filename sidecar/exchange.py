@@ -153,10 +153,6 @@ class Phase:
     start before it ends.
     """
 
-    #: By identity: L{Exchange._go} looks phases up in sets five times per request, and
-    #: C{Enum}'s own C{__hash__} is a Python call (hash of the name) each time.
-    __hash__ = object.__hash__
-
     #: Its head has arrived; it waits its turn behind pipelined requests.
     NEW = 0
     #: The request-head filters are deciding (one of them waits on a Deferred).
