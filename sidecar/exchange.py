@@ -45,6 +45,10 @@ log = Logger()
 #: have been closed by the service (RFC 9110 9.2.2), provided the request has no body.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
+#: Seconds between two looks at the exchanges awaiting a response head
+#: (L{Engine.sweepDeadlines}): the response timeout's granularity.
+DEADLINE_SWEEP = 1.0
+
 #: Request body bytes kept while the upstream stream is not there yet; past this the
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
@@ -222,6 +226,12 @@ class Engine:
     #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
     #: and close.  C{None}: no limit.
     maxRequestBytes: Optional[int] = None
+    #: The exchanges waiting for a response head, each with its deadline
+    #: (L{Exchange.deadline}): checked about once a second by L{sweepDeadlines}, instead
+    #: of a timer scheduled and cancelled per request.
+    awaiting: set = attrs.field(factory=set)
+    #: The pending call of L{sweepDeadlines} while any exchange awaits.
+    deadlineSweep: Any = attrs.field(default=None, init=False)
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -229,6 +239,37 @@ class Engine:
         """
         self.recorder.requestsActive += 1
         return Exchange(self, door, method, target, version, req, self.clock.seconds())
+
+    def watchDeadline(self, exchange: Exchange) -> None:
+        """
+        C{exchange} awaits its response head until its deadline: watch it.
+        """
+        self.awaiting.add(exchange)
+        if self.deadlineSweep is None:
+            self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
+
+    def unwatchDeadline(self, exchange: Exchange) -> None:
+        """
+        C{exchange} no longer awaits; the sweep stops when none does.
+        """
+        awaiting = self.awaiting
+        awaiting.discard(exchange)
+        if not awaiting and self.deadlineSweep is not None:
+            self.deadlineSweep.cancel()
+            self.deadlineSweep = None
+
+    def sweepDeadlines(self) -> None:
+        """
+        Time out the exchanges past their deadline (504, flag C{UT}); again in
+        L{DEADLINE_SWEEP} seconds while any awaits.  A response timeout therefore fires
+        between its deadline and one sweep later.
+        """
+        self.deadlineSweep = None
+        now = self.clock.seconds()
+        for exchange in [e for e in self.awaiting if e.deadline is not None and now >= e.deadline]:
+            exchange._timedOut()
+        if self.awaiting and self.deadlineSweep is None:
+            self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
 
 
 class Exchange:
@@ -250,7 +291,7 @@ class Exchange:
     __slots__ = (
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
-        "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
+        "upstreamStart", "upstreamServiceTime", "deadline", "retried", "readingPaused",
         "mustClose", "malformed", "pool", "call", "held",
     )
 
@@ -274,7 +315,8 @@ class Exchange:
         self.flags: List[str] = []
         self.upstreamStart = 0.0
         self.upstreamServiceTime: Optional[float] = None
-        self.timeout: Any = None
+        #: When the response head must have arrived (while awaiting it), else C{None}.
+        self.deadline: Optional[float] = None
         self.retried = False
         self.readingPaused = False
         self.mustClose = False
@@ -703,7 +745,7 @@ class Exchange:
         self._localReply(413, b"Payload Too Large\n")
 
     def _timedOut(self) -> None:
-        self.timeout = None
+        self._cancelTimeout()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.abandon()
@@ -754,13 +796,15 @@ class Exchange:
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.engine.responseTimeout and self.timeout is None and self.phase == AWAITING:
-            self.timeout = self.engine.clock.callLater(self.engine.responseTimeout, self._timedOut)
+        engine = self.engine
+        if engine.responseTimeout and self.deadline is None and self.phase == AWAITING:
+            self.deadline = engine.clock.seconds() + engine.responseTimeout
+            engine.watchDeadline(self)
 
     def _cancelTimeout(self) -> None:
-        if self.timeout is not None:
-            self.timeout.cancel()
-            self.timeout = None
+        if self.deadline is not None:
+            self.deadline = None
+            self.engine.unwatchDeadline(self)
 
     def _end(self) -> None:
         if self.phase == DONE:

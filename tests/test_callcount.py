@@ -9,6 +9,11 @@ the forwarding rules, the exchange, the upstream's framing and parse, the respon
 record.  The bound is the count measured when it was set plus a little room; a change
 that adds calls on the hot path fails here and has to say why (then raise the bound),
 one that removes some should lower it.
+
+With one client, one request awaits its response at a time, so the response timeout's
+sweep (L{sidecar.exchange.Engine.sweepDeadlines}) is scheduled and cancelled for each
+request (seven of the calls counted); with more requests in flight it stays scheduled
+and costs nothing per request.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ REQUESTS = 100
 
 #: Python calls per proxied small GET, measured when the bound was last set, and the
 #: bound (the count plus 5%).
-MEASURED = 82
-BOUND = 86
+MEASURED = 85
+BOUND = 89
 
 
 def countCalls(requests: int = REQUESTS) -> Dict[str, Any]:

@@ -81,17 +81,19 @@ class ExchangeTests(unittest.SynchronousTestCase):
 
     def test_timeout(self):
         """
-        No response head within the timeout: 504, flag UT, the upstream connection is
-        aborted and not pooled.
+        No response head within the timeout: 504, flag UT (from the once-a-second
+        deadline sweep: between the timeout and a second after it), the upstream
+        connection is aborted and not pooled; no timer is left.
         """
         h = Harness(responseTimeout=3)
         door, client = h.client()
         door.dataReceived(GET)
         conn, upstream = h.connectUpstream()
-        h.reactor.advance(2.9)
+        h.reactor.pump([0.1] * 29)
         self.assertEqual(client.value(), b"")
-        h.reactor.advance(0.2)
+        h.reactor.pump([0.1] * 11)
         self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
         self.assertIn(b"Server: amazing-proxy\r\n", client.value())
         self.assertTrue(upstream.disconnecting)
         self.assertEqual(h.pool.idle, [])
@@ -108,9 +110,9 @@ class ExchangeTests(unittest.SynchronousTestCase):
         h.reactor.advance(10)
         self.assertEqual(client.value(), b"")
         door.dataReceived(b"67890")
-        h.reactor.advance(2.9)
+        h.reactor.pump([0.1] * 29)
         self.assertEqual(client.value(), b"")
-        h.reactor.advance(0.2)
+        h.reactor.pump([0.1] * 11)
         self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
 
     def test_connectFailure(self):
@@ -457,6 +459,33 @@ class CircuitBreakerTests(unittest.SynchronousTestCase):
         self.assertIn(b"502", firstClient.value())
         self.assertEqual(len(h.reactor.tcpClients), 2)
         self.assertEqual(len(h.pool.pending), 0)
+
+
+class DeadlineSweepTests(unittest.SynchronousTestCase):
+    """
+    The response timeout is checked by one sweep a second over the exchanges awaiting a
+    head, not by a timer per request.
+    """
+
+    def test_oneTimerForManyRequests(self):
+        """
+        However many requests await their response heads, one call is scheduled; it
+        is gone once none awaits; answered requests never time out later.
+        """
+        h = Harness(responseTimeout=3)
+        clients = [h.client() for _ in range(50)]
+        for door, _ in clients:
+            door.dataReceived(GET)
+        conns = [h.connectUpstream(i)[0] for i in range(50)]
+        self.assertEqual(len(h.engine.awaiting), 50)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        for conn in conns[:49]:
+            conn.dataReceived(OK)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        conns[49].dataReceived(OK)
+        self.assertEqual((len(h.engine.awaiting), h.reactor.getDelayedCalls()), (0, []))
+        h.reactor.pump([0.5] * 10)
+        self.assertEqual([r.flags for r in h.records], ["-"] * 50)
 
 
 class IdleReuseTests(unittest.SynchronousTestCase):
