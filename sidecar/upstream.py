@@ -76,6 +76,13 @@ class UpstreamConnection(Protocol):
         self._chunked = False
         self._sourceDoor: Any = None
         self._stop: Optional[str] = None
+        #: The response's Content-Length (while its body is read), the body bytes the
+        #: parser has passed on, and the body bytes still to come that bypass the
+        #: parser (L{dataReceived}).
+        self._length: Optional[int] = None
+        self._bodySeen = 0
+        self._raw = 0
+        self._keepAlive = True
 
     # -- the exchange's side (the engine's UpstreamStream) --------------------------
 
@@ -91,6 +98,8 @@ class UpstreamConnection(Protocol):
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
+        self._length = None
+        self._raw = 0
         req = exchange.req
         chunked = self._chunked = req.chunked
         parts = [http1.requestHead(exchange.method, req.target, req.headers, req.contentLength, chunked)]
@@ -192,6 +201,10 @@ class UpstreamConnection(Protocol):
         if self.tunnel:
             exchange.tunnelToClient(data)
             return
+        raw = self._raw
+        if raw:
+            self._rawBody(exchange, data, raw)
+            return
         self.responseStarted = True
         try:
             self.parser.feed_data(data)
@@ -210,6 +223,30 @@ class UpstreamConnection(Protocol):
             if self.exchange is not None:
                 self.exchange.upstreamProtocolError(str(e))
             self.transport.abortConnection()
+        else:
+            length = self._length
+            if length is not None and self._inBody and self.exchange is exchange:
+                # The rest of a Content-Length body needs no parsing: the next reads
+                # go to the client as they are (no copy by the parser, no callback).
+                self._raw = length - self._bodySeen
+                self._keepAlive = self.parser.should_keep_alive()
+        exchange.upstreamReadDone()
+
+    def _rawBody(self, exchange: Exchange, data: bytes, remaining: int) -> None:
+        """
+        Bytes of a Content-Length body past the parser: pass them on, and end the
+        response with its last byte.  Bytes beyond it are a service talking out of
+        turn: the response is complete, the connection is not reused.
+        """
+        size = len(data)
+        if size < remaining:
+            self._raw = remaining - size
+            exchange.responseBody(data)
+        else:
+            self._raw = 0
+            self._length = None
+            exchange.responseBody(data if size == remaining else data[:remaining])
+            self._complete(self._keepAlive and size == remaining)
         exchange.upstreamReadDone()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -238,6 +275,8 @@ class UpstreamConnection(Protocol):
             raise _HeadDone()
         self._headers = []
         self._reason = b""
+        self._length = None
+        self._bodySeen = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
@@ -264,12 +303,14 @@ class UpstreamConnection(Protocol):
         if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
             self._eofBody = head.contentLength is None and not head.chunked
+            self._length = head.contentLength
         exchange.responseHead(status, self._reason, head)
         if self._headOnly:
             self._stop = _STOP_HEAD
             raise _HeadDone()
 
     def on_body(self, body: bytes) -> None:
+        self._bodySeen += len(body)
         exchange = self.exchange
         if exchange is not None:
             exchange.responseBody(body)
@@ -283,6 +324,7 @@ class UpstreamConnection(Protocol):
 
     def _complete(self, keepAlive: bool) -> None:
         self._inBody = False
+        self._length = None
         exchange = self.exchange
         if exchange is not None:
             exchange.responseComplete(keepAlive)

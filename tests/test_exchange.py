@@ -461,6 +461,66 @@ class CircuitBreakerTests(unittest.SynchronousTestCase):
         self.assertEqual(len(h.pool.pending), 0)
 
 
+class RawBodyTests(unittest.SynchronousTestCase):
+    """
+    After the read that holds a response head, the rest of a Content-Length body goes
+    to the client without the parser; the response still ends at its last byte.
+    """
+
+    def setUp(self):
+        self.h = Harness()
+        self.door, self.client = self.h.client()
+        self.door.dataReceived(GET)
+        self.conn, self.upstream = self.h.connectUpstream()
+        self.body = bytes(range(256)) * 1000
+
+    def test_splitBody(self):
+        """
+        A body in many reads reaches the client byte for byte; the connection is
+        pooled; the record counts every byte.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body)
+        data = head + self.body
+        self.conn.dataReceived(data[:1000])
+        for offset in range(1000, len(data), 7001):
+            self.conn.dataReceived(data[offset:offset + 7001])
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\n" + self.body))
+        self.assertEqual(self.h.pool.idle, [self.conn])
+        [rec] = self.h.records
+        self.assertEqual((rec.status, rec.bytesSent, rec.flags), (200, len(self.body), "-"))
+        # The connection serves the next request, parsed from its head again.
+        self.door.dataReceived(GET)
+        self.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        self.conn.dataReceived(b"o")
+        self.conn.dataReceived(b"k")
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(len(self.h.records), 2)
+
+    def test_bytesBeyondBody(self):
+        """
+        Bytes after the body's last (a service talking out of turn) are not sent: the
+        response is complete and the connection is closed, not pooled.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+        self.conn.dataReceived(head + b"01234")
+        self.conn.dataReceived(b"56789HTTP/1.1 200 OK\r\n")
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\n0123456789"))
+        self.assertTrue(self.upstream.disconnecting)
+        self.assertEqual(self.h.pool.idle, [])
+        self.assertEqual([r.flags for r in self.h.records], ["-"])
+
+    def test_closedMidBody(self):
+        """
+        The service closing in the middle of the raw body cuts the client off (UC): a
+        truncated body is never presented as complete.
+        """
+        self.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        self.conn.dataReceived(b"567")
+        self.conn.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual([r.flags for r in self.h.records], ["UC"])
+
+
 class DeadlineSweepTests(unittest.SynchronousTestCase):
     """
     The response timeout is checked by one sweep a second over the exchanges awaiting a
