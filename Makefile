@@ -1,10 +1,11 @@
 # The project's commands. `make demo` and `make test` are the two that matter.
 PYTHON ?= python3
 BENCH_ARGS ?=
+SOAK_SECONDS ?= 300
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test bench pod-demo kube constraints clean
+.PHONY: venv demo test bench soak pod-demo mesh-demo kube constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +32,20 @@ bench: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py --connections 16,256,1000 \
 	    --chart bench/results/bench.png --json bench/results/bench.json $(BENCH_ARGS)
 
+# A bounded soak: mixed traffic through twistd sidecar in front of nginx for SOAK_SECONDS
+# (default 300); fails on an error, an fd leak or RSS growth (tests/test_soak.py: 15 s).
+soak: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
+
 # Transparent interception in a network namespace (as root: run it in a root shell or
 # a root container; it does not call sudo).
 pod-demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/pod-demo.sh
+
+# The mesh between two pods: outbound capture, mutual TLS originated by the client's
+# sidecar, a STRICT server, a pod without a sidecar, both sides' metrics (as root).
+mesh-demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/mesh-demo.py
 
 # The manifests in kube/: sidecar-inject's output for the commented sources in kube/bare/.
 kube: venv

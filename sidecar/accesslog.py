@@ -7,12 +7,13 @@ Three formats:
   - C{text}: one line per request in the spirit of Istio's default access log;
   - C{json}: one JSON object per line, snake_case fields.
 
-The writer, L{AccessLog}, never blocks the reactor.  A container's log pipe can stall;
-a blocking write to it would freeze every request and the readiness probe.  So the
-records of one reactor turn are written in one non-blocking write; what the output
-does not take waits in a buffer of bounded size, written when the output becomes
-writable again; a record that does not fit is dropped and counted, and one line per
-episode says how many were lost once the output is read again.
+The writer, L{LineWriter} (L{AccessLog} is one), never blocks the reactor.  A
+container's log pipe can stall; a blocking write to it would freeze every request and
+the readiness probe.  So the records of one reactor turn are written in one
+non-blocking write; what the output does not take waits in a buffer of bounded size,
+written when the output becomes writable again; a record that does not fit is dropped
+and counted, and one line per episode says how many were lost once the output is read
+again.  twistd's own log lines can go through the same writer (L{sidecar.logs}).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sidecar.record import Record
+from sidecar.record import OUTBOUND, Record, TcpRecord
 
 log = Logger()
 
@@ -73,8 +74,25 @@ def formatText(rec: Record) -> str:
         f'{rec.flags} {rec.bytesReceived} {rec.bytesSent} {_ms(rec.duration)} '
         f'{"-" if ust is None else ust} "{_dash(rec.forwardedFor)}" "{_dash(rec.userAgent)}" '
         f'"{_dash(rec.requestId)}" "{_dash(rec.authority)}" "{_dash(rec.upstreamHost)}" '
-        f'{rec.downstreamRemoteAddress}\n'
+        f'{rec.downstreamRemoteAddress}{_outbound(rec)}\n'
     )
+
+
+def _outbound(rec: Any) -> str:
+    """
+    The text formats' last column on an outbound record: C{outbound} and the
+    destination's verified SPIFFE id (C{-} outside the mesh); inbound lines are
+    unchanged.
+    """
+    if rec.direction != OUTBOUND:
+        return ""
+    peer = rec.peer
+    return f" outbound {_dash(peer.principal) if peer is not None else '-'}"
+
+
+def _peerPrincipal(rec: Any) -> Optional[str]:
+    peer = rec.peer
+    return (peer.principal or None) if (peer is not None and rec.direction == OUTBOUND) else None
 
 
 def toJSON(rec: Record) -> Dict[str, object]:
@@ -99,6 +117,8 @@ def toJSON(rec: Record) -> Dict[str, object]:
         "upstream_host": rec.upstreamHost or None,
         "downstream_remote_address": rec.downstreamRemoteAddress,
         "downstream_peer_principal": rec.downstreamPeerPrincipal or None,
+        "direction": rec.direction,
+        "upstream_peer_principal": _peerPrincipal(rec),
     }
 
 
@@ -189,9 +209,10 @@ def openOutput(path: str, stdout: Any = None) -> LogOutput:
     The output of the access log: standard output for C{"-"}, else a file opened for
     appending.
 
-    Standard output is shared with twistd's own log, which writes to it with blocking
-    writes.  C{O_NONBLOCK} belongs to an open file description, which C{dup} shares, so
-    the access log gets a description of its own where that matters:
+    Standard output is shared with whatever else writes to descriptor 1 with blocking
+    writes (twistd's own log, unless L{sidecar.logs} writes it through this output).
+    C{O_NONBLOCK} belongs to an open file description, which C{dup} shares, so the
+    access log gets a description of its own where that matters:
       - a pipe, FIFO or terminal is opened anew through C{/proc/self/fd/1}, with
         C{O_NONBLOCK};
       - a socket (systemd's journal) is written with C{MSG_DONTWAIT} on a duplicate;
@@ -222,24 +243,28 @@ def openOutput(path: str, stdout: Any = None) -> LogOutput:
         return LogOutput(copy)
 
 
-class AccessLog:
+class LineWriter:
     """
-    Writes formatted records to a L{LogOutput} without ever blocking: the records of one
+    Writes whole lines to a L{LogOutput} without ever blocking: the lines offered in one
     reactor turn go out in one write on the next turn; what the output does not take
-    waits (with the records that follow) in a buffer of at most C{limit} bytes, written
-    as the reactor says the output is writable; records that do not fit are dropped.
+    waits (with the lines that follow) in a buffer of at most C{limit} bytes, written as
+    the reactor says the output is writable; a line that does not fit is refused, and
+    the one who offered it counts it.  Every byte written to the output goes through
+    here, so lines from several sources (the access log, twistd's log) never interleave
+    within a line.
 
     This is also an C{IWriteDescriptor}, registered with the reactor only while bytes
     wait.
 
     @ivar output: where the lines go.
-    @ivar limit: the most bytes held (waiting and this turn's records together).
-    @ivar dropped: records dropped because the buffer was full, since the start.
+    @ivar limit: the most bytes held (waiting and this turn's lines together).
     @ivar written: bytes the output has taken.
+    @ivar drained: called (in order) each time the output has taken everything held:
+        where the sources say what they dropped meanwhile.
     """
 
-    def __init__(self, output: LogOutput, fmt: Callable[[Record], str], reactor: Any,
-                 limit: int = LOG_BUFFER_BYTES, wholeLines: bool = False) -> None:
+    def __init__(self, output: LogOutput, reactor: Any, limit: int = LOG_BUFFER_BYTES,
+                 wholeLines: bool = False) -> None:
         """
         @param reactor: an C{IReactorTime} and C{IReactorFDSet}: the turn's flush, and
             being told when the output is writable again.
@@ -250,18 +275,15 @@ class AccessLog:
         """
         self.wholeLines = wholeLines
         self.output = output
-        self.format = fmt
         self.reactor = reactor
         self.limit = limit
-        self.dropped = 0
         self.written = 0
+        self.drained: List[Callable[[], None]] = []
         self._lines: List[bytes] = []
         self._pending = b""
         self._buffered = 0
         self._flushCall: Any = None
         self._waiting = False
-        self._episodeDrops = 0
-        self._episodeStart = 0.0
         self._broken = False
 
     @property
@@ -271,21 +293,27 @@ class AccessLog:
         """
         return self._buffered
 
-    def __call__(self, rec: Record) -> None:
-        if self._broken:
-            self.dropped += 1
-            return
-        line = self.format(rec).encode("utf-8", "backslashreplace")
-        if self._buffered + len(line) > self.limit:
-            self.dropped += 1
-            if not self._episodeDrops:
-                self._episodeStart = self.reactor.seconds()
-            self._episodeDrops += 1
-            return
+    @property
+    def waiting(self) -> bool:
+        """
+        Whether bytes wait for the output to become writable (then a write now would
+        take nothing).
+        """
+        return self._waiting
+
+    def offer(self, line: bytes) -> bool:
+        """
+        Hold C{line} for the next write; C{False} (and nothing held) when it does not
+        fit in the buffer or the output has failed.  A line longer than the whole
+        buffer (a long traceback) is still taken when nothing else is held.
+        """
+        if self._broken or (self._buffered + len(line) > self.limit and self._buffered):
+            return False
         self._lines.append(line)
         self._buffered += len(line)
         if self._flushCall is None and not self._waiting:
             self._flushCall = self.reactor.callLater(0, self.flush)
+        return True
 
     def flush(self) -> None:
         """
@@ -316,7 +344,7 @@ class AccessLog:
                 continue
             except OSError as e:
                 # A closed pipe (EPIPE) or a full disk: the proxy goes on, and every
-                # later record is dropped and counted.
+                # later line is refused and counted.
                 self._fail(os.strerror(e.errno or errno.EIO))
                 return
             offset += n
@@ -331,13 +359,9 @@ class AccessLog:
         if self._waiting:
             self._waiting = False
             self.reactor.removeWriter(self)
-        if self._episodeDrops:
-            # Said once the output is read again: said while it was not, the line
-            # itself could wait on the same full pipe (twistd's log is often stdout).
-            count, self._episodeDrops = self._episodeDrops, 0
-            log.warn("access log: dropped {count} records in {seconds:.1f} s while its output was not read "
-                     "(buffer {limit} bytes)", count=count, limit=self.limit,
-                     seconds=max(0.0, self.reactor.seconds() - self._episodeStart))
+        # Last, as what they log may come back here to be written.
+        for drained in self.drained:
+            drained()
 
     def _fail(self, why: str) -> None:
         self._broken = True
@@ -347,7 +371,7 @@ class AccessLog:
         if self._waiting:
             self._waiting = False
             self.reactor.removeWriter(self)
-        log.error("access log: writing failed ({why}); the bytes waiting are lost and later records are "
+        log.error("log output: writing failed ({why}); the bytes waiting are lost and later lines are "
                   "dropped", why=why)
 
     # IWriteDescriptor, while bytes wait.
@@ -367,12 +391,64 @@ class AccessLog:
             self._fail(reason.getErrorMessage())
 
     def logPrefix(self) -> str:
+        return "LineWriter"
+
+
+class AccessLog(LineWriter):
+    """
+    A L{LineWriter} of formatted records (see there: batched, non-blocking, bounded):
+    records that do not fit are dropped and counted, and one line per episode, once the
+    output has taken everything again, says how many.  twistd's own log may write
+    through it too (L{sidecar.logs}), when both go to standard output.
+
+    @ivar dropped: records dropped because the buffer was full, since the start.
+    """
+
+    def __init__(self, output: LogOutput, fmt: Callable[[Record], str], reactor: Any,
+                 limit: int = LOG_BUFFER_BYTES, wholeLines: bool = False) -> None:
+        """
+        @param reactor: an C{IReactorTime} and C{IReactorFDSet}: the turn's flush, and
+            being told when the output is writable again.
+        @param wholeLines: see L{LineWriter}.
+        """
+        LineWriter.__init__(self, output, reactor, limit, wholeLines)
+        self.format = fmt
+        self.dropped = 0
+        self._episodeDrops = 0
+        self._episodeStart = 0.0
+        self.drained.append(self._saidDropped)
+
+    def __call__(self, rec: Record) -> None:
+        # L{LineWriter.offer}, inline: this runs once per request.
+        if self._broken:
+            self.dropped += 1
+            return
+        line = self.format(rec).encode("utf-8", "backslashreplace")
+        if self._buffered + len(line) > self.limit:
+            self.dropped += 1
+            if not self._episodeDrops:
+                self._episodeStart = self.reactor.seconds()
+            self._episodeDrops += 1
+            return
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._flushCall is None and not self._waiting:
+            self._flushCall = self.reactor.callLater(0, self.flush)
+
+    def _saidDropped(self) -> None:
+        if self._episodeDrops:
+            # Said once the output is read again: said while it was not, the line
+            # itself would wait on the same full pipe (twistd's log is often stdout).
+            count, self._episodeDrops = self._episodeDrops, 0
+            log.warn("access log: dropped {count} records in {seconds:.1f} s while its output was not read "
+                     "(buffer {limit} bytes)", count=count, limit=self.limit,
+                     seconds=max(0.0, self.reactor.seconds() - self._episodeStart))
+
+    def logPrefix(self) -> str:
         return "AccessLog"
 
 
-# -- opaque TCP connections (L{sidecar.tcp.TcpRecord}) -------------------------------
-
-from sidecar.tcp import TcpRecord  # noqa: E402
+# -- opaque TCP connections (L{sidecar.record.TcpRecord}) ----------------------------
 
 
 def formatTcpText(rec: TcpRecord) -> str:
@@ -387,7 +463,7 @@ def formatTcpText(rec: TcpRecord) -> str:
     return (
         f'[{isoTime(rec.startTime)}] "- - -" 0 {rec.flags} {rec.bytesReceived} {rec.bytesSent} '
         f'{_ms(rec.duration)} - "-" "-" "-" "-" "{_dash(rec.upstreamHost)}" '
-        f'{rec.downstreamRemoteAddress}\n'
+        f'{rec.downstreamRemoteAddress}{_outbound(rec)}\n'
     )
 
 
@@ -415,6 +491,8 @@ def toTcpJSON(rec: TcpRecord) -> Dict[str, object]:
         "upstream_host": rec.upstreamHost or None,
         "downstream_remote_address": rec.downstreamRemoteAddress,
         "downstream_peer_principal": rec.downstreamPeerPrincipal or None,
+        "direction": rec.direction,
+        "upstream_peer_principal": _peerPrincipal(rec),
         "detected": rec.detected or None,
         "connection_termination_details": rec.detail or None,
     }

@@ -34,6 +34,13 @@ The uses:
     and stream the request before its body has arrived.  Without them the behaviour
     suite's web door tests fail.
 
+An order relied upon, not an attribute: L{sidecar.logs.takeOverRunnerLog} replaces
+C{sys.stdout} (twistd) or C{TwistOptions["logFile"]} (C{python -m twisted}) in the
+plugin's C{makeService}, because both runners build their log observer from it only
+afterwards (C{AppLogger.start}, C{Runner.startLogging}).  Should a release build it
+earlier, twistd's log goes back to blocking writes on stdout; C{tests.test_logs}
+(C{TakeOverTests} and the unread-pipe processes) fails on such a Twisted.
+
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come
 from the public L{twisted.application.strports.service}, which sets it.

@@ -151,6 +151,24 @@ class TLSConfig:
 
 
 @attrs.frozen
+class OutboundConfig:
+    """
+    The outbound listener and the mesh it originates mutual TLS to.
+
+    @ivar listen: a Twisted server endpoint string for the listener the init
+        script's C{-o PORT} redirects the workload's outgoing TCP to.
+    @ivar meshNetworks: CIDRs inside the mesh (C{--mesh-networks}): destinations
+        there get mutual TLS, their servers' ids in our trust domain.
+    @ivar meshPeers: C{(CIDR, SPIFFE id or spiffe://TD/*)} pairs (C{--mesh-peer}):
+        destinations there get mutual TLS with that exact id required.
+    """
+
+    listen: str
+    meshNetworks: Tuple[str, ...] = ()
+    meshPeers: Tuple[Tuple[str, str], ...] = ()
+
+
+@attrs.frozen
 class ProxyConfig:
     """
     The effective configuration of one sidecar process.
@@ -195,6 +213,11 @@ class ProxyConfig:
     clientIdleTimeout: Optional[float] = 300.0
     #: Seconds a client may take to send a request head before a 408 (C{None}: forever).
     requestHeadTimeout: Optional[float] = 30.0
+    #: Envoy's C{stream_idle_timeout}: seconds an exchange may see no byte either way
+    #: (C{None}: forever).
+    streamIdleTimeout: Optional[float] = 300.0
+    #: The largest response head accepted from the service (502 beyond; Envoy's 80 KiB).
+    maxResponseHeaderBytes: int = 80 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
     #: Worker processes sharing the listeners (C{--workers}; L{sidecar.workers}); 1 is a
     #: single process.
@@ -212,3 +235,5 @@ class ProxyConfig:
     #: C{/app-health/...} (C{sidecar.probes.Prober}s), from C{--app-probers} or
     #: C{ISTIO_KUBE_APP_PROBERS}.
     appProbers: Tuple[Any, ...] = ()
+    #: The outbound listener and the mesh (C{--outbound-listen}), or C{None}.
+    outbound: Optional[OutboundConfig] = None

@@ -73,8 +73,12 @@ def _tls(data: bytes) -> Optional[bool]:
 
 def _requestLine(data: bytes) -> Optional[bool]:
     """
-    Whether C{data} starts with C{METHOD SP TARGET SP HTTP/1.}; C{None} while it is
-    still a prefix of one.
+    Whether C{data} starts an HTTP/1.x request: a token method and a space, then a line
+    that names C{HTTP/} as its protocol; C{None} while the line has not said.  A line
+    that claims HTTP but is malformed (two spaces, a control byte in the target,
+    C{HTTP/2.0} as the version) is HTTP: the HTTP door refuses it with 400 or 505, and
+    its bytes never reach the service unparsed.  A line that ends without naming HTTP
+    (a Redis inline C{GET key}, RTSP) is not.
     """
     n = len(data)
     i = 0
@@ -86,17 +90,11 @@ def _requestLine(data: bytes) -> Optional[bool]:
         return None
     if i == 0 or data[i] != 0x20:
         return False
-    j = i + 1
-    while j < n and data[j] in _TARGET:
-        j += 1
-    if j == n:
-        return None
-    if j == i + 1 or data[j] != 0x20:
-        return False
-    version = data[j + 1:j + 1 + len(_VERSION)]
-    if not _VERSION.startswith(version):
-        return False
-    return True if len(version) == len(_VERSION) else None
+    end = data.find(b"\n", i)
+    line = data[i:end] if end >= 0 else data[i:]
+    if b" HTTP/" in line:
+        return True
+    return False if end >= 0 else None
 
 
 def classify(data: bytes, limit: int = 64 * 1024) -> Optional[str]:
@@ -173,7 +171,8 @@ class DetectingFactory(Factory):
         self.routes = dict(routes)
         self.clock = clock
         self.timeout = timeout
-        self.declared = dict(declared)
+        # The words of the flags (C{http}, C{grpc}, ...) as the kinds of the routes.
+        self.declared = {port: DECLARED.get(protocol, protocol) for port, protocol in declared.items()}
         self.original = original
         self.limit = limit
         self.swap = frozenset(swap)

@@ -15,15 +15,15 @@ from typing import Any, Deque, List, Optional
 
 import httptools
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.exchange import Engine, Exchange
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
-from sidecar.transport import BUFFER_SIZE, prepare
+from sidecar.transport import BUFFER_SIZE, halfClose, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
 #: Why reading from the client is paused (a bit each; reading resumes when none is left).
@@ -77,10 +77,15 @@ class DownstreamProtocol(Protocol):
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
     proto = b"http"
     #: When set, every request on this connection is answered 403 with this body (an
     #: identity the authorization policy refuses).
     denial: Optional[bytes] = None
+    #: A verified mesh peer's L{sidecar.peers.PeerMemory}: each exchange gets the
+    #: peer's labels from it (and the peer-metadata header it sent); C{None} on
+    #: plaintext, where that header is dropped unread.
+    peers: Any = None
     #: Reads so far, and what the doors registry's sweep last saw of it.
     activity = 0
     sweptActivity = -1
@@ -88,6 +93,8 @@ class DownstreamProtocol(Protocol):
     #: A request head has begun and not ended; since when (as the sweep saw it).
     inHead = False
     headSince: Optional[float] = None
+    #: The client's FIN on a tunnel has been passed on.
+    _tunnelReadDone = False
 
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
@@ -243,6 +250,8 @@ class DownstreamProtocol(Protocol):
             raise self._refusal
         self._inBody = True
         exchange = engine.exchange(self, method, req.target, version, req)
+        if self.peers is not None:
+            exchange.peer = self.peers.learn(req.peerMetadata)
         if not parser.should_keep_alive():
             exchange.mustClose = True
         if req.chunked or req.contentLength or req.upgrade:
@@ -379,6 +388,9 @@ class DownstreamProtocol(Protocol):
 
     def startTunnel(self, exchange: Exchange, stream: Any) -> None:
         self.flush()
+        # From now on a FIN from the client is a half-close to pass on, not the end of
+        # the connection (L{readConnectionLost}).
+        alsoProvides(self, IHalfCloseableProtocol)
         self._tunnel = exchange
         self._current = None
         self._producer = stream
@@ -387,6 +399,39 @@ class DownstreamProtocol(Protocol):
         for data in early:
             exchange.tunnelToUpstream(data)
         self._resume(_EXCHANGE | _QUEUE | _UPGRADE)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent its FIN on the tunnel (declared only once tunnelling): the
+        service gets a FIN, and its bytes still reach the client.
+        """
+        if self._tunnelReadDone:
+            return
+        self._tunnelReadDone = True
+        tunnel = self._tunnel
+        if tunnel is None:
+            self._close()
+        else:
+            tunnel.tunnelClientFinished()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN to the client is sent; reading goes on.
+        """
+
+    def finishTunnel(self, exchange: Exchange) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+        halfClose(self.transport)
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        if self._tunnel is exchange:
+            self._tunnel = None
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+        self._close()
 
     def pauseReading(self) -> None:
         self._pause(_EXCHANGE)

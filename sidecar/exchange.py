@@ -27,10 +27,11 @@ from twisted.logger import Logger
 from sidecar.doors import Doors
 from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
 from sidecar.headers import Header, RequestHead, ResponseHead
+from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
-    UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR, UPSTREAM_REQUEST_TIMEOUT,
-    Record,
+    STREAM_IDLE_TIMEOUT, UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR,
+    UPSTREAM_REQUEST_TIMEOUT, UPSTREAM_RETRY_LIMIT_EXCEEDED, Record,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +54,10 @@ DEADLINE_SWEEP = 1.0
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
 
+#: Which ends of a tunnel have sent their FIN (L{Exchange.tunnelEnds}).
+_CLIENT_FIN = 1
+_SERVICE_FIN = 2
+
 
 class Door(Protocol):
     """
@@ -63,6 +68,8 @@ class Door(Protocol):
     clientAddress: str
     peerPrincipal: str
     mutualTLS: bool
+    #: C{"inbound"} (a call to this workload) or C{"outbound"} (a call it makes).
+    direction: str
 
     def sendContinue(self) -> None:
         """Tell the client to go on sending its body (C{100 Continue})."""
@@ -88,6 +95,14 @@ class Door(Protocol):
     def startTunnel(self, exchange: Exchange, stream: UpstreamStream) -> None:
         """After a 101, pass bytes both ways; C{stream} is the producer of the
         service's bytes (register it with the client's transport)."""
+
+    def finishTunnel(self, exchange: Exchange) -> None:
+        """The service sent its FIN on the tunnel: send a FIN to the client once its
+        bytes are written (a half-close), and keep reading from it."""
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        """The tunnel is over: close the client's connection once its bytes are
+        written."""
 
     def pauseReading(self) -> None:
         """Stop reading from the client until L{resumeReading}."""
@@ -118,8 +133,12 @@ class UpstreamStream(Protocol):
         """Pause C{producer} (the client) while the service reads slower than it sends,
         until the request ends."""
 
-    def closeWrite(self) -> None:
-        """After a 101: the client will send no more (half-close towards the service)."""
+    def finishTunnel(self) -> None:
+        """After a 101: the client will send no more; pass its FIN on (a half-close)."""
+
+    def closeTunnel(self) -> None:
+        """After a 101: the tunnel is over; close gracefully (a FIN after what is
+        buffered, never a reset)."""
 
     def abandon(self) -> None:
         """Close without a word: the stream is not reused."""
@@ -212,6 +231,12 @@ class Engine:
     recorder: Recorder
     serverHeader: bytes = b"amazing-proxy"
     responseTimeout: Optional[float] = 60.0
+    #: Envoy's C{stream_idle_timeout}: an exchange with no byte either way for this long
+    #: ends (flag C{SI}); C{None}: never.  Checked by L{sweepStreams}.
+    streamIdleTimeout: Optional[float] = 300.0
+    #: The largest response head, and the most headers in it (Envoy's 80 KiB and 100).
+    maxResponseHeaderBytes: int = 80 * 1024
+    maxResponseHeaders: int = 100
     #: Draining: every response says C{Connection: close} so clients move away.
     draining: bool = False
     #: The open client connections of every front door (for timeouts and drain).
@@ -232,6 +257,15 @@ class Engine:
     awaiting: set = attrs.field(factory=set)
     #: The pending call of L{sweepDeadlines} while any exchange awaits.
     deadlineSweep: Any = attrs.field(default=None, init=False)
+    #: The exchanges' failure warnings, a few per second of each kind at most.
+    warnings: WarningLimit = attrs.field(default=attrs.Factory(lambda self: WarningLimit(self.clock, log),
+                                                               takes_self=True))
+    #: The exchanges that have begun and not ended, of every door (for
+    #: L{sweepStreams}).
+    streams: set = attrs.field(factory=set)
+    #: How many times an idempotent request whose connect failed is tried again on a
+    #: new connection (Envoy's C{connect-failure} retry; exhausted: C{UF,URX}).
+    connectRetries: int = 0
 
     def exchange(self, door: Door, method: bytes, target: bytes, version: str, req: RequestHead) -> Exchange:
         """
@@ -271,6 +305,25 @@ class Engine:
         if self.awaiting and self.deadlineSweep is None:
             self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
 
+    def sweepStreams(self, now: float) -> None:
+        """
+        End the exchanges that have seen no byte either way for L{streamIdleTimeout}.
+
+        Called about once a second (by the service's client sweep): each exchange
+        counts its activity, and this pass notes when the count last moved, so that no
+        timer is scheduled or cancelled per request.  A stall is noticed between the
+        timeout and a second after it.
+        """
+        timeout = self.streamIdleTimeout
+        if not timeout:
+            return
+        for exchange in list(self.streams):
+            if exchange.activity != exchange.sweptActivity:
+                exchange.sweptActivity = exchange.activity
+                exchange.idleSince = now
+            elif now - exchange.idleSince >= timeout:
+                exchange.streamIdleTimedOut()
+
 
 class Exchange:
     """
@@ -292,7 +345,8 @@ class Exchange:
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "deadline", "retried", "readingPaused",
-        "mustClose", "malformed", "pool", "call", "held",
+        "mustClose", "malformed", "pool", "call", "held", "activity", "sweptActivity", "idleSince",
+        "tunnelEnds", "peer", "connectRetried",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -328,6 +382,18 @@ class Exchange:
         self.call: Optional[Call] = None
         #: Response events held while response-head filters decide.
         self.held: Optional[List[Any]] = None
+        #: Events that moved bytes, and what L{Engine.sweepStreams} last saw of it.
+        self.activity = 0
+        self.sweptActivity = -1
+        self.idleSince = 0.0
+        #: Which ends of a tunnel have sent their FIN.
+        self.tunnelEnds = 0
+        #: What is known of the workload at the other end (a
+        #: L{sidecar.peers.PeerLabels}), set by a mutual-TLS door or an upstream over
+        #: mutual TLS the sidecar originated; C{None} otherwise.
+        self.peer: Any = None
+        #: Connects tried again after a connect failure.
+        self.connectRetried = 0
 
     @property
     def finished(self) -> bool:
@@ -362,6 +428,7 @@ class Exchange:
         if limit is not None and self.req.contentLength is not None and self.req.contentLength > limit:
             self._tooLarge()
             return
+        self.engine.streams.add(self)
         chain = self.engine.filters
         if chain is not None:
             req = self.req
@@ -432,6 +499,7 @@ class Exchange:
         phase = self.phase
         if phase == DONE:
             return
+        self.activity += 1
         self.bytesReceived += len(data)
         limit = self.engine.maxRequestBytes
         if limit is not None and self.bytesReceived > limit:
@@ -507,9 +575,16 @@ class Exchange:
         """
         if self.phase != ACQUIRING:
             return
+        retries = self.engine.connectRetries
+        if retries and self.method in IDEMPOTENT:
+            if self.connectRetried < retries:
+                self.connectRetried += 1
+                self.pool.acquire(self, fresh=True)
+                return
+            self.flags.append(UPSTREAM_RETRY_LIMIT_EXCEEDED)
         self._warn("upstream connect to {upstream} failed for {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
-        self.flags.append(UPSTREAM_CONNECT_FAILURE)
+        self.flags.insert(0, UPSTREAM_CONNECT_FAILURE)
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
                               b"reset reason: connection failure")
 
@@ -530,6 +605,7 @@ class Exchange:
         The upstream's final response head arrived, after the forwarding rules.
         """
         self._cancelTimeout()
+        self.activity += 1
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
         call = self.call
         if call is not None and status != 101:
@@ -593,6 +669,7 @@ class Exchange:
         """
         Response body bytes from the upstream (decoded: no framing).
         """
+        self.activity += 1
         if self.call is not None:
             if self.held is not None:
                 self.held.append(data)
@@ -647,6 +724,7 @@ class Exchange:
         """
         Bytes from the upstream on an upgraded connection.
         """
+        self.activity += 1
         self.bytesSent += len(data)
         self.door.writeBody(data)
 
@@ -654,18 +732,65 @@ class Exchange:
         """
         Bytes from the client on an upgraded connection.
         """
+        self.activity += 1
         self.bytesReceived += len(data)
         if self.stream is not None:
             self.stream.sendBody(data)
 
+    def tunnelClientFinished(self) -> None:
+        """
+        The client sent its FIN on an upgraded connection: the service gets a FIN too
+        (never a reset), and its bytes still flow to the client.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _CLIENT_FIN
+        if self.stream is not None:
+            self.stream.finishTunnel()
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
+    def tunnelUpstreamFinished(self) -> None:
+        """
+        The service sent its FIN on an upgraded connection: the client is told at once
+        by a FIN, and its bytes still flow to the service.
+        """
+        self.activity += 1
+        self.tunnelEnds |= _SERVICE_FIN
+        if self.phase != DONE:
+            self.door.finishTunnel(self)
+        if self.tunnelEnds == _CLIENT_FIN | _SERVICE_FIN:
+            self._closeTunnel()
+
     def tunnelClosed(self) -> None:
         """
-        Either side of an upgraded connection closed: the exchange is over.
+        The client's connection of an upgraded exchange is gone: close the service's
+        gracefully (a FIN), and the exchange is over.
         """
         stream, self.stream = self.stream, None
         if stream is not None:
-            stream.abandon()
+            stream.closeTunnel()
         self._end()
+
+    def tunnelUpstreamClosed(self) -> None:
+        """
+        The service's connection of an upgraded exchange is gone: close the client's
+        once what it was sent is written, and the exchange is over.
+        """
+        self.stream = None
+        if self.phase != DONE:
+            self._end()
+            self.door.closeTunnel(self)
+
+    def _closeTunnel(self) -> None:
+        """
+        Both ends have sent their FIN: close both connections.
+        """
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.closeTunnel()
+        if self.phase != DONE:
+            self._end()
+            self.door.closeTunnel(self)
 
     def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
         """
@@ -744,6 +869,32 @@ class Exchange:
         self._dropUpstream()
         self._localReply(413, b"Payload Too Large\n")
 
+    def streamIdleTimedOut(self) -> None:
+        """
+        No byte either way for L{Engine.streamIdleTimeout} (Envoy's stream idle
+        timeout, flag C{SI}): before the response, 504 if the request had all arrived
+        and 408 if not (as Envoy); after it started, the client's connection is closed so
+        that a truncated body is never taken for a complete one.
+        """
+        if self.phase == DONE:
+            return
+        self._warn("stream idle timeout: no byte on {method} {path} to {upstream} for {seconds} s",
+                   seconds=self.engine.streamIdleTimeout)
+        self.flags.append(STREAM_IDLE_TIMEOUT)
+        if self.phase == TUNNEL:
+            stream, self.stream = self.stream, None
+            if stream is not None:
+                stream.abandon()
+            self._end()
+            self.door.closeTunnel(self)
+            return
+        self._dropUpstream()
+        if self.requestDone:
+            self._localReply(504, b"stream timeout")
+        else:
+            self.mustClose = True
+            self._localReply(408, b"stream timeout")
+
     def _timedOut(self) -> None:
         self._cancelTimeout()
         stream, self.stream = self.stream, None
@@ -774,10 +925,11 @@ class Exchange:
 
     def _warn(self, format: str, **fields: Any) -> None:
         """
-        Log why this exchange failed, naming the upstream, the method and the path.
+        Log why this exchange failed, naming the upstream, the method and the path
+        (a few of each kind per second: L{sidecar.logs.WarningLimit}).
         """
-        log.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
-                 path=self.target.decode("latin-1"), **fields)
+        self.engine.warnings.warn(format, upstream=self.pool.address, method=self.method.decode("latin-1"),
+                                  path=self.target.decode("latin-1"), **fields)
 
     def _dropUpstream(self) -> None:
         """
@@ -812,6 +964,7 @@ class Exchange:
         self._go(DONE)
         engine = self.engine
         engine.recorder.requestsActive -= 1
+        engine.streams.discard(self)
         self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False
@@ -836,6 +989,8 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
+            door.direction,
+            self.peer,
         )
         engine.recorder.record(record)
         if self.call is not None and engine.filters.loggers:  # type: ignore[union-attr]

@@ -65,18 +65,24 @@ def _underscoreSpellings(names: frozenset) -> frozenset:
 # What the rules do with a header, by lower-cased name (one dict lookup per header on
 # the hot path; a name not listed passes unchanged).
 (_DROP, _CONNECTION, _FRAMING, _UPGRADE, _EXPECT, _HOST, _FORWARDED_FOR, _REQUEST_ID,
- _USER_AGENT, _LENGTH, _SERVER) = range(11)
+ _USER_AGENT, _LENGTH, _SERVER, _PEER) = range(12)
+#: The mesh peer-metadata header (L{sidecar.peers}): never forwarded either way, its
+#: value kept aside for the mutual-TLS door and the mTLS-originating upstream to read.
+_PEER_METADATA = b"x-sidecar-peer-metadata"
 _REQUEST_KINDS = {name: _DROP for name in HOP_BY_HOP | _OWNED_REQUEST | _underscoreSpellings(_PROTECTED)}
 _REQUEST_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
     b"expect": _EXPECT, b"host": _HOST, b"x-forwarded-for": _FORWARDED_FOR,
     b"x-request-id": _REQUEST_ID, b"user-agent": _USER_AGENT, b"content-length": _LENGTH,
+    _PEER_METADATA: _PEER,
 })
+_REQUEST_KINDS.update({name: _DROP for name in _underscoreSpellings(frozenset([_PEER_METADATA]))})
 _RESPONSE_KINDS = {name: _DROP for name in HOP_BY_HOP}
 _RESPONSE_KINDS.update({
     b"connection": _CONNECTION, b"transfer-encoding": _FRAMING, b"upgrade": _UPGRADE,
-    b"server": _DROP, b"content-length": _LENGTH,
+    b"server": _DROP, b"content-length": _LENGTH, _PEER_METADATA: _PEER,
 })
+_RESPONSE_KINDS.update({name: _DROP for name in _underscoreSpellings(frozenset([_PEER_METADATA]))})
 
 #: What C{--headers-with-underscores} may say (Envoy's C{headers_with_underscores_action}).
 UNDERSCORE_ACTIONS = ("allow", "drop", "reject")
@@ -113,6 +119,14 @@ def validAuthority(value: bytes) -> bool:
         return False
     port = match.group(1)
     return port is None or int(port) <= 65535
+
+
+#: Tokens a service's C{Connection} header may not nominate for removal: the proxy frames
+#: the body from its own parse (C{Content-Length} is the parsed length, C{Transfer-Encoding}
+#: is the proxy's own), and C{Server} is the proxy's.  Other nominated headers go.
+_RESPONSE_UNNOMINABLE = frozenset([
+    b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding", b"server",
+])
 
 
 def newRequestId(_bits=random.getrandbits) -> str:
@@ -156,6 +170,8 @@ class RequestHead:
     @ivar error: a sentence when the head must be refused, else C{None}.
     @ivar status: the status to refuse it with (400, or 501 for a transfer coding the
         proxy does not implement).
+    @ivar peerMetadata: the value of the mesh peer-metadata header, which is never
+        forwarded (only a mutual-TLS door reads it), or C{None}.
     """
 
     headers: Headers = attrs.field(factory=list)
@@ -170,6 +186,7 @@ class RequestHead:
     upgrade: bool = False
     error: Optional[str] = None
     status: int = 400
+    peerMetadata: Optional[bytes] = None
 
 
 def _originForm(method: bytes, target: bytes, result: RequestHead) -> Tuple[bytes, Optional[bytes]]:
@@ -225,7 +242,8 @@ def requestHead(
     @param target: the request target, as sent (origin-form passes unchanged).
     @param version: C{"1.1"} or C{"1.0"}.
     @param headers: the client's headers, in order and case.
-    @param clientIP: the client's address, appended to C{X-Forwarded-For}.
+    @param clientIP: the client's address, appended to C{X-Forwarded-For} (empty: not
+        appended, as on the outbound path, where the client is the workload itself).
     @param proto: C{b"http"} or C{b"https"}, for C{X-Forwarded-Proto}.
     @param extra: headers the proxy adds (e.g. C{X-Forwarded-Client-Cert}).
     @param defaultHost: the C{Host} given to an HTTP/1.0 request without one (as
@@ -288,6 +306,8 @@ def requestHead(
         elif kind == _USER_AGENT:
             result.userAgent = value.decode("latin-1")
             append(pair)
+        elif kind == _PEER:
+            result.peerMetadata = value
         else:  # _LENGTH: framing, written by the upstream codec from the parse
             lengths += 1
             value = value.strip()
@@ -338,13 +358,15 @@ def requestHead(
             result.error = "HTTP/1.0 request without a Host header"
     if host is not None:
         result.authority = host.decode("latin-1")
-    forwarded.append(clientIP.encode("ascii"))
+    if clientIP:
+        forwarded.append(clientIP.encode("ascii"))
     xff = b", ".join(forwarded)
     result.forwardedFor = xff.decode("latin-1")
     if result.error is not None:
         return result
 
-    out.append((b"X-Forwarded-For", xff))
+    if xff:
+        out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", proto))
     if not result.requestId:
         result.requestId = newRequestId()
@@ -368,20 +390,28 @@ class ResponseHead:
     @ivar contentLength: the body length when the upstream gave one.
     @ivar upgrade: the upstream's C{Upgrade} header value on a 101, else C{None}.
     @ivar chunked: the upstream framed the body as chunked.
+    @ivar error: why the head can't be forwarded (a 502), else C{None}.
+    @ivar peerMetadata: the value of the mesh peer-metadata header, never passed to the
+        client (only an mTLS-originating upstream reads it), or C{None}.
     """
 
     headers: Headers
     contentLength: Optional[int] = None
     upgrade: Optional[bytes] = None
     chunked: bool = False
+    error: Optional[str] = None
+    peerMetadata: Optional[bytes] = None
 
 
 def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     """
     Apply the forwarding rules to an upstream response head.
 
-    Hop-by-hop headers and those named in C{Connection} go; C{Server} is replaced by
-    ours; repeated headers (several C{Set-Cookie}) keep their order and case.
+    Hop-by-hop headers and those named in C{Connection} go, except the framing headers
+    and C{Server} (L{_RESPONSE_UNNOMINABLE}): framing always comes from the proxy's own
+    parse, so C{Connection: Content-Length} cannot unframe a body.  C{Server} is
+    replaced by ours; C{Content-Length} is re-written from its parsed value; repeated
+    headers (several C{Set-Cookie}) keep their order and case.
 
     @param headers: the upstream's headers.
     @param server: our C{Server} header value.
@@ -392,25 +422,35 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
     contentLength = None
     upgrade = None
     chunked = False
+    error = None
+    peer = None
     kinds = _RESPONSE_KINDS
     for pair in headers:
         kind = kinds.get(pair[0].lower())
         if kind is None:
             append(pair)
         elif kind == _LENGTH:
-            # Framing: the front door writes it from the parse.
+            # Framing: the front door writes it from the parse (llhttp has refused a
+            # second one and anything but digits).
             contentLength = int(pair[1])
         elif kind == _CONNECTION:
             connection.extend(connectionTokens(pair[1]))
         elif kind == _FRAMING:
+            # Only one "chunked" can be forwarded: the proxy re-frames the body, and a
+            # content coding (gzip, chunked) would reach the client unlabelled.  nginx
+            # answers 502 the same way.
+            if chunked or pair[1].strip().lower() != b"chunked":
+                error = "unsupported Transfer-Encoding"
             chunked = True
         elif kind == _UPGRADE:
             upgrade = pair[1]
+        elif kind == _PEER:
+            peer = pair[1]
     if connection:
-        named = set(connection) - {b"close", b"keep-alive", b"upgrade"}
+        named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
-    return ResponseHead(out, contentLength, upgrade, chunked)
+    return ResponseHead(out, contentLength, upgrade, chunked, error, peer)
 
 
 def bodyForbidden(method: bytes, status: int) -> bool:

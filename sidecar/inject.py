@@ -935,6 +935,7 @@ def proxyContainer(
     resources: dict[str, dict[str, str]] | None = None,
     protocols: Sequence[str] = (),
     probers: dict[str, dict[str, Any]] | None = None,
+    original: bool = False,
 ) -> dict[str, Any]:
     """
     The proxy container.
@@ -947,6 +948,8 @@ def proxyContainer(
         (L{protocolArgs}).
     @param probers: the app containers' probes the proxy performs for the
         kubelet (L{rewriteProbes}), given as C{ISTIO_KUBE_APP_PROBERS}.
+    @param original: every inbound port is captured (C{*}): the proxy forwards
+        each connection to the port it was dialled on (C{--upstream original}).
     @return: the container.
     """
     if settings.tlsSecret:
@@ -962,7 +965,7 @@ def proxyContainer(
         listen = ["--listen", str(settings.proxyPort)]
         ports = [{"name": "sidecar-http", "containerPort": settings.proxyPort}]
     ports.append({"name": "sidecar-health", "containerPort": settings.healthPort})
-    args = [*listen, "--upstream", str(servicePort), *protocols]
+    args = [*listen, "--upstream", "original" if original else str(servicePort), *protocols]
     if settings.outbound:
         args += ["--outbound-listen", str(settings.outboundPort)]
     # The proxy's defaults are the admin on 127.0.0.1:15000 and the health port
@@ -1111,7 +1114,8 @@ def injectTemplate(
     initContainers = [initContainer(settings, inbound, excluded, outbound)]
     containers = _without(spec.get("containers"), ours)
     proxy = proxyContainer(
-        settings, servicePort, resources, protocolArgs(protocols, inbound, excluded), probers)
+        settings, servicePort, resources, protocolArgs(protocols, inbound, excluded), probers,
+        original=list(inbound) == ["*"])
     if settings.nativeSidecar:
         initContainers.append(proxy)
     else:

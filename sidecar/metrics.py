@@ -190,22 +190,78 @@ def requestProtocol(protocol: str) -> str:
     return "http" if protocol.upper().startswith("HTTP") else protocol.lower() or UNKNOWN
 
 
-def seriesLabels(key: Tuple[str, int, str, str, bool], static: Mapping[str, str],
-                 principal: str) -> Tuple[str, ...]:
+def _peerSide(side: str, peer: Any) -> Dict[str, str]:
     """
-    The Istio label values, in L{ISTIO_LABELS} order, of the recorder's series C{key}.
+    The C{source_*} or C{destination_*} workload labels of a peer (a
+    L{sidecar.peers.PeerLabels}; C{None}: nothing known, all C{unknown}).
+    """
+    if peer is None:
+        workload = namespace = app = version = cluster = UNKNOWN
+    else:
+        workload, namespace, app = peer.workload, peer.namespace, peer.app
+        version, cluster = peer.version, peer.cluster
+    labels = {
+        f"{side}_workload": workload,
+        f"{side}_workload_namespace": namespace,
+        f"{side}_app": app,
+        f"{side}_version": version,
+        f"{side}_cluster": cluster,
+        f"{side}_canonical_service": app if app != UNKNOWN else workload,
+        f"{side}_canonical_revision": version if version != UNKNOWN else ("latest" if peer is not None else UNKNOWN),
+    }
+    if side == "destination":
+        service = UNKNOWN if peer is None else peer.service
+        if service != UNKNOWN:
+            name, _, rest = service.partition(".")
+            serviceNamespace = rest.partition(".")[0] or namespace
+        else:
+            name, serviceNamespace = app, namespace
+        labels["destination_service"] = service
+        labels["destination_service_name"] = name or UNKNOWN
+        labels["destination_service_namespace"] = serviceNamespace or UNKNOWN
+    return labels
 
-    Under mutual TLS the source principal is the client's SPIFFE id (and its namespace
-    the source namespace) and the destination principal our own; otherwise both are
-    C{unknown}, as Istio reports plaintext traffic.
+
+def seriesLabels(key: Tuple[Any, ...], static: Mapping[str, str], principal: str) -> Tuple[str, ...]:
     """
-    protocol, status, flags, peer, mutualTLS = key
+    The Istio label values, in L{ISTIO_LABELS} order, of the recorder's series C{key}
+    (protocol, status, flags, peer principal, mutual TLS, and optionally the direction
+    and the peer's labels).
+
+    Inbound (C{reporter="destination"}): the destination is this workload; under
+    mutual TLS the source principal is the client's SPIFFE id (and its namespace the
+    source namespace) and the destination principal our own, and the other source
+    labels come from the peer metadata of a verified mesh client; otherwise every
+    source label and both principals are C{unknown}, as Istio reports plaintext.
+
+    Outbound (C{reporter="source"}): the source is this workload, the destination
+    what the sidecar learnt of the peer (its certificate and metadata) when it
+    originated mutual TLS; a destination outside the mesh is Istio's
+    C{PassthroughCluster}.
+    """
+    protocol, status, flags, peerPrincipal, mutualTLS = key[:5]
+    direction = key[5] if len(key) > 5 else "inbound"
+    peer = key[6] if len(key) > 6 else None
     labels = dict(static)
     labels["request_protocol"] = requestProtocol(protocol)
     labels["response_code"] = str(status)
     labels["response_flags"] = flags or "-"
     labels["connection_security_policy"] = "mutual_tls" if mutualTLS else "none"
-    labels["source_principal"] = peer if (mutualTLS and peer) else UNKNOWN
+    if direction == "outbound":
+        labels["reporter"] = "source"
+        for name in ("workload", "workload_namespace", "app", "version", "cluster", "canonical_service",
+                     "canonical_revision"):
+            labels["source_" + name] = static["destination_" + name]
+        labels["source_principal"] = principal if mutualTLS else UNKNOWN
+        labels.update(_peerSide("destination", peer))
+        if peer is None and not mutualTLS:
+            labels["destination_service"] = labels["destination_service_name"] = "PassthroughCluster"
+        remote = peer.principal if peer is not None else ""
+        labels["destination_principal"] = remote if (mutualTLS and remote) else UNKNOWN
+        return tuple(labels[name] for name in ISTIO_LABELS)
+    labels["source_principal"] = peerPrincipal if (mutualTLS and peerPrincipal) else UNKNOWN
+    if mutualTLS and peer is not None:
+        labels.update(_peerSide("source", peer))
     match = _SPIFFE.match(labels["source_principal"])
     labels["source_workload_namespace"] = match.group(1) if match else UNKNOWN
     labels["destination_principal"] = principal if mutualTLS else UNKNOWN
@@ -286,6 +342,8 @@ class SidecarCollector:
         C{context.failures}), or C{None} without mutual TLS.
     @ivar accessLog: the L{sidecar.accesslog.AccessLog} (C{dropped}, C{buffered},
         C{limit}), or C{None} without an access log.
+    @ivar logStream: returns twistd's log stream (L{sidecar.logs.LogStream}: C{dropped}),
+        or C{None} when twistd's log is left as it is (a file).
     @ivar runtime: more collectors whose families follow ours (L{runtimeCollectors});
         they are read when scraped, in the formatting thread, never per request.
     """
@@ -293,9 +351,11 @@ class SidecarCollector:
     def __init__(self, recorder: Recorder, pool: Any, engine: Any, mesh: MeshLabels,
                  startTime: float, version: str = "",
                  localPrincipal: Callable[[], str] = lambda: "", tls: Any = None,
-                 accessLog: Any = None, runtime: Sequence[Any] = ()) -> None:
+                 accessLog: Any = None, runtime: Sequence[Any] = (),
+                 logStream: Callable[[], Any] = lambda: None) -> None:
         self.tls = tls
         self.accessLog = accessLog
+        self.logStream = logStream
         self.runtime = tuple(runtime)
         self.recorder = recorder
         self.localPrincipal = localPrincipal
@@ -335,9 +395,12 @@ class SidecarCollector:
         log = self.accessLog
         frozenLog = None if log is None else SimpleNamespace(dropped=log.dropped, buffered=log.buffered,
                                                              limit=log.limit)
+        stream = self.logStream()
+        frozenStream = None if stream is None else SimpleNamespace(dropped=stream.dropped)
         return SidecarCollector(frozenRecorder, frozenPool, frozenEngine, self.mesh,  # type: ignore[arg-type]
                                 self.startTime, self.version, localPrincipal=lambda: principal,
-                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime)
+                                tls=frozenTLS, accessLog=frozenLog, runtime=self.runtime,
+                                logStream=lambda: frozenStream)
 
     def requestSeries(self) -> Dict[Tuple[str, ...], _Merged]:
         """
@@ -392,10 +455,10 @@ class SidecarCollector:
         """
         recorder, pool = self.recorder, self.pool
         yield GaugeMetricFamily(
-            "sidecar_downstream_connections_active", "Client connections open now.",
+            "sidecar_downstream_connections_active", "Client connections open now (HTTP and opaque TCP).",
             value=recorder.downstreamConnectionsActive)
         yield CounterMetricFamily(
-            "sidecar_downstream_connections_total", "Client connections accepted.",
+            "sidecar_downstream_connections_total", "Client connections accepted (HTTP and opaque TCP).",
             value=recorder.downstreamConnectionsTotal)
         yield GaugeMetricFamily(
             "sidecar_requests_active",
@@ -449,6 +512,11 @@ class SidecarCollector:
             yield GaugeMetricFamily(
                 "sidecar_access_log_buffered_bytes",
                 "Access log bytes waiting for the log's output to take them.", value=accessLog.buffered)
+        stream = self.logStream()
+        yield CounterMetricFamily(
+            "sidecar_log_dropped_lines_total",
+            "Lines of the sidecar's own log dropped because its output was not read and the buffer was full.",
+            value=0 if stream is None else stream.dropped)
         tls = self.tls
         if tls is not None:
             for name, help, value in (
@@ -516,18 +584,20 @@ TCP_LABELS: Tuple[str, ...] = tuple(
     name for name in ISTIO_LABELS if name not in ("response_code", "grpc_response_status"))
 
 
-def tcpLabels(key: Tuple[str, str, bool], static: Mapping[str, str], principal: str) -> Tuple[str, ...]:
+def tcpLabels(key: Tuple[Any, ...], static: Mapping[str, str], principal: str) -> Tuple[str, ...]:
     """
     The Istio label values, in L{TCP_LABELS} order, of the recorder's TCP series C{key}
-    (flags, peer principal, mutual TLS), with C{request_protocol="tcp"} and the
-    principals as L{seriesLabels} reports them.
+    (flags, peer principal, mutual TLS, and optionally the direction and the peer's
+    labels), with C{request_protocol="tcp"} and the rest as L{seriesLabels} reports
+    them.
     """
-    flags, peer, mutualTLS = key
-    labels = dict(zip(ISTIO_LABELS, seriesLabels(("tcp", 0, flags, peer, mutualTLS), static, principal)))
+    flags, peer, mutualTLS = key[:3]
+    labels = dict(zip(ISTIO_LABELS, seriesLabels(("tcp", 0, flags, peer, mutualTLS) + tuple(key[3:]),
+                                                 static, principal)))
     return tuple(labels[name] for name in TCP_LABELS)
 
 
-def snapshotTcp(recorder: Any) -> Dict[Tuple[str, str, bool], Any]:
+def snapshotTcp(recorder: Any) -> Dict[Tuple[Any, ...], Any]:
     """
     A copy of the recorder's TCP counters, for L{SidecarCollector.snapshot}.
     """
@@ -557,6 +627,10 @@ def tcpMetrics(recorder: Any, static: Mapping[str, str], principal: str) -> Iter
     }
     merged: Dict[Tuple[str, ...], List[int]] = {}
     for key, series in list(getattr(recorder, "tcp", {}).items()):
+        if not (series.opened or series.closed or series.received or series.sent):
+            # Nothing counted (a connection's counts moved to its peer's labels once
+            # its mutual TLS was verified): no series.
+            continue
         labels = tcpLabels(key, static, principal)
         into = merged.setdefault(labels, [0, 0, 0, 0])
         into[0] += series.opened

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from sidecar.detect import HTTP1, TLS, DetectingFactory, Detector, firstByte
 from sidecar.downstream import DownstreamFactory, DownstreamProtocol
+from sidecar.peers import PeerMemory
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
 from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
 
@@ -71,6 +72,8 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         admission = self.tls.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
         self.peerPrincipal = admission.principal
         self._extra = [(XFCC, admission.xfcc)]
+        if admission.allowed and admission.principal:
+            self.peers = PeerMemory(admission.principal)
         if not admission.allowed:
             self.denial = DENIAL_BODY
             self.tls.denials += 1
@@ -81,6 +84,16 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
 
     def extraRequestHeaders(self) -> List[Tuple[bytes, bytes]]:
         return self._extra
+
+    def startResponse(self, exchange: Any, status: int, reason: bytes, head: Any) -> None:
+        """
+        A mesh peer that said who it is (the peer-metadata header, on this verified
+        connection) is told who we are in the response.
+        """
+        metadata = self.tls.localMetadata
+        if metadata and exchange.req.peerMetadata is not None and self.peers is not None:
+            head.headers.append((PEER_HEADER, metadata))
+        DownstreamProtocol.startResponse(self, exchange, status, reason, head)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         timer, self._handshakeTimer = self._handshakeTimer, None
@@ -107,6 +120,9 @@ class MutualTLSDownstreamFactory(DownstreamFactory):
         proto.factory = self
         return proto
 
+
+#: The peer-metadata header as the sidecar writes it (L{sidecar.peers}).
+PEER_HEADER = b"X-Sidecar-Peer-Metadata"
 
 #: The first byte of a TLS handshake record.
 TLS_HANDSHAKE_RECORD = b"\x16"
@@ -173,6 +189,9 @@ class MutualTLS:
         self.handshakeTimeouts = 0
         #: Seconds a client has to complete its TLS handshake before it is cut off.
         self.handshakeTimeout = HANDSHAKE_TIMEOUT
+        #: This workload's peer metadata (L{sidecar.peers.metadataOf}), told to mesh
+        #: peers that tell theirs; empty: none told.
+        self.localMetadata = b""
         self._admissions: Dict[Tuple[bytes, str], Admission] = {}
 
     @classmethod

@@ -177,6 +177,13 @@ class OriginalDestinations:
             engine = self.engines[port] = PortEngine(self.engine, pool)
         return engine
 
+    def totals(self, first: Any) -> PoolTotals:
+        """
+        The metrics' view of C{first} (the configured upstream's pool) and every
+        per-port pool, summed.
+        """
+        return PoolTotals(lambda: [first, *self.pools.values()])
+
     def sweep(self) -> None:
         """
         Close idle upstream connections in every pool (for the pool timer).
@@ -190,3 +197,31 @@ class OriginalDestinations:
         """
         for pool in list(self.pools.values()):
             pool.closeAll()
+
+
+class PoolTotals:
+    """
+    Several upstream pools seen as one by the metrics (the C{sidecar_upstream_*}
+    families): the counters and gauges summed, the idle connections and the waiting
+    requests as one list each, read when asked.
+    """
+
+    def __init__(self, pools: Any) -> None:
+        """
+        @param pools: returns the pools, now.
+        """
+        self._pools = pools
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(pool, name) for pool in self._pools())
+
+    def _join(self, name: str) -> list:
+        return [item for pool in self._pools() for item in getattr(pool, name)]
+
+    active = property(lambda self: self._sum("active"))
+    connecting = property(lambda self: self._sum("connecting"))
+    connects = property(lambda self: self._sum("connects"))
+    connectFailures = property(lambda self: self._sum("connectFailures"))
+    overflows = property(lambda self: self._sum("overflows"))
+    idle = property(lambda self: self._join("idle"))
+    pending = property(lambda self: self._join("pending"))

@@ -32,7 +32,7 @@ import re
 from io import BytesIO
 from typing import Any, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -45,6 +45,7 @@ from sidecar import http1
 from sidecar.exchange import Engine, Exchange
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.headers import Headers, RequestHead, ResponseHead, requestHead
+from sidecar.transport import halfClose
 
 _CHUNK = 64 * 1024
 
@@ -78,10 +79,14 @@ def _address(peer: Any) -> tuple:
     return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
+@implementer(IHalfCloseableProtocol)
 class _Tunnel(Protocol):
     """
-    Takes over the client's transport from twisted.web after a 101.
+    Takes over the client's transport from twisted.web after a 101.  A FIN from the
+    client is passed on to the service as a FIN (a half-close), never a reset.
     """
+
+    readDone = False
 
     def __init__(self, exchange: Exchange, channel: Optional[SidecarChannel]) -> None:
         self.exchange = exchange
@@ -93,6 +98,14 @@ class _Tunnel(Protocol):
         if channel is not None:
             channel.activity += 1
         self.exchange.tunnelToUpstream(data)
+
+    def readConnectionLost(self) -> None:
+        if not self.readDone:
+            self.readDone = True
+            self.exchange.tunnelClientFinished()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Any = None) -> None:
         self.exchange.tunnelClosed()
@@ -114,6 +127,7 @@ class WebDoor:
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
 
     def __init__(self, request: Request, engine: Engine) -> None:
         self.request = request
@@ -405,6 +419,26 @@ class WebDoor:
         transport.write(http1.switchingProtocols(reason, response.headers, response.upgrade or b""))
         transport.registerProducer(stream, True)
 
+    def finishTunnel(self, exchange: Exchange) -> None:
+        """
+        The service sent its FIN: send one to the client after what is buffered.
+        """
+        transport = self._tunnel.transport if self._tunnel is not None else None
+        if transport is not None:
+            if transport.producer is not None:
+                transport.unregisterProducer()
+            halfClose(transport)
+
+    def closeTunnel(self, exchange: Exchange) -> None:
+        """
+        The tunnel is over: close the client's connection after what is buffered.
+        """
+        transport = self._tunnel.transport if self._tunnel is not None else None
+        if transport is not None:
+            if transport.producer is not None:
+                transport.unregisterProducer()
+            transport.loseConnection()
+
     def _unhook(self) -> None:
         if self._producer is not None:
             self._producer = None
@@ -556,6 +590,7 @@ class _RefusalDoor:
 
     peerPrincipal = ""
     mutualTLS = False
+    direction = "inbound"
 
     def __init__(self, channel: HTTPChannel) -> None:
         self.channel = channel

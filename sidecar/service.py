@@ -78,6 +78,8 @@ class SidecarService(MultiService):
         self.reactor = reactor
         self._adopted = list(adopted)
         self.accessLog: Optional[AccessLog] = None
+        #: twistd's own log, when it writes without blocking (L{sidecar.logs}).
+        self.logStream: Any = None
         sinks = []
         output = openAccessLog(config.accessLog)
         if output is not None:
@@ -93,6 +95,8 @@ class SidecarService(MultiService):
             responseTimeout=config.upstream.responseTimeout,
             headersWithUnderscores=config.headersWithUnderscores,
             maxRequestBytes=config.maxRequestBytes,
+            streamIdleTimeout=config.streamIdleTimeout,
+            maxResponseHeaderBytes=config.maxResponseHeaderBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
@@ -102,6 +106,9 @@ class SidecarService(MultiService):
             from sidecar.mtls import MutualTLS
 
             self.tls = MutualTLS.fromConfig(config.tls, reactor)
+            from sidecar.peers import metadataOf
+
+            self.tls.localMetadata = metadataOf(config.mesh)
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
             reload.clock = reactor
             reload.setServiceParent(self)
@@ -136,6 +143,51 @@ class SidecarService(MultiService):
         if self.tls is not None and config.tls.listen is not None:
             self.listeners.append(self._listen(config.tls.listen, self.tls.detectingServerFactory(
                 self.detectingFactory(underTLS=True)), proxied=True))
+        self.outbound = None
+        if config.outbound is not None:
+            self.listeners.append(self._listen(config.outbound.listen, self.outboundFactory(), proxied=True))
+
+    def outboundFactory(self) -> Any:
+        """
+        The outbound listener's factory (L{sidecar.outbound}): the workload's own
+        connections, each to its original destination, detected as inbound ones are;
+        HTTP/1.x at L7 on a pool per destination, the rest spliced; mutual TLS
+        originated to the mesh.
+        """
+        from sidecar.detect import HTTP1, NO_ROUTE, TCP, DetectingFactory
+        from sidecar.outbound import OutboundDestinations, meshPolicy
+        from sidecar.peers import metadataOf
+        from sidecar.record import OUTBOUND
+
+        config, reactor = self.config, self.reactor
+        out = config.outbound
+        tls = self.tls if (out.meshNetworks or out.meshPeers) else None
+        policy = meshPolicy(out.meshNetworks, out.meshPeers, tls.material.localId if tls is not None else "")
+        self.outbound = OutboundDestinations(
+            reactor, config.upstream, self.engine, config.maxHeaderBytes, policy,
+            tls.context if tls is not None else None, metadataOf(config.mesh))
+        TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.outbound.sweep).setServiceParent(self)
+
+        def http1(detector: Any) -> Any:
+            destination = detector.destination
+            return self.outbound.get(destination.host, destination.port).doors.buildProtocol(detector.addr)
+
+        def tcp(detector: Any) -> Any:
+            destination = detector.destination
+            found = self.outbound.get(destination.host, destination.port)
+            return self.tcp.splice(destination.host, destination.port, detector.how, None, detector.started,
+                                   origination=found.tcp, direction=OUTBOUND)
+
+        def refuse(detector: Any) -> Any:
+            destination = detector.destination
+            return self.tcp.refusal(
+                f"the outbound listener's connection to {destination.host}:{destination.port} has no original "
+                f"destination (no iptables REDIRECT brought it here)")
+
+        return DetectingFactory(
+            {HTTP1: http1, TCP: tcp, NO_ROUTE: refuse}, reactor, config.protocolDetectTimeout,
+            dict(config.portProtocols), original=True, limit=config.maxHeaderBytes,
+            swap=frozenset([HTTP1]))
 
     def detectingFactory(self, underTLS: bool = False, permissive: bool = False) -> Any:
         """
@@ -201,10 +253,13 @@ class SidecarService(MultiService):
 
         config, reactor = self.config, self.reactor
         self.startTime = reactor.seconds()
+        # With --upstream original, the gauges sum the pools of every port dialled.
+        pools = self.pool if self.originals is None else self.originals.totals(self.pool)
         self.collector = SidecarCollector(
-            self.recorder, self.pool, self.engine, config.mesh, self.startTime, __version__,
+            self.recorder, pools, self.engine, config.mesh, self.startTime, __version__,
             localPrincipal=lambda: getattr(getattr(getattr(self, "tls", None), "material", None), "localId", "") or "",
-            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors())
+            tls=self.tls, accessLog=self.accessLog, runtime=runtimeCollectors(),
+            logStream=lambda: self.logStream)
         self.adminListeners = []
         self.healthListeners = []
         self.lifecycle = Lifecycle(
@@ -279,6 +334,7 @@ class SidecarService(MultiService):
         now = self.reactor.seconds()
         self.engine.doors.sweep(now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
         self.tcp.sweep(now)
+        self.engine.sweepStreams(now)
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:
@@ -295,6 +351,10 @@ class SidecarService(MultiService):
         self.pool.closeAll()
         if self.originals is not None:
             self.originals.closeAll()
+        self.engine.warnings.flush()
+        self.tcp.warnings.flush()
+        if self.outbound is not None:
+            self.outbound.closeAll()
         if self.accessLog is not None:
             self.accessLog.flush()
         return d

@@ -53,8 +53,9 @@ class Histogram:
 
 
 #: The labels by which requests are counted: protocol, status, flags, peer principal,
-#: whether the connection was mutual TLS.
-SeriesKey = Tuple[str, int, str, str, bool]
+#: whether the connection was mutual TLS, the direction and the peer's labels (a
+#: hashable L{sidecar.peers.PeerLabels}, made once per connection, or C{None}).
+SeriesKey = Tuple[str, int, str, str, bool, str, object]
 
 
 class Series:
@@ -86,8 +87,9 @@ class TcpSeries:
         self.sent = 0
 
 
-#: The labels by which TCP connections are counted: flags, peer principal, mutual TLS.
-TcpKey = Tuple[str, str, bool]
+#: The labels by which TCP connections are counted: flags, peer principal, mutual TLS,
+#: direction, the peer's labels.
+TcpKey = Tuple[str, str, bool, str, object]
 
 
 class Recorder:
@@ -120,7 +122,8 @@ class Recorder:
         Count one finished exchange.  This is on the hot path: a dict lookup, three
         bisects (L{Histogram.observe}, inlined) and the sinks.
         """
-        key = (rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS)
+        key = (rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS, rec.direction,
+               rec.peer)
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series()
@@ -149,12 +152,13 @@ class Recorder:
         """
         return sum(s.requests for s in self.series.values())
 
-    def tcpSeries(self, flags: str, principal: str, mutualTLS: bool) -> TcpSeries:
+    def tcpSeries(self, flags: str, principal: str, mutualTLS: bool, direction: str = "inbound",
+                  peer: object = None) -> TcpSeries:
         """
         The TCP counters of one label set, made on first use; a splice keeps the one
         it counts its bytes into.
         """
-        key = (flags, principal, mutualTLS)
+        key = (flags, principal, mutualTLS, direction, peer)
         series = self.tcp.get(key)
         if series is None:
             series = self.tcp[key] = TcpSeries()
@@ -162,10 +166,11 @@ class Recorder:
 
     def recordTcp(self, rec: object) -> None:
         """
-        Count one finished TCP connection (a L{sidecar.tcp.TcpRecord}) as closed under
+        Count one finished TCP connection (a L{sidecar.record.TcpRecord}) as closed under
         its flags, and pass it to the TCP sinks.  Its bytes were counted as they flowed.
         """
-        self.tcpSeries(rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS).closed += 1  # type: ignore[attr-defined]
+        self.tcpSeries(rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS,  # type: ignore[attr-defined]
+                       rec.direction, rec.peer).closed += 1  # type: ignore[attr-defined]
         self.lastTcpRecord = rec
         for sink in self.tcpSinks:
             sink(rec)

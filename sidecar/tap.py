@@ -10,7 +10,7 @@ endpoint check.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import attrs
 from twisted.python import usage
@@ -113,6 +113,7 @@ def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSCon
     from sidecar.tls import TLSFileError, TLSFiles, loadMaterial
 
     mode = (options["tls-mode"] or "").strip().lower()
+    originates = bool(options.get("mesh-networks") or options.get("mesh-peer"))
     if mode not in TLS_MODES:
         raise usage.UsageError(f"--tls-mode: {options['tls-mode']!r} is not one of {', '.join(TLS_MODES)}.")
     tlsListen = None
@@ -122,10 +123,12 @@ def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSCon
         tlsListen = _endpoint("--tls-listen", options["tls-listen"])
     allow = tuple(options.get("tls-allow", ()))
     given = [flag for flag in ("tls-cert", "tls-key", "tls-ca") if options[flag]]
-    if tlsListen is None and mode == "strict":
+    if tlsListen is None and mode == "strict" and not (originates and given):
         if given or allow:
             raise usage.UsageError(f"--{(given or ['tls-allow'])[0]}: mutual TLS needs --tls-listen (or --tls-mode permissive).")
         return None
+    if tlsListen is None and mode == "strict" and allow:
+        raise usage.UsageError("--tls-allow: mutual TLS needs --tls-listen (or --tls-mode permissive).")
     if mode == "permissive" and listen is None:
         raise usage.UsageError("--tls-mode permissive: needs the plain --listen port, which accepts both there.")
     for flag in ("tls-cert", "tls-key", "tls-ca"):
@@ -142,6 +145,53 @@ def _tlsConfig(options: usage.Options, listen: Optional[str]) -> Optional[TLSCon
         raise usage.UsageError(str(e))
     paths = [os.path.abspath(path) for path in given]  # twistd may change directory later
     return TLSConfig(listen=tlsListen, cert=paths[0], key=paths[1], ca=paths[2], allow=allow, mode=mode)
+
+
+def _outboundConfig(options: usage.Options) -> Optional[Any]:
+    """
+    C{--outbound-listen}, C{--mesh-networks} and C{--mesh-peer} as an
+    L{OutboundConfig}, or C{None} without an outbound listener.
+    """
+    import ipaddress
+
+    from sidecar.config import OutboundConfig
+    from sidecar.spiffe import InvalidSpiffeId, parseAllowRule
+
+    networks = []
+    for value in (options["mesh-networks"] or "").split(","):
+        value = value.strip()
+        if not value:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise usage.UsageError(f"--mesh-networks: {value!r} is not an IPv4 or IPv6 CIDR.")
+    peers = []
+    for value in options.get("mesh-peer", ()):
+        cidr, sep, identity = value.partition("=")
+        try:
+            network = str(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            network = ""
+        if not sep or not network:
+            raise usage.UsageError(f"--mesh-peer: {value!r} is not CIDR=SPIFFE-ID.")
+        try:
+            parseAllowRule(identity)
+        except InvalidSpiffeId as e:
+            raise usage.UsageError(f"--mesh-peer: {e}.")
+        peers.append((network, identity.strip()))
+    if options["outbound-listen"] is None:
+        if networks or peers:
+            raise usage.UsageError(
+                f"--{'mesh-networks' if networks else 'mesh-peer'}: the mesh is reached through the outbound "
+                f"listener; give --outbound-listen too.")
+        return None
+    if (networks or peers) and not options["tls-cert"]:
+        raise usage.UsageError(
+            f"--{'mesh-networks' if networks else 'mesh-peer'}: mutual TLS to the mesh needs this workload's "
+            f"--tls-cert, --tls-key and --tls-ca.")
+    return OutboundConfig(_endpoint("--outbound-listen", options["outbound-listen"], allowNone=False),
+                          tuple(networks), tuple(peers))
 
 
 def _port(flag: str, value: str) -> int:
@@ -216,6 +266,8 @@ class Options(usage.Options):
         ["headers-with-underscores", None, "allow",
          "Request headers with an underscore in their name: allow, drop or reject (400)."],
         ["max-request-bytes", None, None, "Largest request body accepted, in bytes; past it, 413 (default: no limit)."],
+        ["max-response-header-bytes", None, "81920", "Largest response head accepted from the service, in bytes (502 past it)."],
+        ["stream-idle-timeout", None, "300", "Seconds a request/response may see no byte either way before it ends (0: never)."],
         ["client-idle-timeout", None, "300", "Seconds an idle client connection is kept open (0: forever)."],
         ["request-head-timeout", None, "30", "Seconds a client may take to send a request head; then 408 (0: forever)."],
         ["drain-timeout", None, "5", "Seconds the listeners stay open once draining, answering with Connection: close."],
@@ -238,7 +290,17 @@ class Options(usage.Options):
         ["opaque-ports", None, None, "Ports (as dialled) passed through as opaque TCP without detection: 6379,25,..."],
         ["app-probers", None, None, "JSON of the app's probes the health port performs at /app-health/... "
          "(default: ISTIO_KUBE_APP_PROBERS; sidecar-inject writes it)."],
+        ["outbound-listen", None, None, "Listener for the workload's outgoing connections (the init script's -o): "
+                                        "a port (all interfaces) or a Twisted endpoint."],
+        ["mesh-networks", None, None, "CIDRs inside the mesh (comma list): outbound connections there get mutual "
+                                      "TLS with this workload's certificate, the server in our trust domain."],
     ]
+
+    def opt_mesh_peer(self, value: str) -> None:
+        """
+        CIDR=SPIFFE-ID: outbound connections to CIDR get mutual TLS and the server must be that id (repeatable).
+        """
+        self.setdefault("mesh-peer", []).append(value)
 
     def opt_port_protocol(self, value: str) -> None:
         """
@@ -332,6 +394,7 @@ class Options(usage.Options):
         maxRequestBytes = None
         if self["max-request-bytes"] is not None:
             maxRequestBytes = _count("--max-request-bytes", self["max-request-bytes"], 0)
+        maxResponseHeaderBytes = _count("--max-response-header-bytes", self["max-response-header-bytes"], 1024)
         self["config"] = ProxyConfig(
             listen=listen,
             upstream=UpstreamConfig(
@@ -358,6 +421,8 @@ class Options(usage.Options):
             maxRequestBytes=maxRequestBytes,
             clientIdleTimeout=_seconds("--client-idle-timeout", self["client-idle-timeout"], allowZero=True) or None,
             requestHeadTimeout=_seconds("--request-head-timeout", self["request-head-timeout"], allowZero=True) or None,
+            streamIdleTimeout=_seconds("--stream-idle-timeout", self["stream-idle-timeout"], allowZero=True) or None,
+            maxResponseHeaderBytes=maxResponseHeaderBytes,
         )
         self._lifecycleAndLabels()
         self["config"] = attrs.evolve(
@@ -372,14 +437,18 @@ class Options(usage.Options):
                 "--upstream original: readiness cannot check one service port; drop --ready-requires-upstream "
                 "and --wait-for-upstream, or give a fixed --upstream.")
         tls = _tlsConfig(self, listen)
-        if original and tls is not None and tls.listen is not None:
+        if original and tls is not None and tls.listen is not None and listen is not None:
             raise usage.UsageError(
-                "--upstream original: connections to --tls-listen are not redirected, so they have no port to go "
-                "to; use --tls-mode permissive, which takes mutual TLS on the redirected ports.")
+                "--upstream original: connections to --tls-listen are not redirected while --listen takes them, so "
+                "they have no port to go to; use --tls-mode permissive, which takes mutual TLS on the redirected "
+                "ports, or --listen none to redirect to --tls-listen (STRICT).")
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
         _workersOption(self, listen, tls)
-        if listen is None and (tls is None or tls.listen is None):
+        outbound = _outboundConfig(self)
+        if outbound is not None:
+            self["config"] = attrs.evolve(self["config"], outbound=outbound)
+        if listen is None and (tls is None or tls.listen is None) and outbound is None:
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
         _noForegroundPidfile(getattr(self, "parent", None))
 
@@ -428,6 +497,7 @@ def makeService(options: Options):
     """
     from twisted.internet import reactor
 
+    from sidecar.logs import takeOverRunnerLog
     from sidecar.reactor import tuneCollector
     from sidecar.service import makeService as assemble
 
@@ -437,10 +507,16 @@ def makeService(options: Options):
 
         service = WorkersService(config, reactor, config.workers)
         service.lifecycle.handleSignals = True
+        stream = takeOverRunnerLog(getattr(options, "parent", None), service, reactor)
+        if stream is not None:
+            # The workers write their access logs to the same output: whole lines only.
+            stream.writer.wholeLines = True
         return service
     service = assemble(config, reactor)
     # A process of its own: tune the garbage collector once start-up is over.
     reactor.callWhenRunning(tuneCollector)
     # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
     service.lifecycle.handleSignals = True
+    # twistd's own log on a pipe must not block the reactor either.
+    takeOverRunnerLog(getattr(options, "parent", None), service, reactor)
     return service

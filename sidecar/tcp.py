@@ -18,71 +18,60 @@ The timeline of one connection::
 
 Bytes are counted into the recorder's TCP series as they flow, so that a long
 connection shows progress in the metrics before it ends.
+
+While both sides are plain TCP sockets (no TLS layer) the bytes are moved by the
+kernel (L{KernelPath}): C{splice(2)} from one socket into a pipe and from the pipe
+into the other socket, never copied into Python, the pipe's fill playing the part of
+the write buffer for backpressure.  Whenever Twisted holds bytes or a close for the
+destination (the bytes sent before the connect, a half-close) a read takes Twisted's
+own path, so the order of bytes and FINs is always Twisted's.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, List, Optional, Tuple
 
-import attrs
+from twisted.internet import main, tcp
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor, IHalfCloseableProtocol, IHandshakeListener, ISSLTransport,
+)
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.compat import writeQueueEmpty
+from sidecar.logs import WarningLimit
+from sidecar.record import (
+    DOWNSTREAM_CONNECTION_TERMINATION, NO_ROUTE_FOUND, STREAM_IDLE_TIMEOUT, UNAUTHORIZED, UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_CONNECTION_TERMINATION, TcpRecord,
+)
+from sidecar.transport import BUFFER_SIZE
+
 log = Logger()
 
-UPSTREAM_CONNECTION_FAILURE = "UF"
-UPSTREAM_CONNECTION_TERMINATION = "UC"
-DOWNSTREAM_CONNECTION_TERMINATION = "DC"
-NO_ROUTE_FOUND = "NR"
-STREAM_IDLE_TIMEOUT = "SI"
-UNAUTHORIZED = "RBAC"
+#: Envoy's response flags, as the HTTP records use them (L{sidecar.record}).
+UPSTREAM_CONNECTION_FAILURE = UPSTREAM_CONNECT_FAILURE
 
 
-@attrs.frozen
-class TcpRecord:
+def _close(transport: Any) -> None:
     """
-    What happened to one opaque TCP connection.  Times are seconds from the reactor's
-    clock.
-
-    @ivar startTime: when the connection was handed to the splice (epoch seconds).
-    @ivar duration: from C{startTime} until both sides were closed.
-    @ivar bytesReceived: bytes received from the client (sent on to the service unless
-        the connection was refused).
-    @ivar bytesSent: bytes sent to the client (received from the service).
-    @ivar upstreamHost: C{host:port} of the service, C{""} when none was chosen.
-    @ivar flags: Envoy-style flags joined with C{","} (C{UF}, C{UC}, C{DC}, C{NR},
-        C{SI}, C{RBAC}), or C{"-"}.
-    @ivar downstreamRemoteAddress: the client's C{host:port}.
-    @ivar downstreamPeerPrincipal: the client's SPIFFE id under mutual TLS.
-    @ivar mutualTLS: whether the connection came over mutual TLS.
-    @ivar detected: how detection chose TCP: C{tcp} (unknown bytes), C{tls}, C{http2},
-        C{timeout} (the client said nothing: a server-first protocol), C{declared},
-        C{closed} (the client half-closed first), C{nr}.
-    @ivar detail: why the connection ended, in words, when it was not a clean close.
+    Close C{transport} once its bytes are out.  A TLS layer waits for its producer to
+    be unregistered before it sends C{close_notify}, and the splice's producer (the
+    other side) stays registered, so it is let go first.
     """
+    transport.unregisterProducer()
+    transport.loseConnection()
 
-    startTime: float
-    duration: float
-    bytesReceived: int
-    bytesSent: int
-    upstreamHost: str
-    flags: str
-    downstreamRemoteAddress: str
-    downstreamPeerPrincipal: str = ""
-    mutualTLS: bool = False
-    detected: str = ""
-    detail: str = ""
 
-    @property
-    def protocol(self) -> str:
-        """
-        Istio's C{request_protocol}: always C{tcp}.
-        """
-        return "tcp"
+def _halfCloses(transport: Any) -> bool:
+    """
+    Whether C{transport} passes a FIN on by itself: plain TCP does; a TLS layer (which
+    claims its TCP transport's interfaces) does not.
+    """
+    return IHalfCloseableDescriptor.providedBy(transport) and not ISSLTransport.providedBy(transport)
 
 
 def _address(peer: Any) -> str:
@@ -107,10 +96,13 @@ class TcpProxy:
         self.connectTimeout = connectTimeout
         self.idleTimeout = idleTimeout
         self.splices: set = set()
+        #: The splices' failure warnings, a few per second of each kind at most.
+        self.warnings = WarningLimit(reactor, log)
 
     def splice(self, host: str, port: int, detected: str,
                identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
-               started: Optional[float] = None) -> TcpSplice:
+               started: Optional[float] = None, origination: Any = None,
+               direction: str = "inbound") -> TcpSplice:
         """
         A splice of the next client connection to C{host:port}.
 
@@ -118,8 +110,17 @@ class TcpProxy:
             allowed)} from its transport (C{None}: no certificate).
         @param started: when the connection was accepted (default: when the splice
             takes it).
+        @param origination: mutual TLS to originate to the service (an
+            L{sidecar.outbound.Origination}: C{wrap(factory)} and
+            C{verify(transport)}), or C{None} for plain TCP.
+        @param direction: C{inbound} or C{outbound}, for the record and metrics.
         """
-        return TcpSplice(self, host, port, detected, identify, started)
+        splice = TcpSplice(self, host, port, detected, identify, started)
+        splice.direction = direction
+        if origination is not None:
+            splice.origination = origination
+            splice.mutualTLS = True
+        return splice
 
     def refusal(self, detail: str) -> Refusal:
         """
@@ -157,17 +158,169 @@ class Refusal(Protocol):
         proxy = self.proxy
         now = proxy.reactor.seconds()
         client = _address(self.transport.getPeer())
-        log.warn("connection from {client} closed ({flag}): {detail}",
-                 client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
+        proxy.warnings.warn("connection from {client} closed ({flag}): {detail}",
+                            client=client, flag=NO_ROUTE_FOUND, detail=self.detail)
         series = proxy.recorder.tcpSeries("-", "", False)
         series.opened += 1
+        proxy.recorder.downstreamConnectionsTotal += 1
         proxy.recorder.recordTcp(TcpRecord(now, 0.0, 0, 0, "", NO_ROUTE_FOUND, client,
                                            detected="nr", detail=self.detail))
         self.transport.loseConnection()
 
 
+#: The pipe of one direction of a kernel splice, and the most moved per read: 1 MiB
+#: (Linux's default C{/proc/sys/fs/pipe-max-size}); a pipe that cannot be made so large
+#: keeps the kernel's default (64 KiB).
+PIPE_BYTES = 1 << 20
+
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def _pipe() -> Tuple[int, int]:
+    read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        import fcntl
+
+        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+    except OSError:
+        pass  # over pipe-user-pages-soft, or a smaller pipe-max-size: the default size
+    return read, write
+
+
+def kernelSpliceable(one: Any, other: Any) -> bool:
+    """
+    Whether two transports are both plain TCP connections (not a TLS layer, not a test
+    transport) on a system with C{os.splice}.
+    """
+    return _SPLICE is not None and isinstance(one, tcp.Connection) and isinstance(other, tcp.Connection)
+
+
+class KernelPath:
+    """
+    One direction of a splice between two plain TCP transports, moved by the kernel:
+    C{source} socket → pipe → C{destination} socket.
+
+    It takes the place of C{source.doRead} and C{destination.doWrite} (instance
+    attributes; the reactor calls them as before).  A read moves what the socket holds
+    into the empty pipe and as much as the destination takes out of it; what it does
+    not take pauses the source's reads and waits for the destination to be writable,
+    so at most one pipe (L{PIPE_BYTES}) is held per direction.  A read while Twisted
+    holds bytes or a close for the destination, or once it is gone, is Twisted's own
+    (C{dataReceived}, C{write}), so order and half-close are Twisted's.  End of stream
+    and errors are returned to the reactor as C{doRead} returns them (so a FIN is a
+    half-close).  A destination that fails a splice gets the bytes through its own
+    C{write}, which meets the error and closes the connection as Twisted does.
+
+    @ivar pending: bytes in the pipe, not yet taken by the destination.
+    @ivar moved: bytes read by the kernel's path so far (not Twisted's).
+    """
+
+    pending = 0
+    moved = 0
+    _pipe: Optional[Tuple[int, int]] = None
+    _paused = False
+
+    def __init__(self, source: tcp.Connection, destination: tcp.Connection,
+                 count: Callable[[int], None]) -> None:
+        """
+        @param count: called with the number of bytes of every read (the counters).
+        """
+        self.source = source
+        self.destination = destination
+        self.count = count
+        self._sourceFd = source.socket.fileno()
+        self._destinationFd = destination.socket.fileno()
+        self._idle = writeQueueEmpty(destination)
+        self._twistedRead = source.doRead
+        self._twistedWrite = destination.doWrite
+        source.doRead = self.doRead  # type: ignore[method-assign]
+        destination.doWrite = self.doWrite  # type: ignore[method-assign]
+
+    def doRead(self) -> Any:
+        if self.pending:
+            return None
+        if not self._idle():
+            return self._twistedRead()
+        pipe = self._pipe
+        if pipe is None:
+            try:
+                pipe = self._pipe = _pipe()
+            except OSError:  # out of descriptors: Twisted's way for this read
+                return self._twistedRead()
+        try:
+            n = _SPLICE(self._sourceFd, pipe[1], PIPE_BYTES, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        self.count(n)
+        self.moved += n
+        self.pending = n
+        self._flush()
+        return None
+
+    def doWrite(self) -> Any:
+        if self.pending:
+            self._flush()
+            if self.pending:
+                return None
+        return self._twistedWrite()
+
+    def _flush(self) -> None:
+        pending = self.pending
+        read = self._pipe[0]  # type: ignore[index]
+        try:
+            while pending:
+                pending -= _SPLICE(read, self._destinationFd, pending, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError:
+            chunks = []
+            while pending:
+                chunk = os.read(read, pending)
+                pending -= len(chunk)
+                chunks.append(chunk)
+            self.pending = 0
+            self._resume()
+            self.destination.write(b"".join(chunks))
+            return
+        self.pending = pending
+        if pending:
+            if not self._paused:
+                self._paused = True
+                self.source.stopReading()
+            self.destination.startWriting()
+        else:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self.source.connected and not self.source.disconnecting:
+                self.source.startReading()
+
+    def close(self) -> None:
+        """
+        Give both transports back their own methods and close the pipe.
+        """
+        for transport, name in ((self.source, "doRead"), (self.destination, "doWrite")):
+            if name in vars(transport):
+                delattr(transport, name)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+        self.pending = 0
+
+
 @implementer(IHalfCloseableProtocol)
 class _UpstreamSide(Protocol):
+    #: The transport passes a FIN on by itself (plain TCP; TLS has no half-close).
+    halfClose = True
+
     """
     The service's side of a splice: every event goes to the splice.
     """
@@ -191,6 +344,40 @@ class _UpstreamSide(Protocol):
         self.splice.upstreamLost(reason)
 
 
+@implementer(IHandshakeListener)
+class _VerifiedUpstreamSide(_UpstreamSide):
+    """
+    The service's side of a splice over mutual TLS the sidecar originated: the splice
+    hears of it once the handshake is over and the server's SPIFFE id is the one
+    expected; until then nothing of the client's is sent.
+    """
+
+    halfClose = False
+    _verified = False
+
+    def connectionMade(self) -> None:
+        pass
+
+    def handshakeCompleted(self) -> None:
+        splice = self.splice
+        principal, problem = splice.origination.verify(self.transport)
+        if problem is not None:
+            self.problem = problem
+            self.transport.abortConnection()
+            return
+        self._verified = True
+        splice.verified(principal)
+        splice.upstreamConnected(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self._verified:
+            self.splice.upstreamLost(reason)
+            return
+        problem = getattr(self, "problem", None)
+        self.splice.upstreamConnectFailed(
+            reason if problem is None else Failure(ConnectionDone(f"mutual TLS refused: {problem}")))
+
+
 class _UpstreamFactory(ClientFactory):
     noisy = False
 
@@ -198,6 +385,8 @@ class _UpstreamFactory(ClientFactory):
         self.splice = splice
 
     def buildProtocol(self, addr: Any) -> _UpstreamSide:
+        if self.splice.origination is not None:
+            return _VerifiedUpstreamSide(self.splice)
         return _UpstreamSide(self.splice)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
@@ -217,6 +406,9 @@ class TcpSplice(Protocol):
 
     upstream: Optional[_UpstreamSide] = None
     connector: Any = None
+    origination: Any = None
+    direction = "inbound"
+    peer: Any = None
 
     def __init__(self, proxy: TcpProxy, host: str, port: int, detected: str,
                  identify: Optional[Callable[[Any], Optional[Tuple[str, bool]]]] = None,
@@ -244,6 +436,7 @@ class TcpSplice(Protocol):
         self._upstreamLost = False
         self._recorded = False
         self.series: Any = None
+        self.kernelPaths: Tuple[KernelPath, ...] = ()
 
     # -- the client's side -----------------------------------------------------------
 
@@ -251,7 +444,7 @@ class TcpSplice(Protocol):
         proxy = self.proxy
         self.start = proxy.reactor.seconds() if self.started is None else self.started
         self.clientAddress = _address(self.transport.getPeer())
-        self.halfClose = IHalfCloseableDescriptor.providedBy(self.transport)
+        self.halfClose = _halfCloses(self.transport)
         allowed = True
         if self.identify is not None:
             self.mutualTLS = True
@@ -260,15 +453,38 @@ class TcpSplice(Protocol):
                 allowed = False
             else:
                 self.principal, allowed = identity
-        self.series = proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS)
+        recorder = proxy.recorder
+        self.series = recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction)
         self.series.opened += 1
+        # A client connection as the doors' are (Envoy's listener counts every one).
+        recorder.downstreamConnectionsActive += 1
+        recorder.downstreamConnectionsTotal += 1
         proxy.splices.add(self)
         if not allowed:
             self._fail(UNAUTHORIZED, "the client's identity is not allowed by --tls-allow")
             return
         self.transport.pauseProducing()
-        self.connector = proxy.reactor.connectTCP(self.host, self.port, _UpstreamFactory(self),
-                                                  timeout=proxy.connectTimeout)
+        factory: Any = _UpstreamFactory(self)
+        if self.origination is not None:
+            factory = self.origination.wrap(factory)
+        self.connector = proxy.reactor.connectTCP(self.host, self.port, factory, timeout=proxy.connectTimeout)
+
+    def verified(self, principal: str) -> None:
+        """
+        The mutual TLS the sidecar originated is up with a server whose SPIFFE id is
+        C{principal}: count this connection under the destination's labels from now on
+        (what was counted before moves with it).
+        """
+        from sidecar.peers import fromPrincipal
+
+        self.peer = fromPrincipal(principal)
+        old = self.series
+        new = self.series = self.proxy.recorder.tcpSeries("-", self.principal, self.mutualTLS, self.direction,
+                                                          self.peer)
+        old.opened -= 1
+        new.opened += 1
+        old.received -= self.bytesReceived
+        new.received += self.bytesReceived
 
     def dataReceived(self, data: bytes) -> None:
         n = len(data)
@@ -288,7 +504,11 @@ class TcpSplice(Protocol):
         self._clientFin = True
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.loseWriteConnection()
+            if upstream.halfClose:
+                upstream.transport.loseWriteConnection()
+            else:
+                # TLS has no half-close: close once the client's bytes are out.
+                _close(upstream.transport)
             self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
@@ -316,10 +536,10 @@ class TcpSplice(Protocol):
         """
         Close both sides gracefully (drain).
         """
-        self.transport.loseConnection()
+        _close(self.transport)
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.loseConnection()
+            _close(upstream.transport)
 
     # -- the service's side ----------------------------------------------------------
 
@@ -336,10 +556,34 @@ class TcpSplice(Protocol):
         client = self.transport
         client.registerProducer(out, True)
         out.registerProducer(client, True)
+        for transport in (client, out):
+            if isinstance(transport, tcp.Connection):
+                # As Envoy's tcp_proxy: no Nagle delay on a request/answer protocol.
+                try:
+                    transport.setTcpNoDelay(True)
+                except OSError:
+                    pass
+                transport.bufferSize = BUFFER_SIZE
+        if kernelSpliceable(client, out):
+            self.kernelPaths = (KernelPath(client, out, self._countReceived),
+                                KernelPath(out, client, self._countSent))
         if self._clientFin:
-            out.loseWriteConnection()
+            if upstream.halfClose:
+                out.loseWriteConnection()
+            else:
+                _close(out)
         else:
             client.resumeProducing()
+
+    def _countReceived(self, n: int) -> None:
+        self.bytesReceived += n
+        self.series.received += n
+        self.activity += 1
+
+    def _countSent(self, n: int) -> None:
+        self.bytesSent += n
+        self.series.sent += n
+        self.activity += 1
 
     def upstreamConnectFailed(self, reason: Failure) -> None:
         self.connector = None
@@ -365,7 +609,7 @@ class TcpSplice(Protocol):
         if self.halfClose:
             self.transport.loseWriteConnection()
         else:
-            self.transport.loseConnection()
+            _close(self.transport)
         self._closeIfDone()
 
     def upstreamLost(self, reason: Failure) -> None:
@@ -399,8 +643,8 @@ class TcpSplice(Protocol):
     def _fail(self, flag: str, detail: str) -> None:
         self._flag(flag, detail)
         self._upstreamLost = True
-        log.warn("TCP connection from {client} closed ({flag}): {detail}",
-                 client=self.clientAddress, flag=flag, detail=detail)
+        self.proxy.warnings.warn("TCP connection from {client} closed ({flag}): {detail}",
+                                 client=self.clientAddress, flag=flag, detail=detail)
         self.transport.loseConnection()
 
     def _maybeRecord(self) -> None:
@@ -408,8 +652,12 @@ class TcpSplice(Protocol):
                                                         and self.connector is None)):
             return
         self._recorded = True
+        paths, self.kernelPaths = self.kernelPaths, ()
+        for path in paths:
+            path.close()
         proxy = self.proxy
         proxy.splices.discard(self)
+        proxy.recorder.downstreamConnectionsActive -= 1
         proxy.recorder.recordTcp(TcpRecord(
             self.start,
             proxy.reactor.seconds() - self.start,
@@ -422,4 +670,6 @@ class TcpSplice(Protocol):
             self.mutualTLS,
             self.detected,
             self.detail,
+            self.direction,
+            self.peer,
         ))

@@ -81,12 +81,17 @@ class ServerMaterial:
     @ivar localId: our own SPIFFE id from our certificate, or C{""}.
     @ivar serial: our certificate's serial number.
     @ivar digest: SHA-256 over the three files' contents (which generation this is).
+    @ivar clientContext: the pyOpenSSL client context of the same generation, for the
+        mutual TLS the sidecar originates to mesh destinations: the same certificate
+        and key presented, the server's certificate verified against the same CAs
+        (its SPIFFE id is checked after the handshake, L{sidecar.outbound}).
     """
 
     context: SSL.Context
     localId: str
     serial: int
     digest: str
+    clientContext: Optional[SSL.Context] = None
 
 
 def _read(flag: str, path: str) -> bytes:
@@ -173,7 +178,40 @@ def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: byte
 
     local = peerIdentity(leaf)
     digest = hashlib.sha256(b"\0".join([certData, keyData, caData])).hexdigest()
-    return ServerMaterial(context, local.principal, leaf.serial_number, digest)
+    return ServerMaterial(context, local.principal, leaf.serial_number, digest,
+                          _clientContext(files, leaf, chain[1:], key, authorities))
+
+
+def _clientContext(files: TLSFiles, leaf: x509.Certificate, extras: Sequence[x509.Certificate], key: Any,
+                   authorities: Sequence[x509.Certificate]) -> SSL.Context:
+    """
+    The client side of the same material: TLS 1.2 and 1.3, the same suites, our
+    certificate and key presented, the server's chain verified against the CAs (no
+    host name check: a mesh server is identified by its SPIFFE id, checked after the
+    handshake), no renegotiation.  ALPN is set per connection.
+    """
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_cipher_list(TLS12_CIPHERS)
+    try:
+        context.use_certificate(leaf)
+        for extra in extras:
+            context.add_extra_chain_cert(extra)
+        context.use_privatekey(key)
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise TLSFileError("--tls-key", files.key, f"is refused by OpenSSL with the certificate in {files.cert} ({e})")
+    store = context.get_cert_store()
+    assert store is not None
+    for authority in authorities:
+        try:
+            store.add_cert(crypto.X509.from_cryptography(authority))
+        except crypto.Error:
+            pass
+    context.set_verify(SSL.VERIFY_PEER)
+    return context
 
 
 def _selectALPN(connection: SSL.Connection, offered: List[bytes]) -> Any:
@@ -237,6 +275,15 @@ class RotatingServerContext:
         A new server connection on the current context.
         """
         return SSL.Connection(self.material.context, None)
+
+    def clientConnection(self) -> SSL.Connection:
+        """
+        A new client connection on the current generation's client context (for the
+        mutual TLS the sidecar originates): it rotates with the server side.
+        """
+        connection = SSL.Connection(self.material.clientContext, None)
+        connection.set_connect_state()
+        return connection
 
     def check(self) -> bool:
         """

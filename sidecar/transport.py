@@ -103,3 +103,15 @@ def _optimistic(transport: tcp.Connection) -> Tuple[Write, WriteSequence]:
             sent = 0
 
     return write, writeSequence
+
+
+def halfClose(transport: Any) -> None:
+    """
+    Send a FIN on C{transport} once what is buffered is written, and keep reading
+    (a TCP half-close).  A transport that cannot half-close (a TLS layer, which would
+    need its own close_notify first) is closed whole, gracefully.
+    """
+    if isinstance(transport, tcp.Connection):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()

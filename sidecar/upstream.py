@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
 import httptools
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.config import UpstreamConfig
 from sidecar.headers import responseHead
-from sidecar.transport import prepare
+from sidecar.transport import halfClose, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -36,6 +36,12 @@ CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
 
 _STOP_HEAD = "head"
 _STOP_EXTRA = "extra"
+_STOP_ERROR = "error"
+
+
+def _unregisterProducer(transport: Any) -> None:
+    if transport is not None and getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 class _HeadDone(Exception):
@@ -52,9 +58,17 @@ class UpstreamConnection(Protocol):
 
     It is also the producer of the response body: the front door registers it with the
     client's transport, which pauses it when the client reads slowly.
+
+    After a 101 it becomes one end of a tunnel and declares L{IHalfCloseableProtocol}
+    (only then: before, the end of the service's stream is the end of the connection,
+    as always): a FIN from the service is passed on to the client as a FIN, and the
+    client's FIN reaches the service as one (L{finishTunnel}).
     """
 
     exchange: Optional[Exchange] = None
+    #: Over mutual TLS the sidecar originated: the server's L{sidecar.peers.PeerMemory}
+    #: (its verified id, and the metadata its responses carry).
+    peers: Any = None
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -76,6 +90,13 @@ class UpstreamConnection(Protocol):
         self._chunked = False
         self._sourceDoor: Any = None
         self._stop: Optional[str] = None
+        self._error = ""
+        #: Bytes of the response head so far, and its headers (llhttp keeps a partial
+        #: header in memory until it ends: the count of bytes fed bounds it).
+        self._headBytes = 0
+        self._maxHeadBytes = 80 * 1024
+        self._maxHeaders = 100
+        self._readDone = False
         #: The response's Content-Length (while its body is read), the body bytes the
         #: parser has passed on, and the body bytes still to come that bypass the
         #: parser (L{dataReceived}).
@@ -94,7 +115,14 @@ class UpstreamConnection(Protocol):
         self.exchange = exchange
         self.reused = reused
         self.parser = httptools.HttpResponseParser(self)
+        # RFC 9112 2.2: a recipient MAY take a bare LF for a line end.  The head is
+        # re-serialised with CRLF, so the client never sees one.
+        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.responseStarted = False
+        self._headBytes = 0
+        engine = exchange.engine
+        self._maxHeadBytes = engine.maxResponseHeaderBytes
+        self._maxHeaders = engine.maxResponseHeaders
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
@@ -153,13 +181,6 @@ class UpstreamConnection(Protocol):
                 self.transport.unregisterProducer()
             door.resumeProducing()
 
-    def closeWrite(self) -> None:
-        """
-        After a 101: the client sent its last byte; pass the half-close on.
-        """
-        if self.transport is not None:
-            self.transport.loseWriteConnection()
-
     def abandon(self) -> None:
         """
         Close this connection without a word: it will not be reused.
@@ -184,7 +205,12 @@ class UpstreamConnection(Protocol):
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.abandon()
+        # The client's connection is gone.  A tunnel's service gets a FIN, as from
+        # Envoy and nginx; an HTTP response cut short can't be reused: abort.
+        if self.tunnel:
+            self.closeTunnel()
+        else:
+            self.abandon()
 
     # -- the transport's side --------------------------------------------------------
 
@@ -205,7 +231,21 @@ class UpstreamConnection(Protocol):
         if raw:
             self._rawBody(exchange, data, raw)
             return
-        self.responseStarted = True
+        if not self.responseStarted:
+            self.responseStarted = True
+            if not data.startswith(b"HTTP/1.") and len(data) >= 7:
+                # llhttp takes "HTTP/2.0 200 OK" too; on an HTTP/1.1 connection it is
+                # not a response.
+                self._protocolError("not an HTTP/1.x status line")
+                return
+            if len(data) > 9 and data[9] == 32:
+                # "HTTP/1.1  200 OK": more than one space before the status, which nginx
+                # and Envoy accept.  The status line is re-serialised, so the extra
+                # spaces can go before llhttp (which refuses them) reads it.
+                data = data[:9] + data[9:].lstrip(b" ")
+        inHead = not self._inBody
+        if inHead:
+            self._headBytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -215,15 +255,18 @@ class UpstreamConnection(Protocol):
                 self._complete(self.parser.should_keep_alive())
             elif stop == _STOP_EXTRA:
                 self.abandon()
+            elif stop == _STOP_ERROR:
+                self._protocolError(self._error)
             else:
                 raise
         except httptools.HttpParserUpgrade as e:
             self._upgraded(data[e.args[0]:])
         except httptools.HttpParserError as e:
-            if self.exchange is not None:
-                self.exchange.upstreamProtocolError(str(e))
-            self.transport.abortConnection()
+            self._protocolError(str(e))
         else:
+            if inHead and not self._inBody and self._headBytes > self._maxHeadBytes:
+                # A head that has not ended within the limit (one read past it at most).
+                self._protocolError("response header section too large")
             length = self._length
             if length is not None and self._inBody and self.exchange is exchange:
                 # The rest of a Content-Length body needs no parsing: the next reads
@@ -258,7 +301,7 @@ class UpstreamConnection(Protocol):
         if exchange is None or self._abandoned:
             return
         if self.tunnel:
-            exchange.tunnelClosed()
+            exchange.tunnelUpstreamClosed()
         elif self._eofBody and reason.check(ConnectionDone):
             # A response delimited by the end of the connection ends with a clean close
             # (a reset is a truncation, below).
@@ -288,6 +331,18 @@ class UpstreamConnection(Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
+        if status < 100 or status > 599:
+            self._fail(f"status {status} is not from 100 to 599")
+        headers = self._headers
+        if len(headers) > self._maxHeaders:
+            self._fail("too many response headers")
+        if self._headBytes > self._maxHeadBytes:
+            # The reads of this head (and whatever followed it in them) were larger
+            # than the limit: measure the head itself.
+            size = len(self._reason) + 15 + sum(len(n) + len(v) + 4 for n, v in headers)
+            if size > self._maxHeadBytes:
+                self._fail("response header section too large")
+        self._headBytes = 0
         if status < 200 and status != 101:
             # Interim responses (100, 103) are not forwarded: the proxy answers
             # "Expect: 100-continue" itself.
@@ -300,6 +355,10 @@ class UpstreamConnection(Protocol):
         if exchange is None:
             return
         head = responseHead(self._headers, exchange.engine.serverHeader)
+        if head.error is not None:
+            self._fail(head.error)
+        if self.peers is not None:
+            exchange.peer = self.peers.learn(head.peerMetadata)
         if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
             self._eofBody = head.contentLength is None and not head.chunked
@@ -320,7 +379,65 @@ class UpstreamConnection(Protocol):
             return
         self._complete(self.parser.should_keep_alive())
 
+    # -- the tunnel after a 101 ---------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        """
+        The service half-closed an upgraded connection (a FIN): tell the client the
+        same way.
+        """
+        if self._readDone:
+            return
+        self._readDone = True
+        exchange = self.exchange
+        if exchange is not None and self.tunnel:
+            exchange.tunnelUpstreamFinished()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our FIN to the service is sent; reading goes on.
+        """
+
+    def finishTunnel(self) -> None:
+        """
+        The client will send nothing more: FIN to the service after the bytes already
+        buffered, never a reset.
+        """
+        _unregisterProducer(self.transport)
+        if self.transport is not None:
+            halfClose(self.transport)
+
+    def closeTunnel(self) -> None:
+        """
+        The tunnel is over: close gracefully (a FIN after what is buffered).
+        """
+        self.requestSent()
+        self._abandoned = True
+        self.exchange = None
+        self.pool.lost(self)
+        _unregisterProducer(self.transport)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     # -- internals -------------------------------------------------------------------
+
+    def _fail(self, detail: str) -> None:
+        """
+        Stop llhttp from a callback: the response is malformed (502 C{UPE}).
+        """
+        self._stop = _STOP_ERROR
+        self._error = detail
+        raise _HeadDone()
+
+    def _protocolError(self, detail: str) -> None:
+        """
+        The service sent something that is not a response the proxy can forward: 502
+        (or a cut connection if the head was sent), and this connection is closed.
+        """
+        if self.exchange is not None:
+            self.exchange.upstreamProtocolError(detail)
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _complete(self, keepAlive: bool) -> None:
         self._inBody = False
@@ -342,6 +459,7 @@ class UpstreamConnection(Protocol):
         # Nothing more of the request goes up as HTTP: stop pausing the client for it.
         self.requestSent()
         self.tunnel = True
+        alsoProvides(self, IHalfCloseableProtocol)
         exchange.responseHead(101, self._reason, responseHead(self._headers, exchange.engine.serverHeader))
         exchange.upgradeAccepted(leftover)
 
@@ -360,7 +478,7 @@ class _ConnectAttempt(ClientFactory):
         self.connector: Any = None
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        conn = UpstreamConnection(self.pool)
+        conn = self.pool.connectionClass(self.pool)
         conn.factory = self  # type: ignore[attr-defined]
         return conn
 
@@ -391,10 +509,18 @@ class UpstreamPool:
     the next get a 503 with flag C{UO}, as with Envoy's circuit breakers.
     """
 
-    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig) -> None:
+    #: The connection protocol (a subclass over mutual TLS the sidecar originates).
+    connectionClass = UpstreamConnection
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, config: UpstreamConfig,
+                 wrap: Any = None) -> None:
+        """
+        @param wrap: wraps each connect's factory (a TLS layer), or C{None}.
+        """
         self.reactor = reactor
         self.clock = clock
         self.config = config
+        self.wrap = wrap
         self.address = config.address
         self.idle: List[UpstreamConnection] = []
         self.active = 0
@@ -441,7 +567,8 @@ class UpstreamPool:
         self.connecting += 1
         attempt = _ConnectAttempt(self, exchange)
         connector = self.reactor.connectTCP(
-            self.config.host, self.config.port, attempt, timeout=self.config.connectTimeout
+            self.config.host, self.config.port, attempt if self.wrap is None else self.wrap(attempt),
+            timeout=self.config.connectTimeout
         )
         attempt.connector = connector
         self.attempts[exchange] = attempt

@@ -550,8 +550,13 @@ class WorkersService(MultiService):
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        #: The parent writes no access log; twistd's own log (L{sidecar.logs}).
+        self.accessLog = None
+        self.logStream: Any = None
         sockets = []
-        descriptions = [config.listen] + ([config.tls.listen] if config.tls is not None else [])
+        # In the order the workers' services adopt them (L{SidecarService._listen}).
+        descriptions = ([config.listen] + ([config.tls.listen] if config.tls is not None else [])
+                        + ([config.outbound.listen] if getattr(config, "outbound", None) is not None else []))
         for description in descriptions:
             if description is not None:
                 sockets.append(listeningSocket(description, LISTEN_BACKLOG))

@@ -67,7 +67,8 @@ class FormatTests(unittest.SynchronousTestCase):
             "start_time", "method", "path", "protocol", "response_code", "response_flags",
             "bytes_received", "bytes_sent", "duration_ms", "upstream_service_time_ms",
             "x_forwarded_for", "user_agent", "request_id", "authority", "upstream_host",
-            "downstream_remote_address", "downstream_peer_principal"]))
+            "downstream_remote_address", "downstream_peer_principal", "direction", "upstream_peer_principal"]))
+        self.assertEqual((fields["direction"], fields["upstream_peer_principal"]), ("inbound", None))
         self.assertEqual((fields["response_code"], fields["bytes_received"], fields["bytes_sent"],
                           fields["duration_ms"], fields["upstream_service_time_ms"]), (200, 15, 317, 2, 2))
         self.assertIsNone(fields["downstream_peer_principal"])

@@ -47,17 +47,29 @@ class ClassifyTests(SynchronousTestCase):
                      b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1\r\n"):
             self.assertEqual(classify(line), HTTP1, line)
         line = b"GET /index.html HTTP/1.1"
-        for n in range(1, len(b"GET /index.html HTTP/1.")):
+        for n in range(1, len(b"GET /index.html HTTP/")):
             self.assertIsNone(classify(line[:n]), line[:n])
+
+    def test_malformedHttpIsHttp(self):
+        """
+        A request line that names HTTP but is malformed goes to the HTTP door, which
+        refuses it (400, 505): a control byte in the target, two spaces, a space in the
+        target, HTTP/2.0 or HTTP/3 as the version.  Its bytes never reach the service
+        unparsed, where a lenient server would take it and skip the proxy's header
+        policy.
+        """
+        for data in (b"GET /\x01 HTTP/1.1", b"GET / HTTP/2.0\r\n", b"GET / HTTP/3", b"GET  / HTTP/1.1",
+                     b"GET /foo bar/ HTTP/1.1\r\n", b"GET /g HTTP/1.1 x\r\n"):
+            self.assertEqual(classify(data), HTTP1, data)
 
     def test_notHttp1(self):
         """
-        Bytes that can no longer start a request line are TCP at once: a Redis
-        command, a space first, a control byte in the target, HTTP/2.0 or HTTP/3 as
-        the version, two spaces, a method longer than any.
+        Bytes that can no longer start an HTTP request are TCP at once: a Redis
+        command (inline too), a space first, a method longer than any, RTSP (as
+        Envoy's http_inspector tells it), SSH, binary.
         """
-        for data in (b"*1\r\n$4\r\nPING\r\n", b"PING\r\n", b" GET / HTTP/1.1", b"GET /\x01 HTTP/1.1",
-                     b"GET / HTTP/2.0\r\n", b"GET / HTTP/3", b"GET  / HTTP/1.1", b"A" * 40 + b" / HTTP/1.1",
+        for data in (b"*1\r\n$4\r\nPING\r\n", b"PING\r\n", b"GET key\r\n", b" GET / HTTP/1.1",
+                     b"A" * 40 + b" / HTTP/1.1", b"DESCRIBE rtsp://a/b RTSP/1.0\r\n", b"GET /g RTSP/1.0\r\n",
                      b"\x00\x00\x00", b"SSH-2.0-OpenSSH_9.2\r\n"):
             self.assertEqual(classify(data), TCP, data)
 
@@ -74,12 +86,13 @@ class ClassifyTests(SynchronousTestCase):
     def test_http2(self):
         """
         The HTTP/2 client preface is HTTP/2; its prefixes need more (C{PRI * HTTP/2.0}
-        is not taken for an HTTP/1 request line).
+        is not taken for an HTTP/1 request line); a broken preface names HTTP, so it
+        goes to the HTTP/1 door, which refuses its version (505).
         """
         self.assertEqual(classify(HTTP2_PREFACE + b"\x00\x00\x12\x04"), HTTP2)
         for n in range(1, len(HTTP2_PREFACE)):
             self.assertIsNone(classify(HTTP2_PREFACE[:n]), n)
-        self.assertEqual(classify(b"PRI * HTTP/2.0\r\n\r\nXX"), TCP)
+        self.assertEqual(classify(b"PRI * HTTP/2.0\r\n\r\nXX"), HTTP1)
 
     def test_nothing(self):
         """
@@ -219,6 +232,17 @@ class DetectorTests(Harness, SynchronousTestCase):
         self.built.clear()
         detector, _ = self.connect(declared={80: TCP}, tlsRoute=False)
         self.assertEqual(self.built, [])
+
+    def test_declaredWordsOfTheFlags(self):
+        """
+        The words C{--port-protocol} takes (C{http}, C{http2}, C{grpc}, C{tcp}) are the
+        routes' kinds: a port declared C{http} goes to the HTTP/1 door, never to the
+        TCP splice.
+        """
+        for word, kind in (("http", HTTP1), ("tcp", TCP)):
+            self.built.clear()
+            self.connect(declared={12345: word}, tlsRoute=False)
+            self.assertEqual([p.kind for p in self.built], [kind], word)
 
     def test_declaredPortOnAPermissiveListener(self):
         """

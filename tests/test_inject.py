@@ -350,7 +350,8 @@ class InjectTests(TestCase):
     def test_annotations(self) -> None:
         """
         The pod template's annotations choose the service port, the captured
-        ports (a list, or C{*}) and the ports never captured.
+        ports (a list, or C{*}, which makes the proxy's upstream C{original})
+        and the ports never captured.
         """
         annotations = (
             "      annotations:\n"
@@ -360,7 +361,8 @@ class InjectTests(TestCase):
         )
         spec = podSpecOf(injectOne(workload("Deployment", "apps/v1", annotations=annotations)))
         proxy = container(spec, PROXY_NAME)
-        self.assertEqual(proxy["args"][proxy["args"].index("--upstream") + 1], "9090")
+        # Every port captured: each connection goes to the port it was dialled on.
+        self.assertEqual(proxy["args"][proxy["args"].index("--upstream") + 1], "original")
         self.assertEqual(
             container(spec, INIT_NAME)["args"],
             ["-p", "8000", "-b", "*", "-a", "15000", "-t", "8443", "-d", "15021,22,9125"],

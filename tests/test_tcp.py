@@ -11,20 +11,23 @@ destination.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
 import struct
+import threading
 import time
 from typing import Any, List
 
 from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IHalfCloseableDescriptor
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -36,7 +39,8 @@ from sidecar.metrics import SidecarCollector, prometheusText
 from sidecar.origdst import Destination, dialled, originalDestination, parseSockaddr
 from sidecar.stats import Recorder
 from sidecar.tap import Options
-from sidecar.tcp import TcpProxy, TcpRecord
+from sidecar.record import TcpRecord
+from sidecar.tcp import PIPE_BYTES, TcpProxy, kernelSpliceable
 from tests.support import PYTHON, ChildProcess, freePort, portAnswers
 
 PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
@@ -114,7 +118,7 @@ class SpliceTests(SynchronousTestCase):
         side, upstream = self.connectUpstream()
         splice.dataReceived(b"SET k v\r\n")
         side.dataReceived(b"+OK\r\n")
-        series = self.recorder.tcp[("-", "", False)]
+        series = self.recorder.tcp[("-", "", False, "inbound", None)]
         self.assertEqual((series.opened, series.received, series.sent, series.closed), (1, 9, 5, 0))
         self.assertEqual((upstream.value(), client.value()), (b"SET k v\r\n", b"+OK\r\n"))
         self.reactor.advance(2.5)
@@ -125,7 +129,7 @@ class SpliceTests(SynchronousTestCase):
         self.assertEqual((rec.bytesReceived, rec.bytesSent, rec.upstreamHost, rec.flags, rec.duration,
                           rec.startTime, rec.protocol),
                          (9, 5, "127.0.0.1:6379", "-", 2.5, 1000.0, "tcp"))
-        self.assertEqual(self.recorder.tcp[("-", "", False)].closed, 1)
+        self.assertEqual(self.recorder.tcp[("-", "", False, "inbound", None)].closed, 1)
 
     def test_halfCloseIsPassedOnAsFin(self):
         """
@@ -264,6 +268,64 @@ class SpliceTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         [rec] = self.records
         self.assertEqual((rec.flags, rec.detail), ("NR", "no original destination"))
+
+    def test_countedAsClientConnections(self):
+        """
+        A spliced connection is a client connection in C{sidecar_downstream_connections_*}
+        as the doors' are, active until its record, whatever ended it (a connect
+        failure too); a refused one (NR) is counted as accepted.
+        """
+        recorder = self.recorder
+        splice, client = self.open()
+        other, otherClient = self.open()
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (2, 2))
+        side, upstream = self.connectUpstream()
+        splice.connectionLost(Failure(ConnectionDone()))
+        side.connectionLost(Failure(ConnectionDone()))
+        self.reactor.tcpClients[1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        other.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r.flags for r in self.records], ["-", "UF"])
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (0, 2))
+        self.proxy.refusal("no original destination").makeConnection(HalfTransport())
+        self.assertEqual((recorder.downstreamConnectionsActive, recorder.downstreamConnectionsTotal), (0, 3))
+
+
+class PoolTotalsTests(SynchronousTestCase):
+    """
+    With C{--upstream original} the C{sidecar_upstream_*} families sum the pools of
+    every port dialled.
+    """
+
+    def test_everyPortsPoolIsInTheGauges(self):
+        """
+        The configured pool and two per-port pools: each gauge and counter is the sum,
+        the idle connections and waiting requests of all of them are counted, and a
+        pool made after the collector is built is in the next scrape.
+        """
+        from types import SimpleNamespace
+
+        from sidecar.config import UpstreamConfig
+        from sidecar.origdst import OriginalDestinations
+
+        def pool(**numbers: Any) -> Any:
+            values = dict(active=0, idle=[], connecting=0, connects=0, connectFailures=0, pending=[], overflows=0)
+            values.update(numbers)
+            return SimpleNamespace(**values)
+
+        originals = OriginalDestinations(MemoryReactorClock(), UpstreamConfig(original=True), None)
+        first = pool(active=1, connects=1)
+        totals = originals.totals(first)
+        collector = SidecarCollector(Recorder(), totals, SimpleNamespace(draining=False), MeshLabels(), 0.0)
+        originals.pools[6379] = pool(active=2, idle=[1, 2], connects=5, connectFailures=1, overflows=1)
+        originals.pools[25] = pool(connecting=1, pending=[1], connects=3, connectFailures=2)
+        text = prometheusText(collector.snapshot()).decode()
+        for line in ('sidecar_upstream_connections{state="active"} 3.0',
+                     'sidecar_upstream_connections{state="idle"} 2.0',
+                     'sidecar_upstream_connections{state="connecting"} 1.0',
+                     "sidecar_upstream_connects_total 9.0", "sidecar_upstream_connect_failures_total 3.0",
+                     "sidecar_upstream_pending_requests 1.0", "sidecar_upstream_overflows_total 1.0"):
+            self.assertIn(line, text.splitlines())
+
 
 
 class OriginalDestinationTests(SynchronousTestCase):
@@ -905,3 +967,300 @@ class MutualTLSTcpTests(TestCase):
             tls = self.service.tls
             self.assertEqual((tls.handshakes, tls.denials), (2, 1))
         return deferToThread(run)
+
+
+#: A repeating pattern, so that a byte out of place changes the hash.
+PATTERN = bytes(range(251)) * 4200
+
+
+def sendPattern(sock: socket.socket, total: int) -> bytes:
+    """
+    Send C{total} bytes of L{PATTERN} over and over; return their SHA-256.
+    """
+    digest = hashlib.sha256()
+    left = total
+    while left:
+        part = PATTERN[: min(left, len(PATTERN))]
+        sock.sendall(part)
+        digest.update(part)
+        left -= len(part)
+    return digest.digest()
+
+
+def readAll(sock: socket.socket, limit: int = 1 << 30) -> tuple:
+    """
+    Read until the peer's FIN (at most C{limit} bytes); return the count and SHA-256.
+    """
+    digest = hashlib.sha256()
+    total = 0
+    while total < limit:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        total += len(data)
+        digest.update(data)
+    return total, digest.digest()
+
+
+class KernelSpliceTests(TestCase):
+    """
+    The splice between two plain TCP sockets on the real reactor, moved by the kernel
+    (C{splice(2)} through a pipe): every byte in order, the pipe the only buffer,
+    backpressure, half-close and resets, the counters.  The client and the service are
+    blocking sockets in threads.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        if not hasattr(os, "splice"):
+            raise SkipTest("needs os.splice (Linux, Python 3.10 or later)")
+        self.records: List[TcpRecord] = []
+        self.recorder = Recorder()
+        self.recorder.tcpSinks.append(self.records.append)
+        self.proxy = TcpProxy(reactor, self.recorder, connectTimeout=5.0, idleTimeout=None)
+        self.service = socket.socket()
+        self.addCleanup(self.service.close)
+        self.service.bind(("127.0.0.1", 0))
+        self.service.listen(8)
+        self.service.settimeout(10)
+        servicePort = self.service.getsockname()[1]
+        self.splices: List[Any] = []
+
+        self.replayed = b""
+
+        def build(addr: Any) -> Any:
+            splice = self.proxy.splice("127.0.0.1", servicePort, "declared")
+            self.splices.append(splice)
+            made = splice.connectionMade
+
+            def connectionMade() -> None:
+                # As the detector replays what it read while detecting.
+                made()
+                if self.replayed:
+                    splice.dataReceived(self.replayed)
+
+            splice.connectionMade = connectionMade  # type: ignore[method-assign]
+            return splice
+
+        factory = Factory()
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    def connect(self) -> tuple:
+        """
+        A client connection through the proxy and the service's side of it.
+        """
+        client = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+        self.addCleanup(client.close)
+        accepted, _ = self.service.accept()
+        accepted.settimeout(20)
+        self.addCleanup(accepted.close)
+        return client, accepted
+
+    def record(self) -> TcpRecord:
+        """
+        Wait (up to 10 s) for the one record.
+        """
+        deadline = time.monotonic() + 10
+        while not self.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(len(self.records), 1, self.records)
+        return self.records[0]
+
+    def test_largeTransfersBothWaysByteExact(self):
+        """
+        64 MiB each way at the same time arrive byte for byte, each followed by its
+        FIN; nearly all of it went through the kernel's path (both directions), the
+        record and the metric series count every byte, and the pipes are closed.  Both
+        sockets have Nagle's delay off, as Envoy's C{tcp_proxy}.
+        """
+        total = 64 << 20
+
+        def run() -> None:
+            client, service = self.connect()
+            results: dict = {}
+
+            def serviceSends() -> None:
+                results["serviceSent"] = sendPattern(service, total)
+                service.shutdown(socket.SHUT_WR)
+
+            def serviceReads() -> None:
+                results["serviceGot"] = readAll(service)
+
+            def clientReads() -> None:
+                results["clientGot"] = readAll(client)
+
+            workers = [threading.Thread(target=f) for f in (serviceSends, serviceReads, clientReads)]
+            for worker in workers:
+                worker.start()
+            splice = self.splices[0]
+            deadline = time.monotonic() + 10
+            paths = ()
+            while not paths and time.monotonic() < deadline:
+                paths = blockingCallFromThread(reactor, lambda: splice.kernelPaths)
+                time.sleep(0.01)
+            nodelay = blockingCallFromThread(
+                reactor, lambda: (splice.transport.getTcpNoDelay(), splice.upstream.transport.getTcpNoDelay()))
+            self.assertEqual(nodelay, (True, True))
+            clientSent = sendPattern(client, total)
+            client.shutdown(socket.SHUT_WR)
+            for worker in workers:
+                worker.join(30)
+            clientGot = results["clientGot"]
+            self.assertEqual(results["serviceGot"], (total, clientSent))
+            self.assertEqual(clientGot, (total, results["serviceSent"]))
+            record = self.record()
+            self.assertEqual((record.bytesReceived, record.bytesSent, record.flags), (total, total, "-"))
+            series = self.recorder.tcp[("-", "", False, "inbound", None)]
+            self.assertEqual((series.received, series.sent), (total, total))
+            self.assertEqual(len(paths), 2)
+            for path in paths:
+                self.assertGreater(path.moved, total * 9 // 10)
+            self.assertEqual(splice.kernelPaths, ())
+
+        return deferToThread(run)
+
+    def test_bytesHeldByTwistedGoFirst(self):
+        """
+        Bytes handed over before the connect (4 MiB, as the detector replays what it
+        read) are written by Twisted; the client's bytes read meanwhile take Twisted's
+        path too, and the kernel's only once Twisted holds nothing: the service gets
+        them all in order.
+        """
+        self.replayed = PATTERN[:1000] * 4200
+        total = 32 << 20
+
+        def run() -> None:
+            client, service = self.connect()
+            results: dict = {}
+            reader = threading.Thread(target=lambda: results.setdefault("got", readAll(service)))
+            reader.start()
+            sent = sendPattern(client, total)
+            client.shutdown(socket.SHUT_WR)
+            reader.join(30)
+            expected = hashlib.sha256(self.replayed)
+            left = total
+            while left:
+                part = PATTERN[: min(left, len(PATTERN))]
+                expected.update(part)
+                left -= len(part)
+            self.assertNotEqual(sent, expected.digest())
+            self.assertEqual(results["got"], (len(self.replayed) + total, expected.digest()))
+            service.close()
+            record = self.record()
+            self.assertEqual(record.bytesReceived, len(self.replayed) + total)
+
+        return deferToThread(run)
+
+    def test_slowReaderBoundsWhatIsHeld(self):
+        """
+        A service that does not read: the client can only send what the socket
+        buffers and one pipe hold (well under 64 MiB), the proxy holds at most one pipe
+        of it (Twisted buffers nothing) and has stopped reading the client; once the
+        service reads, everything arrives in order and the client's FIN follows.
+        """
+        cap = 256 << 20
+
+        def run() -> None:
+            client, service = self.connect()
+            service.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            client.setblocking(False)
+            digest = hashlib.sha256()
+            sent = 0
+            stalled = time.monotonic()
+            view = memoryview(PATTERN)
+            while sent < cap and time.monotonic() - stalled < 1.5:
+                try:
+                    n = client.send(view)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    continue
+                digest.update(view[:n])
+                sent += n
+                stalled = time.monotonic()
+            self.assertLess(sent, 64 << 20)
+            splice = self.splices[0]
+
+            def held() -> tuple:
+                upstream = splice.upstream.transport
+                path = splice.kernelPaths[0]
+                return (path.pending, len(upstream.dataBuffer) + upstream._tempDataLen,
+                        splice.transport in reactor.getReaders())
+
+            pending, twisted, reading = blockingCallFromThread(reactor, held)
+            self.assertLessEqual(pending, PIPE_BYTES)
+            self.assertGreater(pending, 0)
+            self.assertEqual(twisted, 0)
+            self.assertFalse(reading)
+            client.setblocking(True)
+            client.shutdown(socket.SHUT_WR)
+            self.assertEqual(readAll(service), (sent, digest.digest()))
+            service.close()
+            self.assertEqual(readAll(client), (0, hashlib.sha256().digest()))
+            record = self.record()
+            self.assertEqual((record.bytesReceived, record.bytesSent, record.flags), (sent, 0, "-"))
+
+        return deferToThread(run)
+
+    def test_halfCloseEachWay(self):
+        """
+        The service says all it has and sends FIN first: the client reads it to the
+        end while still sending, and the service still gets all of that and the
+        client's FIN after it; nothing is reset.
+        """
+        size = 8 << 20
+
+        def run() -> None:
+            client, service = self.connect()
+            serviceSent = sendPattern(service, size // 2)
+            service.shutdown(socket.SHUT_WR)
+            self.assertEqual(readAll(client), (size // 2, serviceSent))
+            clientSent = sendPattern(client, size)
+            client.shutdown(socket.SHUT_WR)
+            self.assertEqual(readAll(service), (size, clientSent))
+            service.close()
+            record = self.record()
+            self.assertEqual((record.bytesReceived, record.bytesSent, record.flags), (size, size // 2, "-"))
+
+        return deferToThread(run)
+
+    def test_serviceResetWithBytesInThePipe(self):
+        """
+        The service resets while the pipe holds bytes for it: the client's
+        connection is closed, the record says UC, and the pipes are closed.
+        """
+        def run() -> None:
+            client, service = self.connect()
+            service.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            client.setblocking(False)
+            started = time.monotonic()
+            while time.monotonic() - started < 0.5:
+                try:
+                    client.send(PATTERN)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            splice = self.splices[0]
+            self.assertGreater(blockingCallFromThread(reactor, lambda: splice.kernelPaths[0].pending), 0)
+            service.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            service.close()
+            client.setblocking(True)
+            try:
+                while client.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass  # the proxy closed with our unread bytes in its buffer: the kernel resets
+            record = self.record()
+            self.assertEqual(record.flags, "UC")
+            self.assertEqual(splice.kernelPaths, ())
+
+        return deferToThread(run)
+
+    def test_onlyPlainTcp(self):
+        """
+        Transports that are not plain TCP connections (a TLS layer, a test transport)
+        keep Twisted's path.
+        """
+        self.assertFalse(kernelSpliceable(StringTransport(), StringTransport()))

@@ -54,6 +54,40 @@ class WebSocketMixin:
         self.assertGreater(rec.bytesSent, 1 << 20)
 
 
+    @defer.inlineCallbacks
+    def closeTime(self, mode: str) -> defer.Deferred:
+        server = ChildProcess(self, [PYTHON, PEER, "server"], stopSignal=signal.SIGTERM)
+        yield waitUntil(lambda: server.out.strip().isdigit())
+        proxy = Proxy(int(server.out), engine=self.engine)
+        port = proxy.start(self)
+        out, err, code = yield getProcessOutputAndValue(PYTHON, [PEER, mode, str(port)], env=subprocessEnv())
+        self.assertEqual(code, 0, err)
+        word, seconds = out.split()
+        self.assertEqual(word, b"closed")
+        yield waitUntil(lambda: proxy.records)
+        [rec] = proxy.records
+        self.assertEqual((rec.status, rec.flags), (101, "-"))
+        return float(seconds)
+
+    @defer.inlineCallbacks
+    def test_clientCloses(self):
+        """
+        The client closes: the service's answer and its end of the connection reach the
+        client at once, so the library's close takes well under its 5 s close timeout.
+        """
+        seconds = yield self.closeTime("client-close")
+        self.assertLess(seconds, 1.0)
+
+    @defer.inlineCallbacks
+    def test_serverCloses(self):
+        """
+        The service closes: the client learns of it at once (its close completes well
+        under the library's 5 s close timeout).
+        """
+        seconds = yield self.closeTime("server-close")
+        self.assertLess(seconds, 1.0)
+
+
 class FastDoorWebSocketTests(WebSocketMixin, unittest.TestCase):
     """
     WebSocket through the fast door.
