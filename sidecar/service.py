@@ -68,10 +68,10 @@ class SidecarService(MultiService):
 
     def __init__(self, config: ProxyConfig, reactor: Any, adopted: Sequence[Tuple[int, int]] = ()) -> None:
         """
-        @param adopted: for a worker of C{--workers} (L{sidecar.workers}): the listening
-            sockets inherited from the parent, as C{(descriptor, address family)}, the
-            plain listener's first, then the mutual-TLS one's; they replace the
-            endpoint strings of the configuration.
+        @param adopted: for a worker of C{--workers} (L{sidecar.workers}): the
+            addresses its parent reserved, as C{(descriptor, address family, backlog)},
+            the plain listener's first, then the mutual-TLS and the outbound ones'; they
+            replace the endpoint strings of the configuration.
         """
         MultiService.__init__(self)
         self.config = config
@@ -338,8 +338,8 @@ class SidecarService(MultiService):
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:
-            fd, family = self._adopted.pop(0)
-            service = AdoptedPortService(self.reactor, fd, family, factory)
+            fd, family, backlog = self._adopted.pop(0)
+            service = AdoptedPortService(self.reactor, fd, family, factory, backlog)
             service.setServiceParent(self)
             return service
         service = strports.service(withBacklog(description), factory, reactor=self.reactor)
@@ -362,25 +362,43 @@ class SidecarService(MultiService):
 
 class AdoptedPortService(Service):
     """
-    A listener on a listening socket this process inherited (a worker of
-    C{--workers}): adopted into the reactor when started, closed when stopped.  It
-    offers the port as L{sidecar.compat.listeningPort} reads it.
+    A listener of a worker of C{--workers} (L{sidecar.workers}): on the address of a
+    socket its parent reserved and handed down (bound with C{SO_REUSEPORT}), a listening
+    socket of its own, bound with C{SO_REUSEPORT} too, adopted into the reactor when
+    started and closed when stopped.  It offers the port as
+    L{sidecar.compat.listeningPort} reads it.
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any, backlog: int = LISTEN_BACKLOG) -> None:
         self.reactor = reactor
         self.fd = fd
         self.family = family
         self.factory = factory
+        self.backlog = backlog
         self.port: Any = None
         self._waitingForPort: Any = None
 
     def startService(self) -> None:
+        import socket
+
         from twisted.internet.defer import succeed
 
         Service.startService(self)
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
-        os.close(self.fd)  # the port holds its own duplicate
+        reserved = socket.socket(fileno=self.fd)
+        try:
+            address = reserved.getsockname()
+        finally:
+            reserved.close()
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            self.port = self.reactor.adoptStreamPort(sock.fileno(), self.family, self.factory)
+        finally:
+            sock.close()  # the port holds its own duplicate
         self._waitingForPort = succeed(self.port)
 
     def stopService(self) -> Any:

@@ -2,11 +2,11 @@
 """
 C{--workers N}: N processes serving the same listening sockets, one per core.
 
-The parent (the process twistd or twist runs) binds the proxy's listening sockets
-itself, with the backlog of every listener, and starts N workers with
-L{runWorker}; each adopts the sockets (C{reactor.adoptStreamPort}) and
-runs the whole sidecar on them: its own engine, pool and recorder.  The kernel hands
-each new connection to whichever worker accepts first.  The parent serves no proxy
+The parent (the process twistd or twist runs) reserves the proxy's addresses (a socket
+bound with C{SO_REUSEPORT}, not listening) and starts N workers with L{runWorker}; each
+binds its own listening socket to the same address with C{SO_REUSEPORT} (backlog 1024)
+and runs the whole sidecar on it: its own engine, pool and recorder.  The kernel
+spreads new connections evenly over the workers.  The parent serves no proxy
 traffic; it owns:
 
   - the admin and health sites.  Each worker sends a copy of its counters to the
@@ -125,11 +125,17 @@ def shareOut(config: ProxyConfig, workers: int) -> ProxyConfig:
     return attrs.evolve(config, upstream=upstream, admin=None, health=None)
 
 
-def listeningSocket(description: str, backlog: int) -> socket.socket:
+def listeningSocket(description: str, backlog: int) -> Tuple[socket.socket, int]:
     """
-    Bind and listen on a C{tcp:} or C{tcp6:} server endpoint string (C{port},
-    C{interface}, C{backlog} arguments), in this process.
+    Reserve the address of a C{tcp:} or C{tcp6:} server endpoint string (C{port},
+    C{interface}, C{backlog} arguments) in this process: a socket bound with
+    C{SO_REUSEPORT} and not listening, so that it takes no connection itself.  Each
+    worker binds its own listening socket to the same address (L{sidecar.service.
+    AdoptedPortService}) and the kernel spreads new connections evenly over them (a
+    single shared listening socket lets whichever worker wakes first take a whole
+    burst).  A port of 0 is chosen here, once, for all of them.
 
+    @return: the socket and the backlog its workers listen with.
     @raise ValueError: for another kind of endpoint.
     """
     from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
@@ -144,13 +150,12 @@ def listeningSocket(description: str, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        sock.listen(int(kwargs.get("backlog", backlog)))
-        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, int(kwargs.get("backlog", backlog))
 
 
 # -- counters ------------------------------------------------------------------------
@@ -296,7 +301,7 @@ class WorkerSupervisor(Service):
     @ivar restarts: workers started again after dying, since the start.
     """
 
-    def __init__(self, reactor: Any, config: ProxyConfig, count: int, sockets: Sequence[socket.socket],
+    def __init__(self, reactor: Any, config: ProxyConfig, count: int, sockets: Sequence[Tuple[socket.socket, int]],
                  python: str = sys.executable) -> None:
         self.reactor = reactor
         self.config = config
@@ -324,10 +329,10 @@ class WorkerSupervisor(Service):
         if self.stopping:
             return
         fds: Dict[int, Any] = {0: "w", 1: 1, 2: 2, MESSAGES_FD: "r"}
-        listen: List[Tuple[int, int]] = []
-        for offset, sock in enumerate(self.sockets):
+        listen: List[Tuple[int, int, int]] = []
+        for offset, (sock, backlog) in enumerate(self.sockets):
             fds[FIRST_LISTEN_FD + offset] = sock.fileno()
-            listen.append((FIRST_LISTEN_FD + offset, sock.family))
+            listen.append((FIRST_LISTEN_FD + offset, sock.family, backlog))
         env = dict(os.environ)
         env[CONFIG_VARIABLE] = base64.b64encode(pickle.dumps((self._workerConfig, listen))).decode("ascii")
         env[INDEX_VARIABLE] = str(index)
@@ -388,7 +393,7 @@ class WorkerSupervisor(Service):
         they drain).
         """
         sockets, self.sockets = self.sockets, []
-        for sock in sockets:
+        for sock, _ in sockets:
             sock.close()
 
     def stopAll(self) -> Deferred[None]:
@@ -568,7 +573,7 @@ class WorkersService(MultiService):
                                             __version__, runtimeCollectors() + (WorkersCollector(self.supervisor),))
         self.adminListeners: List[Any] = []
         self.healthListeners: List[Any] = []
-        addresses = [self._address(sock) for sock in sockets]
+        addresses = [self._address(sock) for sock, _ in sockets]
         self.lifecycle = workersLifecycle(
             reactor, config, self.supervisor, self.engine,
             announce=lambda admin: (f"sidecar ready: {count} workers listening on {', '.join(addresses)}, "
