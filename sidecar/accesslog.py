@@ -97,8 +97,18 @@ def _peerPrincipal(rec: Any) -> Optional[str]:
 
 def toJSON(rec: Record) -> Dict[str, object]:
     """
-    The record as the C{json} format's fields.
+    The record as the C{json} format's fields (a gRPC call's also has C{grpc_status}
+    and its message counts).
     """
+    fields = _jsonFields(rec)
+    if rec.grpc:
+        fields["grpc_status"] = rec.grpcStatus or None
+        fields["request_messages"] = rec.requestMessages
+        fields["response_messages"] = rec.responseMessages
+    return fields
+
+
+def _jsonFields(rec: Record) -> Dict[str, object]:
     return {
         "start_time": isoTime(rec.startTime),
         "method": rec.method,

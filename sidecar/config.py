@@ -150,6 +150,41 @@ class TLSConfig:
         return self.mode == "permissive"
 
 
+UPSTREAM_PROTOCOLS = ("auto", "http1", "http2")
+
+
+@attrs.frozen
+class H2Config:
+    """
+    HTTP/2 on both sides: what the proxy advertises and the limits that refuse the
+    protocol's known attacks (each in the README).
+
+    @ivar maxConcurrentStreams: streams a client may have open on one connection
+        (advertised in SETTINGS; more are refused), and streams the proxy opens on one
+        connection to the service at most (fewer if the service says so).
+    @ivar streamWindow: the flow-control window of each stream, both ways: the bytes of
+        one stream the proxy holds at most while its reader is slow.
+    @ivar connectionWindow: the connection's window (at least C{maxConcurrentStreams}
+        stream windows, so that stalled streams never block the others).
+    @ivar maxHeaderListSize: the largest decoded header list accepted (HPACK bombs).
+    @ivar streamIdleTimeout: seconds a stream may make no progress (a zero window)
+        before it is reset (flag C{SI}); C{None} for never.
+    @ivar maxQueuedControlBytes: control frames (PING and SETTINGS acknowledgements,
+        resets) the proxy queues for a client that does not read, at most.
+    @ivar prematureResets: past this many streams reset by the client before their
+        response, when they are half of the connection's streams or more, the
+        connection is closed with GOAWAY (rapid reset, CVE-2023-44487).
+    """
+
+    maxConcurrentStreams: int = 100
+    streamWindow: int = 256 * 1024
+    connectionWindow: int = 32 * 1024 * 1024
+    maxHeaderListSize: int = 64 * 1024
+    streamIdleTimeout: Optional[float] = 300.0
+    maxQueuedControlBytes: int = 64 * 1024
+    prematureResets: int = 500
+
+
 @attrs.frozen
 class OutboundConfig:
     """
@@ -237,3 +272,6 @@ class ProxyConfig:
     appProbers: Tuple[Any, ...] = ()
     #: The outbound listener and the mesh (C{--outbound-listen}), or C{None}.
     outbound: Optional[OutboundConfig] = None
+    #: C{"auto"} (HTTP/2 to the service for HTTP/2 clients), C{"http1"} or C{"http2"}.
+    upstreamProtocol: str = "auto"
+    h2: H2Config = H2Config()

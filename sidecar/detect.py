@@ -115,9 +115,14 @@ def classify(data: bytes, limit: int = 64 * 1024) -> Optional[str]:
         if len(data) >= len(HTTP2_PREFACE):
             return HTTP2
         return None
-    line = _requestLine(data)
+    size = len(data)
+    if first == 0x0D or first == 0x0A:
+        # RFC 9112 2.2: a server SHOULD ignore at least one empty line before the
+        # request line; both HTTP doors do (llhttp any number, twisted.web one).
+        data = data.lstrip(b"\r\n")
+    line = _requestLine(data) if data else None
     if line is None:
-        return None if len(data) < limit else TCP
+        return None if size < limit else TCP
     return HTTP1 if line else TCP
 
 

@@ -26,12 +26,13 @@ from twisted.logger import Logger
 
 from sidecar.doors import Doors
 from sidecar.filters import FILTER_ERROR, Call, FilterChain, FilterFailed
-from sidecar.headers import Header, RequestHead, ResponseHead
+from sidecar.h2wire import GrpcCounts, grpcStatusFor, grpcStatusOf
+from sidecar.headers import Header, Headers, RequestHead, ResponseHead
 from sidecar.logs import WarningLimit
 from sidecar.record import (
     DOWNSTREAM_CONNECTION_TERMINATION, DOWNSTREAM_PROTOCOL_ERROR, UPSTREAM_CONNECT_FAILURE,
     STREAM_IDLE_TIMEOUT, UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_OVERFLOW, UPSTREAM_PROTOCOL_ERROR,
-    UPSTREAM_REQUEST_TIMEOUT, UPSTREAM_RETRY_LIMIT_EXCEEDED, Record,
+    UPSTREAM_REMOTE_RESET, UPSTREAM_REQUEST_TIMEOUT, UPSTREAM_RETRY_LIMIT_EXCEEDED, Record,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -245,6 +246,10 @@ class Engine:
     filters: Optional[FilterChain] = None
     #: Other upstreams a filter or route may choose by name (C{Call.upstream}).
     pools: Dict[str, UpstreamPool] = attrs.field(factory=dict)
+    #: The pool for requests that arrived in a given HTTP version (C{"2"}: an HTTP/2
+    #: service for HTTP/2 clients, Envoy's "use downstream protocol"); C{pool} for
+    #: versions not listed.
+    poolByVersion: Dict[str, UpstreamPool] = attrs.field(factory=dict)
     #: What to do with client request headers whose names have an underscore
     #: (C{--headers-with-underscores}): C{"allow"}, C{"drop"} or C{"reject"}.
     headersWithUnderscores: str = "allow"
@@ -346,7 +351,8 @@ class Exchange:
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
         "upstreamStart", "upstreamServiceTime", "deadline", "retried", "readingPaused",
         "mustClose", "malformed", "pool", "call", "held", "activity", "sweptActivity", "idleSince",
-        "tunnelEnds", "peer", "connectRetried",
+        "tunnelEnds", "peer", "connectRetried", "trailers", "requestTrailers", "grpc",
+        "grpcStatus",
     )
 
     def __init__(self, engine: Engine, door: Door, method: bytes, target: bytes, version: str,
@@ -377,7 +383,8 @@ class Exchange:
         #: The 400 body to answer with in this exchange's turn: its request turned out
         #: malformed while it waited behind another.
         self.malformed: Optional[bytes] = None
-        self.pool: UpstreamPool = engine.pool
+        byVersion = engine.poolByVersion
+        self.pool: UpstreamPool = byVersion.get(version, engine.pool) if byVersion else engine.pool
         #: What the filters see, when there are filters.
         self.call: Optional[Call] = None
         #: Response events held while response-head filters decide.
@@ -394,6 +401,15 @@ class Exchange:
         self.peer: Any = None
         #: Connects tried again after a connect failure.
         self.connectRetried = 0
+        #: The response's trailers (HTTP/2 to HTTP/2; an HTTP/1.1 door drops them).
+        self.trailers: Optional[Headers] = None
+        #: The request's trailers, set by the door before L{requestComplete}.
+        self.requestTrailers: Optional[Headers] = None
+        #: The message counts of a gRPC call (set by the door that saw
+        #: C{content-type: application/grpc}), else C{None}.
+        self.grpc: Optional[GrpcCounts] = None
+        #: The call's C{grpc-status}, once known.
+        self.grpcStatus = ""
 
     @property
     def finished(self) -> bool:
@@ -505,6 +521,8 @@ class Exchange:
         if limit is not None and self.bytesReceived > limit:
             self._tooLarge()
             return
+        if self.grpc is not None:
+            self.grpc.request.feed(data)
         if self.call is not None and self.engine.filters.requestBodies:  # type: ignore[union-attr]
             try:
                 data = self.engine.filters.requestBody(self.call, data)  # type: ignore[union-attr]
@@ -535,13 +553,14 @@ class Exchange:
         elif phase == RESPONDING:
             self.stream.sendEnd()  # type: ignore[union-attr]
 
-    def downstreamLost(self) -> None:
+    def downstreamLost(self, flag: str = DOWNSTREAM_CONNECTION_TERMINATION) -> None:
         """
-        The client went away before the exchange ended: cancel the upstream side.
+        The client went away before the exchange ended (C{flag}: C{DC}, or C{DR} when
+        it reset its HTTP/2 stream): cancel the upstream side.
         """
         if self.phase == DONE:
             return
-        self.flags.append(DOWNSTREAM_CONNECTION_TERMINATION)
+        self.flags.append(flag)
         self._dropUpstream()
         self._end()
 
@@ -607,6 +626,9 @@ class Exchange:
         self._cancelTimeout()
         self.activity += 1
         self.upstreamServiceTime = self.engine.clock.seconds() - self.upstreamStart
+        if self.grpc is not None:
+            # A trailers-only response carries its status in the head.
+            self.grpcStatus = grpcStatusOf(head.headers) or ""
         call = self.call
         if call is not None and status != 101:
             chain = self.engine.filters
@@ -682,6 +704,8 @@ class Exchange:
                     self._filterFailed(FilterFailed("response body filter", e))
                     return
         self.bytesSent += len(data)
+        if self.grpc is not None:
+            self.grpc.response.feed(data)
         self.door.writeBody(data)
 
     def upstreamReadDone(self) -> None:
@@ -690,11 +714,16 @@ class Exchange:
         """
         self.door.flush()
 
-    def responseComplete(self, reusable: bool) -> None:
+    def responseComplete(self, reusable: bool, trailers: Optional[Headers] = None) -> None:
         """
         The upstream's response ended; C{reusable} says whether its stream may serve
-        another request.
+        another request; C{trailers} are the response's trailers (a door that cannot
+        send them drops them).
         """
+        if trailers is not None:
+            self.trailers = trailers
+            if self.grpc is not None:
+                self.grpcStatus = grpcStatusOf(trailers) or self.grpcStatus
         stream, self.stream = self.stream, None
         if stream is not None:
             if reusable and self.requestDone:
@@ -792,9 +821,11 @@ class Exchange:
             self._end()
             self.door.closeTunnel(self)
 
-    def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool) -> None:
+    def upstreamLost(self, reason: Failure, reused: bool, responseStarted: bool,
+                     flag: str = UPSTREAM_CONNECTION_TERMINATION) -> None:
         """
-        The upstream stream closed before the response was complete.
+        The upstream stream closed before the response was complete (C{flag}: C{UC},
+        or C{UR} when the service reset its HTTP/2 stream).
         """
         self._cancelTimeout()
         self.stream = None
@@ -803,7 +834,7 @@ class Exchange:
             return
         if phase == RESPONDING:
             self._warn("upstream {upstream} closed in the middle of the response to {method} {path}")
-            self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
+            self.flags.append(flag)
             self._end()
             self.door.abortResponse(self)
             return
@@ -817,9 +848,10 @@ class Exchange:
             return
         self._warn("upstream {upstream} closed before answering {method} {path}: {reason}",
                    reason=reason.getErrorMessage())
-        self.flags.append(UPSTREAM_CONNECTION_TERMINATION)
+        self.flags.append(flag)
         self._localReply(502, b"upstream connect error or disconnect/reset before headers. "
-                              b"reset reason: connection termination")
+                              b"reset reason: " + (b"remote reset" if flag == UPSTREAM_REMOTE_RESET
+                                                   else b"connection termination"))
 
     def upstreamProtocolError(self, detail: str) -> None:
         """
@@ -917,7 +949,12 @@ class Exchange:
             self.door.abortResponse(self)
             return
         self.status = status
-        self.bytesSent += 0 if self.method == b"HEAD" else len(body)
+        if self.grpc is not None:
+            # A gRPC client gets a trailers-only 200 with the status mapped (Envoy's way).
+            self.status = 200
+            self.grpcStatus = "%d" % grpcStatusFor(status)
+        else:
+            self.bytesSent += 0 if self.method == b"HEAD" else len(body)
         if not self.requestDone:
             self.mustClose = True
         self._end()
@@ -989,6 +1026,10 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
+            self.grpc is not None,
+            self.grpcStatus,
+            self.grpc.request.messages if self.grpc is not None else 0,
+            self.grpc.response.messages if self.grpc is not None else 0,
             door.direction,
             self.peer,
         )

@@ -67,13 +67,15 @@ import ipaddress
 import json
 import re
 import sys
-from typing import Any, Iterable, NoReturn, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import attrs
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.error import YAMLError
+
+from sidecar.cli import OneSentenceParser
 
 INIT_NAME = "sidecar-init"
 PROXY_NAME = "sidecar-proxy"
@@ -1309,25 +1311,6 @@ def _describeYAMLError(error: YAMLError) -> str:
     return str(problem)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """
-    An argument parser whose errors are one sentence on a given stream.
-
-    @ivar errors: where errors go.
-    """
-
-    errors: TextIO | None = None
-
-    def error(self, message: str) -> NoReturn:
-        """
-        Say what is wrong in one sentence and exit with status 2.
-
-        @param message: argparse's description of the problem.
-        """
-        (self.errors or sys.stderr).write(f"{self.prog}: {message} (see {self.prog} --help).\n")
-        raise SystemExit(2)
-
-
 def _port(text: str) -> int:
     """
     Read a port flag's value.
@@ -1363,7 +1346,7 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
     @return: the command line's parser.
     """
     defaults = InjectionSettings()
-    p = _ArgumentParser(
+    p = OneSentenceParser(
         prog="sidecar-inject",
         description=(
             "Add the sidecar's init container and proxy to the Pods, Deployments,"

@@ -185,7 +185,8 @@ def staticLabels(mesh: MeshLabels) -> Dict[str, str]:
 
 def requestProtocol(protocol: str) -> str:
     """
-    Istio's C{request_protocol} for a record's protocol: C{http} for every HTTP version.
+    Istio's C{request_protocol} for a record's protocol: C{http} for every HTTP version
+    (C{grpc} for a gRPC call's series).
     """
     return "http" if protocol.upper().startswith("HTTP") else protocol.lower() or UNKNOWN
 
@@ -225,8 +226,8 @@ def _peerSide(side: str, peer: Any) -> Dict[str, str]:
 def seriesLabels(key: Tuple[Any, ...], static: Mapping[str, str], principal: str) -> Tuple[str, ...]:
     """
     The Istio label values, in L{ISTIO_LABELS} order, of the recorder's series C{key}
-    (protocol, status, flags, peer principal, mutual TLS, and optionally the direction
-    and the peer's labels).
+    (protocol, status, flags, peer principal, mutual TLS, and optionally the direction,
+    the peer's labels and a gRPC call's C{grpc-status}).
 
     Inbound (C{reporter="destination"}): the destination is this workload; under
     mutual TLS the source principal is the client's SPIFFE id (and its namespace the
@@ -243,6 +244,8 @@ def seriesLabels(key: Tuple[Any, ...], static: Mapping[str, str], principal: str
     direction = key[5] if len(key) > 5 else "inbound"
     peer = key[6] if len(key) > 6 else None
     labels = dict(static)
+    if len(key) > 7 and protocol == "grpc":
+        labels["grpc_response_status"] = key[7]
     labels["request_protocol"] = requestProtocol(protocol)
     labels["response_code"] = str(status)
     labels["response_flags"] = flags or "-"
@@ -274,16 +277,22 @@ class _Merged:
     are both C{http}).
     """
 
-    __slots__ = ("requests", "duration", "requestBytes", "responseBytes")
+    __slots__ = ("requests", "duration", "requestBytes", "responseBytes", "requestMessages",
+                 "responseMessages", "grpc")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.requests = 0
+        self.requestMessages = 0
+        self.responseMessages = 0
+        self.grpc = False
         self.duration = Histogram(bounds)
         self.requestBytes = Histogram(bounds)
         self.responseBytes = Histogram(bounds)
 
     def add(self, series: Any) -> None:
         self.requests += series.requests
+        self.requestMessages += series.requestMessages
+        self.responseMessages += series.responseMessages
         for mine, theirs in ((self.duration, series.duration),
                              (self.requestBytes, series.requestBytes),
                              (self.responseBytes, series.responseBytes)):
@@ -303,6 +312,8 @@ def _copyHistogram(histogram: Histogram) -> Histogram:
 def _copySeries(series: Any) -> Any:
     copy = Series()
     copy.requests = series.requests
+    copy.requestMessages = series.requestMessages
+    copy.responseMessages = series.responseMessages
     copy.duration = _copyHistogram(series.duration)
     copy.requestBytes = _copyHistogram(series.requestBytes)
     copy.responseBytes = _copyHistogram(series.responseBytes)
@@ -414,6 +425,7 @@ class SidecarCollector:
             into = merged.get(labels)
             if into is None:
                 into = merged[labels] = _Merged(series.duration.bounds)
+                into.grpc = key[0] == "grpc"
             into.add(series)
         return dict(sorted(merged.items()))
 
@@ -432,8 +444,15 @@ class SidecarCollector:
             "istio_request_bytes", "Request body sizes, in bytes.", labels=ISTIO_LABELS)
         responseBytes = HistogramMetricFamily(
             "istio_response_bytes", "Response body sizes, in bytes.", labels=ISTIO_LABELS)
+        requestMessages = CounterMetricFamily(
+            "istio_request_messages_total", "gRPC messages received from clients.", labels=ISTIO_LABELS)
+        responseMessages = CounterMetricFamily(
+            "istio_response_messages_total", "gRPC messages sent to clients.", labels=ISTIO_LABELS)
         for labels, series in self.requestSeries().items():
             requests.add_metric(labels, series.requests)
+            if series.grpc:
+                requestMessages.add_metric(labels, series.requestMessages)
+                responseMessages.add_metric(labels, series.responseMessages)
             duration.add_metric(labels, _buckets(series.duration), series.duration.sum)
             requestBytes.add_metric(labels, _buckets(series.requestBytes), series.requestBytes.sum)
             responseBytes.add_metric(labels, _buckets(series.responseBytes), series.responseBytes.sum)
@@ -441,6 +460,9 @@ class SidecarCollector:
         yield duration
         yield requestBytes
         yield responseBytes
+        if requestMessages.samples:
+            yield requestMessages
+            yield responseMessages
         yield from tcpMetrics(self.recorder, self._static, self.localPrincipal() or self.mesh.principal)
         build = GaugeMetricFamily("istio_build", "Istio component build info", labels=("component", "tag"))
         build.add_metric(("proxy", self.version), 1)

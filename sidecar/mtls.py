@@ -20,9 +20,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.config import H2Config
 from sidecar.detect import HTTP1, TLS, DetectingFactory, Detector, firstByte
 from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
+from sidecar.h2door import H2ServerFactory, H2ServerProtocol
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
 from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
 
@@ -95,6 +97,28 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
             head.headers.append((PEER_HEADER, metadata))
         DownstreamProtocol.startResponse(self, exchange, status, reason, head)
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._identified and getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self._becomeH2(data)
+            return
+        DownstreamProtocol.dataReceived(self, data)
+
+    def _becomeH2(self, data: bytes) -> None:
+        """
+        ALPN chose C{h2} on a listener without detection: hand the connection to the
+        HTTP/2 door (this HTTP/1.1 door leaves the registry it joined at connect).
+        """
+        self._identified = True
+        self.engine.doors.discard(self)
+        recorder = self.engine.recorder
+        recorder.downstreamConnectionsActive -= 1
+        recorder.downstreamConnectionsTotal -= 1
+        h2 = self.tls.h2Factory(self.engine, self.tls.h2config).buildProtocol(None)
+        transport = self.transport
+        transport.wrappedProtocol = h2
+        h2.makeConnection(transport)
+        h2.dataReceived(data)
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         timer, self._handshakeTimer = self._handshakeTimer, None
         if timer is not None:
@@ -102,6 +126,53 @@ class MutualTLSDownstreamProtocol(DownstreamProtocol):
         if not self._handshaken:
             self.tls.handshakeFailures += 1
         DownstreamProtocol.connectionLost(self, reason)
+
+
+class MutualTLSH2Protocol(H2ServerProtocol):
+    """
+    The HTTP/2 door behind a TLS layer that has verified the client's certificate: the
+    caller's identity, C{X-Forwarded-Client-Cert} and the policy as for HTTP/1.1.
+    """
+
+    mutualTLS = True
+    proto = b"https"
+
+    def __init__(self, engine: Any, config: H2Config, tls: MutualTLS, pool: Any = None) -> None:
+        H2ServerProtocol.__init__(self, engine, config, pool=pool)
+        self.tls = tls
+
+    def identify(self) -> None:
+        transport = self.transport
+        # HTTP/2 chosen by ALPN is the proxy's choice, not the service's.
+        self.alpn = getattr(transport, "negotiatedProtocol", None) == b"h2"
+        peer = transport.getPeerCertificate()
+        if peer is None:  # not reachable with VERIFY_FAIL_IF_NO_PEER_CERT; refuse anyway
+            self.denial = DENIAL_BODY
+            return
+        tls = self.tls
+        admission = tls.admission(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+        self.peerPrincipal = admission.principal
+        self.extra = [(XFCC, admission.xfcc)]
+        if not admission.allowed:
+            self.denial = DENIAL_BODY
+            tls.denials += 1
+            tls.log.warn("mTLS client {client} refused (403, RBAC): {reason}",
+                         client=self.clientAddress, reason=admission.reason)
+
+
+class MutualTLSH2Factory(H2ServerFactory):
+    """
+    Builds L{MutualTLSH2Protocol}s behind the TLS layer.
+    """
+
+    def __init__(self, engine: Any, config: H2Config, tls: MutualTLS, pool: Any = None) -> None:
+        H2ServerFactory.__init__(self, engine, config, pool)
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> MutualTLSH2Protocol:
+        proto = MutualTLSH2Protocol(self.engine, self.config, self.tls, self.pool)
+        proto.factory = self
+        return proto
 
 
 class MutualTLSDownstreamFactory(DownstreamFactory):
@@ -192,6 +263,8 @@ class MutualTLS:
         #: This workload's peer metadata (L{sidecar.peers.metadataOf}), told to mesh
         #: peers that tell theirs; empty: none told.
         self.localMetadata = b""
+        #: HTTP/2 settings and limits for clients that choose C{h2} by ALPN.
+        self.h2config = H2Config()
         self._admissions: Dict[Tuple[bytes, str], Admission] = {}
 
     @classmethod
@@ -250,6 +323,12 @@ class MutualTLS:
         return TLSMemoryBIOFactory(
             self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
         )
+
+    def h2Factory(self, engine: Any, config: Any, pool: Any = None) -> MutualTLSH2Factory:
+        """
+        The factory of the HTTP/2 door behind this TLS layer (after the handshake).
+        """
+        return MutualTLSH2Factory(engine, config, self, pool)
 
     def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
         """

@@ -29,6 +29,10 @@ UPSTREAM_RETRY_LIMIT_EXCEEDED = "URX"
 #: C{reporter="destination"}), or from it to another (C{reporter="source"}).
 INBOUND = "inbound"
 OUTBOUND = "outbound"
+#: The service reset the HTTP/2 stream (RST_STREAM), or refused it (GOAWAY).
+UPSTREAM_REMOTE_RESET = "UR"
+#: The client reset its HTTP/2 stream.
+DOWNSTREAM_REMOTE_RESET = "DR"
 
 
 @attrs.frozen
@@ -51,6 +55,11 @@ class Record:
     @ivar peer: what the sidecar learnt of the workload at the other end (a
         L{sidecar.peers.PeerLabels}: the source of an inbound call, the destination of
         an outbound one), or C{None}.
+    @ivar grpc: the request was a gRPC call (C{content-type: application/grpc}).
+    @ivar grpcStatus: its C{grpc-status} (from the trailers, or the proxy's own reply),
+        or C{""}.
+    @ivar requestMessages: gRPC messages the client sent.
+    @ivar responseMessages: gRPC messages sent to the client.
     """
 
     startTime: float
@@ -71,6 +80,10 @@ class Record:
     downstreamRemoteAddress: str
     downstreamPeerPrincipal: str = ""
     mutualTLS: bool = False
+    grpc: bool = False
+    grpcStatus: str = ""
+    requestMessages: int = 0
+    responseMessages: int = 0
     direction: str = INBOUND
     peer: Any = None
 

@@ -26,26 +26,9 @@ import treq
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
+from sidecar.cli import OneSentenceParser
+
 METHODS = ("GET", "HEAD", "POST")
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """
-    An argument parser whose errors are one sentence on a given stream.
-
-    @ivar errors: where errors go.
-    """
-
-    errors: TextIO | None = None
-
-    def error(self, message: str) -> NoReturn:
-        """
-        Say what is wrong in one sentence and exit with status 2.
-
-        @param message: argparse's description of the problem.
-        """
-        (self.errors or sys.stderr).write(f"{self.prog}: {message} (see {self.prog} --help).\n")
-        raise SystemExit(2)
 
 
 def _port(text: str) -> int:
@@ -79,7 +62,7 @@ def parser(errors: TextIO | None = None) -> argparse.ArgumentParser:
     @param errors: where usage errors go; L{None} for C{sys.stderr}.
     @return: the command line's parser.
     """
-    p = _ArgumentParser(
+    p = OneSentenceParser(
         prog="sidecar-request",
         description="Send one request to the proxy's admin (or health) port and print the answer.",
     )

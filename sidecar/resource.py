@@ -59,6 +59,8 @@ _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
 #: A protocol version as a request line ends with it (C{HTTP/2.0}, C{RTSP/1.0}).
 _VERSION = re.compile(rb"^[A-Z]+/[0-9]\.[0-9]$")
+#: The first byte of an obs-fold line (SP or HTAB), as an int.
+_FOLD = frozenset(b" \t")
 
 #: How many headers a request may have (Envoy's default, as the fast door).
 MAX_HEADERS = 100
@@ -682,6 +684,10 @@ class SidecarChannel(HTTPChannel):
             else:
                 self._refuse(431, "request header section too large")
             return
+        if size == 0 and line[:1] == b"\n":
+            # Bare-LF empty lines before the request line: RFC 9112 2.2 lets a server
+            # ignore empty lines there and take LF for a line end, as the fast door does.
+            line = line.lstrip(b"\n")
         if size == 0 and line:
             # The request line: a well-formed version other than HTTP/1.0 and 1.1 is
             # 505, as on the fast door (twisted.web would answer 400).
@@ -689,6 +695,17 @@ class SidecarChannel(HTTPChannel):
             if _VERSION.match(version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
                 self._refuse(505, f"{version.decode('ascii')} is not supported")
                 return
+            if b"  " in line and line[0] != 0x20 and line[-1] != 0x20:
+                # RFC 9112 3: a recipient MAY parse the request line on runs of SP; the
+                # fast door does, Envoy and nginx do, and the line is re-serialised
+                # with single spaces (twisted.web would answer 400).
+                line = b" ".join(part for part in line.split(b" ") if part)
+        elif size > 0 and line and line[0] in _FOLD:
+            # RFC 9112 5.2: obs-fold (a line starting with SP or HTAB) in a request is
+            # refused with 400, as on the fast door (twisted.web would merge it into
+            # the header before it).
+            self._refuse(400, "obs-fold line in the request header section")
+            return
         HTTPChannel.lineReceived(self, line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -99,6 +99,16 @@ class SidecarService(MultiService):
             maxResponseHeaderBytes=config.maxResponseHeaderBytes,
         )
         TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.pool.sweep).setServiceParent(self)
+        self.h2pool = None
+        if config.upstreamProtocol != "http1":
+            from sidecar.h2upstream import H2UpstreamPool
+
+            # HTTP/2 to the service: for HTTP/2 clients ("auto", Envoy's "use downstream
+            # protocol"), or for every client ("http2").
+            self.h2pool = H2UpstreamPool(reactor, reactor, config.upstream, config.h2)
+            versions = ("2",) if config.upstreamProtocol == "auto" else ("2", "1.1", "1.0")
+            self.engine.poolByVersion.update({version: self.h2pool for version in versions})
+            TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.h2pool.sweep).setServiceParent(self)
         TimerService(1.0, self.sweepClients).setServiceParent(self)
         self.listeners = []
         self.tls = None
@@ -109,6 +119,7 @@ class SidecarService(MultiService):
             from sidecar.peers import metadataOf
 
             self.tls.localMetadata = metadataOf(config.mesh)
+            self.tls.h2config = config.h2
             reload = TimerService(config.tls.reloadInterval, self.tls.reload)
             reload.clock = reactor
             reload.setServiceParent(self)
@@ -195,7 +206,7 @@ class SidecarService(MultiService):
         routes.  C{underTLS}: behind the mutual-TLS layer (detection on the decrypted
         stream); C{permissive}: a TLS ClientHello goes to mutual TLS.
         """
-        from sidecar.detect import HTTP1, NO_ROUTE, TCP, TLS, DetectingFactory
+        from sidecar.detect import DECLARED, HTTP1, HTTP2, NO_ROUTE, TCP, TLS, DetectingFactory
 
         config = self.config
         upstream = config.upstream
@@ -216,15 +227,26 @@ class SidecarService(MultiService):
                 f"--upstream original, but the connection to {destination.host}:{destination.port} "
                 f"has no original destination (no iptables REDIRECT brought it here)")
 
+        def http2(detector: Any) -> Any:
+            return self._h2DoorFactory(detector.destination, underTLS, detector.how == "declared").buildProtocol(
+                detector.addr)
+
         routes = {HTTP1: http1, TCP: tcp, NO_ROUTE: refuse}
+        if not upstream.original:
+            # (With --upstream original there is no HTTP/2 pool per port dialled yet:
+            # HTTP/2 passes there as opaque TCP.)
+            routes[HTTP2] = http2
         if permissive:
             inner = self.tls.detectingServerFactory(self.detectingFactory(underTLS=True))
             routes[TLS] = lambda detector: inner.buildProtocol(detector.addr)
         fast = config.engine == "fast" and not underTLS
         return DetectingFactory(
-            routes, self.reactor, config.protocolDetectTimeout, dict(config.portProtocols),
+            routes, self.reactor, config.protocolDetectTimeout,
+            # The declared names (http, grpc...) as the kinds the routes are keyed by.
+            {port: DECLARED[protocol] for port, protocol in config.portProtocols},
             original=upstream.original, limit=config.maxHeaderBytes,
-            swap=frozenset([HTTP1]) if fast else frozenset(), tls=tls)
+            swap=frozenset([HTTP1, HTTP2]) if fast else frozenset([HTTP2]) if not underTLS else frozenset(),
+            tls=tls)
 
     def _doorFactory(self, destination: Any, underTLS: bool) -> Any:
         """
@@ -242,6 +264,26 @@ class SidecarService(MultiService):
                 door = MutualTLSDownstreamFactory(engine, self.config.maxHeaderBytes, self.tls, handshaken=True)
             else:
                 door = self.proxyFactory(engine)
+            self._doors[key] = door
+        return door
+
+    def _h2DoorFactory(self, destination: Any, underTLS: bool, declared: bool) -> Any:
+        """
+        The HTTP/2 door's factory (not with C{--upstream original}); C{declared}: the
+        port is declared C{http2}/C{grpc}, so every request goes to the service over
+        HTTP/2 (when the sidecar has an HTTP/2 pool).
+        """
+        from sidecar.h2door import H2ServerFactory
+
+        key = ("h2", underTLS, declared)
+        door = self._doors.get(key)
+        if door is None:
+            engine = self.engine
+            pool = self.h2pool if declared else None
+            if underTLS:
+                door = self.tls.h2Factory(engine, self.config.h2, pool)
+            else:
+                door = H2ServerFactory(engine, self.config.h2, pool)
             self._doors[key] = door
         return door
 
@@ -349,6 +391,8 @@ class SidecarService(MultiService):
     def stopService(self):
         d = MultiService.stopService(self)
         self.pool.closeAll()
+        if self.h2pool is not None:
+            self.h2pool.closeAll()
         if self.originals is not None:
             self.originals.closeAll()
         self.engine.warnings.flush()

@@ -7,7 +7,7 @@ on the hot path.  Formatting (Prometheus, JSON, log lines) happens when someone 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from sidecar.record import Record
 
@@ -53,9 +53,10 @@ class Histogram:
 
 
 #: The labels by which requests are counted: protocol, status, flags, peer principal,
-#: whether the connection was mutual TLS, the direction and the peer's labels (a
-#: hashable L{sidecar.peers.PeerLabels}, made once per connection, or C{None}).
-SeriesKey = Tuple[str, int, str, str, bool, str, object]
+#: whether the connection was mutual TLS, the direction, the peer's labels (a
+#: hashable L{sidecar.peers.PeerLabels}, made once per connection, or C{None}), and a
+#: gRPC call's C{grpc-status} (C{""} otherwise; a gRPC call's protocol is C{"grpc"}).
+SeriesKey = Tuple[Any, ...]
 
 
 class Series:
@@ -63,10 +64,14 @@ class Series:
     The counters of one label set.
     """
 
-    __slots__ = ("requests", "duration", "requestBytes", "responseBytes")
+    __slots__ = ("requests", "duration", "requestBytes", "responseBytes", "requestMessages",
+                 "responseMessages")
 
     def __init__(self) -> None:
         self.requests = 0
+        #: gRPC messages, both ways (gRPC series only).
+        self.requestMessages = 0
+        self.responseMessages = 0
         self.duration = Histogram()
         self.requestBytes = Histogram()
         self.responseBytes = Histogram()
@@ -122,12 +127,15 @@ class Recorder:
         Count one finished exchange.  This is on the hot path: a dict lookup, three
         bisects (L{Histogram.observe}, inlined) and the sinks.
         """
-        key = (rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal, rec.mutualTLS, rec.direction,
-               rec.peer)
+        key = ("grpc" if rec.grpc else rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal,
+               rec.mutualTLS, rec.direction, rec.peer, rec.grpcStatus)
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series()
         series.requests += 1
+        if rec.grpc:
+            series.requestMessages += rec.requestMessages
+            series.responseMessages += rec.responseMessages
         histogram, value = series.duration, rec.duration * 1000.0
         histogram.counts[bisect_left(histogram.bounds, value)] += 1
         histogram.sum += value

@@ -285,6 +285,9 @@ class Options(usage.Options):
         ["tls-key", None, None, "Mutual TLS: PEM private key of --tls-cert."],
         ["tls-ca", None, None, "Mutual TLS: PEM bundle of the CAs that client certificates must chain to."],
         ["tls-mode", None, "strict", "strict, or permissive: the plain --listen port also accepts mutual TLS."],
+        ["upstream-protocol", None, "auto", "HTTP version to the service: auto (HTTP/2 for HTTP/2 clients), http1 or http2."],
+        ["h2-max-concurrent-streams", None, "100", "HTTP/2 streams per connection at most, both sides."],
+        ["h2-stream-idle-timeout", None, "300", "Seconds an HTTP/2 stream may make no progress before a reset (0: forever)."],
         ["protocol-detect-timeout", None, "1", "Seconds to wait for a client's first bytes before passing the "
                                                "connection through as opaque TCP (0: wait for ever)."],
         ["opaque-ports", None, None, "Ports (as dialled) passed through as opaque TCP without detection: 6379,25,..."],
@@ -357,6 +360,23 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         self["config"] = attrs.evolve(self["config"], lifecycle=lifecycle, mesh=mesh, appProbers=probers)
 
+    def _h2(self) -> None:
+        """
+        The HTTP/2 flags, into C{self["config"]}.
+        """
+        from sidecar.config import UPSTREAM_PROTOCOLS, H2Config
+
+        protocol = self["upstream-protocol"].strip().lower()
+        if protocol not in UPSTREAM_PROTOCOLS:
+            raise usage.UsageError(f"--upstream-protocol: {self['upstream-protocol']!r} is not one of "
+                                   f"{', '.join(UPSTREAM_PROTOCOLS)}.")
+        streams = _count("--h2-max-concurrent-streams", self["h2-max-concurrent-streams"], 1)
+        idle = _seconds("--h2-stream-idle-timeout", self["h2-stream-idle-timeout"], allowZero=True) or None
+        h2 = H2Config(maxConcurrentStreams=streams, streamIdleTimeout=idle,
+                      maxHeaderListSize=self["config"].maxHeaderBytes,
+                      connectionWindow=max(H2Config().connectionWindow, streams * H2Config().streamWindow))
+        self["config"] = attrs.evolve(self["config"], upstreamProtocol=protocol, h2=h2)
+
     def postOptions(self) -> None:
         """
         Check every flag and build L{ProxyConfig} into C{self["config"]}.
@@ -425,6 +445,7 @@ class Options(usage.Options):
             maxResponseHeaderBytes=maxResponseHeaderBytes,
         )
         self._lifecycleAndLabels()
+        self._h2()
         self["config"] = attrs.evolve(
             self["config"],
             protocolDetectTimeout=_seconds("--protocol-detect-timeout", self["protocol-detect-timeout"],

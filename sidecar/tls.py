@@ -33,7 +33,8 @@ TLS12_CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
-#: The one application protocol offered by ALPN.
+#: The application protocols offered by ALPN, the preferred first.
+ALPN_PROTOCOLS = (b"h2", b"http/1.1")
 ALPN = b"http/1.1"
 
 
@@ -122,7 +123,7 @@ def _publicBytes(key: Any) -> bytes:
 def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: bytes) -> ServerMaterial:
     """
     Check the three files' contents and build the server context: TLS 1.2 and 1.3
-    only, forward-secret AEAD suites, ALPN C{http/1.1}, a client certificate required
+    only, forward-secret AEAD suites, ALPN C{h2} and C{http/1.1}, a client certificate required
     and verified against the CA bundle, no renegotiation.
 
     @raise TLSFileError: naming the file at fault.
@@ -150,26 +151,9 @@ def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: byte
             raise TLSFileError("--tls-ca", files.ca,
                                f"holds a certificate that is not a CA ({authority.subject.rfc4514_string()})")
 
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
-    context.set_cipher_list(TLS12_CIPHERS)
-    try:
-        context.use_certificate(leaf)
-        for extra in chain[1:]:
-            context.add_extra_chain_cert(extra)
-        context.use_privatekey(key)
-        context.check_privatekey()
-    except SSL.Error as e:
-        raise TLSFileError("--tls-key", files.key, f"is refused by OpenSSL with the certificate in {files.cert} ({e})")
-    store = context.get_cert_store()
-    assert store is not None
+    context = _context(SSL.TLS_SERVER_METHOD, SSL.OP_CIPHER_SERVER_PREFERENCE, files, leaf, chain[1:], key,
+                       authorities)
     for authority in authorities:
-        try:
-            store.add_cert(crypto.X509.from_cryptography(authority))
-        except crypto.Error:
-            pass  # the same CA twice in the bundle
         context.add_client_ca(authority)
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE)
     # Session resumption with client verification needs a session id context.
@@ -182,18 +166,17 @@ def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: byte
                           _clientContext(files, leaf, chain[1:], key, authorities))
 
 
-def _clientContext(files: TLSFiles, leaf: x509.Certificate, extras: Sequence[x509.Certificate], key: Any,
-                   authorities: Sequence[x509.Certificate]) -> SSL.Context:
+def _context(method: int, options: int, files: TLSFiles, leaf: x509.Certificate,
+             extras: Sequence[x509.Certificate], key: Any, authorities: Sequence[x509.Certificate]) -> SSL.Context:
     """
-    The client side of the same material: TLS 1.2 and 1.3, the same suites, our
-    certificate and key presented, the server's chain verified against the CAs (no
-    host name check: a mesh server is identified by its SPIFFE id, checked after the
-    handshake), no renegotiation.  ALPN is set per connection.
+    What the server and client contexts share: TLS 1.2 and 1.3, forward-secret AEAD
+    suites, no compression, no renegotiation, our certificate (with its chain) and key,
+    and the CAs that verify the peer.
     """
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context = SSL.Context(method)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | options)
     context.set_cipher_list(TLS12_CIPHERS)
     try:
         context.use_certificate(leaf)
@@ -209,14 +192,26 @@ def _clientContext(files: TLSFiles, leaf: x509.Certificate, extras: Sequence[x50
         try:
             store.add_cert(crypto.X509.from_cryptography(authority))
         except crypto.Error:
-            pass
+            pass  # the same CA twice in the bundle
+    return context
+
+
+def _clientContext(files: TLSFiles, leaf: x509.Certificate, extras: Sequence[x509.Certificate], key: Any,
+                   authorities: Sequence[x509.Certificate]) -> SSL.Context:
+    """
+    The client side of the same material: the server's chain verified against the CAs
+    (no host name check: a mesh server is identified by its SPIFFE id, checked after
+    the handshake).  ALPN is set per connection.
+    """
+    context = _context(SSL.TLS_CLIENT_METHOD, 0, files, leaf, extras, key, authorities)
     context.set_verify(SSL.VERIFY_PEER)
     return context
 
 
 def _selectALPN(connection: SSL.Connection, offered: List[bytes]) -> Any:
-    if ALPN in offered:
-        return ALPN
+    for protocol in ALPN_PROTOCOLS:
+        if protocol in offered:
+            return protocol
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 

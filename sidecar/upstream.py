@@ -9,6 +9,7 @@ them back when a response ends cleanly, and closes them when idle too long.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
@@ -33,6 +34,11 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Where a connection stands in the pool.
 CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
 
+
+#: Minor versions of HTTP/1 later than 1, as the byte after "HTTP/1.".
+_LATER_MINOR = frozenset(b"23456789")
+#: What RFC 9112 4 does not allow in a reason phrase (HTAB, SP, VCHAR, obs-text).
+_BAD_REASON = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f]")
 
 _STOP_HEAD = "head"
 _STOP_EXTRA = "extra"
@@ -238,6 +244,11 @@ class UpstreamConnection(Protocol):
                 # not a response.
                 self._protocolError("not an HTTP/1.x status line")
                 return
+            if len(data) > 8 and data[7] in _LATER_MINOR and data[8] == 32:
+                # "HTTP/1.2 200 OK": RFC 9110 2.5, a later minor version of HTTP/1 is
+                # read as the highest one the recipient implements (llhttp refuses it).
+                # The status line is re-serialised as HTTP/1.1 anyway.
+                data = b"HTTP/1.1" + data[8:]
             if len(data) > 9 and data[9] == 32:
                 # "HTTP/1.1  200 OK": more than one space before the status, which nginx
                 # and Envoy accept.  The status line is re-serialised, so the extra
@@ -322,7 +333,8 @@ class UpstreamConnection(Protocol):
         self._bodySeen = 0
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason
+        # llhttp may hand a reason split over two reads in two calls.
+        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._inBody:
@@ -333,6 +345,11 @@ class UpstreamConnection(Protocol):
         status = parser.get_status_code()
         if status < 100 or status > 599:
             self._fail(f"status {status} is not from 100 to 599")
+        if _BAD_REASON.search(self._reason) is not None:
+            # llhttp takes a NUL or another control byte in the reason phrase; RFC 9112
+            # 4 allows only HTAB, SP, VCHAR and obs-text, and a client reading the
+            # line up to the NUL could frame the rest differently.  Envoy answers 502.
+            self._fail("control character in the reason phrase")
         headers = self._headers
         if len(headers) > self._maxHeaders:
             self._fail("too many response headers")

@@ -604,3 +604,55 @@ class RawUpstream(Factory):
         The raw bytes of each connection, in the order the connections were made.
         """
         return [bytes(c.received) for c in self.connections]
+
+
+class H2Proxy:
+    """
+    The proxy under test with both front doors on its plain port (HTTP/2 with prior
+    knowledge told by its preface, by L{sidecar.detect}) and an HTTP/2 upstream pool for HTTP/2 clients
+    (C{upstreamProtocol} C{"auto"}), for every client (C{"http2"}) or none (C{"http1"}).
+
+    @ivar records: every record it produced.
+    """
+
+    def __init__(self, upstreamPort: int, upstreamProtocol: str = "auto", responseTimeout: Optional[float] = 5.0,
+                 h2config: Any = None, connectTimeout: float = 2.0) -> None:
+        from sidecar.config import H2Config
+        from sidecar.detect import HTTP1, HTTP2, DetectingFactory
+        from sidecar.h2door import H2ServerFactory
+        from sidecar.h2upstream import H2UpstreamPool
+
+        self.records: List[Record] = []
+        self.recorder = Recorder([self.records.append])
+        self.h2config = h2config or H2Config()
+        config = UpstreamConfig(port=upstreamPort, connectTimeout=connectTimeout, responseTimeout=responseTimeout)
+        self.pool = UpstreamPool(reactor, reactor, config)
+        self.h2pool = H2UpstreamPool(reactor, reactor, config, self.h2config)
+        self.engine = Engine(reactor, self.pool, self.recorder, b"amazing-proxy", responseTimeout)
+        if upstreamProtocol != "http1":
+            versions = ("2",) if upstreamProtocol == "auto" else ("2", "1.1", "1.0")
+            self.engine.poolByVersion.update({v: self.h2pool for v in versions})
+        http1, h2 = DownstreamFactory(self.engine), H2ServerFactory(self.engine, self.h2config)
+        # The sidecar's detection: the preface to the HTTP/2 door, a request line to HTTP/1.1.
+        self.factory = DetectingFactory({HTTP1: lambda d: http1.buildProtocol(d.addr),
+                                         HTTP2: lambda d: h2.buildProtocol(d.addr)},
+                                        reactor, 1.0, swap=frozenset([HTTP1, HTTP2]))
+        self.port: Any = None
+
+    def start(self, case: Any) -> int:
+        """
+        Listen on 127.0.0.1 port 0; close everything when C{case} ends.
+        """
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        case.addCleanup(self.stop)
+        return self.port.getHost().port
+
+    def stop(self) -> Any:
+        self.pool.closeAll()
+        for conn in list(self.h2pool.conns):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+        for door in list(self.engine.doors):
+            if door.transport is not None:
+                door.transport.abortConnection()
+        return self.port.stopListening()

@@ -62,6 +62,20 @@ class ClassifyTests(SynchronousTestCase):
                      b"GET /foo bar/ HTTP/1.1\r\n", b"GET /g HTTP/1.1 x\r\n"):
             self.assertEqual(classify(data), HTTP1, data)
 
+    def test_emptyLinesBeforeRequestLine(self):
+        """
+        Empty lines (CRLF or bare LF) before a request line are skipped before deciding
+        (RFC 9112 2.2: a server SHOULD ignore at least one; both HTTP doors do), so the
+        request reaches the HTTP door rather than the splice; what follows them decides,
+        and while only they have arrived more bytes are needed, up to the limit.
+        """
+        for data in (b"\r\nGET / HTTP/1.1\r\n", b"\nGET / HTTP/1.1\r\n", b"\r\n\r\nGET / HTTP/1.1"):
+            self.assertEqual(classify(data), HTTP1, data)
+        for data in (b"\r", b"\r\n", b"\r\nGET / HT"):
+            self.assertIsNone(classify(data), data)
+        self.assertEqual(classify(b"\r\n*1\r\n$4\r\nPING\r\n"), TCP)
+        self.assertEqual(classify(b"\r\n" * 8, limit=16), TCP)
+
     def test_notHttp1(self):
         """
         Bytes that can no longer start an HTTP request are TCP at once: a Redis

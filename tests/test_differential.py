@@ -9,10 +9,11 @@ The test fails when a door accepts what both references refuse, on any desync (t
 upstream parsed more or other bytes than the door answered for, or the client got bytes
 that are not whole responses), when a door blames the service (a 5xx of its own) for a
 client's bytes, and on any difference in meaning from the references that
-C{tests/differential/known.txt} does not list with its reason.  Findings caused by the
-defects issue 8 lists and main has not fixed yet are in
-C{tests/differential/open-defects.txt}, one test per defect, marked todo until its fix is
-merged.
+C{tests/differential/known.txt} does not list with its reason.  Findings of defects not
+fixed yet go in C{tests/differential/open-defects.txt} (none now; each would have a test here marked todo); the cases of the
+defects of issue 8 it found and that were fixed are in L{FIXED}, each a regression test.
+The sidecar's listener is declared HTTP (C{--port-protocol PORT=http}), as the
+references' listeners are: protocol detection is C{tests/test_detect.py}'s.
 
 Runs in about a minute: four instances of each proxy, cases in parallel lanes.
 """
@@ -36,17 +37,21 @@ if _envoy is None:
 elif _nginx is None:
     SKIP = "needs nginx (apt-get install nginx-light)"
 
-#: What issue 8 calls each defect still open on main, for the todo reasons.  The fixed ones
-#: (1, 2, 7, 8, 11, 12 and the request side of 9 and 13) need no test of their own: their
-#: findings came back as listed differences or went away, and any that came back otherwise
-#: would fail test_noUnlistedFinding.
-DEFECTS = {
-    "4": "a status below 100 or a malformed status line is passed on instead of 502 UPE",
-    "9": "the web door merges obs-fold lines instead of answering 400",
-    "13": "interop: service responses with bare LF, HTTP/1.2 or '2;' refused; BWS before ';' in a request refused",
-    "detect": "protocol detection passes malformed HTTP/1.x request lines (RTSP/1.0, HTTP/2.0, "
-              "'GET /a b HTTP/1.1', two spaces) to the service as opaque TCP, unparsed: the door's "
-              "400/505 and header policy are bypassed (not in issue 8; came with the tcp-detect merge)",
+#: The cases of each defect of issue 8 the differential test found, fixed since: each
+#: must give no finding at all on either door, whatever known.txt says (a regression
+#: must not be listed away).  The fixes of 1, 2, 7, 8, 11 and 12 need no list of their
+#: own: their findings came back as listed differences or went away, and any that came
+#: back otherwise would fail test_noUnlistedFinding.
+FIXED = {
+    # A malformed status line from the service (a NUL in the reason phrase, a status
+    # outside 100-599, garbage) is a 502 UPE, never passed on.
+    "4": ("r0056", "r0057", "r0085", "r0086", "r0098", "r0111"),
+    # Obs-fold lines get a 400 on the web door too, never merged into the header.
+    "9": ("q0020", "q0024"),
+    # Interop: bare-LF service heads, HTTP/1.2 read as 1.1, runs of spaces in the request
+    # line and a bare-LF empty line before it on the web door.
+    "13": ("r0038", "r0039", "r0040", "r0041", "r0065", "r0066", "r0168", "r0103",
+           "q0579", "q0652", "q0653"),
 }
 
 
@@ -128,48 +133,46 @@ class DifferentialTests(unittest.SynchronousTestCase):
             self.fail(f"{len(run.confirmed)} findings neither known nor open defects:\n"
                       + run.report(run.confirmed) + "\n\n" + harness.table(run.cases, run.results))
 
-    def _defect(self, number: str) -> None:
+    def _fixed(self, number: str) -> None:
         run = self.shared()
-        still = [f for f in run.findings if (harness.lookup(run.defects, f) or ("",))[0] == number]
-        if still:
-            self.fail(f"defect {number} ({DEFECTS[number]}): {len(still)} findings\n"
-                      + run.report(still))
+        cases = set(FIXED[number])
+        back = [f for f in run.findings if f.case.id in cases]
+        if back:
+            self.fail(f"issue 8 defect {number} is back: {len(back)} findings\n" + run.report(back))
 
     def test_defect4(self) -> None:
         """
-        Issue 8 defect 4: a malformed status line becomes a 502.
+        Issue 8 defect 4: a malformed status line from the service (a control byte in
+        the reason phrase, a status outside 100-599) becomes a 502 on both doors, as
+        Envoy answers; nothing of it reaches the client.
         """
-        self._defect("4")
-
-    test_defect4.todo = f"issue 8 defect 4: {DEFECTS['4']} (fix not merged)"  # type: ignore[attr-defined]
+        self._fixed("4")
 
     def test_defect9(self) -> None:
         """
-        Issue 8 defect 9 on the web door: obs-fold lines get a 400, never merged.
+        Issue 8 defect 9: obs-fold lines get a 400 on both doors, never merged.
         """
-        self._defect("9")
-
-    test_defect9.todo = f"issue 8 defect 9: {DEFECTS['9']} (not fixed)"  # type: ignore[attr-defined]
+        self._fixed("9")
 
     def test_defect13(self) -> None:
         """
-        Issue 8 defect 13: what the RFC lets a recipient accept and the references
-        accept is accepted when it can be normalised safely (service responses with bare
-        LF, HTTP/1.2 or '2;'; BWS before a chunk extension).
+        Issue 8 defect 13: what the RFC lets a recipient accept and the references accept
+        is accepted and normalised (service heads with bare LF, an HTTP/1.2 status line;
+        runs of spaces in a request line and a bare-LF empty line before it on the web
+        door).
         """
-        self._defect("13")
+        self._fixed("13")
 
-    test_defect13.todo = f"issue 8 defect 13: {DEFECTS['13']} (fix not merged)"  # type: ignore[attr-defined]
-
-    def test_detectSplicesMalformedHTTP(self) -> None:
+    def test_nothingSpliced(self) -> None:
         """
-        A connection whose first line is an HTTP method and a target but not a valid
-        HTTP/1.x request line reaches the HTTP door (400 or 505), never the service
-        unparsed.
+        On a listener declared HTTP, as the references' are, every case reaches the door
+        under test: no client bytes reach the service unparsed as opaque TCP, however
+        malformed the request line (RTSP/1.0, HTTP/2.0, a space in the target).
         """
-        self._defect("detect")
-
-    test_detectSplicesMalformedHTTP.todo = f"{DEFECTS['detect']} (not fixed)"  # type: ignore[attr-defined]
+        run = self.shared()
+        spliced = sorted(case for (case, lane), outcome in run.results.items()
+                         if lane in harness.OURS and outcome.verdict == "spliced")
+        self.assertEqual(spliced, [])
 
 
 def _message(start: bytes, body: bytes = b"", *headers: tuple[bytes, bytes]) -> Message:

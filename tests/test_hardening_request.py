@@ -159,6 +159,49 @@ class RequestHardeningMixin:
         """
         return self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\n b.evil\r\n\r\n")
 
+    def test_obsFoldNeverMerged(self):
+        """
+        An obs-fold line after any header, or a line starting with whitespace right
+        after the request line, is refused with 400 (RFC 9112 5.2) on both doors, never
+        merged into the header before it and forwarded (twisted.web would merge it).
+        """
+        return self.assertRefusedEach([
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\t2\r\n\r\n",
+            b"GET / HTTP/1.1\r\n X-A: 1\r\nHost: a\r\n\r\n",
+        ])
+
+    @defer.inlineCallbacks
+    def test_emptyLineBeforeRequestLine(self):
+        """
+        An empty line (CRLF, or a bare LF) before the request line is ignored (RFC 9112
+        2.2), on both doors: the request goes upstream as it would without it.
+        """
+        for data in (b"\r\nGET /a HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid\r\n\r\n",
+                     b"\nGET /b HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid\r\n\r\n"):
+            yield self.request(data)
+        self.assertEqual(self.upstream.targets, [b"/a", b"/b"])
+        received = b"".join(self.upstream.received)
+        self.assertTrue(received.startswith(b"GET /a HTTP/1.1\r\nHost: h\r\n"), received)
+        self.assertIn(b"\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n", received)
+        self.assertEqual([r.status for r in self.proxy.records], [200, 200])
+
+    @defer.inlineCallbacks
+    def test_spacesInRequestLine(self):
+        """
+        Runs of spaces between the parts of the request line (RFC 9112 3 lets a
+        recipient parse on them; Envoy and nginx do) go upstream as single spaces, on
+        both doors.
+        """
+        for data in (b"GET  /a HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid\r\n\r\n",
+                     b"GET /b   HTTP/1.1\r\nHost: h\r\nX-Request-Id: rid\r\n\r\n"):
+            yield self.request(data)
+        self.assertEqual(self.upstream.targets, [b"/a", b"/b"])
+        received = b"".join(self.upstream.received)
+        self.assertTrue(received.startswith(b"GET /a HTTP/1.1\r\n"), received)
+        self.assertIn(b"\r\n\r\nGET /b HTTP/1.1\r\n", received)
+        self.assertEqual([r.path for r in self.proxy.records], ["/a", "/b"])
+
     @defer.inlineCallbacks
     def test_validHosts(self):
         """

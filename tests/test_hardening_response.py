@@ -149,6 +149,38 @@ class ResponseFramingTests(ResponseCase):
     """
 
     @defer.inlineCallbacks
+    def test_nulInReason(self):
+        """
+        C{HTTP/1.1 200 OK\\x00}: the web door answers 502 (no NUL, nothing of the bad
+        response), closes that upstream connection, and the client's connection serves
+        the next request in step.
+        """
+        port = self.start({b"/bad": b"HTTP/1.1 200 OK\x00\r\nContent-Length: 2\r\n\r\nok", b"/b": OK_B})
+        client = yield self.connect(port)
+        first = yield self.exchange(client, request(b"/bad"), b"HTTP/1.1 502 Bad Gateway\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), first)
+        self.assertTrue(first.endswith(b"\r\n\r\nupstream sent a malformed response"), first)
+        self.assertNotIn(b"\x00", first)
+        self.assertNotIn(b"\r\n\r\nok", first)
+        second = yield self.exchange(client, request(b"/b"), b"HTTP/1.1 200 OK\r\n")
+        yield waitUntil(lambda: client.received.endswith(b"\r\n\r\nok"))
+        self.assertTrue(second.startswith(b"HTTP/1.1 200 OK\r\n"), second)
+        self.assertEqual([r.flags for r in self.proxy.records], ["UPE", "-"])
+        self.assertEqual(self.service.requests, [(0, b"/bad"), (1, b"/b")])
+
+    @defer.inlineCallbacks
+    def test_laterMinorVersion(self):
+        """
+        C{HTTP/1.2 200 OK} goes to the client as an HTTP/1.1 200 on the web door too.
+        """
+        port = self.start({b"/a": b"HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello"})
+        client = yield self.connect(port)
+        first = yield self.exchange(client, request(b"/a"), b"HTTP/1.1 200 OK\r\n")
+        yield waitUntil(lambda: client.received.endswith(b"hello"))
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), first)
+        self.assertEqual([r.flags for r in self.proxy.records], ["-"])
+
+    @defer.inlineCallbacks
     def test_connectionNominatingContentLength(self):
         """
         A service response with C{Connection: Content-Length} keeps its framing: the
@@ -319,6 +351,21 @@ class StatusLineTests(ResponseCase):
         """
         return self.assertBadStatus(b"HELLO\r\n\r\n")
 
+    def test_nulInReason(self):
+        """
+        C{HTTP/1.1 200 OK\\x00}: RFC 9112 4 allows only HTAB, SP, VCHAR and obs-text
+        in a reason phrase, and a client reading the line up to the NUL could frame
+        what follows differently.  502, as Envoy answers; the NUL never reaches the
+        client.
+        """
+        return self.assertBadStatus(b"HTTP/1.1 200 OK\x00\r\nContent-Length: 2\r\n\r\nok")
+
+    def test_controlInReason(self):
+        """
+        Other control bytes in the reason phrase (ESC, DEL, a bare CR inside it): 502.
+        """
+        return self.assertBadStatus(b"HTTP/1.1 200 O\x1b[2J\x7fK\r\nContent-Length: 2\r\n\r\nok")
+
 
 class LenientResponseTests(ResponseCase):
     """
@@ -356,6 +403,34 @@ class LenientResponseTests(ResponseCase):
         second = yield self.exchange(client, request(b"/b"), PROXY_OK_B)
         self.assertEqual(second, PROXY_OK_B)
         self.assertEqual(self.service.requests, [(0, b"/a"), (0, b"/b")])
+
+    @defer.inlineCallbacks
+    def test_laterMinorVersion(self):
+        """
+        C{HTTP/1.2 200 OK}: RFC 9110 2.5, a later minor version is read as the highest
+        the recipient implements (Envoy and nginx do); it is forwarded as HTTP/1.1 and
+        the connection stays in step.
+        """
+        port = self.start({b"/a": b"HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"/b": OK_B})
+        client = yield self.connect(port)
+        expected = b"HTTP/1.1 200 OK\r\nServer: amazing-proxy\r\nContent-Length: 5\r\n\r\nhello"
+        first = yield self.exchange(client, request(b"/a"), expected)
+        self.assertEqual(first, expected)
+        second = yield self.exchange(client, request(b"/b"), PROXY_OK_B)
+        self.assertEqual(second, PROXY_OK_B)
+        self.assertEqual(self.service.requests, [(0, b"/a"), (0, b"/b")])
+
+    @defer.inlineCallbacks
+    def test_reasonWithTabAndObsText(self):
+        """
+        A reason phrase with HTAB, SP and obs-text (RFC 9112 4 allows them) passes byte
+        for byte.
+        """
+        port = self.start({b"/a": b"HTTP/1.1 200 Tout\tva tr\xe8s bien\r\nContent-Length: 2\r\n\r\nok"})
+        client = yield self.connect(port)
+        expected = b"HTTP/1.1 200 Tout\tva tr\xe8s bien\r\nServer: amazing-proxy\r\nContent-Length: 2\r\n\r\nok"
+        first = yield self.exchange(client, request(b"/a"), expected)
+        self.assertEqual(first, expected)
 
     @defer.inlineCallbacks
     def test_emptyChunkExtension(self):
@@ -451,6 +526,38 @@ class WebDoorResponseTests(ResponseCase):
         self.assertTrue(first.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), first)
         self.assertTrue(first.endswith(b"\r\n\r\nupstream sent a malformed response"), first)
         self.assertEqual([r.flags for r in self.proxy.records], ["UPE"])
+
+    @defer.inlineCallbacks
+    def test_nulInReason(self):
+        """
+        C{HTTP/1.1 200 OK\\x00}: the web door answers 502 (no NUL, nothing of the bad
+        response), closes that upstream connection, and the client's connection serves
+        the next request in step.
+        """
+        port = self.start({b"/bad": b"HTTP/1.1 200 OK\x00\r\nContent-Length: 2\r\n\r\nok", b"/b": OK_B})
+        client = yield self.connect(port)
+        first = yield self.exchange(client, request(b"/bad"), b"HTTP/1.1 502 Bad Gateway\r\n")
+        self.assertTrue(first.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), first)
+        self.assertTrue(first.endswith(b"\r\n\r\nupstream sent a malformed response"), first)
+        self.assertNotIn(b"\x00", first)
+        self.assertNotIn(b"\r\n\r\nok", first)
+        second = yield self.exchange(client, request(b"/b"), b"HTTP/1.1 200 OK\r\n")
+        yield waitUntil(lambda: client.received.endswith(b"\r\n\r\nok"))
+        self.assertTrue(second.startswith(b"HTTP/1.1 200 OK\r\n"), second)
+        self.assertEqual([r.flags for r in self.proxy.records], ["UPE", "-"])
+        self.assertEqual(self.service.requests, [(0, b"/bad"), (1, b"/b")])
+
+    @defer.inlineCallbacks
+    def test_laterMinorVersion(self):
+        """
+        C{HTTP/1.2 200 OK} goes to the client as an HTTP/1.1 200 on the web door too.
+        """
+        port = self.start({b"/a": b"HTTP/1.2 200 OK\r\nContent-Length: 5\r\n\r\nhello"})
+        client = yield self.connect(port)
+        first = yield self.exchange(client, request(b"/a"), b"HTTP/1.1 200 OK\r\n")
+        yield waitUntil(lambda: client.received.endswith(b"hello"))
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200 OK\r\n"), first)
+        self.assertEqual([r.flags for r in self.proxy.records], ["-"])
 
     @defer.inlineCallbacks
     def test_connectionNominatingContentLength(self):

@@ -25,7 +25,8 @@ from tests.support import ROOT
 IMPORT_NAMES = {
     "twisted": "twisted", "treq": "treq", "pyopenssl": "OpenSSL", "cryptography": "cryptography",
     "attrs": "attrs", "httptools": "httptools", "prometheus-client": "prometheus_client",
-    "ruamel-yaml": "ruamel.yaml", "h2": "h2",
+    "ruamel-yaml": "ruamel.yaml", "h2": "h2", "hyperframe": "hyperframe",
+    "hpack": "hpack",
 }
 
 

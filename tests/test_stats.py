@@ -52,10 +52,10 @@ class RecorderTests(unittest.SynchronousTestCase):
         recorder.record(REC)
         recorder.record(attrs.evolve(REC, status=502, flags="UF"))
         self.assertEqual(recorder.totalRequests(), 3)
-        ok = recorder.series[("HTTP/1.1", 200, "-", "", False, "inbound", None)]
+        ok = recorder.series[("HTTP/1.1", 200, "-", "", False, "inbound", None, "")]
         self.assertEqual(ok.requests, 2)
         self.assertEqual(ok.requestBytes.sum, 30)
         self.assertEqual(ok.responseBytes.sum, 634)
-        self.assertEqual(recorder.series[("HTTP/1.1", 502, "UF", "", False, "inbound", None)].requests, 1)
+        self.assertEqual(recorder.series[("HTTP/1.1", 502, "UF", "", False, "inbound", None, "")].requests, 1)
         self.assertEqual(len(seen), 3)
         self.assertEqual(recorder.downstreamBytesReceived, 45)

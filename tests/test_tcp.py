@@ -813,7 +813,8 @@ class ServerFirstLoopbackTests(LoopbackCase):
 
 class GrpcLoopbackTests(LoopbackCase):
     """
-    A real gRPC service (grpcio): the HTTP/2 preface passes as opaque TCP.
+    A real gRPC service (grpcio): the HTTP/2 preface is detected and the calls go to
+    the HTTP/2 door, at L7 (they passed as opaque TCP before the HTTP/2 codec).
     """
 
     def setUp(self) -> Any:
@@ -829,14 +830,19 @@ class GrpcLoopbackTests(LoopbackCase):
 
     def test_unaryAndStreaming(self):
         """
-        A unary call and a 50-reply stream pass through; the record says HTTP/2 was
-        detected and passed as TCP.
+        A unary call and a 50-reply stream pass through; each is an HTTP/2 record with
+        gRPC status 0 and its message counts, and no TCP record is left.
         """
         def run() -> None:
             self.assertIn(b"ok unary stream=50", grpcClient(self.port))
-            records = self.records(1)
-            self.assertEqual([(r["detected"], r["response_flags"]) for r in records], [("http2", "-")])
-            self.assertGreater(records[0]["bytes_sent"], 50 * len(b"Hello 1, mesh"))
+            deadline = time.monotonic() + 10
+            calls: List[dict] = []
+            while len(calls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                calls = [r for r in jsonRecords(self.log) if r["protocol"] == "HTTP/2"] if os.path.exists(self.log) else []
+            self.assertEqual([(r["grpc_status"], r["response_flags"]) for r in calls], [("0", "-"), ("0", "-")])
+            self.assertEqual(sorted(r["response_messages"] for r in calls), [1, 50])
+            self.assertEqual([r for r in jsonRecords(self.log) if r["protocol"] == "tcp"], [])
         return deferToThread(run)
 
 

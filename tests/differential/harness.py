@@ -426,11 +426,13 @@ class Proxies:
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         log = open(self.directory / f"{name}.log", "wb")
         if lane in OURS:
-            # Protocol detection stays on (the default): what it passes on as opaque TCP is
-            # classified "spliced".  (--port-protocol PORT=http would be the fairer match
-            # for the references' HTTP listeners, but today it splices every connection.)
+            # The listener is declared HTTP, as the references' listeners are: every
+            # connection goes to the door under test, none is sniffed or spliced (what
+            # detection does is tests/test_detect.py's to say).  A case still classified
+            # "spliced" is a finding.
             argv = oursCommand(sys.executable, port, upstreamPort,
-                               ["--upstream-timeout", "5"] + (["--engine", "web"] if lane == "web" else []))
+                               ["--upstream-timeout", "5", "--port-protocol", f"{port}=http"]
+                               + (["--engine", "web"] if lane == "web" else []))
         elif lane == "envoy":
             config = self.directory / f"{name}.json"
             config.write_text(json.dumps(referenceEnvoyConfig(port, freePort(), upstreamPort)))

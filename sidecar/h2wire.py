@@ -1,0 +1,295 @@
+# -*- test-case-name: tests.test_h2 -*-
+"""
+HTTP/2 heads and gRPC framing as pure functions, shared by the HTTP/2 door
+(L{sidecar.h2door}) and the HTTP/2 upstream (L{sidecar.h2upstream}), as
+L{sidecar.http1} is for HTTP/1.1.
+
+  - L{requestFromHeaders}: a client's HEADERS (pseudo-headers first) to the method,
+    the path and a L{RequestHead}, through the same forwarding rules as HTTP/1.1
+    (C{:authority} stands for C{Host});
+  - L{responseHeaders} / L{requestHeaders}: the engine's heads to HTTP/2 header lists
+    (lower-case names, C{content-length} from the proxy's own parse, no
+    connection-specific header);
+  - L{MessageCounter}: counts gRPC's length-prefixed messages as bytes pass;
+  - L{grpcStatusOf} and L{grpcLocalReply}: the gRPC status of a response, and the
+    proxy's own answers to a gRPC call (trailers-only, as Envoy sends them).
+
+h2 (python-hyper) does the framing and HPACK; nothing here writes a frame.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+from urllib.parse import quote
+
+import binascii
+
+import hyperframe.frame
+from hpack import NeverIndexedHeaderTuple
+
+from sidecar.headers import Header, Headers, RequestHead, ResponseHead, requestHead
+
+#: The connection-specific headers of RFC 9113 8.2.2 (h2 refuses them inbound; they
+#: must never go out in an HTTP/2 head).
+CONNECTION_SPECIFIC = frozenset([
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host",
+])
+
+_GRPC = b"application/grpc"
+
+#: HTTP statuses to gRPC codes (grpc/doc/http-grpc-status-mapping.md), for the proxy's
+#: own answers to a gRPC call.
+_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+#: gRPC codes by name, for logs and tests.
+GRPC_OK, GRPC_DEADLINE_EXCEEDED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_UNAVAILABLE = 0, 4, 12, 13, 14
+
+
+def isGrpc(contentType: bytes) -> bool:
+    """
+    Whether a C{content-type} names gRPC (C{application/grpc}, C{application/grpc+proto}...).
+    """
+    return contentType[:16].lower() == _GRPC
+
+
+def requestFromHeaders(headers: Sequence[Header], clientIP: str, proto: bytes,
+                       extra: Headers = (), endStream: bool = False,  # type: ignore[assignment]
+                       ) -> Tuple[bytes, bytes, RequestHead, bool]:
+    """
+    A client's HTTP/2 request head (h2 has validated it: pseudo-headers first, no
+    connection-specific header, lower-case names) as the engine sees a request; split
+    C{cookie} headers are joined into one.
+
+    @param endStream: the HEADERS frame ended the stream (no body).
+    @return: C{(method, path, head, grpc)}; C{head.error} says why the request must be
+        refused (no C{:method}/C{:path}, CONNECT).
+    """
+    method = path = b""
+    authority: Optional[bytes] = None
+    regular: Headers = []
+    grpc = False
+    host: Optional[bytes] = None
+    cookies: List[bytes] = []
+    for pair in headers:
+        name = pair[0]
+        if name[:1] == b":":
+            if name == b":method":
+                method = pair[1]
+            elif name == b":path":
+                path = pair[1]
+            elif name == b":authority":
+                authority = pair[1]
+        elif name == b"host":
+            host = pair[1]
+        elif name == b"cookie":
+            # HTTP/2 may split cookies; HTTP/1.1 wants one header (RFC 9113 8.2.3).
+            cookies.append(pair[1])
+        else:
+            if name == b"content-type" and isGrpc(pair[1]):
+                grpc = True
+            regular.append(pair)
+    if cookies:
+        regular.append((b"cookie", b"; ".join(cookies)))
+    if authority is None:
+        authority = host
+    if authority is not None:
+        regular.insert(0, (b"host", authority))
+    head = requestHead(method, path, "2", regular, clientIP, proto, extra)
+    if not method or not path:
+        head.error = "an HTTP/2 request without :method or :path"
+    elif method == b"CONNECT":
+        head.error = "CONNECT is not supported"
+    elif authority is None:
+        head.error = "an HTTP/2 request without :authority or Host"
+    # Framing is the proxy's: a body without a length goes chunked to HTTP/1.1.
+    if not endStream and head.contentLength is None:
+        head.chunked = True
+    elif endStream:
+        head.chunked = False
+    return method, path, head, grpc
+
+
+def responseHeaders(status: int, head: ResponseHead, withLength: bool) -> List[Header]:
+    """
+    The HTTP/2 response head for the engine's C{head}: C{:status}, the headers with
+    lower-case names, and C{content-length} from the upstream codec's parse.
+    """
+    out = [(b":status", b"%d" % status)]
+    append = out.append
+    for name, value in head.headers:
+        name = name.lower()
+        if name not in CONNECTION_SPECIFIC:
+            append((name, value))
+    if withLength and head.contentLength is not None:
+        append((b"content-length", b"%d" % head.contentLength))
+    return out
+
+
+def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes,
+                   grpc: bool) -> List[Header]:
+    """
+    The HTTP/2 request head for the service: pseudo-headers from the request line and
+    C{Host}, C{te: trailers} for gRPC (its servers require it), C{content-length} when
+    the proxy parsed one, and the forwarded headers without connection-specific ones.
+    """
+    authority = req.authority.encode("latin-1")
+    if target[:1] != b"/" and target != b"*":
+        # An absolute-form target (a forward-proxy style request): split it.
+        rest = target.partition(b"://")[2]
+        slash = rest.find(b"/")
+        if slash < 0:
+            authority, target = authority or rest, b"/"
+        else:
+            authority, target = authority or rest[:slash], rest[slash:]
+    out = [(b":method", method), (b":scheme", scheme), (b":path", target), (b":authority", authority)]
+    append = out.append
+    for name, value in req.headers:
+        name = name.lower()
+        if name == b"x-request-id":
+            # Unique per request: never indexed, or it would crowd the HPACK table that
+            # every header of every later request is searched against.
+            append(NeverIndexedHeaderTuple(name, value))
+        elif name not in CONNECTION_SPECIFIC:
+            append((name, value))
+    if grpc:
+        append((b"te", b"trailers"))
+    if req.contentLength is not None:
+        append((b"content-length", b"%d" % req.contentLength))
+    return out
+
+
+def responseFromHeaders(headers: Sequence[Header]) -> Tuple[int, Headers]:
+    """
+    An HTTP/2 response head from the service: its status and its regular headers.
+    """
+    status = 0
+    regular: Headers = []
+    for pair in headers:
+        if pair[0][:1] == b":":
+            if pair[0] == b":status":
+                status = int(pair[1])
+        else:
+            regular.append(pair)
+    return status, regular
+
+
+def grpcStatusOf(headers: Sequence[Header]) -> Optional[str]:
+    """
+    The C{grpc-status} value among C{headers} (trailers, or the head of a trailers-only
+    response), or C{None}.
+    """
+    for name, value in headers:
+        if name == b"grpc-status":
+            return value.decode("ascii", "replace")
+    return None
+
+
+def grpcStatusFor(httpStatus: int) -> int:
+    """
+    The gRPC code a client infers from an HTTP status (the proxy's own replies).
+    """
+    return _HTTP_TO_GRPC.get(httpStatus, 2)
+
+
+def grpcLocalReply(status: int, body: bytes, server: bytes) -> Tuple[int, List[Header]]:
+    """
+    The proxy's own answer to a gRPC call that failed before the service answered: a
+    trailers-only response, HTTP 200, with C{grpc-status} mapped from C{status} and
+    C{grpc-message} the reply's text (percent-encoded), as Envoy answers.
+
+    @return: the gRPC code and the HEADERS (ending the stream).
+    """
+    code = grpcStatusFor(status)
+    message = quote(body.strip().decode("utf-8", "replace"), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
+    return code, [(b":status", b"200"), (b"server", server), (b"content-type", b"application/grpc"),
+                  (b"grpc-status", b"%d" % code), (b"grpc-message", message)]
+
+
+class MessageCounter:
+    """
+    Counts gRPC messages (a 5-byte prefix: a flag byte and a 4-byte big-endian length,
+    then the message) in a byte stream cut anywhere, without copying the bytes.
+
+    @ivar messages: messages whose prefix has been seen.
+    """
+
+    __slots__ = ("messages", "_skip", "_prefix")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        #: Message bytes still to pass before the next prefix.
+        self._skip = 0
+        #: Bytes of a prefix cut by a frame boundary.
+        self._prefix = b""
+
+    def feed(self, data: bytes) -> None:
+        """
+        Count the prefixes in C{data}, the next bytes of the stream.
+        """
+        n = len(data)
+        i = 0
+        skip = self._skip
+        while True:
+            if skip:
+                if n - i <= skip:
+                    self._skip = skip - (n - i)
+                    return
+                i += skip
+                skip = 0
+            if i >= n:
+                self._skip = 0
+                return
+            prefix = self._prefix
+            if prefix or n - i < 5:
+                piece = data[i:i + 5 - len(prefix)]
+                prefix += piece
+                i += len(piece)
+                if len(prefix) < 5:
+                    self._prefix = prefix
+                    self._skip = 0
+                    return
+                self._prefix = b""
+                skip = int.from_bytes(prefix[1:5], "big")
+            else:
+                skip = int.from_bytes(data[i + 1:i + 5], "big")
+                i += 5
+            self.messages += 1
+
+
+class GrpcCounts:
+    """
+    The messages of one gRPC call, both ways.
+    """
+
+    __slots__ = ("request", "response")
+
+    def __init__(self) -> None:
+        self.request = MessageCounter()
+        self.response = MessageCounter()
+
+
+def _rawDataRepr(data: Optional[bytes]) -> str:
+    """
+    hyperframe's C{_raw_data_repr}, with the same text, from the first 10 bytes only.
+    """
+    if not data:
+        return "None"
+    r = binascii.hexlify(data[:11]).decode("ascii")
+    if len(r) > 20:
+        r = r[:20] + "..."
+    return "<hex:" + r + ">"
+
+
+def trimFrameRepr(module: object = hyperframe.frame) -> None:
+    """
+    h2 formats C{repr(frame)} for a trace line on every frame it receives, even when
+    nothing logs, and hyperframe's repr hexlifies a DATA frame's whole body (16 KiB)
+    before keeping 20 characters: a tenth of the proxy's CPU on a large download.  Give
+    hyperframe a helper that writes the same text from the first bytes.  (Idempotent;
+    the text of every repr is unchanged.)
+    """
+    if getattr(module, "_raw_data_repr", None) is not _rawDataRepr:
+        module._raw_data_repr = _rawDataRepr  # type: ignore[attr-defined]
+
+
+trimFrameRepr()
