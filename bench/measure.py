@@ -170,6 +170,22 @@ def cpuTicksFromStat(statText: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def reapedChildTicksFromStat(statText: str) -> int:
+    """
+    The CPU time of a process's children that have exited and been waited for
+    (C{cutime + cstime}, fields 16 and 17 of C{/proc/<pid>/stat}), in clock ticks.
+    """
+    fields = statText[statText.rindex(")") + 1 :].split()
+    return int(fields[13]) + int(fields[14])
+
+
+def parentPidFromStat(statText: str) -> int:
+    """
+    The parent process id (field 4) in the text of C{/proc/<pid>/stat}.
+    """
+    return int(statText[statText.rindex(")") + 1 :].split()[1])
+
+
 @frozen
 class Measurement:
     """
@@ -188,6 +204,8 @@ class Measurement:
     @ivar cpuPercent: the proxy's CPU time as a share of one core over the run; L{None}
         when there is no proxy process.
     @ivar rounds: how many rounds this figure summarises.
+    @ivar loadCpuPercent: the load generator's CPU time (wrk and the upstream nginx) as
+        a share of one core over the run; L{None} when not measured.
     """
 
     peer: str
@@ -201,6 +219,7 @@ class Measurement:
     cpuMicrosecondsPerRequest: float | None
     cpuPercent: float | None
     rounds: int = 1
+    loadCpuPercent: float | None = None
 
     @property
     def errorFraction(self) -> float:
@@ -218,6 +237,7 @@ def measurementFrom(
     cpuTicks: int | None,
     ticksPerSecond: int,
     cpuWindowSeconds: float,
+    loadTicks: int | None = None,
 ) -> Measurement:
     """
     Turn one wrk run and the proxy's CPU ticks over it into a L{Measurement}.
@@ -229,6 +249,7 @@ def measurementFrom(
         started and just after it ended; L{None} when there is no proxy.
     @param ticksPerSecond: C{os.sysconf("SC_CLK_TCK")}.
     @param cpuWindowSeconds: the wall-clock time between the two readings of C{cpuTicks}.
+    @param loadTicks: the CPU time of wrk and the upstream over the same run, in ticks.
     @return: the measurement.
     """
     seconds = summary.durationMicroseconds / 1e6
@@ -251,6 +272,8 @@ def measurementFrom(
         megabytesPerSecond=summary.bytesRead / seconds / 1e6 if seconds else 0.0,
         cpuMicrosecondsPerRequest=cpuPerRequest,
         cpuPercent=cpuPercent,
+        loadCpuPercent=(None if loadTicks is None or cpuWindowSeconds <= 0
+                        else 100.0 * loadTicks / ticksPerSecond / cpuWindowSeconds),
     )
 
 
@@ -286,4 +309,5 @@ def medianOf(rounds: Sequence[Measurement]) -> Measurement:
         ),
         cpuPercent=_medianOrNone([each.cpuPercent for each in rounds]),
         rounds=len(rounds),
+        loadCpuPercent=_medianOrNone([each.loadCpuPercent for each in rounds]),
     )

@@ -23,7 +23,7 @@ from bench.measure import LARGE_BODY_BYTES, POST_ANSWER_BODY, SMALL_BODY
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 
 #: The peers every run has, in the order they run.
-BUILTIN_PEER_NAMES = ("direct", "stock", "envoy", "ours-fast", "ours-web")
+BUILTIN_PEER_NAMES = ("direct", "nginx", "haproxy", "stock", "envoy", "ours-fast", "ours-web", "ours-workers")
 
 #: The name of a variant of our proxy, as given to C{--variant NAME=ARGS}.
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -39,12 +39,15 @@ class Peer:
     @ivar arguments: flags appended to the peer's command line, after its defaults (so
         a repeated flag overrides the default one).
     @ivar description: a few words for the report.
+    @ivar root: for a peer of ours, the checkout whose C{sidecar} it runs (L{None}:
+        this one), to measure a change before and after in one session.
     """
 
     name: str
     kind: str
     arguments: tuple[str, ...] = ()
     description: str = ""
+    root: str | None = None
 
     def withMoreArguments(self, arguments: Sequence[str]) -> Peer:
         """
@@ -53,21 +56,24 @@ class Peer:
         @param arguments: the flags to add.
         @return: a new peer.
         """
-        return Peer(self.name, self.kind, self.arguments + tuple(arguments), self.description)
+        return Peer(self.name, self.kind, self.arguments + tuple(arguments), self.description, self.root)
 
 
 def builtinPeers() -> list[Peer]:
     """
-    The five peers every run compares.
+    The peers every run compares.
 
     @return: them, in running order.
     """
     return [
         Peer("direct", "direct", (), "wrk straight at nginx: the limit"),
+        Peer("nginx", "nginx", (), "nginx as the proxy, one worker, upstream keep-alive"),
+        Peer("haproxy", "haproxy", (), "HAProxy, one thread, connection reuse"),
         Peer("stock", "stock", (), "twisted.web.proxy.ReverseProxyResource in a Site"),
         Peer("envoy", "envoy", (), "Envoy, one worker, static config"),
         Peer("ours-fast", "ours", (), "sidecar, fast front door (default engine)"),
         Peer("ours-web", "ours", ("--engine", "web"), "sidecar, twisted.web front door"),
+        Peer("ours-workers", "ours", ("--workers", "auto"), "sidecar, fast door, one worker per CPU (unpinned)"),
     ]
 
 
@@ -197,6 +203,86 @@ def nginxCommand(prefix: Path, configPath: Path) -> list[str]:
         "-g",
         "daemon off;",
     ]
+
+
+def nginxProxyConfig(prefix: Path, listenPort: int, upstreamPort: int) -> str:
+    """
+    nginx as a reverse proxy in front of the upstream: one worker, no access log,
+    HTTP/1.1 to the upstream with a pool of 1,024 idle keep-alive connections, request
+    bodies streamed (not buffered to disk), as the other proxies do.
+
+    @param prefix: the peer's own directory (C{-p}).
+    @param listenPort: the loopback port wrk talks to.
+    @param upstreamPort: the upstream nginx's port.
+    @return: the configuration text.
+    """
+    return f"""\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/nginx-error.log warn;
+
+events {{
+    worker_connections 8192;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+
+    upstream service {{
+        server 127.0.0.1:{upstreamPort};
+        keepalive 1024;
+        keepalive_requests 100000000;
+    }}
+
+    server {{
+        listen 127.0.0.1:{listenPort} backlog=1024;
+        client_max_body_size 1m;
+        proxy_request_buffering off;
+        location / {{
+            proxy_pass http://service;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def haproxyConfig(listenPort: int, upstreamPort: int) -> str:
+    """
+    HAProxy in HTTP mode: one thread, idle server connections reused by any request
+    (C{http-reuse always}), no log.
+
+    @param listenPort: the loopback port wrk talks to.
+    @param upstreamPort: the upstream nginx's port.
+    @return: the configuration text.
+    """
+    return f"""\
+global
+    nbthread 1
+    maxconn 8192
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+
+frontend ingress
+    bind 127.0.0.1:{listenPort}
+    default_backend service
+
+backend service
+    server nginx 127.0.0.1:{upstreamPort} maxconn 1024
+"""
 
 
 def envoyConfig(listenPort: int, adminPort: int, upstreamPort: int) -> dict:

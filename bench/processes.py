@@ -19,6 +19,8 @@ from bench.measure import (
     WrkSummary,
     answerProblem,
     cpuTicksFromStat,
+    parentPidFromStat,
+    reapedChildTicksFromStat,
     parseWrkOutput,
 )
 
@@ -122,11 +124,23 @@ class Child:
 
     def cpuTicks(self) -> int:
         """
-        The process's user plus system CPU time so far, in clock ticks.
+        The process's user plus system CPU time so far, in clock ticks, with that of
+        its child processes (the workers of C{--workers}), running or exited.
 
         @raise OSError: when the process is gone.
         """
-        return cpuTicksFromStat(Path(f"/proc/{self.pid}/stat").read_text())
+        own = Path(f"/proc/{self.pid}/stat").read_text()
+        total = cpuTicksFromStat(own) + reapedChildTicksFromStat(own)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or entry.name == str(self.pid):
+                continue
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if parentPidFromStat(text) == self.pid:
+                total += cpuTicksFromStat(text)
+        return total
 
     def logTail(self, lines: int = 12) -> str:
         """

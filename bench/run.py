@@ -41,6 +41,8 @@ from bench.peers import (
     builtinPeers,
     envoyCommand,
     findEnvoy,
+    haproxyConfig,
+    nginxProxyConfig,
     nginxCommand,
     nginxConfig,
     oursCommand,
@@ -136,7 +138,26 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="workloads to run (default: " + ",".join(WORKLOADS) + ")",
     )
     parser.add_argument(
-        "--connections", type=int, default=16, help="wrk connections, -c (default 16)"
+        "--connections",
+        type=lambda text: [int(part) for part in commaList(text)],
+        default=[16],
+        metavar="N[,N]",
+        help="wrk connections, -c (default 16); several (e.g. 16,256,1000) make a sweep:"
+        " every workload at the first, the --sweep-workloads at the others",
+    )
+    parser.add_argument(
+        "--sweep-workloads",
+        type=commaList,
+        default=["small"],
+        metavar="NAME[,NAME]",
+        help="workloads run at the connection counts after the first (default: small)",
+    )
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also draw the results as a PNG chart (needs matplotlib)",
     )
     parser.add_argument("--threads", type=int, default=1, help="wrk threads, -t (default 1)")
     parser.add_argument(
@@ -146,6 +167,14 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         metavar="NAME=ARGS",
         help="add peer ours-NAME: ours-fast with ARGS appended (repeatable), e.g."
         " --variant metrics-on='--admin tcp:0'",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="add peer ours-base: the fast door of the sidecar in another checkout DIR"
+        " (e.g. a git worktree of the commit before a change), in the same session",
     )
     parser.add_argument(
         "--extra-args",
@@ -176,12 +205,14 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="print wrk's own output")
     options = parser.parse_args(argv)
 
-    for name in ("duration", "rounds", "connections", "threads"):
+    for name in ("duration", "rounds", "threads"):
         if getattr(options, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not options.connections or min(options.connections) < 1:
+        parser.error("--connections must be at least 1")
     if options.warmup < 0:
         parser.error("--warmup must not be negative")
-    if options.connections < options.threads:
+    if min(options.connections) < options.threads:
         parser.error("--connections must be at least --threads (wrk needs one per thread)")
     unknown = [name for name in options.workloads if name not in WORKLOADS]
     if unknown or not options.workloads:
@@ -201,6 +232,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(str(error))
         if sum(peer.name == f"ours-{name.strip()}" for peer in peers) > 1:
             parser.error(f"--variant {name.strip()!r} given twice")
+
+    if options.baseline is not None:
+        if not (options.baseline / "sidecar" / "tap.py").exists():
+            parser.error(f"--baseline {options.baseline}: no sidecar/tap.py there")
+        peers.append(Peer("ours-base", "ours", (), f"sidecar from {options.baseline}",
+                          str(options.baseline.resolve())))
 
     names = [peer.name for peer in peers]
     for text in options.extra_args:
@@ -287,6 +324,7 @@ class Session:
         self.skipped: dict[str, str] = {}
         self.upstreamPort = 0
         self._children: list[Child] = []
+        self._upstream: Child | None = None
         self.ticksPerSecond = os.sysconf("SC_CLK_TCK")
         self.envoyPath, self.envoySource = findEnvoy()
 
@@ -312,7 +350,10 @@ class Session:
         @param environment: its environment; ours when L{None}.
         @return: the child.
         """
-        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", environment)
+        # In the temporary directory: C{python -m} puts the current directory first on
+        # the path, which would shadow the checkout a peer of ours runs from.
+        child = Child(name, pinned(argv, cpu), self.directory / f"{name}.log", environment,
+                      workingDirectory=self.directory)
         self._children.append(child)
         return child
 
@@ -350,11 +391,44 @@ class Session:
         config = self.directory / "nginx.conf"
         config.write_text(nginxConfig(self.directory, self.upstreamPort, echo))
         child = self.start("nginx", nginxCommand(self.directory, config), self.loadCpu)
+        self._upstream = child
         problem = waitUntilServing(
             self.upstreamPort, WORKLOADS["small"], child, self.options.ready_timeout
         ) or checkEveryWorkload(self.upstreamPort, list(WORKLOADS.values()))
         if problem is not None:
             raise PeerUnavailable(f"nginx: {problem}\n{child.logTail()}")
+
+    def loadTicks(self) -> int | None:
+        """
+        The CPU time so far of the load side: the upstream nginx (master and worker)
+        and the children this script has waited for (wrk, once each run ends), in
+        clock ticks.
+        """
+        import resource
+
+        upstream = self._upstream
+        try:
+            nginx = upstream.cpuTicks() if upstream is not None else 0
+        except OSError:
+            return None
+        waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return nginx + round((waited.ru_utime + waited.ru_stime) * self.ticksPerSecond)
+
+    def peerCpu(self, peer: Peer) -> int | None:
+        """
+        The CPU a peer runs on: the proxy's, except for our C{--workers N} with N above
+        1, which runs unpinned (its workers share the load CPU with wrk and nginx).
+        """
+        arguments = list(peer.arguments)
+        if "--workers" in arguments:
+            index = len(arguments) - 1 - arguments[::-1].index("--workers")
+            value = arguments[index + 1] if index + 1 < len(arguments) else "1"
+            if value != "1":
+                note = f"{peer.name} runs unpinned: its workers share CPU {self.loadCpu} with wrk and nginx"
+                if note not in self.notes:
+                    self.notes.append(note)
+                return None
+        return self.proxyCpu
 
     def startPeer(self, peer: Peer) -> tuple[int, Child | None]:
         """
@@ -377,6 +451,18 @@ class Session:
                 self.upstreamPort,
                 peer.arguments,
             )
+        elif peer.kind == "nginx":
+            prefix = self.directory / peer.name
+            prefix.mkdir(exist_ok=True)
+            config = prefix / "nginx.conf"
+            config.write_text(nginxProxyConfig(prefix, port, self.upstreamPort))
+            argv = nginxCommand(prefix, config) + list(peer.arguments)
+        elif peer.kind == "haproxy":
+            if shutil.which("haproxy") is None:
+                raise PeerUnavailable("no haproxy binary: apt-get install haproxy")
+            config = self.directory / "haproxy.cfg"
+            config.write_text(haproxyConfig(port, self.upstreamPort))
+            argv = ["haproxy", "-db", "-f", str(config), *peer.arguments]
         elif peer.kind == "envoy":
             if self.envoyPath is None:
                 raise PeerUnavailable(self.envoySource)
@@ -385,14 +471,14 @@ class Session:
             argv = envoyCommand(self.envoyPath, config, peer.arguments)
         elif peer.kind == "ours":
             argv = oursCommand(sys.executable, port, self.upstreamPort, peer.arguments)
-            paths = [str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")]
+            paths = [peer.root or str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")]
             environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
             if not (REPOSITORY_ROOT / "sidecar" / "tap.py").exists():
                 hint = " (sidecar/tap.py does not exist yet in this checkout)"
         else:
             raise PeerUnavailable(f"unknown kind of peer {peer.kind!r}")
         try:
-            child = self.start(peer.name, argv, self.proxyCpu, environment=environment)
+            child = self.start(peer.name, argv, self.peerCpu(peer), environment=environment)
         except OSError as error:
             raise PeerUnavailable(f"could not start {argv[0]}: {error}") from error
         problem = waitUntilServing(port, WORKLOADS["small"], child, self.options.ready_timeout)
@@ -431,15 +517,18 @@ class Session:
                 if options.warmup:
                     runWrk(port, workload, options.warmup, *load)
                 before = child.cpuTicks() if child is not None else None
+                loadBefore = self.loadTicks()
                 began = time.monotonic()
                 summary, output = runWrk(port, workload, options.duration, *load)
                 after = child.cpuTicks() if child is not None else None
+                loadAfter = self.loadTicks()
                 window = time.monotonic() - began
                 if options.verbose:
                     self.say(output.rstrip())
                 ticks = None if before is None or after is None else after - before
                 cell = measurementFrom(
-                    peer.name, name, summary, ticks, self.ticksPerSecond, window
+                    peer.name, name, summary, ticks, self.ticksPerSecond, window,
+                    None if loadBefore is None or loadAfter is None else loadAfter - loadBefore,
                 )
                 self.rounds.setdefault((peer.name, name), []).append(cell)
                 cpu = (
@@ -588,48 +677,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stopOnTerm)
 
-    directory = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    session = Session(options, directory)
-    if session.loadCpu is not None:
-        # This script mostly waits for wrk; keep it off the proxy's CPU too.
-        os.sched_setaffinity(0, {session.loadCpu})
-    try:
-        session.run()
-    except PeerUnavailable as reason:
-        print(f"bench: the upstream could not run: {reason}", file=sys.stderr)
-        return 1
-    finally:
-        session.stopAll()
-        if not options.keep_temp:
-            shutil.rmtree(directory, ignore_errors=True)
+    sessions = []
+    cpus = os.sched_getaffinity(0)
+    for index, connections in enumerate(options.connections):
+        # Each session chooses its CPUs from all of them (the last one narrowed ours).
+        os.sched_setaffinity(0, cpus)
+        part = argparse.Namespace(**vars(options))
+        part.connections = connections
+        if index:
+            part.workloads = [name for name in options.workloads if name in options.sweep_workloads]
+            if not part.workloads:
+                continue
+        directory = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+        session = Session(part, directory)
+        if session.loadCpu is not None:
+            # This script mostly waits for wrk; keep it off the proxy's CPU too.
+            os.sched_setaffinity(0, {session.loadCpu})
+        try:
+            session.run()
+        except PeerUnavailable as reason:
+            print(f"bench: the upstream could not run: {reason}", file=sys.stderr)
+            return 1
+        finally:
+            session.stopAll()
+            if not options.keep_temp:
+                shutil.rmtree(directory, ignore_errors=True)
+        results = session.results()
+        report, outcomes = renderReport(session, results)
+        print(report)
+        sessions.append((session, results, outcomes))
 
-    results = session.results()
-    report, outcomes = renderReport(session, results)
-    print(report)
+    if options.chart is not None:
+        from bench.chart import drawChart
+
+        options.chart.parent.mkdir(parents=True, exist_ok=True)
+        drawChart(options.chart, [(session.options.connections, results) for session, results, _ in sessions],
+                  [peer.name for peer in options.peers], sessions[0][0].environmentFacts() if sessions else {})
+        print(f"chart written to {options.chart}", file=sys.stderr)
     if options.json is not None:
         document = {
-            "environment": session.environmentFacts(),
-            "options": {
-                "duration": options.duration,
-                "warmup": options.warmup,
-                "rounds": options.rounds,
-                "connections": options.connections,
-                "threads": options.threads,
-                "workloads": options.workloads,
-                "peers": [attrs.asdict(peer) for peer in options.peers],
-            },
-            "results": [attrs.asdict(cell) for cell in results.values()],
-            "rounds": [attrs.asdict(cell) for cells in session.rounds.values() for cell in cells],
-            "ratios": [
+            "sessions": [
                 {
-                    "ratio": outcome.target.label,
-                    "value": outcome.value,
-                    "target": outcome.target.goal,
-                    "verdict": outcome.verdict,
+                    "environment": session.environmentFacts(),
+                    "options": {
+                        "duration": session.options.duration,
+                        "warmup": session.options.warmup,
+                        "rounds": session.options.rounds,
+                        "connections": session.options.connections,
+                        "threads": session.options.threads,
+                        "workloads": session.options.workloads,
+                        "peers": [attrs.asdict(peer) for peer in session.options.peers],
+                    },
+                    "results": [attrs.asdict(cell) for cell in results.values()],
+                    "rounds": [attrs.asdict(cell) for cells in session.rounds.values() for cell in cells],
+                    "ratios": [
+                        {
+                            "ratio": outcome.target.label,
+                            "value": outcome.value,
+                            "target": outcome.target.goal,
+                            "verdict": outcome.verdict,
+                        }
+                        for outcome in outcomes
+                    ],
+                    "skipped": session.skipped,
                 }
-                for outcome in outcomes
+                for session, results, outcomes in sessions
             ],
-            "skipped": session.skipped,
         }
         options.json.parent.mkdir(parents=True, exist_ok=True)
         options.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")

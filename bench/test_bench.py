@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from bench import processes, run, tcp_bench
 from bench.measure import (
@@ -22,6 +22,8 @@ from bench.measure import (
     WrkSummary,
     answerProblem,
     cpuTicksFromStat,
+    parentPidFromStat,
+    reapedChildTicksFromStat,
     measurementFrom,
     medianOf,
     parseWrkOutput,
@@ -110,6 +112,15 @@ class CpuTicksTests(SynchronousTestCase):
         stat = "1234 (python3 (a) b) " + " ".join(fields) + "\n"
         self.assertEqual(cpuTicksFromStat(stat), 742)
 
+    def test_parentAndReapedChildren(self) -> None:
+        """
+        The parent pid (field 4) and the waited-for children's cutime + cstime (fields
+        16 and 17), for the workers of C{--workers}.
+        """
+        fields = ["S", "77"] + [str(n) for n in range(5, 14)] + ["700", "42", "5", "6"] + ["0"] * 30
+        stat = "1234 (python3 (a) b) " + " ".join(fields) + "\n"
+        self.assertEqual((parentPidFromStat(stat), reapedChildTicksFromStat(stat)), (77, 11))
+
 
 class MeasurementTests(SynchronousTestCase):
     """
@@ -130,6 +141,9 @@ class MeasurementTests(SynchronousTestCase):
         self.assertEqual(measured.p50Milliseconds, 0.15)
         self.assertEqual(measured.cpuMicrosecondsPerRequest, 500.0)
         self.assertEqual(measured.cpuPercent, 25.0)
+        self.assertIsNone(measured.loadCpuPercent)
+        loaded = measurementFrom("envoy", "small", self.summary(), 50, 100, 2.0, loadTicks=180)
+        self.assertEqual(loaded.loadCpuPercent, 90.0)
 
     def test_noProxyNoCpu(self) -> None:
         """
@@ -190,9 +204,10 @@ class RatioTests(SynchronousTestCase):
             ("ours-fast", "1m"): cell("ours-fast", "1m", megabytes=70.0),
             ("envoy", "1m"): cell("envoy", "1m", megabytes=100.0),
         }
-        cpu = evaluate(TARGETS[0], cells)
+        cpu = evaluate(Target("ours-fast", "envoy", "small", "cpuMicrosecondsPerRequest", "<=", 1.5), cells)
         self.assertEqual((cpu.value, cpu.verdict), (1.5, "met"))
-        throughput = evaluate(TARGETS[2], cells)
+        self.assertEqual(evaluate(TARGETS[0], cells).verdict, "not met")
+        throughput = evaluate(Target("ours-fast", "envoy", "1m", "megabytesPerSecond", ">=", 0.8), cells)
         self.assertEqual(throughput.verdict, "not met")
         self.assertAlmostEqual(throughput.value or 0, 0.7)
 
@@ -330,16 +345,41 @@ class CommandLineTests(SynchronousTestCase):
         options = run.parseArguments(["--only", "ours-fast", "--variant", "m=--admin tcp:0"])
         self.assertEqual([peer.name for peer in options.peers], ["ours-fast", "ours-m"])
 
+    def test_baseline(self) -> None:
+        """
+        C{--baseline DIR} adds peer C{ours-base}, which runs the sidecar found in DIR;
+        a folder without one is refused.
+        """
+        root = Path(__file__).resolve().parent.parent
+        options = run.parseArguments(["--only", "envoy", "--baseline", str(root)])
+        self.assertEqual([(peer.name, peer.root) for peer in options.peers],
+                         [("envoy", None), ("ours-base", str(root))])
+        self.assertRaises(SystemExit, run.parseArguments, ["--baseline", str(root / "bench")])
+
+    def test_sweep(self) -> None:
+        """
+        C{--connections 16,256,1000} is a sweep; the built-in peers include nginx and
+        HAProxy as proxies and our workers.
+        """
+        options = run.parseArguments(["--connections", "16,256,1000", "--sweep-workloads", "small,post"])
+        self.assertEqual((options.connections, options.sweep_workloads), ([16, 256, 1000], ["small", "post"]))
+        names = [peer.name for peer in options.peers]
+        for name in ("nginx", "haproxy", "ours-workers"):
+            self.assertIn(name, names)
+        workers = {peer.name: peer for peer in options.peers}["ours-workers"]
+        self.assertEqual(workers.arguments, ("--workers", "auto"))
+
     def test_badInput(self) -> None:
         """
         Unknown peers or workloads, malformed variants and colliding names are refused.
         """
         for argv in (
-            ["--only", "nginx"],
+            ["--only", "lighttpd"],
             ["--workloads", "huge"],
             ["--variant", "no-equals-sign"],
             ["--variant", "fast=--x"],
-            ["--extra-args", "haproxy:--x"],
+            ["--extra-args", "lighttpd:--x"],
+            ["--connections", "16,0"],
             ["--duration", "0"],
         ):
             self.assertRaises(SystemExit, run.parseArguments, argv)
@@ -391,6 +431,80 @@ class ReadinessTests(SynchronousTestCase):
         )
 
 
+class ChartTests(SynchronousTestCase):
+    """
+    The figures the chart draws (drawing itself needs matplotlib).
+    """
+
+    def cell(self, peer: str, workload: str, cpu: float | None, rate: float = 100.0) -> Measurement:
+        return Measurement(peer, workload, 100, 0, rate, 1.0, 2.0, 0.1, cpu, 50.0)
+
+    def test_series(self) -> None:
+        """
+        One value per connection count for each peer measured; a peer never measured
+        is left out; ratios are over Envoy's CPU per request, per workload.
+        """
+        from bench.chart import chartSeries, ratiosToEnvoy
+
+        first = {("envoy", "small"): self.cell("envoy", "small", 100.0),
+                 ("ours-fast", "small"): self.cell("ours-fast", "small", 90.0),
+                 ("envoy", "post"): self.cell("envoy", "post", 200.0),
+                 ("ours-fast", "post"): self.cell("ours-fast", "post", 300.0),
+                 ("direct", "small"): self.cell("direct", "small", None)}
+        second = {("envoy", "small"): self.cell("envoy", "small", 120.0)}
+        series = chartSeries([(16, first), (256, second)], ["direct", "envoy", "ours-fast", "stock"], "small",
+                             "cpuMicrosecondsPerRequest")
+        self.assertEqual(series, {"envoy": [100.0, 120.0], "ours-fast": [90.0, None]})
+        ratios = ratiosToEnvoy(first, ["envoy", "ours-fast", "direct"], ["small", "post"])
+        self.assertEqual(ratios, {"envoy": [1.0, 1.0], "ours-fast": [0.9, 1.5]})
+
+    def test_draw(self) -> None:
+        """
+        With matplotlib, the chart is a PNG file.
+        """
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SkipTest("needs matplotlib (requirements-test.txt)")
+        from bench.chart import drawChart
+
+        results = {("envoy", "small"): self.cell("envoy", "small", 100.0),
+                   ("ours-fast", "small"): self.cell("ours-fast", "small", 90.0)}
+        path = Path(self.mktemp() + ".png")
+        drawChart(path, [(16, results), (256, results)], ["envoy", "ours-fast"],
+                  {"date": "2026-12-01", "cpus": 2, "loadAverage": [1.0, 1.0, 1.0]})
+        self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+
+
+class ProfileTests(SynchronousTestCase):
+    """
+    How the profile puts py-spy's samples into components.
+    """
+
+    def test_components(self) -> None:
+        """
+        Socket calls are the kernel's, epoll_wait is idle (left out), llhttp is llhttp,
+        other native leaves are the runtime, the rest goes to the innermost Python frame
+        of ours or Twisted's.
+        """
+        from bench.profile import renderShares, shares
+
+        base = "main (twisted/internet/base.py:697);doPoll (sidecar/reactor.py:59)"
+        raw = [
+            f"{base};doRead (twisted/internet/tcp.py:278);recv (libc.so.6) 30",
+            f"{base};epoll_wait (libc.so.6) 50",
+            f"{base};dataReceived (sidecar/downstream.py:157);feed_data (httptools/parser/parser.cpython-311.so) 5",
+            f"{base};dataReceived (sidecar/downstream.py:157);requestHead (sidecar/headers.py:400) 10",
+            f"{base};dataReceived (sidecar/downstream.py:157);_PyObject_Malloc (python3.11) 5",
+        ]
+        counts, busy, idle = shares(raw)
+        self.assertEqual((busy, idle), (50, 50))
+        self.assertEqual(counts, {"kernel: socket system calls": 30, "llhttp (httptools)": 5,
+                                  "sidecar: headers": 10,
+                                  "CPython runtime (native: objects, allocation, the evaluation loop)": 5})
+        table = renderShares(counts, busy, 100.0)
+        self.assertIn("| kernel: socket system calls | 60.0% | 60.0 |", table)
+        self.assertIn("| **total** | 100% | 100.0 |", table)
 class TcpThroughputTests(SynchronousTestCase):
     """
     The opaque-TCP throughput benchmark (C{bench/tcp_bench.py}): its figures and

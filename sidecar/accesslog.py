@@ -19,6 +19,7 @@ again.  twistd's own log lines can go through the same writer (L{sidecar.logs}).
 from __future__ import annotations
 
 import errno
+import select
 import json
 import os
 import socket
@@ -171,6 +172,10 @@ FORMATS: Dict[str, Callable[[Record], str]] = {
 }
 
 
+#: The largest write the kernel makes atomic on a pipe (4096 on Linux).
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
 class LogOutput:
     """
     A file descriptor written without blocking.
@@ -268,11 +273,17 @@ class LineWriter:
         where the sources say what they dropped meanwhile.
     """
 
-    def __init__(self, output: LogOutput, reactor: Any, limit: int = LOG_BUFFER_BYTES) -> None:
+    def __init__(self, output: LogOutput, reactor: Any, limit: int = LOG_BUFFER_BYTES,
+                 wholeLines: bool = False) -> None:
         """
         @param reactor: an C{IReactorTime} and C{IReactorFDSet}: the turn's flush, and
             being told when the output is writable again.
+        @param wholeLines: several processes share the output (C{--workers}): every
+            write is whole lines of at most C{PIPE_BUF} bytes (a longer line alone), so
+            that the kernel never interleaves two processes' lines, on a pipe or a file
+            opened for appending.
         """
+        self.wholeLines = wholeLines
         self.output = output
         self.reactor = reactor
         self.limit = limit
@@ -331,8 +342,12 @@ class LineWriter:
         view = memoryview(pending)
         offset = 0
         while offset < len(pending) and not self._broken:
+            end = len(pending)
+            if self.wholeLines and end - offset > PIPE_BUF:
+                cut = pending.rfind(b"\n", offset, offset + PIPE_BUF)
+                end = cut + 1 if cut >= 0 else pending.find(b"\n", offset) + 1 or len(pending)
             try:
-                n = self.output.write(view[offset:])
+                n = self.output.write(view[offset:end])
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -400,12 +415,13 @@ class AccessLog(LineWriter):
     """
 
     def __init__(self, output: LogOutput, fmt: Callable[[Record], str], reactor: Any,
-                 limit: int = LOG_BUFFER_BYTES) -> None:
+                 limit: int = LOG_BUFFER_BYTES, wholeLines: bool = False) -> None:
         """
         @param reactor: an C{IReactorTime} and C{IReactorFDSet}: the turn's flush, and
             being told when the output is writable again.
+        @param wholeLines: see L{LineWriter}.
         """
-        LineWriter.__init__(self, output, reactor, limit)
+        LineWriter.__init__(self, output, reactor, limit, wholeLines)
         self.format = fmt
         self.dropped = 0
         self._episodeDrops = 0

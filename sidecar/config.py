@@ -26,7 +26,10 @@ class UpstreamConfig:
         means no limit.
     @ivar idleTimeout: seconds an idle pooled connection is kept; below the usual
         keep-alive of servers (Node 5 s, nginx 75 s) so that we close before they do.
-    @ivar maxIdle: how many idle connections the pool keeps at most.
+    @ivar maxIdle: how many idle connections the pool keeps at most; C{None} (the
+        default) follows C{maxConnections}, so that every connection the circuit breaker
+        lets open may be reused (a lower cap closes and reopens connections whenever
+        more requests than it are in flight).
     @ivar maxConnections: connections to the service open or opening at most.
     @ivar maxPending: requests waiting for a connection at most.
     @ivar original: C{--upstream original}: forward each connection to C{host} on the
@@ -39,12 +42,20 @@ class UpstreamConfig:
     connectTimeout: float = 5.0
     responseTimeout: Optional[float] = 60.0
     idleTimeout: float = 4.0
-    maxIdle: int = 128
+    maxIdle: Optional[int] = None
     #: Envoy's circuit-breaker defaults: connections open or opening at most, and
     #: requests waiting for one at most (past that, 503 with flag UO).
     maxConnections: int = 1024
     maxPending: int = 1024
     original: bool = False
+
+    @property
+    def idleLimit(self) -> int:
+        """
+        How many idle connections the pool keeps at most: C{maxIdle}, or
+        C{maxConnections} when it is not set.
+        """
+        return self.maxConnections if self.maxIdle is None else self.maxIdle
 
     @property
     def address(self) -> str:
@@ -243,6 +254,9 @@ class ProxyConfig:
     #: The largest response head accepted from the service (502 beyond; Envoy's 80 KiB).
     maxResponseHeaderBytes: int = 80 * 1024
     extra: Tuple[Tuple[str, str], ...] = ()
+    #: Worker processes sharing the listeners (C{--workers}; L{sidecar.workers}); 1 is a
+    #: single process.
+    workers: int = 1
     tls: Optional[TLSConfig] = None
     #: Seconds to wait for a client's first bytes before treating the connection as
     #: opaque TCP (a server-first protocol); C{None}: wait for ever.

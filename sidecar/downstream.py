@@ -254,7 +254,13 @@ class DownstreamProtocol(Protocol):
             exchange.peer = self.peers.learn(req.peerMetadata)
         if not parser.should_keep_alive():
             exchange.mustClose = True
-        self._parsing = exchange
+        if req.chunked or req.contentLength or req.upgrade:
+            self._parsing = exchange
+        else:
+            # No body: the request is whole with its head (llhttp completes it next),
+            # so the upstream gets the head and the end at once, and no producer is
+            # registered for a body that will not come.
+            exchange.requestDone = True
         if req.upgrade:
             self._upgrading = exchange
         if self._current is None and not self._queue:

@@ -47,6 +47,10 @@ log = Logger()
 #: have been closed by the service (RFC 9110 9.2.2), provided the request has no body.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
+#: Seconds between two looks at the exchanges awaiting a response head
+#: (L{Engine.sweepDeadlines}): the response timeout's granularity.
+DEADLINE_SWEEP = 1.0
+
 #: Request body bytes kept while the upstream stream is not there yet; past this the
 #: client is paused.
 PENDING_LIMIT = 64 * 1024
@@ -252,6 +256,12 @@ class Engine:
     #: The largest request body accepted, in bytes (Envoy's buffer limit): past it, 413
     #: and close.  C{None}: no limit.
     maxRequestBytes: Optional[int] = None
+    #: The exchanges waiting for a response head, each with its deadline
+    #: (L{Exchange.deadline}): checked about once a second by L{sweepDeadlines}, instead
+    #: of a timer scheduled and cancelled per request.
+    awaiting: set = attrs.field(factory=set)
+    #: The pending call of L{sweepDeadlines} while any exchange awaits.
+    deadlineSweep: Any = attrs.field(default=None, init=False)
     #: The exchanges' failure warnings, a few per second of each kind at most.
     warnings: WarningLimit = attrs.field(default=attrs.Factory(lambda self: WarningLimit(self.clock, log),
                                                                takes_self=True))
@@ -268,6 +278,37 @@ class Engine:
         """
         self.recorder.requestsActive += 1
         return Exchange(self, door, method, target, version, req, self.clock.seconds())
+
+    def watchDeadline(self, exchange: Exchange) -> None:
+        """
+        C{exchange} awaits its response head until its deadline: watch it.
+        """
+        self.awaiting.add(exchange)
+        if self.deadlineSweep is None:
+            self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
+
+    def unwatchDeadline(self, exchange: Exchange) -> None:
+        """
+        C{exchange} no longer awaits; the sweep stops when none does.
+        """
+        awaiting = self.awaiting
+        awaiting.discard(exchange)
+        if not awaiting and self.deadlineSweep is not None:
+            self.deadlineSweep.cancel()
+            self.deadlineSweep = None
+
+    def sweepDeadlines(self) -> None:
+        """
+        Time out the exchanges past their deadline (504, flag C{UT}); again in
+        L{DEADLINE_SWEEP} seconds while any awaits.  A response timeout therefore fires
+        between its deadline and one sweep later.
+        """
+        self.deadlineSweep = None
+        now = self.clock.seconds()
+        for exchange in [e for e in self.awaiting if e.deadline is not None and now >= e.deadline]:
+            exchange._timedOut()
+        if self.awaiting and self.deadlineSweep is None:
+            self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
 
     def sweepStreams(self, now: float) -> None:
         """
@@ -308,7 +349,7 @@ class Exchange:
     __slots__ = (
         "engine", "door", "method", "target", "version", "req", "start", "phase", "stream",
         "pending", "pendingBytes", "requestDone", "bytesReceived", "bytesSent", "status", "flags",
-        "upstreamStart", "upstreamServiceTime", "timeout", "retried", "readingPaused",
+        "upstreamStart", "upstreamServiceTime", "deadline", "timeout", "retried", "readingPaused",
         "mustClose", "malformed", "pool", "call", "held", "chain", "route", "retry",
         "activity", "sweptActivity", "idleSince",
         "tunnelEnds", "peer", "connectRetried", "trailers", "requestTrailers", "grpc",
@@ -335,6 +376,9 @@ class Exchange:
         self.flags: List[str] = []
         self.upstreamStart = 0.0
         self.upstreamServiceTime: Optional[float] = None
+        #: When the response head must have arrived (while awaiting it), else C{None}.
+        self.deadline: Optional[float] = None
+        #: A route's timer (its timeout, or a retry's back-off), else C{None}.
         self.timeout: Any = None
         self.retried = False
         self.readingPaused = False
@@ -926,8 +970,9 @@ class Exchange:
             self.mustClose = True
             self._localReply(408, b"stream timeout")
 
-    def _timedOut(self, seconds: float) -> None:
-        self.timeout = None
+    def _timedOut(self) -> None:
+        seconds = self._timeoutSeconds()
+        self._cancelTimeout()
         if self.phase == AWAITING and self.retry is not None and self.retry.again("timeout", 0):
             return
         stream, self.stream = self.stream, None
@@ -986,8 +1031,26 @@ class Exchange:
         The whole request is with the service: from now on it has C{responseTimeout}
         seconds to answer (as Envoy's route timeout, so a long upload is not cut short).
         """
-        if self.timeout is not None or self.phase != AWAITING:
+        if self.deadline is not None or self.timeout is not None or self.phase != AWAITING:
             return
+        seconds = self._timeoutSeconds()
+        if not seconds:
+            return
+        engine = self.engine
+        if self.route is None:
+            # The engine's timeout, on every request: the once-a-second sweep.
+            self.deadline = engine.clock.seconds() + seconds
+            engine.watchDeadline(self)
+        else:
+            # A route's timeout or a retry's per-try timeout (sub-second ones are
+            # common): a timer of its own, exact.
+            self.timeout = engine.clock.callLater(seconds, self._timedOut)
+
+    def _timeoutSeconds(self) -> Optional[float]:
+        """
+        The response timeout of this try: the engine's, or its route's, shortened to
+        the retry policy's per-try timeout.
+        """
         seconds = self.engine.responseTimeout
         route = self.route
         if route is not None:
@@ -995,8 +1058,7 @@ class Exchange:
                 seconds = route.timeout or None
             if self.retry is not None:
                 seconds = self.retry.tryTimeout(seconds)
-        if seconds:
-            self.timeout = self.engine.clock.callLater(seconds, self._timedOut, seconds)
+        return seconds
 
     def retryUpstream(self, delay: float, fresh: bool) -> None:
         """
@@ -1018,9 +1080,15 @@ class Exchange:
             self.pool.acquire(self, fresh=fresh)
 
     def _cancelTimeout(self) -> None:
-        if self.timeout is not None:
-            self.timeout.cancel()
+        if self.deadline is not None:
+            self.deadline = None
+            self.engine.unwatchDeadline(self)
+        timer = self.timeout
+        if timer is not None:
+            # A route's timer: its timeout, or a retry's back-off.
             self.timeout = None
+            if timer.active():
+                timer.cancel()
 
     def _end(self) -> None:
         if self.phase == DONE:

@@ -6,11 +6,12 @@ L{ProxyConfig}.  It decides nothing; every policy lives in the modules it wires.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Sequence, Tuple
 
 from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
 
 from sidecar.accesslog import FORMATS, AccessLog, LogOutput, openOutput
 from sidecar.config import ProxyConfig
@@ -21,6 +22,32 @@ from sidecar.admin import adminSite, healthSite
 from sidecar.drain import Lifecycle, openConnections
 from sidecar.metrics import SidecarCollector, runtimeCollectors
 from sidecar.probes import probePaths, probeResource
+
+#: The listen backlog every listener gets unless its endpoint string names one: Envoy's
+#: 1024, where Twisted's default of 50 drops connects (and retries them a second later)
+#: as soon as a burst of clients arrives at once.  The kernel caps it at
+#: C{net.core.somaxconn}.
+LISTEN_BACKLOG = 1024
+
+#: Endpoint types whose server endpoint takes a C{backlog} argument.
+_WITH_BACKLOG = frozenset(["tcp", "tcp6", "unix", "ssl"])
+
+
+def withBacklog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """
+    C{description} (a Twisted server endpoint string) with C{backlog=BACKLOG} added,
+    unless it names a backlog itself or its type takes none (C{systemd:} adopts a
+    socket that is already listening).
+
+    @param description: the user's endpoint string, such as C{tcp:8000}.
+    @param backlog: the listen backlog to ask for.
+    @return: the endpoint string to listen on.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _WITH_BACKLOG or re.search(r"(^|:)backlog=", description) or description.endswith("\\"):
+        return description
+    return f"{description}:backlog={backlog}"
+
 
 def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
@@ -38,17 +65,26 @@ class SidecarService(MultiService):
     attributes.
     """
 
-    def __init__(self, config: ProxyConfig, reactor: Any) -> None:
+    def __init__(self, config: ProxyConfig, reactor: Any, adopted: Sequence[Tuple[int, int]] = ()) -> None:
+        """
+        @param adopted: for a worker of C{--workers} (L{sidecar.workers}): the
+            addresses its parent reserved, as C{(descriptor, address family, backlog)},
+            the plain listener's first, then the mutual-TLS and the outbound ones'; they
+            replace the endpoint strings of the configuration.
+        """
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self._adopted = list(adopted)
         self.accessLog: Optional[AccessLog] = None
         #: twistd's own log, when it writes without blocking (L{sidecar.logs}).
         self.logStream: Any = None
         sinks = []
         output = openAccessLog(config.accessLog)
         if output is not None:
-            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer)
+            # Workers share the output: whole lines, in writes the kernel never interleaves.
+            self.accessLog = AccessLog(output, FORMATS[config.logFormat], reactor, config.accessLogBuffer,
+                                       wholeLines=bool(adopted))
             sinks.append(self.accessLog)
         self.recorder = Recorder(sinks)
         self.pool = UpstreamPool(reactor, reactor, config.upstream)
@@ -140,13 +176,14 @@ class SidecarService(MultiService):
         self._doors: dict = {}
         if config.listen is not None:
             permissive = self.tls is not None and config.tls.permissive
-            self.listeners.append(self._listen(config.listen, self.detectingFactory(permissive=permissive)))
+            self.listeners.append(self._listen(config.listen, self.detectingFactory(permissive=permissive),
+                                               proxied=True))
         if self.tls is not None and config.tls.listen is not None:
             self.listeners.append(self._listen(config.tls.listen, self.tls.detectingServerFactory(
-                self.detectingFactory(underTLS=True))))
+                self.detectingFactory(underTLS=True)), proxied=True))
         self.outbound = None
         if config.outbound is not None:
-            self.listeners.append(self._listen(config.outbound.listen, self.outboundFactory()))
+            self.listeners.append(self._listen(config.outbound.listen, self.outboundFactory(), proxied=True))
 
     def outboundFactory(self) -> Any:
         """
@@ -369,8 +406,13 @@ class SidecarService(MultiService):
         self.tcp.sweep(now)
         self.engine.sweepStreams(now)
 
-    def _listen(self, description: str, factory: Any) -> StreamServerEndpointService:
-        service = strports.service(description, factory, reactor=self.reactor)
+    def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
+        if proxied and self._adopted:
+            fd, family, backlog = self._adopted.pop(0)
+            service = AdoptedPortService(self.reactor, fd, family, factory, backlog)
+            service.setServiceParent(self)
+            return service
+        service = strports.service(withBacklog(description), factory, reactor=self.reactor)
         service.setServiceParent(self)
         return service
 
@@ -390,6 +432,55 @@ class SidecarService(MultiService):
         if self.accessLog is not None:
             self.accessLog.flush()
         return d
+
+
+class AdoptedPortService(Service):
+    """
+    A listener of a worker of C{--workers} (L{sidecar.workers}): on the address of a
+    socket its parent reserved and handed down (bound with C{SO_REUSEPORT}), a listening
+    socket of its own, bound with C{SO_REUSEPORT} too, adopted into the reactor when
+    started and closed when stopped.  It offers the port as
+    L{sidecar.compat.listeningPort} reads it.
+    """
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any, backlog: int = LISTEN_BACKLOG) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.backlog = backlog
+        self.port: Any = None
+        self._waitingForPort: Any = None
+
+    def startService(self) -> None:
+        import socket
+
+        from twisted.internet.defer import succeed
+
+        Service.startService(self)
+        reserved = socket.socket(fileno=self.fd)
+        try:
+            address = reserved.getsockname()
+        finally:
+            reserved.close()
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            self.port = self.reactor.adoptStreamPort(sock.fileno(), self.family, self.factory)
+        finally:
+            sock.close()  # the port holds its own duplicate
+        self._waitingForPort = succeed(self.port)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
 
 
 def makeService(config: ProxyConfig, reactor: Any) -> SidecarService:

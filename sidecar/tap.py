@@ -252,7 +252,10 @@ class Options(usage.Options):
         ["connect-timeout", None, "5", "Seconds allowed to connect to the service."],
         ["upstream-idle-timeout", None, "4", "Seconds an idle pooled upstream connection is kept."],
         ["upstream-max-connections", None, "1024", "Connections to the service at most (Envoy's circuit breaker)."],
+        ["upstream-max-idle", None, None, "Idle connections to the service kept for reuse at most "
+                                          "(default: --upstream-max-connections)."],
         ["upstream-max-pending", None, "1024", "Requests waiting for a connection at most; past it, 503 (UO)."],
+        ["workers", None, "1", "Worker processes sharing the listeners: a number, or auto (one per CPU)."],
         ["engine", None, "fast", "Front door: fast (llhttp protocol) or web (twisted.web Site)."],
         ["admin", None, "15000", "Admin server: a port (on 127.0.0.1), a Twisted endpoint, or none."],
         ["health", None, "15021", "Health and metrics port (/ready, /healthz/ready, /stats/prometheus only): "
@@ -403,7 +406,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """
         Check every flag and build L{ProxyConfig} into C{self["config"]}.
+
+        First, unless a reactor is installed already (C{--reactor} of twistd or twist),
+        install the sidecar's (L{sidecar.reactor}): the endpoint checks below import the
+        global reactor, which would otherwise install Twisted's default.
         """
+        from sidecar.reactor import installIfNone
+
+        installIfNone()
         import json
 
         for name, args in self.get("filter", ()):
@@ -511,6 +521,8 @@ class Options(usage.Options):
                 idleTimeout=_seconds("--upstream-idle-timeout", self["upstream-idle-timeout"], allowZero=False),
                 maxConnections=_count("--upstream-max-connections", self["upstream-max-connections"], 1),
                 maxPending=_count("--upstream-max-pending", self["upstream-max-pending"], 0),
+                maxIdle=(None if self["upstream-max-idle"] is None
+                         else _count("--upstream-max-idle", self["upstream-max-idle"], 0)),
                 original=original,
             ),
             serverHeader=server,
@@ -549,12 +561,31 @@ class Options(usage.Options):
                 "ports, or --listen none to redirect to --tls-listen (STRICT).")
         if tls is not None:
             self["config"] = attrs.evolve(self["config"], tls=tls)
+        _workersOption(self, listen, tls)
         outbound = _outboundConfig(self)
         if outbound is not None:
             self["config"] = attrs.evolve(self["config"], outbound=outbound)
         if listen is None and (tls is None or tls.listen is None) and outbound is None:
             raise usage.UsageError("--listen: none leaves the proxy with no listener (add --tls-listen for a mutual-TLS one).")
         _noForegroundPidfile(getattr(self, "parent", None))
+
+
+def _workersOption(options: usage.Options, listen: Optional[str], tls: Optional[TLSConfig]) -> None:
+    """
+    C{--workers}: a count or C{auto}; more than one needs TCP listeners (the parent
+    binds them and its workers share them).
+    """
+    from sidecar.workers import workerCount
+
+    try:
+        workers = workerCount(options["workers"])
+    except ValueError:
+        raise usage.UsageError(f"--workers: {options['workers']!r} must be a whole number of at least 1, or auto.")
+    if workers > 1:
+        for flag, value in (("--listen", listen), ("--tls-listen", tls.listen if tls is not None else None)):
+            if value is not None and value.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6"):
+                raise usage.UsageError(f"{flag}: {value!r}: with --workers, listeners must be tcp: or tcp6: endpoints.")
+    options["config"] = attrs.evolve(options["config"], workers=workers)
 
 
 def _noForegroundPidfile(twistdOptions: Optional[usage.Options]) -> None:
@@ -584,9 +615,23 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from sidecar.logs import takeOverRunnerLog
+    from sidecar.reactor import tuneCollector
     from sidecar.service import makeService as assemble
 
-    service = assemble(options["config"], reactor)
+    config = options["config"]
+    if config.workers > 1:
+        from sidecar.workers import WorkersService
+
+        service = WorkersService(config, reactor, config.workers)
+        service.lifecycle.handleSignals = True
+        stream = takeOverRunnerLog(getattr(options, "parent", None), service, reactor)
+        if stream is not None:
+            # The workers write their access logs to the same output: whole lines only.
+            stream.writer.wholeLines = True
+        return service
+    service = assemble(config, reactor)
+    # A process of its own: tune the garbage collector once start-up is over.
+    reactor.callWhenRunning(tuneCollector)
     # A real run: SIGTERM drains (replacing twistd's handler once the reactor runs).
     service.lifecycle.handleSignals = True
     # twistd's own log on a pipe must not block the reactor either.

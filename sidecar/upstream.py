@@ -103,6 +103,13 @@ class UpstreamConnection(Protocol):
         self._maxHeadBytes = 80 * 1024
         self._maxHeaders = 100
         self._readDone = False
+        #: The response's Content-Length (while its body is read), the body bytes the
+        #: parser has passed on, and the body bytes still to come that bypass the
+        #: parser (L{dataReceived}).
+        self._length: Optional[int] = None
+        self._bodySeen = 0
+        self._raw = 0
+        self._keepAlive = True
 
     # -- the exchange's side (the engine's UpstreamStream) --------------------------
 
@@ -125,6 +132,8 @@ class UpstreamConnection(Protocol):
         self._headOnly = exchange.method == b"HEAD"
         self._inBody = False
         self._eofBody = False
+        self._length = None
+        self._raw = 0
         req = exchange.req
         chunked = self._chunked = req.chunked
         parts = [http1.requestHead(exchange.method, req.target, req.headers, req.contentLength, chunked)]
@@ -224,6 +233,10 @@ class UpstreamConnection(Protocol):
         if self.tunnel:
             exchange.tunnelToClient(data)
             return
+        raw = self._raw
+        if raw:
+            self._rawBody(exchange, data, raw)
+            return
         if not self.responseStarted:
             self.responseStarted = True
             if not data.startswith(b"HTTP/1.") and len(data) >= 7:
@@ -265,6 +278,29 @@ class UpstreamConnection(Protocol):
             if inHead and not self._inBody and self._headBytes > self._maxHeadBytes:
                 # A head that has not ended within the limit (one read past it at most).
                 self._protocolError("response header section too large")
+            length = self._length
+            if length is not None and self._inBody and self.exchange is exchange:
+                # The rest of a Content-Length body needs no parsing: the next reads
+                # go to the client as they are (no copy by the parser, no callback).
+                self._raw = length - self._bodySeen
+                self._keepAlive = self.parser.should_keep_alive()
+        exchange.upstreamReadDone()
+
+    def _rawBody(self, exchange: Exchange, data: bytes, remaining: int) -> None:
+        """
+        Bytes of a Content-Length body past the parser: pass them on, and end the
+        response with its last byte.  Bytes beyond it are a service talking out of
+        turn: the response is complete, the connection is not reused.
+        """
+        size = len(data)
+        if size < remaining:
+            self._raw = remaining - size
+            exchange.responseBody(data)
+        else:
+            self._raw = 0
+            self._length = None
+            exchange.responseBody(data if size == remaining else data[:remaining])
+            self._complete(self._keepAlive and size == remaining)
         exchange.upstreamReadDone()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
@@ -293,6 +329,8 @@ class UpstreamConnection(Protocol):
             raise _HeadDone()
         self._headers = []
         self._reason = b""
+        self._length = None
+        self._bodySeen = 0
 
     def on_status(self, reason: bytes) -> None:
         # llhttp may hand a reason split over two reads in two calls.
@@ -341,12 +379,14 @@ class UpstreamConnection(Protocol):
         if not self._headOnly and status != 204 and status != 304:
             # Neither Content-Length nor chunked: the body runs to the end of the connection.
             self._eofBody = head.contentLength is None and not head.chunked
+            self._length = head.contentLength
         exchange.responseHead(status, self._reason, head)
         if self._headOnly:
             self._stop = _STOP_HEAD
             raise _HeadDone()
 
     def on_body(self, body: bytes) -> None:
+        self._bodySeen += len(body)
         exchange = self.exchange
         if exchange is not None:
             exchange.responseBody(body)
@@ -418,6 +458,7 @@ class UpstreamConnection(Protocol):
 
     def _complete(self, keepAlive: bool) -> None:
         self._inBody = False
+        self._length = None
         exchange = self.exchange
         if exchange is not None:
             exchange.responseComplete(keepAlive)
@@ -625,7 +666,7 @@ class UpstreamPool:
                 waiting.upstreamConnected(conn, True)
                 return
         self.active -= 1
-        if conn.transport is None or len(self.idle) >= self.config.maxIdle:
+        if conn.transport is None or len(self.idle) >= self.config.idleLimit:
             conn.state = CLOSED
             conn.abandon()
             return

@@ -81,17 +81,19 @@ class ExchangeTests(unittest.SynchronousTestCase):
 
     def test_timeout(self):
         """
-        No response head within the timeout: 504, flag UT, the upstream connection is
-        aborted and not pooled.
+        No response head within the timeout: 504, flag UT (from the once-a-second
+        deadline sweep: between the timeout and a second after it), the upstream
+        connection is aborted and not pooled; no timer is left.
         """
         h = Harness(responseTimeout=3)
         door, client = h.client()
         door.dataReceived(GET)
         conn, upstream = h.connectUpstream()
-        h.reactor.advance(2.9)
+        h.reactor.pump([0.1] * 29)
         self.assertEqual(client.value(), b"")
-        h.reactor.advance(0.2)
+        h.reactor.pump([0.1] * 11)
         self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
         self.assertIn(b"Server: amazing-proxy\r\n", client.value())
         self.assertTrue(upstream.disconnecting)
         self.assertEqual(h.pool.idle, [])
@@ -108,9 +110,9 @@ class ExchangeTests(unittest.SynchronousTestCase):
         h.reactor.advance(10)
         self.assertEqual(client.value(), b"")
         door.dataReceived(b"67890")
-        h.reactor.advance(2.9)
+        h.reactor.pump([0.1] * 29)
         self.assertEqual(client.value(), b"")
-        h.reactor.advance(0.2)
+        h.reactor.pump([0.1] * 11)
         self.assertIn(b"HTTP/1.1 504 Gateway Timeout\r\n", client.value())
 
     def test_connectFailure(self):
@@ -457,3 +459,135 @@ class CircuitBreakerTests(unittest.SynchronousTestCase):
         self.assertIn(b"502", firstClient.value())
         self.assertEqual(len(h.reactor.tcpClients), 2)
         self.assertEqual(len(h.pool.pending), 0)
+
+
+class RawBodyTests(unittest.SynchronousTestCase):
+    """
+    After the read that holds a response head, the rest of a Content-Length body goes
+    to the client without the parser; the response still ends at its last byte.
+    """
+
+    def setUp(self):
+        self.h = Harness()
+        self.door, self.client = self.h.client()
+        self.door.dataReceived(GET)
+        self.conn, self.upstream = self.h.connectUpstream()
+        self.body = bytes(range(256)) * 1000
+
+    def test_splitBody(self):
+        """
+        A body in many reads reaches the client byte for byte; the connection is
+        pooled; the record counts every byte.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body)
+        data = head + self.body
+        self.conn.dataReceived(data[:1000])
+        for offset in range(1000, len(data), 7001):
+            self.conn.dataReceived(data[offset:offset + 7001])
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\n" + self.body))
+        self.assertEqual(self.h.pool.idle, [self.conn])
+        [rec] = self.h.records
+        self.assertEqual((rec.status, rec.bytesSent, rec.flags), (200, len(self.body), "-"))
+        # The connection serves the next request, parsed from its head again.
+        self.door.dataReceived(GET)
+        self.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        self.conn.dataReceived(b"o")
+        self.conn.dataReceived(b"k")
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(len(self.h.records), 2)
+
+    def test_bytesBeyondBody(self):
+        """
+        Bytes after the body's last (a service talking out of turn) are not sent: the
+        response is complete and the connection is closed, not pooled.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+        self.conn.dataReceived(head + b"01234")
+        self.conn.dataReceived(b"56789HTTP/1.1 200 OK\r\n")
+        self.assertTrue(self.client.value().endswith(b"\r\n\r\n0123456789"))
+        self.assertTrue(self.upstream.disconnecting)
+        self.assertEqual(self.h.pool.idle, [])
+        self.assertEqual([r.flags for r in self.h.records], ["-"])
+
+    def test_closedMidBody(self):
+        """
+        The service closing in the middle of the raw body cuts the client off (UC): a
+        truncated body is never presented as complete.
+        """
+        self.conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        self.conn.dataReceived(b"567")
+        self.conn.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual([r.flags for r in self.h.records], ["UC"])
+
+
+class DeadlineSweepTests(unittest.SynchronousTestCase):
+    """
+    The response timeout is checked by one sweep a second over the exchanges awaiting a
+    head, not by a timer per request.
+    """
+
+    def test_oneTimerForManyRequests(self):
+        """
+        However many requests await their response heads, one call is scheduled; it
+        is gone once none awaits; answered requests never time out later.
+        """
+        h = Harness(responseTimeout=3)
+        clients = [h.client() for _ in range(50)]
+        for door, _ in clients:
+            door.dataReceived(GET)
+        conns = [h.connectUpstream(i)[0] for i in range(50)]
+        self.assertEqual(len(h.engine.awaiting), 50)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        for conn in conns[:49]:
+            conn.dataReceived(OK)
+        self.assertEqual(len(h.reactor.getDelayedCalls()), 1)
+        conns[49].dataReceived(OK)
+        self.assertEqual((len(h.engine.awaiting), h.reactor.getDelayedCalls()), (0, []))
+        h.reactor.pump([0.5] * 10)
+        self.assertEqual([r.flags for r in h.records], ["-"] * 50)
+
+
+class IdleReuseTests(unittest.SynchronousTestCase):
+    """
+    Upstream reuse follows the circuit breaker: every connection it lets open may wait
+    idle for the next request, unless C{maxIdle} says fewer.
+    """
+
+    def burst(self, h: Harness, count: int) -> list:
+        """
+        C{count} clients each send one GET at once; the service answers all of them.
+        """
+        clients = [h.client() for _ in range(count)]
+        before = len(h.reactor.tcpClients)
+        for door, _ in clients:
+            door.dataReceived(GET)
+        for index in range(before, len(h.reactor.tcpClients)):
+            h.connectUpstream(index)
+        conns = [door._current.stream for door, _ in clients]
+        for conn in conns:
+            conn.dataReceived(OK)
+        for _, transport in clients:
+            self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+        return conns
+
+    def test_burstAboveOldCapReused(self):
+        """
+        With the default limits, 300 requests in flight at once leave 300 idle
+        connections, and a second burst of 300 opens no new connection.
+        """
+        h = Harness()
+        self.burst(h, 300)
+        self.assertEqual((len(h.reactor.tcpClients), len(h.pool.idle)), (300, 300))
+        self.burst(h, 300)
+        self.assertEqual((len(h.reactor.tcpClients), len(h.pool.idle)), (300, 300))
+
+    def test_explicitCap(self):
+        """
+        C{maxIdle} set below C{maxConnections} closes the connections released past it.
+        """
+        h = Harness()
+        h.pool.config = UpstreamConfig(port=8080, maxIdle=2)
+        conns = self.burst(h, 5)
+        self.assertEqual(len(h.pool.idle), 2)
+        self.assertEqual(sum(conn.transport.disconnecting for conn in conns), 3)

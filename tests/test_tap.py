@@ -36,6 +36,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(config.accessLogBuffer, 1024 * 1024)
         self.assertEqual((config.upstream.responseTimeout, config.upstream.connectTimeout), (60.0, 5.0))
         self.assertEqual(config.engine, "fast")
+        self.assertEqual((config.upstream.maxIdle, config.upstream.idleLimit), (None, 1024))
 
     def test_forms(self):
         """
@@ -50,6 +51,8 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((config.logFormat, config.engine, config.accessLog), ("json", "web", None))
         self.assertEqual(parseUpstream("[::1]:81"), ("::1", 81))
         self.assertEqual(parse("--access-log-buffer", "65536").accessLogBuffer, 65536)
+        self.assertEqual(parse("--upstream-max-connections", "64").upstream.idleLimit, 64)
+        self.assertEqual(parse("--upstream-max-idle", "8").upstream.idleLimit, 8)
 
     def test_headersWithUnderscores(self):
         """
@@ -85,6 +88,7 @@ class OptionsTests(unittest.TestCase):
         self.assertRefused("--max-header-bytes", "--max-header-bytes", "12")
         self.assertRefused("--upstream-max-connections", "--upstream-max-connections", "0")
         self.assertRefused("--upstream-max-pending", "--upstream-max-pending", "many")
+        self.assertRefused("--upstream-max-idle", "--upstream-max-idle", "-1")
         self.assertRefused("--access-log-buffer", "--access-log-buffer", "100")
         self.assertRefused("--access-log-buffer", "--access-log-buffer", "1MiB")
 
