@@ -262,6 +262,10 @@ class Engine:
     awaiting: set = attrs.field(factory=set)
     #: The pending call of L{sweepDeadlines} while any exchange awaits.
     deadlineSweep: Any = attrs.field(default=None, init=False)
+    #: Something else (the service's once-a-second sweep) calls L{sweepDeadlines}: the
+    #: engine then schedules no timer of its own (with one request at a time it would
+    #: start and cancel one per request).
+    deadlinesSwept: bool = attrs.field(default=False, init=False)
     #: The exchanges' failure warnings, a few per second of each kind at most.
     warnings: WarningLimit = attrs.field(default=attrs.Factory(lambda self: WarningLimit(self.clock, log),
                                                                takes_self=True))
@@ -284,7 +288,7 @@ class Engine:
         C{exchange} awaits its response head until its deadline: watch it.
         """
         self.awaiting.add(exchange)
-        if self.deadlineSweep is None:
+        if self.deadlineSweep is None and not self.deadlinesSwept:
             self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
 
     def unwatchDeadline(self, exchange: Exchange) -> None:
@@ -307,7 +311,7 @@ class Engine:
         now = self.clock.seconds()
         for exchange in [e for e in self.awaiting if e.deadline is not None and now >= e.deadline]:
             exchange._timedOut()
-        if self.awaiting and self.deadlineSweep is None:
+        if self.awaiting and self.deadlineSweep is None and not self.deadlinesSwept:
             self.deadlineSweep = self.clock.callLater(DEADLINE_SWEEP, self.sweepDeadlines)
 
     def sweepStreams(self, now: float) -> None:

@@ -110,7 +110,11 @@ class SidecarService(MultiService):
             versions = ("2",) if config.upstreamProtocol == "auto" else ("2", "1.1", "1.0")
             self.engine.poolByVersion.update({version: self.h2pool for version in versions})
             TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.h2pool.sweep).setServiceParent(self)
-        TimerService(1.0, self.sweepClients).setServiceParent(self)
+        sweep = TimerService(1.0, self.sweepClients)
+        sweep.clock = reactor
+        sweep.setServiceParent(self)
+        # That sweep also times out the responses (no timer per request).
+        self.engine.deadlinesSwept = True
         self.listeners = []
         self.tls = None
         if config.tls is not None:
@@ -405,6 +409,7 @@ class SidecarService(MultiService):
         self.engine.doors.sweep(now, self.config.clientIdleTimeout, self.config.requestHeadTimeout)
         self.tcp.sweep(now)
         self.engine.sweepStreams(now)
+        self.engine.sweepDeadlines()
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:
