@@ -30,7 +30,6 @@ from h2.events import (
     TrailersReceived, WindowUpdated,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -41,7 +40,7 @@ from zope.interface import implementer
 
 from sidecar.compat import tuneH2Connection
 from sidecar.config import H2Config
-from sidecar.h2wire import GrpcCounts, grpcLocalReply, requestFromHeaders, responseHeaders
+from sidecar.h2wire import GrpcCounts, grpcLocalReply, requestFromHeaders, responseHeaders, startConnection
 from sidecar.headers import Header, Headers, ResponseHead
 from sidecar.http1 import reason as _reason
 from sidecar.record import (
@@ -375,17 +374,7 @@ class H2ServerProtocol(Protocol):
         recorder.downstreamConnectionsActive += 1
         recorder.downstreamConnectionsTotal += 1
         config = self.config
-        h2 = self.h2
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: config.maxConcurrentStreams,
-            SettingCodes.INITIAL_WINDOW_SIZE: config.streamWindow,
-            SettingCodes.MAX_HEADER_LIST_SIZE: config.maxHeaderListSize,
-            SettingCodes.ENABLE_PUSH: 0,
-        })
-        h2.decoder.max_header_list_size = config.maxHeaderListSize
-        h2.initiate_connection()
-        if config.connectionWindow > 65535:
-            h2.increment_flow_control_window(config.connectionWindow - 65535)
+        startConnection(self.h2, config, client=False)
         self.transport.registerProducer(self, True)
         self.identify()
         self.flush()

@@ -24,7 +24,6 @@ from h2.events import (
     TrailersReceived, WindowUpdated,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -33,7 +32,7 @@ from zope.interface import implementer
 
 from sidecar.compat import tuneH2Connection
 from sidecar.config import H2Config, UpstreamConfig
-from sidecar.h2wire import requestHeaders, responseFromHeaders
+from sidecar.h2wire import requestHeaders, responseFromHeaders, startConnection
 from sidecar.headers import Headers, responseHead
 from sidecar.record import UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_REMOTE_RESET
 from sidecar.transport import prepare
@@ -323,16 +322,7 @@ class H2UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self._write, _ = prepare(self.transport)
         config = self.pool.h2config
-        h2 = self.h2
-        h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.INITIAL_WINDOW_SIZE: config.streamWindow,
-            SettingCodes.MAX_HEADER_LIST_SIZE: config.maxHeaderListSize,
-            SettingCodes.ENABLE_PUSH: 0,
-        })
-        h2.decoder.max_header_list_size = config.maxHeaderListSize
-        h2.initiate_connection()
-        if config.connectionWindow > 65535:
-            h2.increment_flow_control_window(config.connectionWindow - 65535)
+        startConnection(self.h2, config, client=True)
         self.transport.registerProducer(self, True)
         self.ready = True
         self.flush()

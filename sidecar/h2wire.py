@@ -19,7 +19,7 @@ h2 (python-hyper) does the framing and HPACK; nothing here writes a frame.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 from hpack import NeverIndexedHeaderTuple
@@ -268,3 +268,29 @@ class GrpcCounts:
     def __init__(self) -> None:
         self.request = MessageCounter()
         self.response = MessageCounter()
+
+
+def startConnection(h2: Any, config: Any, client: bool) -> None:
+    """
+    Open an HTTP/2 connection of either side with the sidecar's settings: stream and
+    connection windows, the header list limit, no server push, and (as a server) the
+    concurrent streams a client may open.
+
+    @param h2: a new C{h2.connection.H2Connection}.
+    @param config: the L{sidecar.config.H2Config}.
+    @param client: the sidecar is the client (the upstream side).
+    """
+    from h2.settings import SettingCodes, Settings
+
+    values = {
+        SettingCodes.INITIAL_WINDOW_SIZE: config.streamWindow,
+        SettingCodes.MAX_HEADER_LIST_SIZE: config.maxHeaderListSize,
+        SettingCodes.ENABLE_PUSH: 0,
+    }
+    if not client:
+        values[SettingCodes.MAX_CONCURRENT_STREAMS] = config.maxConcurrentStreams
+    h2.local_settings = Settings(client=client, initial_values=values)
+    h2.decoder.max_header_list_size = config.maxHeaderListSize
+    h2.initiate_connection()
+    if config.connectionWindow > 65535:
+        h2.increment_flow_control_window(config.connectionWindow - 65535)
