@@ -709,8 +709,6 @@ class ProbePathTests(AdminSiteMixin, SynchronousTestCase):
         readiness probe fails (the pod leaves its Services) and the liveness
         probe still passes (the kubelet does not kill the draining proxy).
         """
-        if self.request("GET", "/healthz/ready").status == 404:
-            raise SkipTest("the proxy serves no /healthz/ready yet (the health port of issue 14)")
         self.assertEqual((self.probe("readinessProbe"), self.probe("livenessProbe")), (200, 200))
         self.lifecycle.startDrain()
         self.assertEqual(self.lifecycle.state, DRAINING)
