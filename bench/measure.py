@@ -41,6 +41,8 @@ class Workload:
     @ivar requestBodyBytes: the size of the request body; 0 for none.
     @ivar responseBodyBytes: the size of the body the upstream answers with.
     @ivar description: a few words for the table.
+    @ivar newConnection: every request on a new connection (C{Connection: close}: the
+        proxy answers and closes, the client connects again).
     """
 
     name: str
@@ -49,6 +51,7 @@ class Workload:
     requestBodyBytes: int
     responseBodyBytes: int
     description: str
+    newConnection: bool = False
 
 
 #: Every workload, in the order the table lists them.
@@ -60,6 +63,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "post", "POST", "/post", POST_BODY_BYTES, len(POST_ANSWER_BODY), "POST 64 KiB"
         ),
+        Workload("close", "GET", "/small", 0, len(SMALL_BODY), "GET 13 B, new connection", newConnection=True),
     )
 }
 
@@ -80,7 +84,7 @@ def answerProblem(workload: Workload, status: int, body: bytes) -> str | None:
             f"{workload.method} {workload.path} answered {len(body)} body bytes,"
             f" not {workload.responseBodyBytes}"
         )
-    if workload.name == "small" and body != SMALL_BODY:
+    if workload.path == "/small" and body != SMALL_BODY:
         return f"GET /small answered {body!r}, not {SMALL_BODY!r}"
     return None
 

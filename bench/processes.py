@@ -188,6 +188,8 @@ def fetch(port: int, workload: Workload) -> tuple[int, bytes]:
     try:
         body = b"x" * workload.requestBodyBytes if workload.requestBodyBytes else None
         headers = {"Content-Type": "application/octet-stream"} if body else {}
+        if workload.newConnection:
+            headers["Connection"] = "close"
         connection.request(workload.method, workload.path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.read()
@@ -302,7 +304,8 @@ def runWrk(
         ],
         cpu,
     )
-    environment = dict(os.environ, BENCH_BODY_BYTES=str(workload.requestBodyBytes))
+    environment = dict(os.environ, BENCH_BODY_BYTES=str(workload.requestBodyBytes),
+                       BENCH_CLOSE="1" if workload.newConnection else "0")
     try:
         completed = subprocess.run(
             argv,

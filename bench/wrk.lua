@@ -2,6 +2,8 @@
 --
 -- BENCH_BODY_BYTES (environment): when above zero, every request is a POST with a body of
 -- that many bytes (the 64 KiB POST workload); otherwise wrk's plain GET.
+-- BENCH_CLOSE=1: every request says "Connection: close", so wrk connects again for each
+-- one (the new-connection workload).
 --
 -- done() prints one line, "BENCH-JSON {...}", with wrk's exact counts and latency
 -- percentiles in microseconds, so the harness does not parse wrk's rounded text.
@@ -11,6 +13,9 @@ if bodyBytes > 0 then
    wrk.method = "POST"
    wrk.body = string.rep("x", bodyBytes)
    wrk.headers["Content-Type"] = "application/octet-stream"
+end
+if os.getenv("BENCH_CLOSE") == "1" then
+   wrk.headers["Connection"] = "close"
 end
 
 function done(summary, latency, requests)
