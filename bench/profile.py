@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--extra-args", default="", help="flags appended to the sidecar's command line")
+    parser.add_argument("--close", action="store_true",
+                        help="a new connection per request (Connection: close), the close workload")
+    parser.add_argument("--raw", type=Path, default=None, help="keep py-spy's raw samples in this file")
     options = parser.parse_args(argv)
     pySpy = shutil.which("py-spy")
     if pySpy is None:
@@ -128,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 time.sleep(0.1)
+        close = ["-H", "Connection: close"] if options.close else []
         wrk = subprocess.Popen(pinned(["wrk", "-t1", f"-c{options.connections}", f"-d{options.seconds + 4}s",
-                                       f"http://127.0.0.1:{port}/small"], 0), stdout=subprocess.PIPE, text=True)
+                                       *close, f"http://127.0.0.1:{port}/small"], 0),
+                               stdout=subprocess.PIPE, text=True)
         children.append(wrk)
         time.sleep(2)
         stat = Path(f"/proc/{proxy.pid}/stat")
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = int(match.group(1)) / float(match.group(2))
     microseconds = cpu / (rate * window) * 1e6
     counts, busy, idle = shares(raw.read_text().splitlines())
+    if options.raw is not None:
+        shutil.copyfile(raw, options.raw)
     shutil.rmtree(directory, ignore_errors=True)
     print(f"{rate:,.0f} req/s, {microseconds:.1f} CPU µs per request, proxy CPU {100 * cpu / window:.0f}%, "
           f"{busy} busy samples, {idle} waiting in epoll_wait (left out)\n")

@@ -580,3 +580,42 @@ class TcpThroughputTests(SynchronousTestCase):
             self.assertGreater(figure.megabytesPerSecond, 0)
             self.assertEqual(figure.bytes, 32 << 20)
             self.assertEqual(figure.cpuMicrosecondsPerMegabyte is None, name == "direct")
+
+
+class IdleMemoryTests(SynchronousTestCase):
+    """
+    The plain logic of C{bench/idle_bench.py}, and the new-connection workload.
+    """
+
+    def test_rssFromStatus(self) -> None:
+        """
+        The RSS is the C{VmRSS} line of C{/proc/<pid>/status}, in KiB; a text without
+        one is an error.
+        """
+        from bench.idle_bench import rssKiBFromStatus
+
+        text = "Name:\tpython3\nVmPeak:\t  900000 kB\nVmRSS:\t   63412 kB\nRssAnon:\t 50000 kB\n"
+        self.assertEqual(rssKiBFromStatus(text), 63412)
+        self.assertRaises(ValueError, rssKiBFromStatus, "Name:\tx\n")
+
+    def test_bytesPerConnection(self) -> None:
+        """
+        The figure is the RSS growth in bytes over the connections opened.
+        """
+        from bench.idle_bench import bytesPerConnection, filesNeeded
+
+        self.assertEqual(bytesPerConnection(60_000, 120_000, 10_000), 6144.0)
+        self.assertGreater(filesNeeded(10_000), 10_000)
+
+    def test_newConnectionWorkload(self) -> None:
+        """
+        The C{close} workload is the small GET on a new connection per request, checked
+        like the small GET, with its own target of 1.2x Envoy's CPU per request.
+        """
+        close = WORKLOADS["close"]
+        self.assertEqual((close.method, close.path, close.newConnection), ("GET", "/small", True))
+        self.assertFalse(WORKLOADS["small"].newConnection)
+        self.assertIsNone(answerProblem(close, 200, b"hello, world\n"))
+        self.assertIsNotNone(answerProblem(close, 200, b"goodbye world"))
+        [target] = [t for t in TARGETS if t.workload == "close"]
+        self.assertEqual((target.numeratorPeer, target.denominatorPeer, target.bound), ("ours-fast", "envoy", 1.2))

@@ -188,6 +188,11 @@ class DownstreamProtocol(Protocol):
         queue, self._queue = self._queue, deque()
         for exchange in queue:
             exchange.downstreamLost()
+        # The parser holds this protocol's callbacks: without this, the connection's
+        # objects (protocol, parser, transport, socket) outlive it as a reference cycle
+        # that only the garbage collector frees (33 objects per connection, and the
+        # collections they trigger cost 9% of a new connection's CPU).
+        self._parser = None
 
     # -- parser callbacks (llhttp) ---------------------------------------------------
 
@@ -565,8 +570,9 @@ class DownstreamProtocol(Protocol):
             return
         # What was never read is recorded as "-" (llhttp's method defaults to DELETE,
         # its version to 0.0): a method was read once a target began.
-        method = self._parser.get_method() if self._url else b"-"
-        version = self._parser.get_http_version()
+        parser = self._parser
+        method = parser.get_method() if self._url and parser is not None else b"-"
+        version = parser.get_http_version() if parser is not None else "0.0"
         req = RequestHead(authority="", requestId="", forwardedFor=self.clientIP)
         exchange = self.engine.exchange(self, method, self._url or b"-",
                                         "" if version == "0.0" else version, req)
