@@ -18,7 +18,9 @@ The uses:
     L{sidecar.transport} send at once only when Twisted holds nothing queued for
     the connection, or bytes would go out of order.  Twisted has no public "is
     the write buffer empty" call.  Without the attributes every write takes
-    Twisted's buffered path (correct, one reactor round trip slower).
+    Twisted's buffered path (correct, one reactor round trip slower).  The fast
+    door's close at once (C{sidecar.downstream._closeAtOnce}) reads
+    C{_tempDataLen} too, to close without waiting for the socket to be writable.
   - L{listeningPort}: C{StreamServerEndpointService._waitingForPort}, the
     Deferred of the port a listener service opened.  The drain log names the
     addresses the proxy listens on (C{"listening on 127.0.0.1:8000"}), including
