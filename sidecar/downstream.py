@@ -604,7 +604,7 @@ def _closeAtOnce(transport: Any) -> bool:
     """
     if type(transport) is not tcp.Server or transport.TLS or transport.producer is not None:
         return False
-    if (transport._tempDataLen or transport.dataBuffer or transport.disconnecting
+    if (getattr(transport, "_tempDataLen", 1) or transport.dataBuffer or transport.disconnecting
             or not transport.connected):
         return False
     transport.connectionLost(_CLOSED)
