@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, FrozenSet, List, Mapping, Optional
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -232,6 +233,23 @@ class Detector(Protocol):
                 self._route(self._declared, "declared")
                 return
         if factory.tls is None:
+            transport = self.transport
+            if type(transport) is tcp.Server:
+                # The client usually speaks first, and its first bytes are often in the
+                # socket already when it is accepted: read them now, and most
+                # connections are decided here, with no timer and no trip through the
+                # reactor.  (An end of stream or an error found here is found again by
+                # the reactor's next read: the socket stays readable.)
+                try:
+                    transport.doRead()
+                except Exception:
+                    # What the reactor does with a read that raises: log it, drop the
+                    # connection.
+                    log.failure("reading a new connection's first bytes")
+                    transport.abortConnection()
+                    return
+                if self.kind is not None:
+                    return
             self._startTimer()
         else:
             self._handshakeTimer = factory.clock.callLater(factory.tls.handshakeTimeout, self._handshakeTimedOut)

@@ -8,14 +8,18 @@ Real sockets on 127.0.0.1, the real reactor, a real upstream.
 from __future__ import annotations
 
 import gc
-from typing import Any
+import socket
+from typing import Any, List
 
 import httptools
 from twisted.internet import defer, reactor, tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sidecar.compat import listeningPort
 from sidecar.config import ProxyConfig, UpstreamConfig
+from sidecar.detect import HTTP1, TCP, DetectingFactory
 from sidecar.service import SidecarService
 from tests.support import Upstream, rawRequest
 
@@ -96,3 +100,120 @@ def deferLater(seconds: float) -> defer.Deferred:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds, lambda: None)
+
+
+class Recorded(Protocol):
+    """
+    The protocol a route builds in these tests: it keeps what it is given.
+    """
+
+    def __init__(self, detector: Any) -> None:
+        self.how = detector.how
+        self.received: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class CountingClock(Clock):
+    """
+    A clock that counts the timers ever started on it.
+    """
+
+    started = 0
+
+    def callLater(self, *args: Any, **kwargs: Any) -> Any:
+        self.started += 1
+        return Clock.callLater(self, *args, **kwargs)
+
+
+class FirstBytesAtAcceptTests(unittest.TestCase):
+    """
+    A detecting listener reads a new connection's first bytes when it accepts it.
+    """
+
+    def listen(self) -> Any:
+        clock = CountingClock()
+        built: List[Recorded] = []
+
+        def route(detector: Any) -> Recorded:
+            proto = Recorded(detector)
+            built.append(proto)
+            return proto
+
+        factory = DetectingFactory({HTTP1: route, TCP: route}, clock, 1.0)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port, clock, built
+
+    def client(self, port: Any) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        self.addCleanup(sock.close)
+        return sock
+
+    @defer.inlineCallbacks
+    def test_bytesAlreadyThere(self) -> None:
+        """
+        When the client's request line is in the socket by the time the listener
+        accepts (the listener paused while the client connects and sends), the
+        connection is decided during the accept: its protocol has the bytes, and no
+        detection timer was ever started.
+        """
+        port, clock, built = self.listen()
+        port.stopReading()
+        sock = self.client(port)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield deferLater(0.05)
+        port.startReading()
+        yield waitFor(lambda: built)
+        [proto] = built
+        self.assertEqual((proto.how, b"".join(proto.received)), (HTTP1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual(clock.started, 0)
+
+    @defer.inlineCallbacks
+    def test_silentAtAccept(self) -> None:
+        """
+        A client that has sent nothing when it is accepted gets the detection timer,
+        and is decided by its bytes when they come (the timer then cancelled), or by
+        the timer when they do not.
+        """
+        port, clock, built = self.listen()
+        sock = self.client(port)
+        yield waitFor(lambda: clock.getDelayedCalls())
+        self.assertEqual(built, [])
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        yield waitFor(lambda: built)
+        self.assertEqual([p.how for p in built], [HTTP1])
+        self.assertEqual((clock.started, clock.getDelayedCalls()), (1, []))
+        quiet = self.client(port)
+        yield waitFor(lambda: clock.getDelayedCalls())
+        clock.advance(1.0)
+        self.assertEqual([p.how for p in built], [HTTP1, "timeout"])
+        quiet.close()
+
+    @defer.inlineCallbacks
+    def test_closedBeforeAccept(self) -> None:
+        """
+        A client that connected and closed before the accept, without a byte (a TCP
+        probe), is closed by the proxy and builds nothing.
+        """
+        port, clock, built = self.listen()
+        port.stopReading()
+        sock = self.client(port)
+        sock.close()
+        yield deferLater(0.05)
+        port.startReading()
+        yield deferLater(0.2)
+        self.assertEqual((built, clock.getDelayedCalls()), ([], []))
+
+
+@defer.inlineCallbacks
+def waitFor(predicate: Any, timeout: float = 5.0) -> Any:
+    """
+    Wait on the real reactor until C{predicate()} is true, at most C{timeout} seconds.
+    """
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        yield deferLater(0.01)
+    raise AssertionError("condition not met in time")
