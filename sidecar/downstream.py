@@ -98,6 +98,9 @@ class DownstreamProtocol(Protocol):
     _tunnelReadDone = False
     #: The parser is running (a close then waits for the reactor: see L{_closeAtOnce}).
     _feeding = False
+    #: The client's address as the listener accepted it (L{DownstreamFactory.buildProtocol}),
+    #: so that the transport need not build it again; C{None}: ask the transport.
+    acceptedAddress: Any = None
 
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
@@ -134,7 +137,7 @@ class DownstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.engine.doors.add(self)
-        peer = self.transport.getPeer()
+        peer = self.acceptedAddress or self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host is not None:
             self.clientIP = host
@@ -191,9 +194,11 @@ class DownstreamProtocol(Protocol):
         current, self._current = self._current, None
         if current is not None and not current.finished:
             current.downstreamLost()
-        queue, self._queue = self._queue, deque()
-        for exchange in queue:
-            exchange.downstreamLost()
+        queue = self._queue
+        if queue:
+            self._queue = deque()
+            for exchange in queue:
+                exchange.downstreamLost()
         # The parser holds this protocol's callbacks: without this, the connection's
         # objects (protocol, parser, transport, socket) outlive it as a reference cycle
         # that only the garbage collector frees (33 objects per connection, and the
@@ -630,4 +635,5 @@ class DownstreamFactory(Factory):
     def buildProtocol(self, addr: Any) -> DownstreamProtocol:
         proto = DownstreamProtocol(self.engine, self.maxHeaderBytes)
         proto.factory = self
+        proto.acceptedAddress = addr
         return proto
