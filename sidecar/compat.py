@@ -21,6 +21,10 @@ The uses:
     Twisted's buffered path (correct, one reactor round trip slower).  The fast
     door's close at once (C{sidecar.downstream._closeAtOnce}) reads
     C{_tempDataLen} too, to close without waiting for the socket to be writable.
+  - C{tcp.Port._logger}, the class-level C{Logger} descriptor Twisted's TCP port
+    reads twice per accept: L{sidecar.service.keepAcceptLogger} stores the logger
+    it builds on each listening port, so that it is built once, not per accept.
+    Without it the port keeps Twisted's descriptor (a little more work per accept).
   - L{listeningPort}: C{StreamServerEndpointService._waitingForPort}, the
     Deferred of the port a listener service opened.  The drain log names the
     addresses the proxy listens on (C{"listening on 127.0.0.1:8000"}), including
@@ -78,6 +82,7 @@ import hyperframe.frame
 from hpack import Encoder
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.web.http import HTTPChannel
@@ -91,6 +96,7 @@ PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     FileDescriptor: ("_tempDataLen", "_writeDisconnected"),
     StreamServerEndpointService: ("_waitingForPort",),
     HTTPChannel: ("_respondToBadRequestAndDisconnect", "_receivedHeaderSize", "_receivedHeaderCount"),
+    tcp.Port: ("_logger",),
 }
 
 

@@ -49,6 +49,27 @@ def withBacklog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def keepAcceptLogger(port: Any) -> Any:
+    """
+    Give a listening port its logger once: Twisted's TCP port reads its class-level
+    C{Logger} descriptor twice per accept (for the logs of a failed accept), and a
+    C{Logger} descriptor builds a new C{Logger} at every read.  The one kept is the
+    one the descriptor builds (same namespace, same observer), so nothing logs
+    differently.  A port without such a descriptor is left alone.
+
+    @param port: the listening port.
+    @return: C{port}.
+    """
+    import inspect
+
+    from twisted.logger import Logger
+
+    descriptor = inspect.getattr_static(type(port), "_logger", None)
+    if isinstance(descriptor, Logger) and "_logger" not in vars(port):
+        port._logger = descriptor.__get__(port, type(port))
+    return port
+
+
 def openAccessLog(path: Optional[str]) -> Optional[LogOutput]:
     """
     The output the access log writes to without blocking (L{openOutput}): standard
@@ -410,6 +431,15 @@ class SidecarService(MultiService):
         self.tcp.sweep(now)
         self.engine.sweepStreams(now)
         self.engine.sweepDeadlines()
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        from sidecar.compat import listeningPort
+
+        for listener in self.listeners:
+            waiting = listeningPort(listener)
+            if waiting is not None:
+                waiting.addCallback(keepAcceptLogger)
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:

@@ -43,14 +43,7 @@ class NewConnectionTests(unittest.TestCase):
         service = SidecarService(config, reactor)
         service.startService()
         self.addCleanup(service.stopService)
-        got: defer.Deferred = defer.Deferred()
-
-        def seen(port: Any) -> Any:
-            got.callback(port)
-            return port
-
-        listeningPort(service.listeners[0]).addCallback(seen)
-        port = yield got
+        port = yield whenListening(service.listeners[0])
         return service, upstream, port.getHost().port
 
     @defer.inlineCallbacks
@@ -100,6 +93,34 @@ def deferLater(seconds: float) -> defer.Deferred:
     from twisted.internet.task import deferLater as later
 
     return later(reactor, seconds, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_acceptLoggerKept(self) -> None:
+        """
+        The listening port keeps one logger, the one Twisted's class-level descriptor
+        builds (same namespace, same observer), instead of a new one per accept.
+        """
+        service, upstream, number = yield self.startSidecar()
+        port = yield whenListening(service.listeners[0])
+        self.assertIn("_logger", vars(port))
+        built = vars(tcp.Port)["_logger"].__get__(port, type(port))
+        self.assertEqual((port._logger.namespace, port._logger.observer, port._logger.source),
+                         (built.namespace, built.observer, port))
+        self.assertIs(port._logger, port._logger)
+
+
+def whenListening(listener: Any) -> defer.Deferred:
+    """
+    The listening port of a listener service, read without consuming its Deferred.
+    """
+    got: defer.Deferred = defer.Deferred()
+
+    def seen(port: Any) -> Any:
+        got.callback(port)
+        return port
+
+    listeningPort(listener).addCallback(seen)
+    return got
 
 
 class Recorded(Protocol):
