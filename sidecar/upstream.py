@@ -353,7 +353,8 @@ class UpstreamConnection(Protocol):
         status = parser.get_status_code()
         if status < 100 or status > 599:
             self._fail(f"status {status} is not from 100 to 599")
-        if _BAD_REASON.search(self._reason) is not None:
+        reason = self._reason
+        if reason != b"OK" and _BAD_REASON.search(reason) is not None:
             # llhttp takes a NUL or another control byte in the reason phrase; RFC 9112
             # 4 allows only HTAB, SP, VCHAR and obs-text, and a client reading the
             # line up to the NUL could frame the rest differently.  Envoy answers 502.
