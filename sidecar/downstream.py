@@ -132,6 +132,10 @@ class DownstreamProtocol(Protocol):
         self._bodyLength: Optional[int] = None
         self._bodySeen = 0
         self._rawLeft = 0
+        #: An exchange with a Content-Length body whose head arrived in this read: it
+        #: begins when the read is parsed, so that the body bytes of the same read go
+        #: upstream with its head, in one send.
+        self._beginAfterRead: Optional[Exchange] = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -190,6 +194,11 @@ class DownstreamProtocol(Protocol):
                 # The rest of a Content-Length body needs no parsing: the next reads
                 # go to the exchange as they are (no copy by llhttp, no callback).
                 self._rawLeft = length - self._bodySeen
+        later = self._beginAfterRead
+        if later is not None:
+            self._beginAfterRead = None
+            if self._current is later and not later.finished:
+                self._begin(later)
 
     def _rawBody(self, data: bytes) -> bytes:
         """
@@ -308,7 +317,10 @@ class DownstreamProtocol(Protocol):
             self._upgrading = exchange
         if self._current is None and not self._queue:
             self._current = exchange
-            self._begin(exchange)
+            if self._bodyLength is not None:
+                self._beginAfterRead = exchange
+            else:
+                self._begin(exchange)
         else:
             self._queue.append(exchange)
             if len(self._queue) >= MAX_QUEUED:

@@ -480,6 +480,20 @@ class Exchange:
                 # Filters may change the body's length: send it chunked.
                 req.contentLength = None
                 req.chunked = True
+                if self.pending:
+                    # Body bytes that arrived before this turn: filtered now, as the
+                    # rest will be on arrival.
+                    pending, self.pending = self.pending, []
+                    self.pendingBytes = 0
+                    for data in pending:
+                        try:
+                            data = chain.requestBody(call, data)
+                        except Exception as e:
+                            self._filterFailed(FilterFailed("request body filter", e))
+                            return
+                        if data:
+                            self.pending.append(data)
+                            self.pendingBytes += len(data)
             if chain.requestHeads:
                 self._go(FILTERING)
                 chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,

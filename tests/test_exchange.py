@@ -560,6 +560,24 @@ class RawRequestBodyTests(unittest.SynchronousTestCase):
             self.assertEqual([(r.method, r.bytesReceived) for r in h.records],
                              [("POST", len(self.body)), ("GET", 0)], size)
 
+    def test_headAndBodyInOneSend(self):
+        """
+        A request whose head and body arrive in one read goes to a pooled upstream
+        connection in one write (one send), not the head and then the body.
+        """
+        door, client = self.door, self.client
+        door.dataReceived(GET)
+        conn, upstream = self.h.connectUpstream()
+        conn.dataReceived(OK)
+        writes = []
+        upstream.write = lambda data: writes.append([data])
+        upstream.writeSequence = lambda seq: writes.append(list(seq))
+        conn.write, conn.writeSequence = upstream.write, upstream.writeSequence
+        door.dataReceived(self.post() + self.body)
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(b"".join(writes[0]).startswith(b"POST /up HTTP/1.1\r\n"))
+        self.assertTrue(b"".join(writes[0]).endswith(b"\r\n\r\n" + self.body))
+
     def test_headAndBodyLater(self):
         """
         The head alone in one read, the whole body in the next: the body goes on as it
