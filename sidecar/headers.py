@@ -133,6 +133,9 @@ def _checkAuthority(value: bytes) -> bool:
     return port is None or int(port) <= 65535
 
 
+#: The tokens of the commonest C{Connection} header, which names nothing to remove.
+_KEEP_ALIVE = [b"keep-alive"]
+
 #: The longest C{Host} value whose validity is remembered, and how many are.
 _REMEMBERED_AUTHORITY = 256
 _rememberedAuthority = functools.lru_cache(maxsize=1024)(_checkAuthority)
@@ -468,7 +471,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
             upgrade = pair[1]
         elif kind == _PEER:
             peer = pair[1]
-    if connection:
+    if connection and connection != _KEEP_ALIVE:
         named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]
