@@ -30,6 +30,7 @@ from bench.measure import (
 )
 from bench.peers import (
     envoyConfig,
+    flagsKnownBy,
     nginxConfig,
     oursCommand,
     variantPeer,
@@ -73,6 +74,22 @@ def cell(
         cpuMicrosecondsPerRequest=cpu,
         cpuPercent=None if cpu is None else 50.0,
     )
+
+
+class InstructionCountTests(SynchronousTestCase):
+    """
+    L{bench.instructions} reads callgrind's output.
+    """
+
+    def test_totals(self) -> None:
+        """
+        The count is the C{totals:} line (the C{summary:} line of a dump made while
+        counting was off is 0); a file without one counts nothing.
+        """
+        from bench.instructions import instructionsFromOutput
+
+        self.assertEqual(instructionsFromOutput("events: Ir\nsummary: 0\ntotals: 253143957\n"), 253143957)
+        self.assertEqual(instructionsFromOutput("events: Ir\n"), 0)
 
 
 class WrkSummaryTests(SynchronousTestCase):
@@ -304,6 +321,21 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertIn("tcp:9000:interface=127.0.0.1", argv)
         self.assertIn("127.0.0.1:8080", argv)
         self.assertEqual(argv[-2:], ["--admin", "tcp:0"])
+
+    def test_flagsKnownByBaseline(self) -> None:
+        """
+        A baseline checkout that predates a default flag (C{--health}) is run without
+        it; the flags it declares, and the peer's own, stay.
+        """
+        root = Path(self.mktemp())
+        (root / "sidecar").mkdir(parents=True)
+        (root / "sidecar" / "tap.py").write_text('["access-log", None, "-", ""],\n["admin", None, "15000", ""],\n')
+        argv = oursCommand("python", 9000, 8080, ["--max-connections", "5"])
+        kept = flagsKnownBy(str(root), argv)
+        at = argv.index("--health")
+        self.assertEqual(kept, argv[:at] + argv[at + 2:])
+        self.assertEqual(kept[-6:], ["--access-log", "none", "--admin", "none", "--max-connections", "5"])
+        self.assertEqual(flagsKnownBy(str(Path(__file__).resolve().parent.parent), argv), argv)
 
     def test_pinned(self) -> None:
         """
