@@ -86,7 +86,8 @@ def countOne(root: Path, workloadName: str, seconds: int, directory: Path) -> tu
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={output}", *argv],
         env=dict(os.environ, PYTHONPATH=str(root)), cwd=str(root),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    environment = dict(os.environ, BENCH_BODY_BYTES=str(workload.requestBodyBytes))
+    environment = dict(os.environ, BENCH_BODY_BYTES=str(workload.requestBodyBytes),
+                       BENCH_CLOSE="1" if workload.newConnection else "0")
     try:
         deadline = time.monotonic() + READY_SECONDS
         while True:
