@@ -148,6 +148,7 @@ class DownstreamProtocol(Protocol):
     def connectionMade(self) -> None:
         self.engine.doors.add(self)
         peer = self.acceptedAddress or self.transport.getPeer()
+        self.acceptedAddress = None  # (not kept for the connection's life)
         host = getattr(peer, "host", None)
         if host is not None:
             self.clientIP = host
