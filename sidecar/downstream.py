@@ -10,8 +10,7 @@ service is tied to the client's transport with producers, so memory stays bounde
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, Deque, List, Optional
+from typing import Any, List, Optional
 
 import httptools
 from twisted.internet import tcp
@@ -50,6 +49,22 @@ _PARSER_STATUS = {
     "Request has invalid `Transfer-Encoding`": 501,
     "Invalid HTTP version": 505,
 }
+
+
+class _Queue(list):  # of Exchange
+    """
+    The pipelined requests waiting their turn on one connection: at most
+    L{MAX_QUEUED}, and usually none, so a list (56 bytes empty) rather than a
+    C{deque} (760 bytes empty, an eighth of an idle connection's memory).
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Exchange:
+        """
+        The oldest waiting request, removed.
+        """
+        return self.pop(0)
 
 
 class _Refusal(Exception):
@@ -110,7 +125,7 @@ class DownstreamProtocol(Protocol):
         self._parser: Any = None
         self._current: Optional[Exchange] = None
         self._parsing: Optional[Exchange] = None
-        self._queue: Deque[Exchange] = deque()
+        self._queue: _Queue = _Queue()
         self._pauses = 0
         self._advancing = False
         self._closing = False
@@ -246,7 +261,7 @@ class DownstreamProtocol(Protocol):
             current.downstreamLost()
         queue = self._queue
         if queue:
-            self._queue = deque()
+            self._queue = _Queue()
             for exchange in queue:
                 exchange.downstreamLost()
         # The parser holds this protocol's callbacks: without this, the connection's
