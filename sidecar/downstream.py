@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any, Deque, List, Optional
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -363,6 +364,21 @@ class DownstreamProtocol(Protocol):
             self._writeSequence((head, data))
         else:
             self._write(data)
+
+    def bodySink(self, exchange: Exchange) -> Optional[tcp.Connection]:
+        """
+        The client's socket, when the rest of C{exchange}'s response body may be moved
+        to it by the kernel (L{sidecar.upstream.UpstreamConnection._spliceBody}): a
+        plain TCP connection (never a TLS layer), a body this door framed with
+        C{Content-Length}, and C{exchange} the response being written.
+
+        @return: the transport, or C{None}: the body goes through L{writeBody}.
+        """
+        transport = self.transport
+        if (self._chunkedOut or self._closing or self._current is not exchange
+                or not isinstance(transport, tcp.Connection)):
+            return None
+        return transport
 
     def finishResponse(self, exchange: Exchange) -> None:
         head, self._head = self._head, b""

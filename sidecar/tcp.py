@@ -212,6 +212,12 @@ class KernelPath:
     half-close).  A destination that fails a splice gets the bytes through its own
     C{write}, which meets the error and closes the connection as Twisted does.
 
+    A bounded path (C{limit}) moves one stretch of a stream, such as the rest of an
+    HTTP body framed by C{Content-Length} (L{sidecar.upstream}): the kernel never
+    reads past what C{limit} allows, and C{emptied} hears each time the pipe has
+    been emptied into the destination, so that its owner can end the stretch once
+    nothing is left to move.
+
     @ivar pending: bytes in the pipe, not yet taken by the destination.
     @ivar moved: bytes read by the kernel's path so far (not Twisted's).
     """
@@ -222,13 +228,20 @@ class KernelPath:
     _paused = False
 
     def __init__(self, source: tcp.Connection, destination: tcp.Connection,
-                 count: Callable[[int], None]) -> None:
+                 count: Callable[[int], None], limit: Optional[Callable[[], int]] = None,
+                 emptied: Optional[Callable[[], None]] = None) -> None:
         """
         @param count: called with the number of bytes of every read (the counters).
+        @param limit: returns the most the kernel may read from C{source} now
+            (C{None}: no limit).
+        @param emptied: called each time the bytes of a read have all been taken by
+            the destination.
         """
         self.source = source
         self.destination = destination
         self.count = count
+        self.limit = limit
+        self.emptied = emptied
         self._sourceFd = source.socket.fileno()
         self._destinationFd = destination.socket.fileno()
         self._idle = writeQueueEmpty(destination)
@@ -248,8 +261,15 @@ class KernelPath:
                 pipe = self._pipe = _pipe()
             except OSError:  # out of descriptors: Twisted's way for this read
                 return self._twistedRead()
+        size = PIPE_BYTES
+        limit = self.limit
+        if limit is not None:
+            size = min(size, limit())
+            if size <= 0:
+                # Nothing more is the kernel's to move: whatever comes is Twisted's.
+                return self._twistedRead()
         try:
-            n = _SPLICE(self._sourceFd, pipe[1], PIPE_BYTES, flags=_SPLICE_FLAGS)
+            n = _SPLICE(self._sourceFd, pipe[1], size, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return None
         except OSError:
@@ -286,6 +306,8 @@ class KernelPath:
             self.pending = 0
             self._resume()
             self.destination.write(b"".join(chunks))
+            if self.emptied is not None:
+                self.emptied()
             return
         self.pending = pending
         if pending:
@@ -295,6 +317,8 @@ class KernelPath:
             self.destination.startWriting()
         else:
             self._resume()
+            if self.emptied is not None:
+                self.emptied()
 
     def _resume(self) -> None:
         if self._paused:

@@ -22,8 +22,10 @@ from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.config import UpstreamConfig
+from sidecar.exchange import RESPONDING
 from sidecar.headers import responseHead
-from sidecar.transport import halfClose, prepare
+from sidecar.tcp import KernelPath, kernelSpliceable
+from sidecar.transport import BUFFER_SIZE, halfClose, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -39,6 +41,12 @@ CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
 _LATER_MINOR = frozenset(b"23456789")
 #: What RFC 9112 4 does not allow in a reason phrase (HTAB, SP, VCHAR, obs-text).
 _BAD_REASON = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f]")
+
+#: The rest of a Content-Length response body is moved by the kernel
+#: (L{UpstreamConnection._spliceBody}) only when more than this remains after the read
+#: that ended its head: more than one read's worth.  Below it, a pipe's set-up costs
+#: more than the copies it saves.
+SPLICE_MIN = BUFFER_SIZE
 
 _STOP_HEAD = "head"
 _STOP_EXTRA = "extra"
@@ -72,6 +80,8 @@ class UpstreamConnection(Protocol):
     """
 
     exchange: Optional[Exchange] = None
+    #: While the kernel moves the rest of a response body to the client: its path.
+    kernelPath: Optional[KernelPath] = None
     #: Over mutual TLS the sidecar originated: the server's L{sidecar.peers.PeerMemory}
     #: (its verified id, and the metadata its responses carry).
     peers: Any = None
@@ -192,6 +202,7 @@ class UpstreamConnection(Protocol):
         Close this connection without a word: it will not be reused.
         """
         self.requestSent()
+        self._endSplice()
         self._abandoned = True
         self.exchange = None
         self.pool.lost(self)
@@ -282,8 +293,10 @@ class UpstreamConnection(Protocol):
             if length is not None and self._inBody and self.exchange is exchange:
                 # The rest of a Content-Length body needs no parsing: the next reads
                 # go to the client as they are (no copy by the parser, no callback).
-                self._raw = length - self._bodySeen
+                raw = self._raw = length - self._bodySeen
                 self._keepAlive = self.parser.should_keep_alive()
+                if raw > SPLICE_MIN:
+                    self._spliceBody(exchange)
         exchange.upstreamReadDone()
 
     def _rawBody(self, exchange: Exchange, data: bytes, remaining: int) -> None:
@@ -299,11 +312,67 @@ class UpstreamConnection(Protocol):
         else:
             self._raw = 0
             self._length = None
+            self._endSplice()
             exchange.responseBody(data if size == remaining else data[:remaining])
             self._complete(self._keepAlive and size == remaining)
         exchange.upstreamReadDone()
 
+    # -- the rest of a body, moved by the kernel ----------------------------------------
+
+    def _spliceBody(self, exchange: Exchange) -> None:
+        """
+        Let the kernel move the rest of this Content-Length body (C{_raw} bytes, as the
+        proxy's own parse framed it) from the service's socket to the client's, through
+        a pipe (L{KernelPath}), when both are plain TCP and nothing wants to see the
+        bytes: no body filter, no response held by a head filter, no gRPC count.  The
+        client's door says whether its connection can take them
+        (C{bodySink}: the HTTP/1.1 door on plain TCP, a body framed by
+        C{Content-Length}).  Otherwise the bytes go through Python as before.
+        """
+        if (exchange.phase != RESPONDING or exchange.held is not None or exchange.grpc is not None
+                or exchange.call is not None and exchange.chain.responseBodies):  # type: ignore[union-attr]
+            return
+        sink = getattr(exchange.door, "bodySink", None)
+        client = sink(exchange) if sink is not None else None
+        if client is None or not kernelSpliceable(self.transport, client):
+            return
+        self.kernelPath = KernelPath(self.transport, client, self._spliced, self._rawLeft, self._pipeEmptied)
+
+    def _rawLeft(self) -> int:
+        return self._raw
+
+    def _spliced(self, size: int) -> None:
+        """
+        The kernel read C{size} bytes of the body: count them as a read through Python
+        is counted (the record's bytes, the stream's activity).
+        """
+        self._raw -= size
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.activity += 1
+            exchange.bytesSent += size
+
+    def _pipeEmptied(self) -> None:
+        """
+        The client's socket took what the pipe held: after the body's last byte, the
+        response is complete.
+        """
+        if not self._raw and self.kernelPath is not None:
+            self._endSplice()
+            self._length = None
+            self._complete(self._keepAlive)
+
+    def _endSplice(self) -> None:
+        """
+        Give both sockets back to Twisted and close the pipe.
+        """
+        path = self.kernelPath
+        if path is not None:
+            self.kernelPath = None
+            path.close()
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._endSplice()
         self.pool.lost(self)
         exchange, self.exchange = self.exchange, None
         door, self._sourceDoor = self._sourceDoor, None

@@ -1,0 +1,660 @@
+# -*- test-case-name: tests.test_bodysplice -*-
+"""
+The rest of a Content-Length response body moved by the kernel (C{splice(2)} from the
+service's socket through a pipe into the client's): what the client receives, byte
+for byte, around the threshold and at 100 MiB; keep-alive and pipelining after it; a
+client that leaves, a service that stops short, a reader that stalls and the stream
+idle timeout; where the kernel must not be used (a body filter, HEAD, chunked); and
+the memory of a real sidecar process serving a slow reader.
+
+The proxy under test is built in-process on the real reactor (L{tests.support.Proxy}),
+between a scripted service that sends a head and the first bytes of a body, waits to be
+told, then sends the rest, and a client that hashes what it receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from typing import Any, Callable, Dict, List, Optional
+
+import httptools
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from sidecar.downstream import DownstreamProtocol
+from sidecar.filters import Filter, FilterChain
+from sidecar.tcp import PIPE_BYTES
+from sidecar.upstream import SPLICE_MIN, UpstreamConnection
+from tests.support import Proxy, Upstream, startSidecar, waitUntil
+
+#: The body's bytes: a block of a prime length repeated, so that a byte lost,
+#: duplicated or moved changes the digest.
+_PERIOD = 65521
+_BLOCK = random.Random(12).randbytes(_PERIOD)
+_CHUNK = 1 << 20
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """
+    C{length} bytes of the body from C{offset}.
+    """
+    start = offset % _PERIOD
+    return (_BLOCK * ((start + length) // _PERIOD + 1))[start:start + length]
+
+
+def digest(size: int) -> str:
+    """
+    The sha256 of a body of C{size} bytes.
+    """
+    h = hashlib.sha256()
+    for offset in range(0, size, _CHUNK):
+        h.update(pattern(offset, min(_CHUNK, size - offset)))
+    return h.hexdigest()
+
+
+@implementer(IPullProducer)
+class _Rest:
+    """
+    Writes bytes C{offset} to C{end} of the body, a MiB at a time as the transport
+    drains, then runs C{after}.
+    """
+
+    def __init__(self, transport: Any, offset: int, end: int, after: Callable[[], None]) -> None:
+        self.transport = transport
+        self.offset = offset
+        self.end = end
+        self.after = after
+
+    def resumeProducing(self) -> None:
+        size = min(_CHUNK, self.end - self.offset)
+        self.transport.write(pattern(self.offset, size))
+        self.offset += size
+        if self.offset >= self.end:
+            self.transport.unregisterProducer()
+            self.after()
+
+    def stopProducing(self) -> None:
+        self.offset = self.end
+
+
+class _ServiceConnection(Protocol):
+    """
+    Answers each request for C{/SIZE/FIRST[/CUT/END]}: a head with C{Content-Length:
+    SIZE} and the body's first C{FIRST} bytes (all of it for C{FIRST} C{all}) in one
+    write; the rest once the test calls L{Service.proceed}.  With C{CUT}, only that
+    many bytes of the rest are sent and the connection ends (C{END}: C{fin} or
+    C{rst}).  C{/chunked/SIZE} answers with a chunked body.
+    """
+
+    def __init__(self, owner: Service) -> None:
+        self.owner = owner
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.method = b""
+        self.lost = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.owner.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_message_complete(self) -> None:
+        self.owner.targets.append(self.url)
+        parts = self.url.decode().strip("/").split("/")
+        transport = self.transport
+        if parts[0] == "chunked":
+            size = int(parts[1])
+            transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                            % (size, pattern(0, size)))
+            return
+        size = int(parts[0])
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+        if self.parser.get_method() == b"HEAD":
+            transport.write(head)
+            return
+        first = size if parts[1] == "all" else int(parts[1])
+        transport.write(head + pattern(0, first))
+        if first >= size:
+            return
+        end, after = size, (lambda: None)
+        if len(parts) > 2:
+            end = first + int(parts[2])
+            after = transport.loseConnection if parts[3] == "fin" else transport.abortConnection
+
+        def rest() -> None:
+            if transport.connected:
+                transport.registerProducer(_Rest(transport, first, end, after), False)
+
+        self.owner.waiting.append(rest)
+
+
+class Service(Factory):
+    """
+    The scripted service on 127.0.0.1 port 0.
+
+    @ivar waiting: the rest of each body not yet sent, oldest first.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.connections: List[_ServiceConnection] = []
+        self.targets: List[bytes] = []
+        self.waiting: List[Callable[[], None]] = []
+
+    def buildProtocol(self, addr: Any) -> _ServiceConnection:
+        return _ServiceConnection(self)
+
+    def start(self, case: Any) -> int:
+        port = reactor.listenTCP(0, self, interface="127.0.0.1")
+
+        def stop() -> Any:
+            for conn in self.connections:
+                if conn.transport is not None and conn.transport.connected:
+                    conn.transport.abortConnection()
+            return port.stopListening()
+
+        case.addCleanup(stop)
+        return port.getHost().port
+
+    def proceed(self) -> None:
+        """
+        Send the rest of the oldest body still waiting.
+        """
+        self.waiting.pop(0)()
+
+
+class _Answer:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: List[tuple] = []
+        self.size = 0
+        self.hash = hashlib.sha256()
+        self.complete = False
+
+    @property
+    def digest(self) -> str:
+        return self.hash.hexdigest()
+
+
+class Client(Protocol):
+    """
+    Sends C{data}, parses the responses with llhttp and hashes their bodies.
+
+    @ivar onHead: called with each response head as it arrives (the test tells the
+        service to go on).
+    @ivar stopAfter: once this many body bytes have arrived, reading stops (a stalled
+        reader) and C{stalled} fires; or, with C{leave}, the connection is closed.
+    """
+
+    def __init__(self, data: bytes, expect: int, heads: int = 0) -> None:
+        self.data = data
+        self.expect = expect
+        self.heads = heads
+        self.answers: List[_Answer] = []
+        self.parser = httptools.HttpResponseParser(self)
+        self.done = defer.Deferred()
+        self.closed = defer.Deferred()
+        self.stalled = defer.Deferred()
+        self.onHead: Callable[[_Answer], None] = lambda answer: None
+        self.stopAfter: Optional[int] = None
+        self.leave = False
+        self.received = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            # The head of the answer to a HEAD: that answer is complete.
+            self.parser = httptools.HttpResponseParser(self)
+            if not self.done.called:
+                self.done.callback(self)
+        stop = self.stopAfter
+        if stop is not None and self.answers and self.answers[-1].size >= stop:
+            self.stopAfter = None
+            if self.leave:
+                self.transport.loseConnection()
+            else:
+                self.transport.pauseProducing()
+                self.stalled.callback(self.answers[-1].size)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(self)
+        self.closed.callback(self)
+
+    def on_message_begin(self) -> None:
+        self.answers.append(_Answer())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.answers[-1].headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        answer = self.answers[-1]
+        answer.status = self.parser.get_status_code()
+        self.onHead(answer)
+        if self.heads:
+            self.heads -= 1
+            answer.complete = True
+            raise _HeadOnly()
+
+    def on_body(self, body: bytes) -> None:
+        answer = self.answers[-1]
+        answer.size += len(body)
+        answer.hash.update(body)
+
+    def on_message_complete(self) -> None:
+        self.answers[-1].complete = True
+        if sum(a.complete for a in self.answers) >= self.expect and not self.done.called:
+            self.done.callback(self)
+
+
+class _HeadOnly(Exception):
+    pass
+
+
+def connect(port: int, data: bytes, expect: int = 1, heads: int = 0) -> Client:
+    client = Client(data, expect, heads)
+    reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
+    return client
+
+
+def get(path: str, close: bool = False) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: svc\r\n" + ("Connection: close\r\n" if close else "") + "\r\n").encode()
+
+
+class _KeepCounting(Filter):
+    """
+    A filter that sees every response body chunk (and changes none).
+    """
+
+    name = "count"
+    wantsResponseBody = True
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def responseBody(self, call: Any, data: bytes) -> bytes:
+        self.seen += len(data)
+        return data
+
+
+class SpliceTests(unittest.TestCase):
+    """
+    The fast door between a plain TCP client and a plain TCP service.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.service = Service()
+        self.proxy = Proxy(self.service.start(self))
+        self.proxy.engine.streamIdleTimeout = None
+        #: Bytes moved by the kernel, over every upstream connection.
+        self.spliced = [0]
+        spliced = self.spliced
+
+        class Counting(UpstreamConnection):
+            def _spliced(self, size: int) -> None:
+                spliced[0] += size
+                UpstreamConnection._spliced(self, size)
+
+        self.proxy.pool.connectionClass = Counting
+        self.port = self.proxy.start(self)
+
+    def client(self, data: bytes, expect: int = 1, heads: int = 0) -> Client:
+        client = connect(self.port, data, expect, heads)
+        self.addCleanup(lambda: client.transport is not None and client.transport.abortConnection())
+        return client
+
+    def proceedOnHead(self, client: Client) -> None:
+        """
+        Let the service send the rest of each body once the client has its head: the
+        proxy has handled the read that ended the head by then.
+        """
+        client.onHead = lambda answer: self.service.proceed() if self.service.waiting else None
+
+    @defer.inlineCallbacks
+    def fetch(self, size: int, first: Any, expectSpliced: int) -> Any:
+        before = self.spliced[0]
+        client = self.client(get(f"/{size}/{first}"))
+        self.proceedOnHead(client)
+        yield client.done
+        answer = client.answers[0]
+        self.assertEqual((answer.status, answer.complete, answer.size), (200, True, size))
+        self.assertEqual(answer.headers.count((b"content-length", b"%d" % size)), 1)
+        self.assertEqual(answer.digest, digest(size))
+        self.assertEqual(self.spliced[0] - before, expectSpliced)
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        record = self.proxy.records.pop()
+        self.assertEqual((record.status, record.bytesSent, record.flags), (200, size, "-"))
+        # The service's connection went back to the pool, and the client's stays open.
+        self.assertEqual((len(self.proxy.pool.idle), self.proxy.pool.active), (1, 0))
+        self.assertIsNone(self.proxy.pool.idle[0].kernelPath)
+        self.assertTrue(client.transport.connected)
+        client.transport.loseConnection()
+        yield client.closed
+
+    def test_aroundTheThreshold(self):
+        """
+        A body of which more than L{SPLICE_MIN} bytes remain after the read that
+        ended its head is moved by the kernel, exactly those bytes, and arrives whole,
+        byte for byte; with at most L{SPLICE_MIN} left (one read), or all of it in
+        the head's read, Python moves it as before.  Either way the record counts
+        every byte and the connections are kept.
+        """
+        cases = [
+            (SPLICE_MIN + 1, 0, SPLICE_MIN + 1),  # nothing after the head: all of it remains
+            (SPLICE_MIN, 0, 0),  # exactly one read remains
+            (SPLICE_MIN + 1000, 999, SPLICE_MIN + 1),
+            (SPLICE_MIN + 1000, 1000, 0),
+            (SPLICE_MIN + 1000, 1001, 0),
+            (60000, "all", 0),  # the whole body in the head's read: nothing remains
+            (0, "all", 0),
+            (5 * PIPE_BYTES + 12345, 100, 5 * PIPE_BYTES + 12245),  # several pipes' worth
+        ]
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            for size, first, spliced in cases:
+                yield self.fetch(size, first, spliced)
+
+        return run()
+
+    @defer.inlineCallbacks
+    def test_hundredMebibytes(self):
+        """
+        100 MiB arrive whole, byte for byte, all but the head's read moved by the
+        kernel, and the record counts all of it.
+        """
+        size = 100 << 20
+        yield self.fetch(size, 4096, size - 4096)
+
+    @defer.inlineCallbacks
+    def test_pipelinedAfterSplicedResponse(self):
+        """
+        Three requests in one write: a spliced 1 MiB body, a small one, another
+        spliced body.  The answers come in order, whole, on the same client
+        connection, over one reused service connection.
+        """
+        size = 1 << 20
+        client = self.client(get(f"/{size}/10") + get("/50/all") + get(f"/{size + 7}/0"), expect=3)
+        self.proceedOnHead(client)
+        yield client.done
+        self.assertEqual([(a.status, a.size, a.digest) for a in client.answers],
+                         [(200, size, digest(size)), (200, 50, digest(50)), (200, size + 7, digest(size + 7))])
+        self.assertEqual(self.spliced[0], (size - 10) + (size + 7))
+        self.assertEqual(self.service.targets, [f"/{size}/10".encode(), b"/50/all", f"/{size + 7}/0".encode()])
+        self.assertEqual(len(self.service.connections), 1)
+        yield waitUntil(lambda: len(self.proxy.records) == 3)
+        self.assertEqual([(r.bytesSent, r.flags) for r in self.proxy.records],
+                         [(size, "-"), (50, "-"), (size + 7, "-")])
+        self.assertTrue(client.transport.connected)
+
+    @defer.inlineCallbacks
+    def test_connectionCloseAfterSplicedBody(self):
+        """
+        A request with C{Connection: close}: the whole spliced body, then the proxy
+        closes the client's connection.
+        """
+        size = 3 << 20
+        client = self.client(get(f"/{size}/0", close=True))
+        self.proceedOnHead(client)
+        yield client.closed
+        answer = client.answers[0]
+        self.assertEqual((answer.complete, answer.size, answer.digest), (True, size, digest(size)))
+        self.assertIn((b"connection", b"close"), answer.headers)
+        self.assertEqual(self.spliced[0], size)
+
+    @defer.inlineCallbacks
+    def test_clientLeavesMidBody(self):
+        """
+        The client closes its connection in the middle of a spliced body: the record
+        says C{DC} and counts what was moved, the service's connection is closed and
+        not reused (the next request gets a new one), and the pipe is gone.
+        """
+        size = 64 << 20
+        client = self.client(get(f"/{size}/0"))
+        client.stopAfter = 2 << 20
+        client.leave = True
+        self.proceedOnHead(client)
+        yield client.closed
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        record = self.proxy.records.pop()
+        self.assertEqual(record.flags, "DC")
+        self.assertGreaterEqual(record.bytesSent, 2 << 20)
+        self.assertLess(record.bytesSent, size)
+        yield self.service.connections[0].lost
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+        yield self.fetch(SPLICE_MIN * 4, 0, SPLICE_MIN * 4)
+        self.assertEqual(len(self.service.connections), 2)
+
+    def serviceStopsShort(self, end: str) -> Any:
+        """
+        The service promises 8 MiB, sends 3 MiB and ends its connection (C{end}).
+        """
+        size, cut = 8 << 20, 3 << 20
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            client = self.client(get(f"/{size}/100/{cut}/{end}"))
+            self.proceedOnHead(client)
+            yield client.closed
+            answer = client.answers[0]
+            self.assertFalse(answer.complete)
+            if end == "fin":
+                self.assertEqual(answer.size, cut + 100)
+            else:
+                # A reset drops what the service had not sent yet.
+                self.assertLessEqual(answer.size, cut + 100)
+            self.assertEqual(answer.digest, digest(answer.size))
+            yield waitUntil(lambda: len(self.proxy.records) == 1)
+            record = self.proxy.records[0]
+            self.assertEqual((record.status, record.bytesSent, record.flags), (200, answer.size, "UC"))
+            self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+            self.assertEqual(self.spliced[0], answer.size - 100)
+
+        return run()
+
+    def test_serviceClosesEarly(self):
+        """
+        The service closes cleanly (FIN) before the end of a spliced body: what it
+        sent reaches the client, then the client's connection is closed (a
+        truncated body is never presented as complete); the record says C{UC}.
+        """
+        return self.serviceStopsShort("fin")
+
+    def test_serviceResetsEarly(self):
+        """
+        The service resets its connection before the end of a spliced body: the same.
+        """
+        return self.serviceStopsShort("rst")
+
+    @defer.inlineCallbacks
+    def test_stalledReader(self):
+        """
+        A client that stops reading: the proxy holds at most one pipe of the body
+        (Twisted buffers nothing for the client) and has stopped reading the service;
+        once the client reads again, everything arrives, byte for byte.
+        """
+        size = 48 << 20
+        client = self.client(get(f"/{size}/0"))
+        client.stopAfter = 1 << 20
+        self.proceedOnHead(client)
+        yield client.stalled
+        self.assertTrue(self.service.connections[0].transport.connected)
+        # Let the socket buffers fill.
+        yield waitUntil(lambda: self.heldByProxy() is not None, timeout=10)
+        held = None
+        for _ in range(3):
+            d = defer.Deferred()
+            reactor.callLater(0.2, d.callback, None)
+            yield d
+            held = self.heldByProxy()
+        pending, twisted, reading = held
+        self.assertGreater(pending, 0)
+        self.assertLessEqual(pending, PIPE_BYTES)
+        self.assertEqual(twisted, 0)
+        self.assertFalse(reading)
+        self.assertLess(self.spliced[0], size)
+        client.transport.resumeProducing()
+        yield client.done
+        answer = client.answers[0]
+        self.assertEqual((answer.complete, answer.size, answer.digest), (True, size, digest(size)))
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        self.assertEqual((self.proxy.records[0].bytesSent, self.proxy.records[0].flags), (size, "-"))
+
+    def heldByProxy(self) -> Any:
+        """
+        What the proxy holds of a stalled body: the pipe's bytes, Twisted's buffer
+        for the client, whether it reads the service; C{None} while the pipe is empty.
+        """
+        conns = [door for door in self.proxy.engine.doors]
+        if len(conns) != 1 or conns[0]._current is None:
+            return None
+        stream = conns[0]._current.stream
+        path = stream.kernelPath if stream is not None else None
+        if path is None or not path.pending:
+            return None
+        transport = conns[0].transport
+        return (path.pending, len(transport.dataBuffer) + transport._tempDataLen,
+                stream.transport in reactor.getReaders())
+
+    @defer.inlineCallbacks
+    def test_streamIdleTimeout(self):
+        """
+        A spliced body that stops moving (the client reads nothing) for the stream
+        idle timeout: the exchange ends with C{SI}, the client's connection is cut
+        and the service's is closed, not reused.
+        """
+        engine = self.proxy.engine
+        engine.streamIdleTimeout = 0.3
+        size = 48 << 20
+        client = self.client(get(f"/{size}/0"))
+        client.stopAfter = 1 << 20
+        self.proceedOnHead(client)
+        yield client.stalled
+        yield waitUntil(lambda: self.heldByProxy() is not None, timeout=10)
+        moved = -1
+        while moved != self.spliced[0]:
+            moved = self.spliced[0]
+            engine.sweepStreams(reactor.seconds())
+            d = defer.Deferred()
+            reactor.callLater(0.4, d.callback, None)
+            yield d
+        engine.sweepStreams(reactor.seconds())
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        record = self.proxy.records[0]
+        self.assertEqual(record.flags, "SI")
+        self.assertLess(record.bytesSent, size)
+        yield self.service.connections[0].lost
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+        client.transport.resumeProducing()
+        yield client.closed
+        self.assertFalse(client.answers[0].complete)
+
+    @defer.inlineCallbacks
+    def test_bodyFilterSeesEveryByte(self):
+        """
+        With a filter that wants response bodies, the bytes go through Python (the
+        filter sees all of them) and the kernel moves none.
+        """
+        counting = _KeepCounting()
+        self.proxy.engine.filters = FilterChain([counting])
+        size = 2 << 20
+        client = self.client(get(f"/{size}/0"))
+        self.proceedOnHead(client)
+        yield client.done
+        answer = client.answers[0]
+        self.assertEqual((answer.size, answer.digest), (size, digest(size)))
+        self.assertEqual((counting.seen, self.spliced[0]), (size, 0))
+
+    @defer.inlineCallbacks
+    def test_headAndChunkedNotSpliced(self):
+        """
+        The answer to a HEAD (whatever its Content-Length) and a chunked body are
+        never moved by the kernel: the HEAD's answer has no body, the chunked body
+        arrives whole, and the connection serves the next request.
+        """
+        size = 1 << 20
+        client = self.client(f"HEAD /{size}/0 HTTP/1.1\r\nHost: svc\r\n\r\n".encode(), heads=1)
+        yield client.done
+        self.assertEqual([(a.status, a.size) for a in client.answers], [(200, 0)])
+        self.assertIn((b"content-length", b"%d" % size), client.answers[0].headers)
+        client = self.client(get(f"/chunked/{size}") + get("/10/all"), expect=2)
+        yield client.done
+        self.assertEqual([(a.status, a.size) for a in client.answers], [(200, size), (200, 10)])
+        self.assertEqual(client.answers[0].digest, digest(size))
+        self.assertEqual(self.spliced[0], 0)
+        self.assertEqual(len(self.service.connections), 1)
+
+
+class SinkTests(unittest.TestCase):
+    """
+    Which client connections the door offers the kernel.
+    """
+
+    def test_notPlainTcp(self):
+        """
+        A transport that is not a plain TCP connection (a TLS layer, a test
+        transport) is not offered: the body goes through Python.
+        """
+        proto = DownstreamProtocol.__new__(DownstreamProtocol)
+        DownstreamProtocol.__init__(proto, engine=None)  # type: ignore[arg-type]
+        proto.transport = StringTransport()
+        exchange = object()
+        proto._current = exchange  # type: ignore[assignment]
+        self.assertIsNone(proto.bodySink(exchange))  # type: ignore[arg-type]
+
+
+class SlowReaderMemoryTests(unittest.TestCase):
+    """
+    A real C{twistd sidecar} process serving large bodies to a fast and a slow reader.
+    """
+
+    skip = None if shutil.which("curl") else "needs curl (apt-get install curl)"
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_memoryStaysFlat(self):
+        """
+        A 256 MiB download and a 32 MiB one read at 16 MB/s arrive whole, and the
+        proxy's peak RSS grows by less than 4 MiB over its idle size (the bytes never
+        enter Python).
+        """
+        upstream = Upstream()
+        upstreamPort = upstream.start(self)
+        child, port = yield startSidecar(self, "--upstream", str(upstreamPort), "--access-log", "none",
+                                         "--admin", "none")
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(3):
+            out, err, code = yield getProcessOutputAndValue("curl", ["-s", f"{base}/bytes/300000"])
+            self.assertEqual(len(out), 300000)
+        idle = child.rssKiB("VmRSS")
+        for size, rate in ((256 << 20, []), (32 << 20, ["--limit-rate", "16M"])):
+            out, err, code = yield getProcessOutputAndValue(
+                "curl", ["-s", "--max-time", "60", *rate, "-o", "/dev/null", "-w", "%{size_download}",
+                         f"{base}/stream/{size}"])
+            self.assertEqual((code, out), (0, b"%d" % size), err)
+        peak = child.rssKiB("VmHWM")
+        self.assertLess(peak - idle, 4 * 1024, f"idle {idle} KiB, peak {peak} KiB")
