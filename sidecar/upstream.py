@@ -24,7 +24,7 @@ from sidecar import http1
 from sidecar.config import UpstreamConfig
 from sidecar.exchange import RESPONDING
 from sidecar.headers import responseHead
-from sidecar.tcp import KernelPath, kernelSpliceable
+from sidecar.tcp import KernelPath, PipeStock, kernelSpliceable
 from sidecar.transport import BUFFER_SIZE, halfClose, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -336,7 +336,8 @@ class UpstreamConnection(Protocol):
         client = sink(exchange) if sink is not None else None
         if client is None or not kernelSpliceable(self.transport, client):
             return
-        self.kernelPath = KernelPath(self.transport, client, self._spliced, self._rawLeft, self._pipeEmptied)
+        self.kernelPath = KernelPath(self.transport, client, self._spliced, self._rawLeft, self._pipeEmptied,
+                                     self.pool.pipes)
 
     def _rawLeft(self) -> int:
         return self._raw
@@ -619,6 +620,8 @@ class UpstreamPool:
         self.overflows = 0
         #: The connects under way, by the exchange they are for.
         self.attempts: Dict[Exchange, _ConnectAttempt] = {}
+        #: Empty pipes for the bodies its connections splice to clients.
+        self.pipes = PipeStock()
 
     def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -771,9 +774,10 @@ class UpstreamPool:
 
     def closeAll(self) -> None:
         """
-        Close every idle connection (at shutdown).
+        Close every idle connection (at shutdown), and the pipes kept.
         """
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.state = CLOSED
             conn.transport.loseConnection()
+        self.pipes.close()

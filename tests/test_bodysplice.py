@@ -14,9 +14,12 @@ told, then sends the rest, and a client that hashes what it receives.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import random
 import shutil
+import struct
+import termios
 from typing import Any, Callable, Dict, List, Optional
 
 import httptools
@@ -351,9 +354,20 @@ class SpliceTests(unittest.TestCase):
         # The service's connection went back to the pool, and the client's stays open.
         self.assertEqual((len(self.proxy.pool.idle), self.proxy.pool.active), (1, 0))
         self.assertIsNone(self.proxy.pool.idle[0].kernelPath)
+        if expectSpliced:
+            # Its pipe, empty, is kept for the next body.
+            self.assertGreaterEqual(len(self.proxy.pool.pipes.pipes), 1)
+        self.assertPipesEmpty()
         self.assertTrue(client.transport.connected)
         client.transport.loseConnection()
         yield client.closed
+
+    def assertPipesEmpty(self) -> None:
+        """
+        The pipes kept for the next body hold nothing.
+        """
+        for read, write in self.proxy.pool.pipes.pipes:
+            self.assertEqual(struct.unpack("i", fcntl.ioctl(read, termios.FIONREAD, b"\0" * 4))[0], 0)
 
     def test_aroundTheThreshold(self):
         """
@@ -446,6 +460,7 @@ class SpliceTests(unittest.TestCase):
         self.assertLess(record.bytesSent, size)
         yield self.service.connections[0].lost
         self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+        self.assertPipesEmpty()
         yield self.fetch(SPLICE_MIN * 4, 0, SPLICE_MIN * 4)
         self.assertEqual(len(self.service.connections), 2)
 
@@ -564,6 +579,7 @@ class SpliceTests(unittest.TestCase):
             yield d
         engine.sweepStreams(reactor.seconds())
         yield waitUntil(lambda: len(self.proxy.records) == 1)
+        self.assertPipesEmpty()
         record = self.proxy.records[0]
         self.assertEqual(record.flags, "SI")
         self.assertLess(record.bytesSent, size)
