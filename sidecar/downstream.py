@@ -22,8 +22,9 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
-from sidecar.exchange import Engine, Exchange
+from sidecar.exchange import SENDING, Engine, Exchange
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
+from sidecar.tcp import SPLICE_MIN, KernelPath, kernelSpliceable
 from sidecar.transport import BUFFER_SIZE, halfClose, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
@@ -96,6 +97,12 @@ class DownstreamProtocol(Protocol):
     headSince: Optional[float] = None
     #: The client's FIN on a tunnel has been passed on.
     _tunnelReadDone = False
+    #: Bytes of the Content-Length request body being read that have not arrived.
+    _bodyLeft = 0
+    #: The rest of that body bypasses llhttp (the kernel moves it, L{kernelPath}).
+    _rawBody = False
+    #: While the kernel moves the rest of a request body to the service: its path.
+    kernelPath: Optional[KernelPath] = None
 
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
@@ -157,6 +164,9 @@ class DownstreamProtocol(Protocol):
             self._early.append(data)
             self._pause(_UPGRADE)
             return
+        if self._rawBody:
+            self._rawRequestBody(data)
+            return
         after = self._afterTarget
         if after is not None and len(after) < 6:
             # The request line was cut after its target: its protocol starts here.
@@ -175,11 +185,15 @@ class DownstreamProtocol(Protocol):
         except httptools.HttpParserError as e:
             message = str(e)
             self._refuse(_PARSER_STATUS.get(message, 400), message)
+        else:
+            if self._bodyLeft > SPLICE_MIN:
+                self._spliceRequestBody()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.engine.doors.discard(self)
         self.engine.recorder.downstreamConnectionsActive -= 1
         self._closing = True
+        self._endRequestSplice()
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             tunnel.tunnelClosed()
@@ -194,6 +208,7 @@ class DownstreamProtocol(Protocol):
 
     def on_message_begin(self) -> None:
         self.inHead = True
+        self._bodyLeft = 0
         self._url = b""
         self._headers = []
         self._headBytes = 0
@@ -257,6 +272,8 @@ class DownstreamProtocol(Protocol):
             exchange.mustClose = True
         if req.chunked or req.contentLength or req.upgrade:
             self._parsing = exchange
+            if req.contentLength and not req.upgrade:
+                self._bodyLeft = req.contentLength
         else:
             # No body: the request is whole with its head (llhttp completes it next),
             # so the upstream gets the head and the end at once, and no producer is
@@ -275,13 +292,104 @@ class DownstreamProtocol(Protocol):
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
         if exchange is not None:
+            self._bodyLeft -= len(body)
             exchange.requestBody(body)
 
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
         self._inBody = False
+        self._bodyLeft = 0
         if exchange is not None:
             exchange.requestComplete()
+
+    # -- the rest of a request body, moved by the kernel -------------------------------
+
+    def _spliceRequestBody(self) -> None:
+        """
+        More than one read of a Content-Length request body remains: let the kernel
+        move it from the client's socket to the service's through a pipe
+        (L{KernelPath}, bounded to the body's length, so a pipelined request after it
+        stays in the socket for llhttp), when both are plain TCP, the request is
+        going up (its head sent, the body sent as it comes) and nothing wants to see
+        the bytes (no body filter, no gRPC count).  llhttp does not see those bytes:
+        a new parser takes the connection's next request.
+        """
+        exchange = self._parsing
+        if (exchange is None or exchange is not self._current or exchange.phase != SENDING or self._pauses
+                or exchange.grpc is not None or exchange.call is not None and exchange.chain.requestBodies):  # type: ignore[union-attr]
+            return
+        stream = exchange.stream
+        sink = getattr(stream, "requestSink", None)
+        upstream = sink(exchange) if sink is not None else None
+        if upstream is None or not kernelSpliceable(self.transport, upstream):
+            return
+        self._rawBody = True
+        self.kernelPath = KernelPath(self.transport, upstream, self._splicedUp, self._requestLeft,
+                                     self._requestPipeEmptied, getattr(stream.pool, "pipes", None))  # type: ignore[union-attr]
+
+    def _requestLeft(self) -> int:
+        return self._bodyLeft
+
+    def _splicedUp(self, size: int) -> None:
+        """
+        The kernel read C{size} bytes of the request body: count them as a read
+        through llhttp is counted.
+        """
+        self._bodyLeft -= size
+        self.activity += 1
+        exchange = self._parsing
+        if exchange is not None:
+            exchange.activity += 1
+            exchange.bytesReceived += size
+
+    def _requestPipeEmptied(self) -> None:
+        """
+        The service's socket took what the pipe held: after the body's last byte, the
+        request is complete.
+        """
+        if not self._bodyLeft and self.kernelPath is not None:
+            self._endRequestSplice()
+            self._requestBodyDone()
+
+    def _rawRequestBody(self, data: bytes) -> None:
+        """
+        A read of the rest of a request body taken by Twisted (the service's socket
+        had bytes queued): pass it on past llhttp; what follows the body's last byte
+        is the next request.
+        """
+        left = self._bodyLeft
+        exchange = self._parsing
+        size = len(data)
+        if size < left:
+            self._bodyLeft = left - size
+            if exchange is not None:
+                exchange.requestBody(data)
+            return
+        self._bodyLeft = 0
+        self._endRequestSplice()
+        if exchange is not None:
+            exchange.requestBody(data if size == left else data[:left])
+        self._requestBodyDone()
+        if size > left and not self._closing:
+            self.dataReceived(data[left:])
+
+    def _requestBodyDone(self) -> None:
+        """
+        The last byte of a request body went past llhttp: a new parser for the next
+        request, and the request is complete.
+        """
+        self._rawBody = False
+        self._parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+
+    def _endRequestSplice(self) -> None:
+        """
+        Give both sockets back to Twisted and the pipe back to its stock.
+        """
+        path = self.kernelPath
+        if path is not None:
+            self.kernelPath = None
+            path.close()
 
     # -- what an exchange asks of its door -------------------------------------------
 
@@ -496,6 +604,12 @@ class DownstreamProtocol(Protocol):
             self.transport.unregisterProducer()
         if self._current is exchange:
             self._current = None
+        if self._rawBody and self._parsing is exchange:
+            # Answered before its body was all read (the connection closes).
+            self._endRequestSplice()
+            self._rawBody = False
+            self._parsing = None
+            exchange.mustClose = True
         if exchange.mustClose:
             self._close()
             return

@@ -173,6 +173,11 @@ class Refusal(Protocol):
 #: keeps the kernel's default (64 KiB).
 PIPE_BYTES = 1 << 20
 
+#: An HTTP body framed by C{Content-Length} is moved by the kernel (a bounded
+#: L{KernelPath}) only when more than this remains after the read that ended its head:
+#: more than one read's worth.  Below it, a pipe costs more than the copies it saves.
+SPLICE_MIN = BUFFER_SIZE
+
 #: The most empty pipes a L{PipeStock} keeps for the next path.
 PIPE_STOCK = 16
 

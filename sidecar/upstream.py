@@ -14,6 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -24,8 +25,8 @@ from sidecar import http1
 from sidecar.config import UpstreamConfig
 from sidecar.exchange import RESPONDING
 from sidecar.headers import responseHead
-from sidecar.tcp import KernelPath, PipeStock, kernelSpliceable
-from sidecar.transport import BUFFER_SIZE, halfClose, prepare
+from sidecar.tcp import SPLICE_MIN, KernelPath, PipeStock, kernelSpliceable
+from sidecar.transport import halfClose, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -41,12 +42,6 @@ CONNECTING, ACTIVE, IDLE, CLOSED = "connecting", "active", "idle", "closed"
 _LATER_MINOR = frozenset(b"23456789")
 #: What RFC 9112 4 does not allow in a reason phrase (HTAB, SP, VCHAR, obs-text).
 _BAD_REASON = re.compile(b"[\\x00-\\x08\\x0a-\\x1f\\x7f]")
-
-#: The rest of a Content-Length response body is moved by the kernel
-#: (L{UpstreamConnection._spliceBody}) only when more than this remains after the read
-#: that ended its head: more than one read's worth.  Below it, a pipe's set-up costs
-#: more than the copies it saves.
-SPLICE_MIN = BUFFER_SIZE
 
 _STOP_HEAD = "head"
 _STOP_EXTRA = "extra"
@@ -176,6 +171,20 @@ class UpstreamConnection(Protocol):
         if self._chunked:
             self.write(http1.LAST_CHUNK)
         self.requestSent()
+
+    def requestSink(self, exchange: Exchange) -> Any:
+        """
+        Our socket, when the rest of C{exchange}'s request body may be moved to it by
+        the kernel (L{sidecar.downstream.DownstreamProtocol}): a plain TCP connection
+        (not mutual TLS originated), a body sent as it came (framed by
+        C{Content-Length}, not chunked), C{exchange} the one served.
+
+        @return: the transport, or C{None}.
+        """
+        transport = self.transport
+        if self._chunked or self.tunnel or self.exchange is not exchange or not isinstance(transport, tcp.Connection):
+            return None
+        return transport
 
     def streamFrom(self, producer: Any) -> None:
         """

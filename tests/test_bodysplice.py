@@ -114,12 +114,34 @@ class _ServiceConnection(Protocol):
 
     def on_message_begin(self) -> None:
         self.url = b""
+        self.bodySize = 0
+        self.bodyHash = hashlib.sha256()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
+    def on_headers_complete(self) -> None:
+        if self.url == b"/slow":
+            # Read nothing of the body for a while.
+            self.transport.pauseProducing()
+            self.owner.paused.append(self.transport)
+        elif self.url == b"/early":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+
+    def on_body(self, body: bytes) -> None:
+        self.bodySize += len(body)
+        self.bodyHash.update(body)
+        if self.url == b"/die" and self.bodySize > 1 << 20 and self.transport.connected:
+            self.transport.abortConnection()
+
     def on_message_complete(self) -> None:
         self.owner.targets.append(self.url)
+        if self.url in (b"/sink", b"/slow"):
+            answer = b"%d %s" % (self.bodySize, self.bodyHash.hexdigest().encode())
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            return
+        if self.url == b"/early":
+            return
         parts = self.url.decode().strip("/").split("/")
         transport = self.transport
         if parts[0] == "chunked":
@@ -161,6 +183,8 @@ class Service(Factory):
         self.connections: List[_ServiceConnection] = []
         self.targets: List[bytes] = []
         self.waiting: List[Callable[[], None]] = []
+        #: The transports of C{/slow} requests, not read from.
+        self.paused: List[Any] = []
 
     def buildProtocol(self, addr: Any) -> _ServiceConnection:
         return _ServiceConnection(self)
@@ -221,8 +245,17 @@ class Client(Protocol):
         self.leave = False
         self.received = 0
 
+    #: Body bytes to send after C{data} (the pattern, from offset 0), then C{tail};
+    #: C{bodyStop}: stop sending (and close) once that many are sent.
+    bodySize = 0
+    bodyStop: Optional[int] = None
+    tail = b""
+    bodySent = 0
+
     def connectionMade(self) -> None:
         self.transport.write(self.data)
+        if self.bodySize:
+            self.transport.registerProducer(_Upload(self), False)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -276,10 +309,40 @@ class _HeadOnly(Exception):
     pass
 
 
+@implementer(IPullProducer)
+class _Upload:
+    """
+    Writes a client's request body, a MiB at a time as its transport drains.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def resumeProducing(self) -> None:
+        client = self.client
+        end = client.bodySize if client.bodyStop is None else client.bodyStop
+        size = min(_CHUNK, end - client.bodySent)
+        client.transport.write(pattern(client.bodySent, size))
+        client.bodySent += size
+        if client.bodySent >= end:
+            client.transport.unregisterProducer()
+            if client.bodyStop is not None:
+                client.transport.abortConnection()
+            elif client.tail:
+                client.transport.write(client.tail)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def connect(port: int, data: bytes, expect: int = 1, heads: int = 0) -> Client:
     client = Client(data, expect, heads)
     reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: client))
     return client
+
+
+def post(path: str, size: int, extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: svc\r\nContent-Length: {size}\r\n{extra}\r\n".encode()
 
 
 def get(path: str, close: bool = False) -> bytes:
@@ -674,3 +737,215 @@ class SlowReaderMemoryTests(unittest.TestCase):
             self.assertEqual((code, out), (0, b"%d" % size), err)
         peak = child.rssKiB("VmHWM")
         self.assertLess(peak - idle, 4 * 1024, f"idle {idle} KiB, peak {peak} KiB")
+
+
+class UploadSpliceTests(unittest.TestCase):
+    """
+    The rest of a Content-Length request body moved by the kernel, from a plain TCP
+    client to a plain TCP service.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.service = Service()
+        self.proxy = Proxy(self.service.start(self))
+        self.proxy.engine.streamIdleTimeout = None
+        self.spliced = [0]
+        spliced = self.spliced
+        original = DownstreamProtocol._splicedUp
+
+        def counting(door: DownstreamProtocol, size: int) -> None:
+            spliced[0] += size
+            original(door, size)
+
+        self.patch(DownstreamProtocol, "_splicedUp", counting)
+        self.port = self.proxy.start(self)
+
+    def client(self, data: bytes, size: int, expect: int = 1, tail: bytes = b"",
+               stop: Optional[int] = None) -> Client:
+        client = Client(data, expect)
+        client.bodySize = size
+        client.tail = tail
+        client.bodyStop = stop
+        reactor.connectTCP("127.0.0.1", self.port, ClientFactory.forProtocol(lambda: client))
+        self.addCleanup(lambda: client.transport is not None and client.transport.abortConnection())
+        return client
+
+    @defer.inlineCallbacks
+    def warm(self) -> Any:
+        """
+        Leave one idle connection to the service in the pool (a request's head then
+        finds it at once).
+        """
+        client = connect(self.port, get("/10/all", close=True))
+        yield client.closed
+        yield waitUntil(lambda: len(self.proxy.pool.idle) == 1)
+        self.proxy.records.clear()
+
+    def assertSinkAnswer(self, answer: _Answer, size: int) -> None:
+        expected = b"%d %s" % (size, digest(size).encode())
+        self.assertEqual((answer.status, answer.size, answer.digest),
+                         (200, len(expected), hashlib.sha256(expected).hexdigest()))
+
+    @defer.inlineCallbacks
+    def test_uploadsAroundTheThreshold(self):
+        """
+        Request bodies of up to L{SPLICE_MIN} bytes go through llhttp; larger ones
+        are (all but what arrived with the head) moved by the kernel.  The service
+        receives every body whole, byte for byte; the record counts every byte; the
+        connections are kept.
+        """
+        yield self.warm()
+        # (Just past the threshold, the read that ends the head may take most of the
+        # body with it: either way is right.)
+        for size, spliced in ((64 * 1024, False), (SPLICE_MIN, False), (SPLICE_MIN + 1, None),
+                              (3 * PIPE_BYTES + 17, True), (100 << 20, True)):
+            before = self.spliced[0]
+            client = self.client(post("/sink", size), size)
+            yield client.done
+            self.assertSinkAnswer(client.answers[0], size)
+            moved = self.spliced[0] - before
+            if spliced:
+                self.assertGreaterEqual(moved, size - 2 * SPLICE_MIN)
+            elif spliced is not None:
+                self.assertEqual(moved, 0)
+            yield waitUntil(lambda: len(self.proxy.records) == 1)
+            record = self.proxy.records.pop()
+            self.assertEqual((record.bytesReceived, record.flags), (size, "-"))
+            self.assertEqual(self.proxy.pool.active, 0)
+            self.assertTrue(client.transport.connected)
+            client.transport.loseConnection()
+            yield client.closed
+        self.assertEqual(len(self.service.connections), 1)
+
+    @defer.inlineCallbacks
+    def test_pipelinedAfterSplicedUpload(self):
+        """
+        A large upload and a GET sent right after its last byte: the kernel stops at
+        the body's end, the GET is read as the next request, both answers come in
+        order, over one connection to the service.
+        """
+        yield self.warm()
+        size = 5 << 20
+        client = self.client(post("/sink", size), size, expect=2, tail=get("/7/all"))
+        yield client.done
+        self.assertSinkAnswer(client.answers[0], size)
+        self.assertEqual((client.answers[1].size, client.answers[1].digest), (7, digest(7)))
+        self.assertGreater(self.spliced[0], 0)
+        self.assertEqual(self.service.targets[1:], [b"/sink", b"/7/all"])
+        self.assertEqual(len(self.service.connections), 1)
+
+    @defer.inlineCallbacks
+    def test_expectContinue(self):
+        """
+        C{Expect: 100-continue}: the body sent after the proxy's 100 is moved by the
+        kernel whole.
+        """
+        yield self.warm()
+        size = 2 << 20
+        client = Client(post("/sink", size, "Expect: 100-continue\r\n"), 2)
+        client.bodySize = size
+        started = []
+
+        def onHead(answer: _Answer) -> None:
+            if answer.status == 100 and not started:
+                started.append(True)
+                client.transport.registerProducer(_Upload(client), False)
+
+        client.onHead = onHead
+        client.connectionMade = lambda: client.transport.write(client.data)  # type: ignore[method-assign]
+        reactor.connectTCP("127.0.0.1", self.port, ClientFactory.forProtocol(lambda: client))
+        self.addCleanup(lambda: client.transport is not None and client.transport.abortConnection())
+        yield client.done
+        self.assertEqual(client.answers[0].status, 100)
+        self.assertSinkAnswer(client.answers[-1], size)
+        self.assertEqual(self.spliced[0], size)
+
+    @defer.inlineCallbacks
+    def test_slowService(self):
+        """
+        A service that reads nothing of the body for a while: the proxy holds at most
+        one pipe of it, Twisted buffers nothing, and the client is not read; then
+        everything arrives in order.
+        """
+        yield self.warm()
+        size = 48 << 20
+        client = self.client(post("/slow", size), size)
+        yield waitUntil(lambda: self.service.paused, timeout=10)
+        door = []
+
+        def held() -> Any:
+            doors = list(self.proxy.engine.doors)
+            if len(doors) != 1 or doors[0].kernelPath is None or not doors[0].kernelPath.pending:
+                return None
+            door[:] = doors
+            stream = doors[0]._current.stream
+            return (doors[0].kernelPath.pending, len(stream.transport.dataBuffer) + stream.transport._tempDataLen,
+                    doors[0].transport in reactor.getReaders())
+
+        yield waitUntil(lambda: held() is not None, timeout=10)
+        for _ in range(3):
+            d = defer.Deferred()
+            reactor.callLater(0.2, d.callback, None)
+            yield d
+        pending, twisted, reading = held()
+        self.assertLessEqual(pending, PIPE_BYTES)
+        self.assertEqual(twisted, 0)
+        self.assertFalse(reading)
+        self.assertLess(client.bodySent, size)
+        self.service.paused[0].resumeProducing()
+        yield client.done
+        self.assertSinkAnswer(client.answers[0], size)
+
+    @defer.inlineCallbacks
+    def test_clientLeavesMidUpload(self):
+        """
+        The client closes its connection in the middle of a spliced upload: the record
+        says C{DC}, the service's connection is closed, not reused.
+        """
+        yield self.warm()
+        size = 64 << 20
+        client = self.client(post("/sink", size), size, stop=4 << 20)
+        yield client.closed
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        record = self.proxy.records[0]
+        self.assertEqual(record.flags, "DC")
+        self.assertLess(record.bytesReceived, size)
+        yield self.service.connections[0].lost
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+        self.assertEqual(list(self.proxy.engine.doors), [])
+        self.assertGreater(self.spliced[0], 0)
+
+    @defer.inlineCallbacks
+    def test_serviceAnswersEarly(self):
+        """
+        The service answers before the body has all arrived: the client gets the
+        answer, then its connection is closed (the rest of the body can't be read as
+        HTTP); the service's connection is not reused.
+        """
+        yield self.warm()
+        size = 64 << 20
+        client = self.client(post("/early", size), size)
+        yield client.closed
+        self.assertEqual([(a.status, a.size, a.complete) for a in client.answers], [(200, 5, True)])
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        self.assertEqual(self.proxy.records[0].status, 200)
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+
+    @defer.inlineCallbacks
+    def test_serviceDiesMidUpload(self):
+        """
+        The service resets its connection in the middle of a spliced upload: the
+        client gets 502 C{UC} and its connection is closed (the rest of the body can't
+        be read as HTTP).
+        """
+        yield self.warm()
+        size = 64 << 20
+        client = self.client(post("/die", size), size)
+        yield client.closed
+        self.assertEqual([(a.status, a.complete) for a in client.answers], [(502, True)])
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        self.assertEqual((self.proxy.records[0].status, self.proxy.records[0].flags), (502, "UC"))
+        self.assertGreater(self.spliced[0], 0)
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
