@@ -251,6 +251,8 @@ class Client(Protocol):
     bodyStop: Optional[int] = None
     tail = b""
     bodySent = 0
+    #: At C{bodyStop}, send nothing more but keep the connection open.
+    hold = False
 
     def connectionMade(self) -> None:
         self.transport.write(self.data)
@@ -326,7 +328,7 @@ class _Upload:
         client.bodySent += size
         if client.bodySent >= end:
             client.transport.unregisterProducer()
-            if client.bodyStop is not None:
+            if client.bodyStop is not None and not client.hold:
                 client.transport.abortConnection()
             elif client.tail:
                 client.transport.write(client.tail)
@@ -948,4 +950,32 @@ class UploadSpliceTests(unittest.TestCase):
         yield waitUntil(lambda: len(self.proxy.records) == 1)
         self.assertEqual((self.proxy.records[0].status, self.proxy.records[0].flags), (502, "UC"))
         self.assertGreater(self.spliced[0], 0)
+        self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
+
+    @defer.inlineCallbacks
+    def test_streamIdleTimeoutMidUpload(self):
+        """
+        A client that stops sending in the middle of a spliced upload, for the stream
+        idle timeout: 408 C{SI}, its connection closed, the service's closed too.
+        """
+        yield self.warm()
+        engine = self.proxy.engine
+        engine.streamIdleTimeout = 0.3
+        size = 64 << 20
+        client = self.client(post("/sink", size), size, stop=3 << 20)
+        client.hold = True
+        yield waitUntil(lambda: client.bodySent >= 3 << 20 and self.spliced[0] >= 2 << 20, timeout=10)
+        moved = -1
+        while moved != self.spliced[0]:
+            moved = self.spliced[0]
+            engine.sweepStreams(reactor.seconds())
+            d = defer.Deferred()
+            reactor.callLater(0.4, d.callback, None)
+            yield d
+        engine.sweepStreams(reactor.seconds())
+        yield client.closed
+        self.assertEqual([a.status for a in client.answers], [408])
+        yield waitUntil(lambda: len(self.proxy.records) == 1)
+        self.assertEqual(self.proxy.records[0].flags, "SI")
+        yield self.service.connections[0].lost
         self.assertEqual((self.proxy.pool.idle, self.proxy.pool.active), ([], 0))
