@@ -315,8 +315,9 @@ class DownstreamProtocol(Protocol):
         a new parser takes the connection's next request.
         """
         exchange = self._parsing
-        if (exchange is None or exchange is not self._current or exchange.phase != SENDING or self._pauses
-                or exchange.grpc is not None or exchange.call is not None and exchange.chain.requestBodies):  # type: ignore[union-attr]
+        if (not isinstance(self.transport, tcp.Connection) or exchange is None or exchange is not self._current
+                or exchange.phase != SENDING or self._pauses or exchange.grpc is not None
+                or exchange.call is not None and exchange.chain.requestBodies):  # type: ignore[union-attr]
             return
         stream = exchange.stream
         sink = getattr(stream, "requestSink", None)
