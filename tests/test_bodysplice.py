@@ -672,6 +672,30 @@ class SpliceTests(unittest.TestCase):
         self.assertEqual((counting.seen, self.spliced[0]), (size, 0))
 
     @defer.inlineCallbacks
+    def test_noFullSizePipe(self):
+        """
+        When the kernel won't make a pipe of L{PIPE_BYTES} (a user over
+        C{pipe-user-pages-soft} gets 8 KiB ones), bodies go through Python, whole,
+        and the proxy asks for a pipe once per body, not once per read.
+        """
+        from sidecar import tcp
+
+        self.patch(tcp, "_SETPIPE_SZ", -1)  # every F_SETPIPE_SZ fails (EINVAL)
+        made = []
+        original = tcp._pipe
+
+        def counting(full: bool = False) -> Any:
+            made.append(full)
+            return original(full)
+
+        self.patch(tcp, "_pipe", counting)
+        size = 8 << 20
+        yield self.fetch(size, 0, 0)
+        yield self.fetch(size, 0, 0)
+        self.assertEqual(made, [True, True])
+        self.assertEqual(self.proxy.pool.pipes.pipes, [])
+
+    @defer.inlineCallbacks
     def test_headAndChunkedNotSpliced(self):
         """
         The answer to a HEAD (whatever its Content-Length) and a chunked body are
