@@ -225,6 +225,8 @@ class PipeStock:
 
     def __init__(self) -> None:
         self.pipes: List[Tuple[int, int]] = []
+        #: How many of the pipes kept no path has taken since the last L{trim}.
+        self.unused = 0
 
     def take(self) -> Tuple[int, int]:
         """
@@ -232,7 +234,26 @@ class PipeStock:
         when the kernel won't make it of L{PIPE_BYTES}).
         """
         pipes = self.pipes
-        return pipes.pop() if pipes else _pipe(full=True)
+        if pipes:
+            pipe = pipes.pop()
+            if len(pipes) < self.unused:
+                self.unused = len(pipes)
+            return pipe
+        self.unused = 0
+        return _pipe(full=True)
+
+    def trim(self) -> None:
+        """
+        Close the pipes that no path took since the last trim (called by the pool's
+        idle sweep): a pool that no longer splices holds no pipe, and its pipes' pages
+        do not count against C{pipe-user-pages-soft} for nothing.
+        """
+        pipes = self.pipes
+        for _ in range(min(self.unused, len(pipes))):
+            read, write = pipes.pop(0)
+            os.close(read)
+            os.close(write)
+        self.unused = len(pipes)
 
     def give(self, pipe: Tuple[int, int]) -> None:
         """
@@ -249,6 +270,7 @@ class PipeStock:
         Close every pipe kept.
         """
         pipes, self.pipes = self.pipes, []
+        self.unused = 0
         for read, write in pipes:
             os.close(read)
             os.close(write)

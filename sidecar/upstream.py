@@ -769,8 +769,10 @@ class UpstreamPool:
 
     def sweep(self) -> None:
         """
-        Close the idle connections that have been idle too long.
+        Close the idle connections that have been idle too long, and the pipes kept
+        that no body used since the last sweep.
         """
+        self.pipes.trim()
         deadline = self.clock.seconds() - self.config.idleTimeout
         keep = []
         for conn in self.idle:

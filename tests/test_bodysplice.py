@@ -733,6 +733,58 @@ class SinkTests(unittest.TestCase):
         self.assertIsNone(proto.bodySink(exchange))  # type: ignore[arg-type]
 
 
+class PipeStockTests(unittest.TestCase):
+    """
+    The empty pipes a pool keeps for its next bodies.
+    """
+
+    def closed(self, pipe: Any) -> bool:
+        try:
+            os.fstat(pipe[0])
+        except OSError:
+            return True
+        return False
+
+    def test_keptWhileUsed(self):
+        """
+        Pipes given back are taken again; a sweep closes those no path took since the
+        sweep before, so an idle pool ends up holding none.
+        """
+        from sidecar.tcp import PipeStock
+
+        stock = PipeStock()
+        self.addCleanup(stock.close)
+        a, b = stock.take(), stock.take()
+        stock.give(a)
+        stock.give(b)
+        stock.trim()
+        self.assertEqual(stock.pipes, [a, b])
+        # One of the two is used between two sweeps: the other is closed.
+        stock.give(stock.take())
+        stock.trim()
+        self.assertEqual(len(stock.pipes), 1)
+        self.assertEqual(sum(self.closed(p) for p in (a, b)), 1)
+        stock.trim()
+        self.assertEqual(stock.pipes, [])
+        self.assertTrue(self.closed(a) and self.closed(b))
+
+    def test_bounded(self):
+        """
+        At most L{PIPE_STOCK} pipes are kept; one more given back is closed, and so
+        are all of them when the pool closes.
+        """
+        from sidecar.tcp import PIPE_STOCK, PipeStock
+
+        stock = PipeStock()
+        pipes = [stock.take() for _ in range(PIPE_STOCK + 1)]
+        for pipe in pipes:
+            stock.give(pipe)
+        self.assertEqual(len(stock.pipes), PIPE_STOCK)
+        self.assertTrue(self.closed(pipes[-1]))
+        stock.close()
+        self.assertTrue(all(self.closed(p) for p in pipes))
+
+
 class SlowReaderMemoryTests(unittest.TestCase):
     """
     A real C{twistd sidecar} process serving large bodies to a fast and a slow reader.
