@@ -97,10 +97,6 @@ class DownstreamProtocol(Protocol):
     headSince: Optional[float] = None
     #: The client's FIN on a tunnel has been passed on.
     _tunnelReadDone = False
-    #: Bytes of the Content-Length request body being read that have not arrived.
-    _bodyLeft = 0
-    #: The rest of that body bypasses llhttp (the kernel moves it, L{kernelPath}).
-    _rawBody = False
     #: While the kernel moves the rest of a request body to the service: its path.
     kernelPath: Optional[KernelPath] = None
 
@@ -134,6 +130,16 @@ class DownstreamProtocol(Protocol):
         self._feed = b""
         self._feedAt = 0
         self._afterTarget: Optional[bytes] = None
+        #: The request body's length by the proxy's own parse of C{Content-Length}
+        #: (C{None}: no body, or chunked), the body bytes llhttp has passed on, and the
+        #: body bytes still to come past the parser (L{_rawBody}).
+        self._bodyLength: Optional[int] = None
+        self._bodySeen = 0
+        self._rawLeft = 0
+        #: An exchange with a Content-Length body whose head arrived in this read: it
+        #: begins when the read is parsed, so that the body bytes of the same read go
+        #: upstream with its head, in one send.
+        self._beginAfterRead: Optional[Exchange] = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -159,13 +165,16 @@ class DownstreamProtocol(Protocol):
             return
         if self._closing:
             return
+        if self._rawLeft:
+            data = self._rawBody(data)
+            if not data:
+                if self._rawLeft > SPLICE_MIN and self.kernelPath is None:
+                    self._spliceRequestBody()
+                return
         if self._early is not None:
             # Bytes sent after an upgrade request, before the service said yes.
             self._early.append(data)
             self._pause(_UPGRADE)
-            return
-        if self._rawBody:
-            self._rawRequestBody(data)
             return
         after = self._afterTarget
         if after is not None and len(after) < 6:
@@ -186,8 +195,43 @@ class DownstreamProtocol(Protocol):
             message = str(e)
             self._refuse(_PARSER_STATUS.get(message, 400), message)
         else:
-            if self._bodyLeft > SPLICE_MIN:
-                self._spliceRequestBody()
+            length = self._bodyLength
+            if length is not None and self._parsing is not None:
+                # The rest of a Content-Length body needs no parsing: the next reads
+                # go to the exchange as they are (no copy by llhttp, no callback).
+                self._rawLeft = length - self._bodySeen
+        later = self._beginAfterRead
+        if later is not None:
+            self._beginAfterRead = None
+            if self._current is later and not later.finished:
+                self._begin(later)
+        if self._rawLeft > SPLICE_MIN and self.kernelPath is None:
+            self._spliceRequestBody()
+
+    def _rawBody(self, data: bytes) -> bytes:
+        """
+        Bytes of a Content-Length request body past llhttp: pass them on, and complete
+        the request with its last byte.  A fresh parser reads what follows (llhttp's
+        own is still inside the body).
+
+        @return: the bytes after the body (a pipelined request), or C{b""}.
+        """
+        left = self._rawLeft
+        size = len(data)
+        exchange = self._parsing
+        if size < left:
+            self._rawLeft = left - size
+            if exchange is not None:
+                exchange.requestBody(data)
+            return b""
+        self._rawLeft = 0
+        if self.kernelPath is not None:
+            self._endRequestSplice()
+        if exchange is not None:
+            exchange.requestBody(data if size == left else data[:left])
+        self._parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+        return data[left:] if size > left else b""
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.engine.doors.discard(self)
@@ -208,11 +252,11 @@ class DownstreamProtocol(Protocol):
 
     def on_message_begin(self) -> None:
         self.inHead = True
-        self._bodyLeft = 0
         self._url = b""
         self._headers = []
         self._headBytes = 0
         self._inBody = False
+        self._bodyLength = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -273,7 +317,8 @@ class DownstreamProtocol(Protocol):
         if req.chunked or req.contentLength or req.upgrade:
             self._parsing = exchange
             if req.contentLength and not req.upgrade:
-                self._bodyLeft = req.contentLength
+                self._bodyLength = req.contentLength
+                self._bodySeen = 0
         else:
             # No body: the request is whole with its head (llhttp completes it next),
             # so the upstream gets the head and the end at once, and no producer is
@@ -283,22 +328,25 @@ class DownstreamProtocol(Protocol):
             self._upgrading = exchange
         if self._current is None and not self._queue:
             self._current = exchange
-            self._begin(exchange)
+            if self._bodyLength is not None:
+                self._beginAfterRead = exchange
+            else:
+                self._begin(exchange)
         else:
             self._queue.append(exchange)
             if len(self._queue) >= MAX_QUEUED:
                 self._pause(_QUEUE)
 
     def on_body(self, body: bytes) -> None:
+        self._bodySeen += len(body)
         exchange = self._parsing
         if exchange is not None:
-            self._bodyLeft -= len(body)
             exchange.requestBody(body)
 
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
         self._inBody = False
-        self._bodyLeft = 0
+        self._bodyLength = None
         if exchange is not None:
             exchange.requestComplete()
 
@@ -306,13 +354,14 @@ class DownstreamProtocol(Protocol):
 
     def _spliceRequestBody(self) -> None:
         """
-        More than one read of a Content-Length request body remains: let the kernel
-        move it from the client's socket to the service's through a pipe
-        (L{KernelPath}, bounded to the body's length, so a pipelined request after it
-        stays in the socket for llhttp), when both are plain TCP, the request is
-        going up (its head sent, the body sent as it comes) and nothing wants to see
-        the bytes (no body filter, no gRPC count).  llhttp does not see those bytes:
-        a new parser takes the connection's next request.
+        More than one read of a Content-Length request body remains past llhttp
+        (L{_rawBody}): let the kernel move it from the client's socket to the
+        service's through a pipe (L{KernelPath}, bounded to the body's length, so a
+        pipelined request after it stays in the socket for llhttp), when both are plain
+        TCP, the request is going up (its head sent, the body sent as it comes) and
+        nothing wants to see the bytes (no body filter, no gRPC count).  A read that
+        Twisted takes meanwhile (the service's socket had bytes queued) goes through
+        L{_rawBody}, which also ends the path with the body's last byte.
         """
         exchange = self._parsing
         if (not isinstance(self.transport, tcp.Connection) or exchange is None or exchange is not self._current
@@ -324,19 +373,18 @@ class DownstreamProtocol(Protocol):
         upstream = sink(exchange) if sink is not None else None
         if upstream is None or not kernelSpliceable(self.transport, upstream):
             return
-        self._rawBody = True
         self.kernelPath = KernelPath(self.transport, upstream, self._splicedUp, self._requestLeft,
                                      self._requestPipeEmptied, getattr(stream.pool, "pipes", None))  # type: ignore[union-attr]
 
     def _requestLeft(self) -> int:
-        return self._bodyLeft
+        return self._rawLeft
 
     def _splicedUp(self, size: int) -> None:
         """
         The kernel read C{size} bytes of the request body: count them as a read
-        through llhttp is counted.
+        through L{_rawBody} is counted.
         """
-        self._bodyLeft -= size
+        self._rawLeft -= size
         self.activity += 1
         exchange = self._parsing
         if exchange is not None:
@@ -346,42 +394,13 @@ class DownstreamProtocol(Protocol):
     def _requestPipeEmptied(self) -> None:
         """
         The service's socket took what the pipe held: after the body's last byte, the
-        request is complete.
+        request is complete, and a fresh parser reads what follows (llhttp's own is
+        still inside the body).
         """
-        if not self._bodyLeft and self.kernelPath is not None:
+        if not self._rawLeft and self.kernelPath is not None:
             self._endRequestSplice()
-            self._requestBodyDone()
-
-    def _rawRequestBody(self, data: bytes) -> None:
-        """
-        A read of the rest of a request body taken by Twisted (the service's socket
-        had bytes queued): pass it on past llhttp; what follows the body's last byte
-        is the next request.
-        """
-        left = self._bodyLeft
-        exchange = self._parsing
-        size = len(data)
-        if size < left:
-            self._bodyLeft = left - size
-            if exchange is not None:
-                exchange.requestBody(data)
-            return
-        self._bodyLeft = 0
-        self._endRequestSplice()
-        if exchange is not None:
-            exchange.requestBody(data if size == left else data[:left])
-        self._requestBodyDone()
-        if size > left and not self._closing:
-            self.dataReceived(data[left:])
-
-    def _requestBodyDone(self) -> None:
-        """
-        The last byte of a request body went past llhttp: a new parser for the next
-        request, and the request is complete.
-        """
-        self._rawBody = False
-        self._parser = httptools.HttpRequestParser(self)
-        self.on_message_complete()
+            self._parser = httptools.HttpRequestParser(self)
+            self.on_message_complete()
 
     def _endRequestSplice(self) -> None:
         """
@@ -605,11 +624,9 @@ class DownstreamProtocol(Protocol):
             self.transport.unregisterProducer()
         if self._current is exchange:
             self._current = None
-        if self._rawBody and self._parsing is exchange:
+        if self.kernelPath is not None and self._parsing is exchange:
             # Answered before its body was all read (the connection closes).
             self._endRequestSplice()
-            self._rawBody = False
-            self._parsing = None
             exchange.mustClose = True
         if exchange.mustClose:
             self._close()
