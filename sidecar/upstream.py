@@ -10,6 +10,7 @@ them back when a response ends cleanly, and closes them when idle too long.
 from __future__ import annotations
 
 import re
+import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
@@ -378,7 +379,21 @@ class UpstreamConnection(Protocol):
         if not self._raw and self.kernelPath is not None:
             self._endSplice()
             self._length = None
-            self._complete(self._keepAlive)
+            self._complete(self._keepAlive and self._quiet())
+
+    def _quiet(self) -> bool:
+        """
+        Whether the service has sent nothing past the body the kernel moved (which
+        never reads beyond it): bytes there, or its close, and the connection is not
+        reused, as when such bytes come in the read that ends a body.
+        """
+        try:
+            self.transport.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def _endSplice(self) -> None:
         """

@@ -70,15 +70,19 @@ class _Rest:
     drains, then runs C{after}.
     """
 
-    def __init__(self, transport: Any, offset: int, end: int, after: Callable[[], None]) -> None:
+    def __init__(self, transport: Any, offset: int, end: int, after: Callable[[], None],
+                 extra: bytes = b"") -> None:
         self.transport = transport
         self.offset = offset
         self.end = end
         self.after = after
+        self.extra = extra
 
     def resumeProducing(self) -> None:
         size = min(_CHUNK, self.end - self.offset)
-        self.transport.write(pattern(self.offset, size))
+        last = self.offset + size >= self.end
+        # Bytes past the body go in the same write as its last bytes.
+        self.transport.write(pattern(self.offset, size) + (self.extra if last else b""))
         self.offset += size
         if self.offset >= self.end:
             self.transport.unregisterProducer()
@@ -159,14 +163,17 @@ class _ServiceConnection(Protocol):
         transport.write(head + pattern(0, first))
         if first >= size:
             return
-        end, after = size, (lambda: None)
-        if len(parts) > 2:
+        end, after, extra = size, (lambda: None), b""
+        if len(parts) > 2 and parts[2] == "extra":
+            # Bytes past the body: a response smuggled after it.
+            extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsmugl"
+        elif len(parts) > 2:
             end = first + int(parts[2])
             after = transport.loseConnection if parts[3] == "fin" else transport.abortConnection
 
         def rest() -> None:
             if transport.connected:
-                transport.registerProducer(_Rest(transport, first, end, after), False)
+                transport.registerProducer(_Rest(transport, first, end, after, extra), False)
 
         self.owner.waiting.append(rest)
 
@@ -529,6 +536,23 @@ class SpliceTests(unittest.TestCase):
         self.assertPipesEmpty()
         yield self.fetch(SPLICE_MIN * 4, 0, SPLICE_MIN * 4)
         self.assertEqual(len(self.service.connections), 2)
+
+    @defer.inlineCallbacks
+    def test_bytesPastTheBody(self):
+        """
+        A service that sends more than its Content-Length (a second response after
+        the spliced body): the client gets the body and nothing more, and the
+        connection is not reused, so those bytes never answer the next request.
+        """
+        size = 2 << 20
+        client = self.client(get(f"/{size}/0/extra") + get("/10/all"), expect=2)
+        self.proceedOnHead(client)
+        yield client.done
+        self.assertEqual([(a.status, a.size, a.digest) for a in client.answers],
+                         [(200, size, digest(size)), (200, 10, digest(10))])
+        self.assertEqual(self.spliced[0], size)
+        self.assertEqual(len(self.service.connections), 2)
+        yield self.service.connections[0].lost
 
     def serviceStopsShort(self, end: str) -> Any:
         """
