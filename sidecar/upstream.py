@@ -337,7 +337,9 @@ class UpstreamConnection(Protocol):
         """
         Bytes of a Content-Length body past the parser: pass them on, and end the
         response with its last byte.  Bytes beyond it are a service talking out of
-        turn: the response is complete, the connection is not reused.
+        turn: the response is complete, the connection is not reused.  (A read that
+        ends exactly with the body and filled the read buffer may have left such
+        bytes in the socket: they are looked for there.)
         """
         size = len(data)
         if size < remaining:
@@ -348,7 +350,10 @@ class UpstreamConnection(Protocol):
             self._length = None
             self._endSplice()
             exchange.responseBody(data if size == remaining else data[:remaining])
-            self._complete(self._keepAlive and size == remaining)
+            reusable = self._keepAlive and size == remaining
+            if reusable and size == getattr(self.transport, "bufferSize", 0):
+                reusable = self._quiet()
+            self._complete(reusable)
         exchange.upstreamReadDone()
 
     # -- the rest of a body, moved by the kernel ----------------------------------------
@@ -399,12 +404,16 @@ class UpstreamConnection(Protocol):
 
     def _quiet(self) -> bool:
         """
-        Whether the service has sent nothing past the body the kernel moved (which
-        never reads beyond it): bytes there, or its close, and the connection is not
-        reused, as when such bytes come in the read that ends a body.
+        Whether the service has sent nothing past a body that ended exactly where a
+        read did (the kernel's, which never reads beyond the body, or a full one of
+        Twisted's): bytes there, or its close, and the connection is not reused, as
+        when such bytes come in the read that ends a body.
         """
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return True
         try:
-            self.transport.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:

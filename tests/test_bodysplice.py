@@ -537,20 +537,33 @@ class SpliceTests(unittest.TestCase):
         yield self.fetch(SPLICE_MIN * 4, 0, SPLICE_MIN * 4)
         self.assertEqual(len(self.service.connections), 2)
 
-    @defer.inlineCallbacks
     def test_bytesPastTheBody(self):
         """
         A service that sends more than its Content-Length (a second response after
         the spliced body): the client gets the body and nothing more, and the
         connection is not reused, so those bytes never answer the next request.
         """
-        size = 2 << 20
+        return self.bytesPastTheBody(True)
+
+    def test_bytesPastTheBodyThroughPython(self):
+        """
+        The same through Python (a body filter sees the bytes).
+        """
+        self.proxy.engine.filters = FilterChain([_KeepCounting()])
+        return self.bytesPastTheBody(False)
+
+    @defer.inlineCallbacks
+    def bytesPastTheBody(self, spliced: bool) -> Any:
+        # The service sends the extra bytes in the same write as the body's last
+        # 1000 (bytes sent later, after the proxy has reused the connection, are a
+        # race every proxy loses: they are found when the idle connection reads them).
+        size = (2 << 20) + 1000
         client = self.client(get(f"/{size}/0/extra") + get("/10/all"), expect=2)
         self.proceedOnHead(client)
         yield client.done
         self.assertEqual([(a.status, a.size, a.digest) for a in client.answers],
                          [(200, size, digest(size)), (200, 10, digest(10))])
-        self.assertEqual(self.spliced[0], size)
+        self.assertEqual(self.spliced[0], size if spliced else 0)
         self.assertEqual(len(self.service.connections), 2)
         yield self.service.connections[0].lost
 
