@@ -619,7 +619,7 @@ class DownstreamProtocol(Protocol):
             self.transport.unregisterProducer()
         if self._current is exchange:
             self._current = None
-        if self.kernelPath is not None and self._parsing is exchange:
+        if self._rawLeft and self.kernelPath is not None and self._parsing is exchange:
             # Answered before its body was all read (the connection closes).
             self._endRequestSplice()
             exchange.mustClose = True
