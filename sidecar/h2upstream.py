@@ -100,7 +100,8 @@ class H2UpstreamStream:
         self.reused = reused
         sid = self.id = h2.get_next_available_stream_id()
         conn.streams[sid] = self
-        headers = requestHeaders(exchange.method, exchange.target, exchange.req, b"http", exchange.grpc is not None)
+        headers = requestHeaders(exchange.method, exchange.target, exchange.req, b"http", exchange.grpc is not None,
+                                 getattr(h2, "neverIndexed", None))
         data = [b for b in body if b]
         h2.send_headers(sid, headers, end_stream=end and not data and not exchange.requestTrailers)
         for chunk in data:

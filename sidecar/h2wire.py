@@ -131,11 +131,15 @@ def responseHeaders(status: int, head: ResponseHead, withLength: bool) -> List[H
 
 
 def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes,
-                   grpc: bool) -> List[Header]:
+                   grpc: bool, never: Any = None) -> List[Header]:
     """
     The HTTP/2 request head for the service: pseudo-headers from the request line and
     C{Host}, C{te: trailers} for gRPC (its servers require it), C{content-length} when
     the proxy parsed one, and the forwarded headers without connection-specific ones.
+
+    @param never: the codec's never-indexed header class, built from one C{(name,
+        value)} tuple (L{sidecar.nghttp2.NeverIndexed}); C{None} for hpack's
+        C{NeverIndexedHeaderTuple} (h2).
     """
     authority = req.authority.encode("latin-1")
     if target[:1] != b"/" and target != b"*":
@@ -151,7 +155,7 @@ def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes
     for name, value in req.headers:
         name = name.lower()
         if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
-            append(NeverIndexedHeaderTuple(name, value))
+            append(NeverIndexedHeaderTuple(name, value) if never is None else never((name, value)))
         elif name not in CONNECTION_SPECIFIC:
             append((name, value))
     if grpc:

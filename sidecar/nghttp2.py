@@ -164,8 +164,24 @@ _SETTINGS_MAX_HEADER_LIST_SIZE = 6
 _NV_FLAG_NO_INDEX = 1
 _PROTOCOL_ERROR, _ENHANCE_YOUR_CALM = 1, 11
 
+#: Header arrays a connection keeps for reuse, at most.
+_NV_CACHE_SIZE = 32
+
 #: C{nghttp2_nv}: two pointers, two lengths, a flag byte, padded to 8.
 _NV = struct.Struct("@PPNNB7x")
+
+
+class NeverIndexed(tuple):
+    """
+    A header to send as a never-indexed literal: C{NeverIndexed((name, value))}, a
+    plain tuple subclass (hpack's C{NeverIndexedHeaderTuple} costs a Python
+    C{__new__} per header).
+    """
+
+    __slots__ = ()
+
+
+_NEVER = (NeverIndexed, NeverIndexedHeaderTuple)
 
 
 class NgProtocolError(ProtocolError):
@@ -318,18 +334,14 @@ class _Outbound:
 
 class _RemoteSettings:
     """
-    The peer's settings the doors read (as h2's C{remote_settings}).
+    The peer's settings the doors read (as h2's C{remote_settings}), updated as its
+    SETTINGS arrive.
     """
 
-    __slots__ = ("_conn",)
+    __slots__ = ("max_concurrent_streams",)
 
-    def __init__(self, conn: NgConnection) -> None:
-        self._conn = conn
-
-    @property
-    def max_concurrent_streams(self) -> int:
-        conn = self._conn
-        return int(conn._lib.nghttp2_session_get_remote_settings(conn._session, _SETTINGS_MAX_CONCURRENT_STREAMS))
+    def __init__(self, maxConcurrentStreams: int) -> None:
+        self.max_concurrent_streams = maxConcurrentStreams
 
 
 class NgConnection:
@@ -342,6 +354,8 @@ class NgConnection:
     """
 
     max_outbound_frame_size = 16384
+    #: The never-indexed header class L{sidecar.h2wire.requestHeaders} builds.
+    neverIndexed = NeverIndexed
 
     def __init__(self, binding: Binding, config: Any, client: bool) -> None:
         """
@@ -354,7 +368,6 @@ class NgConnection:
         self._lib = lib
         self._config = config
         self.client = client
-        self.remote_settings = _RemoteSettings(self)
         self._events: List[Any] = []
         self._headers: List[Tuple[bytes, bytes]] = []
         self._headerBytes = 0
@@ -366,13 +379,18 @@ class NgConnection:
         self._error: Optional[str] = None
         self._invalid = False
         self._held = b""
+        #: Header lists packed lately, by their content (L{_nva}).
+        self._nvCache: Dict[Tuple[Any, ...], Tuple[bytes, Any, int]] = {}
         self._pp = ffi.new("const char **")
-        unpack = ffi.unpack
-
-        def beginHeaders(session: Any, frame: Any, user: Any) -> int:
-            self._headers = []
-            self._headerBytes = 0
-            return 0
+        # cffi's C functions themselves, not the FFI methods that wrap each call.
+        backend = ffi._backend
+        unpack = self._unpack = backend.unpack
+        memmove = backend.memmove
+        self._fromBuffer = backend.from_buffer
+        self._cast = backend.cast
+        self._charArray = ffi.typeof("char[]")
+        self._nvArray = ffi.typeof("nghttp2_nv[]")
+        self._uintptr = ffi.typeof("uintptr_t")
 
         def header(session: Any, frame: Any, name: Any, namelen: int, value: Any, valuelen: int,
                    flags: int, user: Any) -> int:
@@ -384,6 +402,10 @@ class NgConnection:
             self._headers.append((unpack(name, namelen), unpack(value, valuelen)))
             return 0
 
+        # No on_begin_headers callback (one fewer per HEADERS): a header block starts
+        # empty because the last one was taken whole (frameRecv), or dropped (an
+        # invalid frame, invalidFrame; an oversized list fails the connection).
+
         def frameRecv(session: Any, frame: Any, user: Any) -> int:
             hd = frame.hd
             kind = hd.type
@@ -393,6 +415,7 @@ class NgConnection:
             elif kind == _HEADERS:
                 sid = hd.stream_id
                 headers, self._headers = self._headers, []
+                self._headerBytes = 0
                 end = hd.flags & _FLAG_END_STREAM
                 events = self._events
                 seen = self._seen
@@ -415,6 +438,8 @@ class NgConnection:
                 self._events.append(StreamReset(hd.stream_id, frame.rst_stream.error_code))
             elif kind == _SETTINGS:
                 if not hd.flags & _FLAG_ACK:
+                    self.remote_settings.max_concurrent_streams = int(lib.nghttp2_session_get_remote_settings(
+                        session, _SETTINGS_MAX_CONCURRENT_STREAMS))
                     self._events.append(RemoteSettingsChanged())
             elif kind == _GOAWAY:
                 goaway = frame.goaway
@@ -434,6 +459,8 @@ class NgConnection:
 
         def invalidFrame(session: Any, frame: Any, code: int, user: Any) -> int:
             self._invalid = True
+            self._headers = []
+            self._headerBytes = 0
             sid = frame.hd.stream_id
             if sid in self._seen:
                 # nghttp2 resets the stream (a stream error): tell the door.
@@ -453,7 +480,6 @@ class NgConnection:
                 out.deferred = True
                 return _ERR_DEFERRED
             n = 0
-            memmove = ffi.memmove
             while chunks and n < length:
                 data = chunks[0]
                 offset = out.offset
@@ -479,7 +505,6 @@ class NgConnection:
 
         # The callbacks live as long as the connection (nghttp2 keeps their addresses).
         self._callbacks = (
-            ffi.callback("nghttp2_on_begin_headers_callback", beginHeaders),
             ffi.callback("nghttp2_on_header_callback", header),
             ffi.callback("nghttp2_on_frame_recv_callback", frameRecv),
             ffi.callback("nghttp2_on_data_chunk_recv_callback", dataChunk),
@@ -488,7 +513,7 @@ class NgConnection:
             ffi.callback("nghttp2_data_source_read_callback", read),
         )
         self._provider = ffi.new("nghttp2_data_provider *")
-        self._provider.read_callback = self._callbacks[6]
+        self._provider.read_callback = self._callbacks[5]
         pcallbacks = ffi.new("nghttp2_session_callbacks **")
         poption = ffi.new("nghttp2_option **")
         psession = ffi.new("nghttp2_session **")
@@ -497,7 +522,6 @@ class NgConnection:
         callbacks, option = pcallbacks[0], poption[0]
         try:
             for setter, callback in zip((
-                    lib.nghttp2_session_callbacks_set_on_begin_headers_callback,
                     lib.nghttp2_session_callbacks_set_on_header_callback,
                     lib.nghttp2_session_callbacks_set_on_frame_recv_callback,
                     lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback,
@@ -514,6 +538,8 @@ class NgConnection:
             lib.nghttp2_session_callbacks_del(callbacks)
             lib.nghttp2_option_del(option)
         self._session = ffi.gc(psession[0], lib.nghttp2_session_del)
+        self.remote_settings = _RemoteSettings(int(lib.nghttp2_session_get_remote_settings(
+            self._session, _SETTINGS_MAX_CONCURRENT_STREAMS)))
         self._recv = lib.nghttp2_session_mem_recv
         self._send = lib.nghttp2_session_mem_send
 
@@ -564,7 +590,7 @@ class NgConnection:
         """
         Every frame queued, serialised, as one string.
         """
-        send, session, pp, unpack = self._send, self._session, self._pp, self._ffi.unpack
+        send, session, pp, unpack = self._send, self._session, self._pp, self._unpack
         n = send(session, pp)
         held = self._held
         if n <= 0 and not held:
@@ -595,7 +621,7 @@ class NgConnection:
                 out.deferred = False
                 self._lib.nghttp2_session_resume_data(self._session, stream_id)
             return
-        blob, array, count = self._nva(headers)
+        blob, array, count = self._nva(headers, not self.client)
         ffi = self._ffi
         provider = ffi.NULL if end_stream else self._provider
         if self.client:
@@ -692,37 +718,43 @@ class NgConnection:
             flags[0] |= _DATA_FLAG_EOF
             return
         flags[0] |= _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
-        blob, array, count = self._nva(trailers)
+        blob, array, count = self._nva(trailers, True)
         self._lib.nghttp2_submit_trailer(self._session, sid, array, count)
 
-    def _nva(self, headers: Sequence[Any]) -> Tuple[bytes, Any, int]:
+    def _nva(self, headers: Sequence[Any], cache: bool = False) -> Tuple[bytes, Any, int]:
         """
         C{headers} as an C{nghttp2_nv[]}: the names and values joined into one
         buffer, the array packed over it.  Keep the returned buffer alive until the
         submit call returns (nghttp2 copies both).
+
+        @param cache: keep the array for the next identical list (responses heads and
+            trailers repeat: C{grpc-status: 0}; a request never does, its id is new).
         """
-        ffi = self._ffi
-        parts: List[bytes] = []
-        append = parts.append
-        for pair in headers:
-            append(pair[0])
-            append(pair[1])
+        if cache:
+            key = tuple(headers)
+            found = self._nvCache.get(key)
+            if found is not None:
+                return found
+        parts = [part for pair in headers for part in pair]
         blob = b"".join(parts)
-        base = int(ffi.cast("uintptr_t", ffi.from_buffer(blob)))
+        position = int(self._cast(self._uintptr, self._fromBuffer(self._charArray, blob)))
         pack = _NV.pack
         fields = []
         add = fields.append
-        position = base
-        i = 0
         for pair in headers:
-            nameLength = len(parts[i])
-            valueLength = len(parts[i + 1])
+            name, value = pair
+            nameLength = len(name)
+            valueLength = len(value)
             add(pack(position, position + nameLength, nameLength, valueLength,
-                     _NV_FLAG_NO_INDEX if pair.__class__ is NeverIndexedHeaderTuple else 0))
+                     0 if pair.__class__ is tuple or not isinstance(pair, _NEVER) else _NV_FLAG_NO_INDEX))
             position += nameLength + valueLength
-            i += 2
-        array = b"".join(fields)
-        return blob, ffi.from_buffer("nghttp2_nv[]", array), len(headers)
+        result = blob, self._fromBuffer(self._nvArray, b"".join(fields)), len(headers)
+        if cache:
+            nvCache = self._nvCache
+            if len(nvCache) >= _NV_CACHE_SIZE:
+                nvCache.clear()
+            nvCache[key] = result
+        return result
 
     def _check(self, rv: int) -> None:
         if rv < 0:
