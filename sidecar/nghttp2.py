@@ -319,7 +319,7 @@ class _Outbound:
     A stream's bytes waiting for nghttp2's data provider, and how the stream ends.
     """
 
-    __slots__ = ("chunks", "offset", "size", "end", "trailers", "deferred")
+    __slots__ = ("chunks", "offset", "size", "end", "trailers", "deferred", "window")
 
     def __init__(self) -> None:
         self.chunks: List[bytes] = []
@@ -330,6 +330,9 @@ class _Outbound:
         self.trailers: Optional[Sequence[Any]] = None
         #: The provider said "nothing yet": L{NgConnection.send_data} resumes it.
         self.deferred = False
+        #: The peer's window for the stream as nghttp2 last said, less what was framed
+        #: since; C{None} after a WINDOW_UPDATE or SETTINGS (ask again).
+        self.window: Optional[int] = None
 
 
 class _RemoteSettings:
@@ -374,6 +377,9 @@ class NgConnection:
         self._limit = config.maxHeaderListSize
         self._out: Dict[int, _Outbound] = {}
         self._buffered = 0
+        #: The peer's window for the connection, kept as for L{_Outbound.window}.
+        self._connectionWindow: Optional[int] = None
+        self._nextStreamId = 1
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
         self._error: Optional[str] = None
@@ -433,11 +439,20 @@ class NgConnection:
                 if end:
                     events.append(StreamEnded(sid))
             elif kind == _WINDOW_UPDATE:
-                self._events.append(WindowUpdated(hd.stream_id))
+                sid = hd.stream_id
+                if sid:
+                    out = self._out.get(sid)
+                    if out is not None:
+                        out.window = None
+                else:
+                    self._connectionWindow = None
+                self._events.append(WindowUpdated(sid))
             elif kind == _RST_STREAM:
                 self._events.append(StreamReset(hd.stream_id, frame.rst_stream.error_code))
             elif kind == _SETTINGS:
                 if not hd.flags & _FLAG_ACK:
+                    for out in self._out.values():
+                        out.window = None
                     self.remote_settings.max_concurrent_streams = int(lib.nghttp2_session_get_remote_settings(
                         session, _SETTINGS_MAX_CONCURRENT_STREAMS))
                     self._events.append(RemoteSettingsChanged())
@@ -499,6 +514,10 @@ class NgConnection:
                 n += take
             out.size -= n
             self._buffered -= n
+            if out.window is not None:
+                out.window -= n
+            if self._connectionWindow is not None:
+                self._connectionWindow -= n
             if not chunks and out.end:
                 self._finish(sid, out, flags)
             return n
@@ -606,7 +625,7 @@ class NgConnection:
         """
         The id the next request will have.
         """
-        return int(self._lib.nghttp2_session_get_next_stream_id(self._session))
+        return self._nextStreamId
 
     def send_headers(self, stream_id: int, headers: Sequence[Any], end_stream: bool = False) -> None:
         """
@@ -626,8 +645,10 @@ class NgConnection:
         provider = ffi.NULL if end_stream else self._provider
         if self.client:
             rv = self._lib.nghttp2_submit_request(self._session, ffi.NULL, array, count, provider, ffi.NULL)
-            if rv > 0 and rv != stream_id:
-                raise NgProtocolError(f"nghttp2 opened stream {rv}, not {stream_id}")
+            if rv > 0:
+                self._nextStreamId = rv + 2
+                if rv != stream_id:
+                    raise NgProtocolError(f"nghttp2 opened stream {rv}, not {stream_id}")
         else:
             rv = self._lib.nghttp2_submit_response(self._session, stream_id, array, count, provider)
         self._check(rv)
@@ -681,21 +702,26 @@ class NgConnection:
     def local_flow_control_window(self, stream_id: int) -> int:
         """
         How many body bytes the stream may still queue: the peer's windows (stream and
-        connection) less the bytes held here.
+        connection) less the bytes held here.  nghttp2 is asked only after the
+        windows changed otherwise than by DATA framed here.
         """
-        lib, session = self._lib, self._session
-        window = lib.nghttp2_session_get_stream_remote_window_size(session, stream_id)
         out = self._out.get(stream_id)
-        if window < 0:
-            if out is None:
-                return 0
-            # A request whose HEADERS have not gone out yet (nghttp2 opens the stream
-            # then): the peer's initial window.
-            window = lib.nghttp2_session_get_remote_settings(session, _SETTINGS_INITIAL_WINDOW_SIZE)
-        if out is not None:
-            window -= out.size
-        connection = lib.nghttp2_session_get_remote_window_size(session) - self._buffered
-        return max(min(window, connection), 0)
+        if out is None:
+            # Not open for sending (closed, or its head not sent).
+            return 0
+        window = out.window
+        if window is None:
+            lib, session = self._lib, self._session
+            window = lib.nghttp2_session_get_stream_remote_window_size(session, stream_id)
+            if window < 0:
+                # A request whose HEADERS have not gone out yet (nghttp2 opens the
+                # stream then): the peer's initial window.
+                window = lib.nghttp2_session_get_remote_settings(session, _SETTINGS_INITIAL_WINDOW_SIZE)
+            out.window = window
+        connection = self._connectionWindow
+        if connection is None:
+            connection = self._connectionWindow = self._lib.nghttp2_session_get_remote_window_size(self._session)
+        return max(min(window - out.size, connection - self._buffered), 0)
 
     def close_connection(self, error_code: int = 0, last_stream_id: Optional[int] = None) -> None:
         """
