@@ -268,8 +268,12 @@ class ResponseReceived:
         self.headers = headers
 
 
-class TrailersReceived(ResponseReceived):
-    __slots__ = ()
+class TrailersReceived:
+    __slots__ = ("stream_id", "headers")
+
+    def __init__(self, stream_id: int, headers: List[Tuple[bytes, bytes]]) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
 
 
 class DataReceived:
@@ -288,8 +292,11 @@ class StreamEnded:
         self.stream_id = stream_id
 
 
-class WindowUpdated(StreamEnded):
-    __slots__ = ()
+class WindowUpdated:
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
 
 
 class StreamReset:
@@ -477,8 +484,10 @@ class NgConnection:
             self._headers = []
             self._headerBytes = 0
             sid = frame.hd.stream_id
-            if sid in self._seen:
-                # nghttp2 resets the stream (a stream error): tell the door.
+            if sid in self._seen or (sid and self.client):
+                # nghttp2 resets the stream (a stream error, such as a header with CR,
+                # LF or NUL, or a connection-specific one): tell the door, or the
+                # upstream, whose stream it is even before its response.
                 self._events.append(StreamReset(sid, _PROTOCOL_ERROR))
             return 0
 
