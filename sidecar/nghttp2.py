@@ -88,7 +88,8 @@ typedef struct { int age; int version_num; const char *version_str; const char *
 typedef int (*nghttp2_on_begin_headers_callback)(nghttp2_session *, const nghttp2_frame *, void *);
 typedef int (*nghttp2_on_header_callback)(nghttp2_session *, const nghttp2_frame *, const char *, size_t,
                                           const char *, size_t, uint8_t, void *);
-typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *, void *);
+/* The frame as its header (at the start of every frame of the union): one cdata fewer per frame. */
+typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame_hd *, void *);
 typedef int (*nghttp2_on_data_chunk_recv_callback)(nghttp2_session *, uint8_t, int32_t, const char *, size_t,
                                                    void *);
 typedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t, uint32_t, void *);
@@ -419,8 +420,9 @@ class NgConnection:
         # empty because the last one was taken whole (frameRecv), or dropped (an
         # invalid frame, invalidFrame; an oversized list fails the connection).
 
-        def frameRecv(session: Any, frame: Any, user: Any) -> int:
-            hd = frame.hd
+        frameType = ffi.typeof("nghttp2_frame *")
+
+        def frameRecv(session: Any, hd: Any, user: Any) -> int:
             kind = hd.type
             if kind == _DATA:
                 if hd.flags & _FLAG_END_STREAM:
@@ -455,7 +457,7 @@ class NgConnection:
                     self._connectionWindow = None
                 self._events.append(WindowUpdated(sid))
             elif kind == _RST_STREAM:
-                self._events.append(StreamReset(hd.stream_id, frame.rst_stream.error_code))
+                self._events.append(StreamReset(hd.stream_id, self._cast(frameType, hd).rst_stream.error_code))
             elif kind == _SETTINGS:
                 if not hd.flags & _FLAG_ACK:
                     for out in self._out.values():
@@ -464,7 +466,7 @@ class NgConnection:
                         session, _SETTINGS_MAX_CONCURRENT_STREAMS))
                     self._events.append(RemoteSettingsChanged())
             elif kind == _GOAWAY:
-                goaway = frame.goaway
+                goaway = self._cast(frameType, hd).goaway
                 self._events.append(ConnectionTerminated(goaway.error_code, goaway.last_stream_id))
             return 0
 
