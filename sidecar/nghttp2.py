@@ -80,28 +80,28 @@ typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
 typedef union { int fd; void *ptr; } nghttp2_data_source;
 typedef ssize_t (*nghttp2_data_source_read_callback)(
   nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *, nghttp2_data_source *, void *);
+/* The callbacks as Python sees them: pointers it does not read are declared as
+   pointer-sized integers (passed alike by every C ABI), so that cffi builds no cdata
+   object for them on each call. */
+typedef ssize_t (*sidecar_read_callback)(uintptr_t, int32_t, uint8_t *, size_t, uint32_t *, uintptr_t, uintptr_t);
 typedef struct {
-  nghttp2_data_source source; nghttp2_data_source_read_callback read_callback;
+  nghttp2_data_source source; sidecar_read_callback read_callback;
 } nghttp2_data_provider;
 typedef struct { int age; int version_num; const char *version_str; const char *proto_str; } nghttp2_info;
 
-typedef int (*nghttp2_on_begin_headers_callback)(nghttp2_session *, const nghttp2_frame *, void *);
-typedef int (*nghttp2_on_header_callback)(nghttp2_session *, const nghttp2_frame *, const char *, size_t,
-                                          const char *, size_t, uint8_t, void *);
-/* The frame as its header (at the start of every frame of the union): one cdata fewer per frame. */
-typedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame_hd *, void *);
-typedef int (*nghttp2_on_data_chunk_recv_callback)(nghttp2_session *, uint8_t, int32_t, const char *, size_t,
-                                                   void *);
-typedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t, uint32_t, void *);
-typedef int (*nghttp2_on_invalid_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *, int, void *);
+typedef int (*nghttp2_on_header_callback)(uintptr_t, uintptr_t, const char *, size_t,
+                                          const char *, size_t, uint8_t, uintptr_t);
+/* The frame as its header (at the start of every frame of the union). */
+typedef int (*nghttp2_on_frame_recv_callback)(uintptr_t, const nghttp2_frame_hd *, uintptr_t);
+typedef int (*nghttp2_on_data_chunk_recv_callback)(uintptr_t, uint8_t, int32_t, const char *, size_t, uintptr_t);
+typedef int (*nghttp2_on_stream_close_callback)(uintptr_t, int32_t, uint32_t, uintptr_t);
+typedef int (*nghttp2_on_invalid_frame_recv_callback)(uintptr_t, const nghttp2_frame_hd *, int, uintptr_t);
 
 nghttp2_info *nghttp2_version(int least_version);
 const char *nghttp2_strerror(int lib_error_code);
 
 int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr);
 void nghttp2_session_callbacks_del(nghttp2_session_callbacks *callbacks);
-void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
-                                                             nghttp2_on_begin_headers_callback);
 void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, nghttp2_on_header_callback);
 void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *,
                                                           nghttp2_on_frame_recv_callback);
@@ -463,7 +463,7 @@ class NgConnection:
                     for out in self._out.values():
                         out.window = None
                     self.remote_settings.max_concurrent_streams = int(lib.nghttp2_session_get_remote_settings(
-                        session, _SETTINGS_MAX_CONCURRENT_STREAMS))
+                        self._session, _SETTINGS_MAX_CONCURRENT_STREAMS))
                     self._events.append(RemoteSettingsChanged())
             elif kind == _GOAWAY:
                 goaway = self._cast(frameType, hd).goaway
@@ -485,7 +485,7 @@ class NgConnection:
             self._invalid = True
             self._headers = []
             self._headerBytes = 0
-            sid = frame.hd.stream_id
+            sid = frame.stream_id
             if sid in self._seen or (sid and self.client):
                 # nghttp2 resets the stream (a stream error, such as a header with CR,
                 # LF or NUL, or a connection-specific one): tell the door, or the
@@ -540,7 +540,7 @@ class NgConnection:
             ffi.callback("nghttp2_on_data_chunk_recv_callback", dataChunk),
             ffi.callback("nghttp2_on_stream_close_callback", streamClose),
             ffi.callback("nghttp2_on_invalid_frame_recv_callback", invalidFrame),
-            ffi.callback("nghttp2_data_source_read_callback", read),
+            ffi.callback("sidecar_read_callback", read),
         )
         self._provider = ffi.new("nghttp2_data_provider *")
         self._provider.read_callback = self._callbacks[5]
