@@ -387,6 +387,10 @@ class NgConnection:
         self._buffered = 0
         #: The peer's window for the connection, kept as for L{_Outbound.window}.
         self._connectionWindow: Optional[int] = None
+        #: The peer's SETTINGS_INITIAL_WINDOW_SIZE: a new stream's window, unless the
+        #: peer sent a WINDOW_UPDATE for it before its head went out (C{_early}).
+        self._initialWindow = 65535
+        self._early: Set[int] = set()
         self._nextStreamId = 1
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
@@ -453,6 +457,8 @@ class NgConnection:
                     out = self._out.get(sid)
                     if out is not None:
                         out.window = None
+                    else:
+                        self._early.add(sid)
                 else:
                     self._connectionWindow = None
                 self._events.append(WindowUpdated(sid))
@@ -462,6 +468,8 @@ class NgConnection:
                 if not hd.flags & _FLAG_ACK:
                     for out in self._out.values():
                         out.window = None
+                    self._initialWindow = int(lib.nghttp2_session_get_remote_settings(
+                        self._session, _SETTINGS_INITIAL_WINDOW_SIZE))
                     self.remote_settings.max_concurrent_streams = int(lib.nghttp2_session_get_remote_settings(
                         self._session, _SETTINGS_MAX_CONCURRENT_STREAMS))
                     self._events.append(RemoteSettingsChanged())
@@ -479,6 +487,7 @@ class NgConnection:
             if out is not None:
                 self._buffered -= out.size
             self._seen.discard(sid)
+            self._early.discard(sid)
             return 0
 
         def invalidFrame(session: Any, frame: Any, code: int, user: Any) -> int:
@@ -664,7 +673,12 @@ class NgConnection:
             rv = self._lib.nghttp2_submit_response(self._session, stream_id, array, count, provider)
         self._check(rv)
         if not end_stream:
-            self._out[stream_id] = _Outbound()
+            out = self._out[stream_id] = _Outbound()
+            early = self._early
+            if early and stream_id in early:
+                early.discard(stream_id)
+            else:
+                out.window = self._initialWindow
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """

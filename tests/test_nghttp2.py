@@ -184,6 +184,26 @@ class ServerTests(unittest.SynchronousTestCase):
         self.assertEqual(b"".join(e.data for e in pair.peerOf(DataReceived, 1)), b"x" * 25)
         self.assertEqual(len(pair.peerOf(TrailersReceived, 1)), 1)
 
+    def test_windowUpdatedBeforeTheHead(self) -> None:
+        """
+        A stream's window counts the client's initial window and a WINDOW_UPDATE it
+        sent for the stream before the response head went out; a new initial window
+        in SETTINGS applies to the streams open and to those to come.
+        """
+        pair = Pair(client=False, peerSettings={SettingCodes.INITIAL_WINDOW_SIZE: 10})
+        pair.peer.send_headers(1, REQUEST, end_stream=True)
+        pair.peer.send_headers(3, REQUEST, end_stream=True)
+        pair.peer.increment_flow_control_window(100, 1)
+        pair.pump()
+        pair.ours.send_headers(1, [(b":status", b"200")])
+        pair.ours.send_headers(3, [(b":status", b"200")])
+        self.assertEqual((pair.ours.local_flow_control_window(1), pair.ours.local_flow_control_window(3)), (110, 10))
+        pair.peer.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 50})
+        pair.peer.send_headers(5, REQUEST, end_stream=True)
+        pair.pump()
+        pair.ours.send_headers(5, [(b":status", b"200")])
+        self.assertEqual([pair.ours.local_flow_control_window(sid) for sid in (1, 3, 5)], [150, 50, 50])
+
     def test_windowOnlyWhenAcknowledged(self) -> None:
         """
         Received DATA does not reopen the client's windows by itself: only
