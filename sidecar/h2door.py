@@ -421,6 +421,7 @@ class H2ServerProtocol(Protocol):
         for stream in streams.values():
             stream.closed = True
             exchange = stream.exchange
+            stream.exchange = None
             if exchange is not None and not exchange.finished:
                 exchange.downstreamLost()
 
@@ -495,7 +496,7 @@ class H2ServerProtocol(Protocol):
         if stream is None:
             return
         stream.closed = True
-        exchange = stream.exchange
+        exchange, stream.exchange = stream.exchange, None
         if exchange is not None and not exchange.finished:
             # Reset before its response was complete: a premature reset (rapid reset).
             self._prematureResets += 1
@@ -683,8 +684,11 @@ class H2ServerProtocol(Protocol):
 
     def streamClosed(self, stream: H2StreamDoor) -> None:
         """
-        The stream's response is complete (or it was reset).
+        The stream's response is complete (or it was reset): forget it, and let its
+        exchange go (the two refer to each other; without this every stream would
+        wait for the cyclic garbage collector).
         """
+        stream.exchange = None
         self.streams.pop(stream.id, None)
         self._blocked.pop(stream.id, None)
         if self._goingAway and not self.streams:
@@ -775,7 +779,7 @@ class H2ServerProtocol(Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.closed = True
-            exchange = stream.exchange
+            exchange, stream.exchange = stream.exchange, None
             if exchange is not None and not exchange.finished:
                 exchange.downstreamLost(DOWNSTREAM_PROTOCOL_ERROR)
         self._close(abort=False)
