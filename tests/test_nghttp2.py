@@ -22,7 +22,7 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 from hpack import Encoder, NeverIndexedHeaderTuple
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -284,6 +284,24 @@ class ServerTests(unittest.SynchronousTestCase):
         events = pair.peer.receive_data(pair.ours.data_to_send())
         goaway = [e for e in events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway[0].error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def test_continuationFlood(self) -> None:
+        """
+        A header block that goes on in CONTINUATION frames past nghttp2's limit (8) is
+        a connection error: L{ng.NgProtocolError} and a GOAWAY PROTOCOL_ERROR, with no
+        request event.
+        """
+        pair = Pair(client=False)
+        headers = HeadersFrame(1)
+        headers.data = pair.peer.encoder.encode(REQUEST)
+        frames = [headers.serialize()]
+        for _ in range(20):
+            continuation = ContinuationFrame(1)
+            continuation.data = b"\0" * 100
+            frames.append(continuation.serialize())
+        self.assertRaises(ng.NgProtocolError, pair.ours.receive_data, b"".join(frames))
+        [goaway] = parseFrames(pair.ours.data_to_send())
+        self.assertEqual((type(goaway), goaway.error_code), (GoAwayFrame, ErrorCodes.PROTOCOL_ERROR))
 
     def test_tooManyStreams(self) -> None:
         """
