@@ -160,6 +160,7 @@ _FLAG_END_STREAM = _FLAG_ACK = 1
 _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 1, 2
 _ERR_DEFERRED = -508
 _ERR_TEMPORAL_CALLBACK_FAILURE = -521
+_ERR_CALLBACK_FAILURE = -902
 _SETTINGS_ENABLE_PUSH, _SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE = 2, 3, 4
 _SETTINGS_MAX_HEADER_LIST_SIZE = 6
 _NV_FLAG_NO_INDEX = 1
@@ -395,6 +396,8 @@ class NgConnection:
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
         self._error: Optional[str] = None
+        #: Why the session failed while sending, if it did.
+        self._broken: Optional[str] = None
         self._invalid = False
         self._held = b""
         #: Header lists packed lately, by their content (L{_nva}).
@@ -543,13 +546,17 @@ class NgConnection:
             return n
 
         # The callbacks live as long as the connection (nghttp2 keeps their addresses).
+        # A Python error in one (a bug) is fatal to the session, not ignored: cffi
+        # prints it and returns NGHTTP2_ERR_CALLBACK_FAILURE, and the next
+        # receive_data raises, so the door closes the connection.
+        fatal = _ERR_CALLBACK_FAILURE
         self._callbacks = (
-            ffi.callback("nghttp2_on_header_callback", header),
-            ffi.callback("nghttp2_on_frame_recv_callback", frameRecv),
-            ffi.callback("nghttp2_on_data_chunk_recv_callback", dataChunk),
-            ffi.callback("nghttp2_on_stream_close_callback", streamClose),
-            ffi.callback("nghttp2_on_invalid_frame_recv_callback", invalidFrame),
-            ffi.callback("sidecar_read_callback", read),
+            ffi.callback("nghttp2_on_header_callback", header, error=fatal),
+            ffi.callback("nghttp2_on_frame_recv_callback", frameRecv, error=fatal),
+            ffi.callback("nghttp2_on_data_chunk_recv_callback", dataChunk, error=fatal),
+            ffi.callback("nghttp2_on_stream_close_callback", streamClose, error=fatal),
+            ffi.callback("nghttp2_on_invalid_frame_recv_callback", invalidFrame, error=fatal),
+            ffi.callback("sidecar_read_callback", read, error=fatal),
         )
         self._provider = ffi.new("nghttp2_data_provider *")
         self._provider.read_callback = self._callbacks[5]
@@ -610,6 +617,8 @@ class NgConnection:
         @raise NgProtocolError: the peer broke the protocol; the GOAWAY nghttp2 queued
             is in the next L{data_to_send}.
         """
+        if self._broken is not None:
+            raise NgProtocolError(self._broken)
         events = self._events = []
         rv = self._recv(self._session, data, len(data))
         if rv < 0:
@@ -639,6 +648,9 @@ class NgConnection:
         while n > 0:
             chunks.append(unpack(pp[0], n))
             n = send(session, pp)
+        if n < 0:
+            # Fatal (a callback failed): the session is done; the next read says so.
+            self._broken = self._ffi.string(self._lib.nghttp2_strerror(n)).decode("ascii", "replace")
         return b"".join(chunks)
 
     def get_next_available_stream_id(self) -> int:

@@ -322,6 +322,20 @@ class ServerTests(unittest.SynchronousTestCase):
         goaway = [e for e in events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway[0].error_code, ErrorCodes.PROTOCOL_ERROR)
 
+    def test_callbackError(self) -> None:
+        """
+        An exception in a callback (a bug) is not ignored: the read raises
+        L{ng.NgProtocolError}, so the door closes the connection.
+        """
+        pair = Pair(client=False)
+        pair.peer.send_headers(1, REQUEST)
+        pair.peer.send_data(1, b"body")
+
+        def broken(*args: Any) -> Any:
+            raise ZeroDivisionError()
+        self.patch(ng, "DataReceived", broken)
+        self.assertRaises(ng.NgProtocolError, pair.ours.receive_data, pair.peer.data_to_send())
+
     def test_badPreface(self) -> None:
         """
         Bytes that are not the client preface are a protocol error.
