@@ -41,9 +41,10 @@ afterwards (C{AppLogger.start}, C{Runner.startLogging}).  Should a release build
 earlier, twistd's log goes back to blocking writes on stdout; C{tests.test_logs}
 (C{TakeOverTests} and the unread-pipe processes) fails on such a Twisted.
 
-Uses of h2's and hyperframe's internals (python-hyper), for the HTTP/2 codecs
-(L{tuneH2Connection}, called on every C{H2Connection} the door and the upstream
-build):
+Uses of h2's and hyperframe's internals (python-hyper), for the HTTP/2 codec's
+fallback (L{tuneH2Connection}, called on every C{H2Connection} the door and the
+upstream build when they use h2 rather than libnghttp2, L{sidecar.nghttp2}, which
+needs none of these):
 
   - C{hyperframe.frame._raw_data_repr}, replaced process-wide by L{_rawDataRepr}
     (L{trimFrameRepr}).  h2 formats C{repr(frame)} for a trace line on every frame
