@@ -16,7 +16,6 @@ from OpenSSL import crypto
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,7 +25,7 @@ from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
 from sidecar.h2door import H2ServerFactory, H2ServerProtocol
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
-from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
+from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles, TLSLayerFactory
 
 @implementer(IHandshakeListener)
 class MutualTLSDownstreamProtocol(DownstreamProtocol):
@@ -316,11 +315,11 @@ class MutualTLS:
         """
         return self.context.check()
 
-    def serverFactory(self, engine: Any, maxHeaderBytes: int) -> TLSMemoryBIOFactory:
+    def serverFactory(self, engine: Any, maxHeaderBytes: int) -> TLSLayerFactory:
         """
         The factory of a mutual-TLS listener: the TLS layer around the fast front door.
         """
-        return TLSMemoryBIOFactory(
+        return TLSLayerFactory(
             self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
         )
 
@@ -330,12 +329,12 @@ class MutualTLS:
         """
         return MutualTLSH2Factory(engine, config, self, pool)
 
-    def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
+    def detectingServerFactory(self, detecting: Any) -> TLSLayerFactory:
         """
         The TLS layer around a L{sidecar.detect.DetectingFactory}: protocol detection
         on the decrypted stream (the detector owns the handshake's timer and counters).
         """
-        return TLSMemoryBIOFactory(self.context, False, detecting, clock=self.clock)
+        return TLSLayerFactory(self.context, False, detecting, clock=self.clock)
 
     def admitPeer(self, transport: Any) -> Optional[Tuple[str, bool]]:
         """

@@ -34,7 +34,6 @@ from OpenSSL import SSL, crypto
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -42,6 +41,7 @@ from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
 from sidecar.record import OUTBOUND
 from sidecar.spiffe import AllowRule, peerIdentity
+from sidecar.tls import TLSLayerFactory
 from sidecar.upstream import CLOSED, CONNECTING, UpstreamConnection, UpstreamPool
 
 log = Logger()
@@ -164,11 +164,11 @@ class Origination:
         self.clock = clock
         self._creator = _OriginatedTLS(context, alpn)
 
-    def wrap(self, factory: Any) -> TLSMemoryBIOFactory:
+    def wrap(self, factory: Any) -> TLSLayerFactory:
         """
         C{factory} behind a client TLS layer.
         """
-        return TLSMemoryBIOFactory(self._creator, True, factory, clock=self.clock)
+        return TLSLayerFactory(self._creator, True, factory, clock=self.clock)
 
     def verify(self, transport: Any) -> Tuple[str, Optional[str]]:
         """
