@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import attrs
 from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet.error import ConnectionDone
@@ -230,6 +231,9 @@ class PermissiveFactory(DetectingFactory):
 #: finishes would otherwise hold its connection forever).
 HANDSHAKE_TIMEOUT = 10.0
 
+#: Why a client whose certificate expired after its session began is refused.
+EXPIRED = "the client certificate has expired (a resumed TLS session outlived it)"
+
 #: How many client certificates' admissions L{MutualTLS} remembers.
 ADMISSION_MEMORY = 4096
 
@@ -291,6 +295,10 @@ class MutualTLS:
         with the same certificate for hours, and parsing it costs more than the rest of
         a request.  The memory is keyed by the whole certificate and our own id, is
         bounded, and starts afresh when full.
+
+        A certificate past its end is refused here: a full handshake would have
+        refused it, but a resumed TLS session carries the certificate it was made
+        with, and OpenSSL does not check its dates again.
         """
         localId = self.context.material.localId
         key = (der, localId)
@@ -300,6 +308,8 @@ class MutualTLS:
                 self._admissions.clear()
             admission = admit(self.policy, localId, x509.load_der_x509_certificate(der), der)
             self._admissions[key] = admission
+        if admission.notAfter <= self.clock.seconds():
+            return attrs.evolve(admission, allowed=False, reason=EXPIRED)
         return admission
 
     @property
