@@ -359,7 +359,8 @@ class TLSLayer(TLSMemoryBIOProtocol):
         at once;
       - the transport's interfaces are looked up once per transport class rather than
         declared one by one on every connection (the same result: Twisted's loop
-        leaves the last one).
+        leaves the last one), and a server does not step its handshake before the
+        client has sent anything.
 
     Reads, producers, close and errors are Twisted's.
     """
@@ -376,7 +377,10 @@ class TLSLayer(TLSMemoryBIOProtocol):
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
-        self._checkHandshakeStatus()
+        if not self.factory.server:
+            # A client starts with its ClientHello; a server has nothing to do until
+            # one arrives (Twisted asks OpenSSL anyway, and reads nothing back).
+            self._checkHandshakeStatus()
 
     def dataReceived(self, data: bytes) -> None:
         tls = self._tlsConnection
