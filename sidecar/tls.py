@@ -357,6 +357,9 @@ class TLSLayer(TLSMemoryBIOProtocol):
         their own, we send them with the response (or the close), one send fewer per
         new connection.  A client's handshake bytes and every TLS 1.2 flight still go
         at once;
+      - B{no empty output read after each TLS 1.3 read}: Twisted looks for output
+        after every read (and gets an exception from OpenSSL when there is none); in
+        TLS 1.3 a read leaves nothing that must go at once;
       - the transport's interfaces are looked up once per transport class rather than
         declared one by one on every connection (the same result: Twisted's loop
         leaves the last one), and a server does not step its handshake before the
@@ -382,16 +385,27 @@ class TLSLayer(TLSMemoryBIOProtocol):
             # one arrives (Twisted asks OpenSSL anyway, and reads nothing back).
             self._checkHandshakeStatus()
 
+    #: Whether reading can leave output behind that must go at once (not in TLS 1.3,
+    #: whose post-handshake messages need no prompt answer: see L{dataReceived}).
+    _readsWrite = True
+
     def dataReceived(self, data: bytes) -> None:
         tls = self._tlsConnection
         tls.bio_write(data)
-        flush = True
+        flush = self._readsWrite
         if not self._handshakeDone:
             self._checkHandshakeStatus()
             if not self._handshakeDone:
                 return
-            # Only TLS 1.3 session tickets can be waiting in a server's output now.
-            flush = not (self.factory.server and tls.get_protocol_version() == SSL.TLS1_3_VERSION)
+            if tls.get_protocol_version() == SSL.TLS1_3_VERSION:
+                # In TLS 1.3 reading writes nothing that is needed at once: a
+                # KeyUpdate is answered with our next record, a NewSessionTicket
+                # is answered by nothing, there is no renegotiation, and errors
+                # and close_notify flush their alerts themselves.
+                self._readsWrite = False
+                # A client's Finished goes now; a server's session tickets wait
+                # for its first bytes.
+                flush = not self.factory.server
         if self._appSendBuffer:
             self._unbufferPendingWrites()
         while not self._lostTLSConnection:
