@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from sidecar.spiffe import peerIdentity
+from sidecar.transport import prepare
 
 #: TLS 1.2 suites: forward-secret AEAD only (TLS 1.3 suites are all modern already).
 TLS12_CIPHERS = (
@@ -360,6 +361,9 @@ class TLSLayer(TLSMemoryBIOProtocol):
       - B{no empty output read after each TLS 1.3 read}: Twisted looks for output
         after every read (and gets an exception from OpenSSL when there is none); in
         TLS 1.3 a read leaves nothing that must go at once;
+      - B{the handshake is sent at once}: the TCP connection under it gets the direct
+        sends of L{sidecar.transport} from the start (the doors give them only after
+        detection), so a server's first flight is not left for the next reactor turn;
       - the transport's interfaces are looked up once per transport class rather than
         declared one by one on every connection (the same result: Twisted's loop
         leaves the last one), and a server does not step its handshake before the
@@ -377,6 +381,8 @@ class TLSLayer(TLSMemoryBIOProtocol):
         if provided is not None:
             directlyProvides(self, provided)
         Protocol.makeConnection(self, transport)
+        # The handshake's flights, too, leave within the call that makes them.
+        prepare(self)
         self.factory.registerProtocol(self)
         if self._connectWrapped:
             ProtocolWrapper.makeConnection(self, transport)
