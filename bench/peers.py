@@ -497,6 +497,31 @@ def oursCommand(
     ]
 
 
+def flagsKnownBy(root: str, argv: Sequence[str]) -> list[str]:
+    """
+    C{argv} without the C{--flag value} pairs of L{oursCommand}'s defaults that the
+    sidecar in checkout C{root} does not declare (an older commit, run as
+    C{--baseline}, may predate C{--health}).
+
+    @param root: the checkout's directory.
+    @param argv: an argument vector from L{oursCommand}.
+    @return: the vector that checkout's C{twistd sidecar} accepts.
+    """
+    declared = (Path(root) / "sidecar" / "tap.py").read_text()
+    out: list[str] = []
+    skip = False
+    for index, argument in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if (argument in ("--access-log", "--admin", "--health") and index + 1 < len(argv)
+                and f'["{argument[2:]}", ' not in declared):
+            skip = True
+            continue
+        out.append(argument)
+    return out
+
+
 def writeEnvoyConfig(path: Path, listenPort: int, adminPort: int, upstreamPort: int) -> None:
     """
     Write L{envoyConfig} as JSON (which Envoy reads by the C{.json} suffix).

@@ -35,6 +35,7 @@ import attrs
 
 from bench.measure import WORKLOADS, Measurement, measurementFrom, medianOf
 from bench.peers import (
+    flagsKnownBy,
     BUILTIN_PEER_NAMES,
     ECHO_MODULE,
     Peer,
@@ -471,6 +472,8 @@ class Session:
             argv = envoyCommand(self.envoyPath, config, peer.arguments)
         elif peer.kind == "ours":
             argv = oursCommand(sys.executable, port, self.upstreamPort, peer.arguments)
+            if peer.root is not None:
+                argv = flagsKnownBy(peer.root, argv)
             paths = [peer.root or str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")]
             environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
             if not (REPOSITORY_ROOT / "sidecar" / "tap.py").exists():

@@ -30,6 +30,7 @@ from bench.measure import (
 )
 from bench.peers import (
     envoyConfig,
+    flagsKnownBy,
     nginxConfig,
     oursCommand,
     variantPeer,
@@ -304,6 +305,21 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertIn("tcp:9000:interface=127.0.0.1", argv)
         self.assertIn("127.0.0.1:8080", argv)
         self.assertEqual(argv[-2:], ["--admin", "tcp:0"])
+
+    def test_flagsKnownByBaseline(self) -> None:
+        """
+        A baseline checkout that predates a default flag (C{--health}) is run without
+        it; the flags it declares, and the peer's own, stay.
+        """
+        root = Path(self.mktemp())
+        (root / "sidecar").mkdir(parents=True)
+        (root / "sidecar" / "tap.py").write_text('["access-log", None, "-", ""],\n["admin", None, "15000", ""],\n')
+        argv = oursCommand("python", 9000, 8080, ["--max-connections", "5"])
+        kept = flagsKnownBy(str(root), argv)
+        at = argv.index("--health")
+        self.assertEqual(kept, argv[:at] + argv[at + 2:])
+        self.assertEqual(kept[-6:], ["--access-log", "none", "--admin", "none", "--max-connections", "5"])
+        self.assertEqual(flagsKnownBy(str(Path(__file__).resolve().parent.parent), argv), argv)
 
     def test_pinned(self) -> None:
         """

@@ -126,6 +126,16 @@ class DownstreamProtocol(Protocol):
         self._feed = b""
         self._feedAt = 0
         self._afterTarget: Optional[bytes] = None
+        #: The request body's length by the proxy's own parse of C{Content-Length}
+        #: (C{None}: no body, or chunked), the body bytes llhttp has passed on, and the
+        #: body bytes still to come past the parser (L{_rawBody}).
+        self._bodyLength: Optional[int] = None
+        self._bodySeen = 0
+        self._rawLeft = 0
+        #: An exchange with a Content-Length body whose head arrived in this read: it
+        #: begins when the read is parsed, so that the body bytes of the same read go
+        #: upstream with its head, in one send.
+        self._beginAfterRead: Optional[Exchange] = None
 
     # -- connection ------------------------------------------------------------------
 
@@ -151,6 +161,10 @@ class DownstreamProtocol(Protocol):
             return
         if self._closing:
             return
+        if self._rawLeft:
+            data = self._rawBody(data)
+            if not data:
+                return
         if self._early is not None:
             # Bytes sent after an upgrade request, before the service said yes.
             self._early.append(data)
@@ -174,6 +188,40 @@ class DownstreamProtocol(Protocol):
         except httptools.HttpParserError as e:
             message = str(e)
             self._refuse(_PARSER_STATUS.get(message, 400), message)
+        else:
+            length = self._bodyLength
+            if length is not None and self._parsing is not None:
+                # The rest of a Content-Length body needs no parsing: the next reads
+                # go to the exchange as they are (no copy by llhttp, no callback).
+                self._rawLeft = length - self._bodySeen
+        later = self._beginAfterRead
+        if later is not None:
+            self._beginAfterRead = None
+            if self._current is later and not later.finished:
+                self._begin(later)
+
+    def _rawBody(self, data: bytes) -> bytes:
+        """
+        Bytes of a Content-Length request body past llhttp: pass them on, and complete
+        the request with its last byte.  A fresh parser reads what follows (llhttp's
+        own is still inside the body).
+
+        @return: the bytes after the body (a pipelined request), or C{b""}.
+        """
+        left = self._rawLeft
+        size = len(data)
+        exchange = self._parsing
+        if size < left:
+            self._rawLeft = left - size
+            if exchange is not None:
+                exchange.requestBody(data)
+            return b""
+        self._rawLeft = 0
+        if exchange is not None:
+            exchange.requestBody(data if size == left else data[:left])
+        self._parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+        return data[left:] if size > left else b""
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.engine.doors.discard(self)
@@ -197,6 +245,7 @@ class DownstreamProtocol(Protocol):
         self._headers = []
         self._headBytes = 0
         self._inBody = False
+        self._bodyLength = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -256,6 +305,9 @@ class DownstreamProtocol(Protocol):
             exchange.mustClose = True
         if req.chunked or req.contentLength or req.upgrade:
             self._parsing = exchange
+            if req.contentLength and not req.upgrade:
+                self._bodyLength = req.contentLength
+                self._bodySeen = 0
         else:
             # No body: the request is whole with its head (llhttp completes it next),
             # so the upstream gets the head and the end at once, and no producer is
@@ -265,13 +317,17 @@ class DownstreamProtocol(Protocol):
             self._upgrading = exchange
         if self._current is None and not self._queue:
             self._current = exchange
-            self._begin(exchange)
+            if self._bodyLength is not None:
+                self._beginAfterRead = exchange
+            else:
+                self._begin(exchange)
         else:
             self._queue.append(exchange)
             if len(self._queue) >= MAX_QUEUED:
                 self._pause(_QUEUE)
 
     def on_body(self, body: bytes) -> None:
+        self._bodySeen += len(body)
         exchange = self._parsing
         if exchange is not None:
             exchange.requestBody(body)
@@ -279,6 +335,7 @@ class DownstreamProtocol(Protocol):
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
         self._inBody = False
+        self._bodyLength = None
         if exchange is not None:
             exchange.requestComplete()
 

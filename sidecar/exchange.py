@@ -440,11 +440,15 @@ class Exchange:
 
     def _go(self, phase: int) -> None:
         """
-        The one place where the phase changes.
+        The one place where the phase changes (the hot path's four steps inline the
+        same check: C{if X not in TRANSITIONS[self.phase]: self._illegal(X)}).
         """
         if phase not in TRANSITIONS[self.phase]:
-            raise IllegalTransition(f"{Phase.NAMES[self.phase]} -> {Phase.NAMES[phase]}")
+            self._illegal(phase)
         self.phase = phase
+
+    def _illegal(self, phase: int) -> None:
+        raise IllegalTransition(f"{Phase.NAMES[self.phase]} -> {Phase.NAMES[phase]}")
 
     # -- the client side -------------------------------------------------------------
 
@@ -480,6 +484,20 @@ class Exchange:
                 # Filters may change the body's length: send it chunked.
                 req.contentLength = None
                 req.chunked = True
+                if self.pending:
+                    # Body bytes that arrived before this turn: filtered now, as the
+                    # rest will be on arrival.
+                    pending, self.pending = self.pending, []
+                    self.pendingBytes = 0
+                    for data in pending:
+                        try:
+                            data = chain.requestBody(call, data)
+                        except Exception as e:
+                            self._filterFailed(FilterFailed("request body filter", e))
+                            return
+                        if data:
+                            self.pending.append(data)
+                            self.pendingBytes += len(data)
             if chain.requestHeads:
                 self._go(FILTERING)
                 chain.runHeads(chain.requestHeads, "requestHead", call, self._requestFiltered,
@@ -518,7 +536,9 @@ class Exchange:
     def _acquire(self) -> None:
         if self.req.expectContinue and not self.requestDone and self.version == "1.1":
             self.door.sendContinue()
-        self._go(ACQUIRING)
+        if ACQUIRING not in TRANSITIONS[self.phase]:
+            self._illegal(ACQUIRING)
+        self.phase = ACQUIRING
         self.pool.acquire(self)
 
     def _filterFailed(self, failure: FilterFailed) -> None:
@@ -606,7 +626,10 @@ class Exchange:
         pending, self.pending = self.pending, []
         self.pendingBytes = 0
         done = self.requestDone
-        self._go(AWAITING if done else SENDING)
+        phase = AWAITING if done else SENDING
+        if phase not in TRANSITIONS[ACQUIRING]:
+            self._illegal(phase)
+        self.phase = phase
         stream.sendRequest(self, reused, pending, done)
         if self.readingPaused:
             self.readingPaused = False
@@ -725,7 +748,9 @@ class Exchange:
     def _startResponse(self, status: int, reason: bytes, head: ResponseHead) -> None:
         self.status = status
         if status != 101:
-            self._go(RESPONDING)
+            if RESPONDING not in TRANSITIONS[self.phase]:
+                self._illegal(RESPONDING)
+            self.phase = RESPONDING
         if not self.requestDone:
             # The service answered before the client finished sending: the rest of the
             # body goes nowhere and the connections can't be reused.
@@ -1037,10 +1062,10 @@ class Exchange:
         """
         if self.deadline is not None or self.timeout is not None or self.phase != AWAITING:
             return
-        seconds = self._timeoutSeconds()
+        engine = self.engine
+        seconds = engine.responseTimeout if self.route is None else self._timeoutSeconds()
         if not seconds:
             return
-        engine = self.engine
         if self.route is None:
             # The engine's timeout, on every request: the once-a-second sweep.
             self.deadline = engine.clock.seconds() + seconds
@@ -1097,11 +1122,13 @@ class Exchange:
     def _end(self) -> None:
         if self.phase == DONE:
             return
-        self._go(DONE)
+        # Every phase may end.
+        self.phase = DONE
         engine = self.engine
         engine.recorder.requestsActive -= 1
         engine.streams.discard(self)
-        self._cancelTimeout()
+        if self.deadline is not None or self.timeout is not None:
+            self._cancelTimeout()
         if self.readingPaused:
             self.readingPaused = False
             self.door.resumeReading()

@@ -434,7 +434,12 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
             # second one and anything but digits).
             contentLength = int(pair[1])
         elif kind == _CONNECTION:
-            connection.extend(connectionTokens(pair[1]))
+            value = pair[1]
+            if b"," in value:
+                connection.extend(connectionTokens(value))
+            else:
+                # One token (keep-alive, close): the common case, without the split.
+                connection.append(value.strip().lower())
         elif kind == _FRAMING:
             # Only one "chunked" can be forwarded: the proxy re-frames the body, and a
             # content coding (gzip, chunked) would reach the client unlabelled.  nginx

@@ -82,6 +82,10 @@ class UpstreamConnection(Protocol):
         #: Reading is paused because the client reads slower than we do.
         self.paused = False
         self.parser: Any = None
+        #: The parser ended its last response by itself (not stopped, not bypassed
+        #: for a raw body), so it is back at the start of a message and serves the
+        #: next one as it is.
+        self._parserClean = False
         self.reused = False
         self.idleSince = 0.0
         self.tunnel = False
@@ -115,15 +119,19 @@ class UpstreamConnection(Protocol):
 
     def sendRequest(self, exchange: Exchange, reused: bool, body: Sequence[bytes], end: bool) -> None:
         """
-        Serve C{exchange} (a fresh parser, a clean slate): send its head, the body bytes
-        received so far and, when C{end}, the end of the request, in one write.
+        Serve C{exchange} (a clean slate: a parser at the start of a message): send its
+        head, the body bytes received so far and, when C{end}, the end of the request,
+        in one write.
         """
         self.exchange = exchange
         self.reused = reused
-        self.parser = httptools.HttpResponseParser(self)
-        # RFC 9112 2.2: a recipient MAY take a bare LF for a line end.  The head is
-        # re-serialised with CRLF, so the client never sees one.
-        self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        if self._parserClean:
+            self._parserClean = False
+        else:
+            self.parser = httptools.HttpResponseParser(self)
+            # RFC 9112 2.2: a recipient MAY take a bare LF for a line end.  The head is
+            # re-serialised with CRLF, so the client never sees one.
+            self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self.responseStarted = False
         self._headBytes = 0
         engine = exchange.engine
@@ -345,7 +353,8 @@ class UpstreamConnection(Protocol):
         status = parser.get_status_code()
         if status < 100 or status > 599:
             self._fail(f"status {status} is not from 100 to 599")
-        if _BAD_REASON.search(self._reason) is not None:
+        reason = self._reason
+        if reason != b"OK" and _BAD_REASON.search(reason) is not None:
             # llhttp takes a NUL or another control byte in the reason phrase; RFC 9112
             # 4 allows only HTAB, SP, VCHAR and obs-text, and a client reading the
             # line up to the NUL could frame the rest differently.  Envoy answers 502.
@@ -394,6 +403,7 @@ class UpstreamConnection(Protocol):
     def on_message_complete(self) -> None:
         if not self._inBody:
             return
+        self._parserClean = True
         self._complete(self.parser.should_keep_alive())
 
     # -- the tunnel after a 101 ---------------------------------------------------------

@@ -77,9 +77,7 @@ class FormatTests(unittest.SynchronousTestCase):
         """
         A request the upstream never answered shows C{-} (text) or null (json).
         """
-        import attrs
-
-        rec = attrs.evolve(REC, upstreamServiceTime=None, status=0, flags="DC")
+        rec = REC._replace(upstreamServiceTime=None, status=0, flags="DC")
         self.assertIn(' 0 DC 15 317 2 - "', formatText(rec))
         self.assertIsNone(json.loads(formatJSON(rec))["upstream_service_time_ms"])
 

@@ -521,6 +521,152 @@ class RawBodyTests(unittest.SynchronousTestCase):
         self.assertEqual([r.flags for r in self.h.records], ["UC"])
 
 
+class RawRequestBodyTests(unittest.SynchronousTestCase):
+    """
+    The fast door passes the rest of a Content-Length request body on as it reads it,
+    past llhttp, and a fresh parser reads what follows it.
+    """
+
+    def setUp(self):
+        self.h = Harness()
+        self.door, self.client = self.h.client()
+        self.body = bytes(range(256)) * 300
+
+    def post(self, path: bytes = b"/up") -> bytes:
+        return b"POST %s HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n" % (path, len(self.body))
+
+    def test_bodyInReadsThenPipelined(self):
+        """
+        A body cut into reads of every size from one byte up, followed in the body's
+        last read by a pipelined GET: the service gets the body byte for byte, then the
+        GET on the same connection once the POST is answered; both answered in order.
+        """
+        for size in (1, 2, 7, 100, 4096, 20000):
+            h = Harness()
+            door, client = h.client()
+            data = self.post() + self.body + GET
+            head = data.index(b"\r\n\r\n") + 4
+            door.dataReceived(data[:head + 3])
+            conn, upstream = h.connectUpstream()
+            for offset in range(head + 3, len(data), size):
+                door.dataReceived(data[offset:offset + size])
+            sent = upstream.value()
+            self.assertTrue(sent.endswith(b"Content-Length: %d\r\n\r\n" % len(self.body) + self.body), size)
+            upstream.clear()
+            conn.dataReceived(OK)
+            self.assertTrue(upstream.value().startswith(b"GET /x HTTP/1.1\r\n"), size)
+            conn.dataReceived(OK)
+            self.assertEqual(client.value().count(b"HTTP/1.1 200 OK\r\n"), 2, size)
+            self.assertEqual([(r.method, r.bytesReceived) for r in h.records],
+                             [("POST", len(self.body)), ("GET", 0)], size)
+
+    def test_headAndBodyInOneSend(self):
+        """
+        A request whose head and body arrive in one read goes to a pooled upstream
+        connection in one write (one send), not the head and then the body.
+        """
+        door, client = self.door, self.client
+        door.dataReceived(GET)
+        conn, upstream = self.h.connectUpstream()
+        conn.dataReceived(OK)
+        writes = []
+        upstream.write = lambda data: writes.append([data])
+        upstream.writeSequence = lambda seq: writes.append(list(seq))
+        conn.write, conn.writeSequence = upstream.write, upstream.writeSequence
+        door.dataReceived(self.post() + self.body)
+        self.assertEqual(len(writes), 1)
+        self.assertTrue(b"".join(writes[0]).startswith(b"POST /up HTTP/1.1\r\n"))
+        self.assertTrue(b"".join(writes[0]).endswith(b"\r\n\r\n" + self.body))
+
+    def test_headAndBodyLater(self):
+        """
+        The head alone in one read, the whole body in the next: the body goes on as it
+        is, and the next request on the connection is parsed as a request again.
+        """
+        self.door.dataReceived(self.post())
+        conn, upstream = self.h.connectUpstream()
+        self.door.dataReceived(self.body)
+        self.assertTrue(upstream.value().endswith(b"\r\n\r\n" + self.body))
+        conn.dataReceived(OK)
+        self.door.dataReceived(b"GET /next HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\n\r\n")
+        self.assertIn(b"GET /next HTTP/1.1\r\n", upstream.value())
+        conn.dataReceived(OK)
+        self.assertEqual([r.path for r in self.h.records], ["/up", "/next"])
+
+    def test_smugglingAfterBody(self):
+        """
+        Bytes after the declared length are a new request to the proxy's own parse,
+        held to the same rules: a malformed one is refused with 400, never sent on.
+        """
+        self.door.dataReceived(self.post())
+        conn, upstream = self.h.connectUpstream()
+        self.door.dataReceived(self.body + b"GET /bad HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n"
+                                           b"Content-Length: 3\r\n\r\n")
+        conn.dataReceived(OK)
+        self.assertNotIn(b"/bad", upstream.value())
+        self.assertIn(b"HTTP/1.1 400 Bad Request\r\n", self.client.value())
+        self.assertTrue(self.client.disconnecting)
+
+    def test_clientGoneMidBody(self):
+        """
+        The client closing in the middle of a raw body: one record with DC, the upstream
+        connection is not reused.
+        """
+        self.door.dataReceived(self.post() + self.body[:100])
+        conn, upstream = self.h.connectUpstream()
+        self.door.dataReceived(self.body[100:5000])
+        self.door.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r.flags for r in self.h.records], ["DC"])
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual(self.h.pool.idle, [])
+
+
+class UpstreamParserReuseTests(unittest.SynchronousTestCase):
+    """
+    A pooled upstream connection keeps its response parser while each response ends by
+    the parser's own reading, and takes a fresh one after a response it stopped or
+    bypassed.
+    """
+
+    def test_reusedAfterWholeResponse(self):
+        """
+        Responses read whole by llhttp: the same parser serves the next request.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(OK)
+        parser = conn.parser
+        door.dataReceived(GET)
+        self.assertIs(conn.parser, parser)
+        conn.dataReceived(OK)
+        self.assertEqual(client.value().count(b"\r\n\r\nok"), 2)
+
+    def test_freshAfterRawBodyAndHead(self):
+        """
+        After a body passed past the parser, and after a HEAD response (whose parse is
+        stopped at its head), the next response is read by a fresh parser, correctly.
+        """
+        h = Harness()
+        door, client = h.client()
+        door.dataReceived(GET)
+        conn, upstream = h.connectUpstream()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+        parser = conn.parser
+        conn.dataReceived(b"56789")
+        door.dataReceived(b"HEAD /x HTTP/1.1\r\nHost: svc\r\n\r\n")
+        self.assertIsNot(conn.parser, parser)
+        parser = conn.parser
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        door.dataReceived(GET)
+        self.assertIsNot(conn.parser, parser)
+        conn.dataReceived(OK)
+        self.assertTrue(client.value().endswith(b"Content-Length: 2\r\n\r\nok"))
+        self.assertEqual([(r.method, r.status, r.flags) for r in h.records],
+                         [("GET", 200, "-"), ("HEAD", 200, "-"), ("GET", 200, "-")])
+
+
 class DeadlineSweepTests(unittest.SynchronousTestCase):
     """
     The response timeout is checked by one sweep a second over the exchanges awaiting a

@@ -273,6 +273,52 @@ class ResponseTests(unittest.SynchronousTestCase):
         self.assertIn(b"Transfer-Encoding: chunked\r\n", client.value())
         self.assertTrue(client.value().endswith(b"2\r\nOK\r\n0\r\n\r\n"))
 
+    def test_bodyFilterOnBodyBeforeTurn(self):
+        """
+        A request whose body arrives while it waits its turn (pipelined behind another)
+        has that body filtered too, when its turn comes: no byte reaches the service
+        unfiltered.
+        """
+        class Upper(Filter):
+            wantsRequestBody = True
+
+            def requestBody(self, call, data):
+                return data.upper() + b"!"
+
+        h = filtered(Upper())
+        door, client = h.client()
+        door.dataReceived(b"GET /first HTTP/1.1\r\nHost: svc\r\n\r\n"
+                          b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc")
+        conn, upstream = h.connectUpstream()
+        upstream.clear()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        sent = upstream.value()
+        self.assertTrue(sent.startswith(b"POST /p HTTP/1.1\r\n"), sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\n4\r\nABC!\r\n0\r\n\r\n"), sent)
+
+    def test_bodyFilterFailsOnBodyBeforeTurn(self):
+        """
+        A body filter that raises on a body that arrived before its request's turn:
+        500 with flag FE in that turn, nothing of the body sent upstream.
+        """
+        class Broken(Filter):
+            wantsRequestBody = True
+
+            def requestBody(self, call, data):
+                raise ValueError("no")
+
+        h = filtered(Broken())
+        door, client = h.client()
+        door.dataReceived(b"GET /first HTTP/1.1\r\nHost: svc\r\n\r\n"
+                          b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc")
+        conn, upstream = h.connectUpstream()
+        upstream.clear()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(upstream.value(), b"")
+        self.assertIn(b"HTTP/1.1 500 Internal Server Error\r\n", client.value())
+        self.assertEqual([(r.status, r.flags) for r in h.records], [(200, "-"), (500, "FE")])
+        self.flushLoggedErrors()
+
 
 class ChainTests(unittest.SynchronousTestCase):
     """
