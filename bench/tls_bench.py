@@ -8,6 +8,7 @@ of the same nginx, in one session, with the same certificates (ECDSA P-256, made
 L{sidecar.certs}) and the same load client.
 
     python3 bench/tls_bench.py [--handshakes 2000] [--requests 20000] [--rounds 3]
+    python3 bench/tls_bench.py --only ours,envoy --base-tree /work/main   # before/after
 
 wrk can't present client certificates, so the load client is this script: worker
 processes using Python's C{ssl} module (OpenSSL), each with a fixed number of
@@ -338,18 +339,24 @@ def _describe(kind: str, figures: Dict[str, float]) -> str:
 
 
 #: The peers: how each is started and whether its clients use mutual TLS.
-PEERS = ("ours", "envoy", "ours-plain", "envoy-plain")
+PEERS = ("ours", "envoy", "ours-plain", "envoy-plain", "base")
 
 
-def startPeer(name: str, directory: Path, upstream: int, certs: Dict[str, Path], cpu: Optional[int]) -> Tuple[Child, int]:
+def startPeer(name: str, directory: Path, upstream: int, certs: Dict[str, Path], cpu: Optional[int],
+              baseTree: Optional[Path] = None) -> Tuple[Child, int]:
     """
-    Start peer C{name} pinned to C{cpu}; return it and its port.
+    Start peer C{name} pinned to C{cpu}; return it and its port.  C{base} is C{ours}
+    run from the checkout C{baseTree}.
 
     @raise LookupError: when Envoy is not installed.
     """
     port = freeLoopbackPort()
     root = Path(__file__).resolve().parent.parent
-    if name.startswith("ours"):
+    if name == "base":
+        if baseTree is None:
+            raise LookupError("no --base-tree given")
+        root = baseTree.resolve()
+    if name.startswith("ours") or name == "base":
         argv = oursArgv(port, upstream, certs)
         if name == "ours-plain":
             argv = argv[:argv.index("--tls-cert")]
@@ -376,6 +383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="load client processes (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, peers interleaved in each; medians reported")
     parser.add_argument("--only", default=",".join(PEERS), help=f"peers, comma-separated (default {','.join(PEERS)})")
+    parser.add_argument("--base-tree", type=Path, default=None,
+                        help="another checkout whose sidecar runs as the peer 'base' (a before/after in one session)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"figures, comma-separated (default {','.join(KINDS)})")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -385,6 +394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if kind not in KINDS:
             parser.error(f"--kinds: unknown figure {kind!r} (one of {', '.join(KINDS)})")
     names = [n.strip() for n in options.only.split(",") if n.strip()]
+    if options.base_tree is not None and "base" not in names:
+        names.append("base")
     for name in names:
         if name not in PEERS:
             parser.error(f"--only: unknown peer {name!r} (one of {', '.join(PEERS)})")
@@ -413,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         peers: Dict[str, Tuple[Child, int, Optional[Dict[str, str]]]] = {}
         for name in names:
             try:
-                child, port = startPeer(name, directory, upstream, certPaths, proxyCpu)
+                child, port = startPeer(name, directory, upstream, certPaths, proxyCpu, options.base_tree)
             except LookupError as e:
                 print(f"{name} skipped: {e}")
                 continue
@@ -448,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             child.stop()
         shutil.rmtree(directory, ignore_errors=True)
     found = results["peers"]
-    for ours, envoy in (("ours", "envoy"), ("ours-plain", "envoy-plain")):
+    for ours, envoy in (("ours", "envoy"), ("base", "envoy"), ("ours-plain", "envoy-plain")):
         if ours in found and envoy in found:
             for kind, label in KINDS.items():
                 if kind not in found[ours]["median"] or kind not in found[envoy]["median"]:
