@@ -23,7 +23,7 @@ from sidecar.mtls import EXPIRED, MutualTLS
 from sidecar.outbound import SessionMemory
 from sidecar.spiffe import AllowPolicy
 from sidecar.tls import RotatingServerContext, TLSFiles, TLSLayer, TLSLayerFactory
-from tests.tlsfixtures import FRONTEND_ID, KubernetesSecret, writeMesh
+from tests.tlsfixtures import FRONTEND_ID, SERVER_ID as SERVER_ID_, KubernetesSecret, writeMesh
 
 
 def resumed(connection: SSL.Connection) -> bool:
@@ -378,3 +378,104 @@ class SessionMemoryTests(Fixture):
         layer, _, transport = self.serve()
         self.handshake(layer, transport, client)
         self.assertFalse(resumed(client))
+
+
+class ChainTests(unittest.TestCase):
+    """
+    The chain a context presents is decided once, at load: the certificate file's own,
+    or the CA bundle's intermediates that lead to the leaf (what OpenSSL's automatic
+    chain, built at every handshake, would send); never the root.
+    """
+
+    def setUp(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import NameOID
+
+        from sidecar.certs import issue, makeCA, newKey
+
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.root = makeCA("cluster.local", now)
+        # A root that may sign CAs, and an intermediate under it.
+        rootKey = newKey()
+        rootName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain root")])
+        root = (x509.CertificateBuilder().subject_name(rootName).issuer_name(rootName)
+                .public_key(rootKey.public_key()).serial_number(1)
+                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+                .sign(rootKey, hashes.SHA256()))
+        middleKey = newKey()
+        middleName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain intermediate")])
+        middle = (x509.CertificateBuilder().subject_name(middleName).issuer_name(rootName)
+                  .public_key(middleKey.public_key()).serial_number(2)
+                  .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+                  .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                  .sign(rootKey, hashes.SHA256()))
+        from sidecar.certs import Issued
+
+        self.chainRoot = Issued(root, rootKey)
+        self.middle = Issued(middle, middleKey)
+        self.underMiddle = issue(self.middle, [SERVER_ID_], now, dnsNames=["localhost"])
+        self.underRoot = issue(self.root, [SERVER_ID_], now, dnsNames=["localhost"])
+
+    def write(self, name: str, data: bytes) -> str:
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def presented(self, leaf: Any, bundle: bytes, trusted: bytes) -> List[Any]:
+        """
+        The certificates a server with C{leaf} (file holding the leaf only) and CA
+        bundle C{bundle} presents to a client trusting C{trusted}, after a verified
+        handshake.
+        """
+        files = TLSFiles(self.write("leaf.crt", leaf.certificatePEM()), self.write("leaf.key", leaf.keyPEM()),
+                         self.write("bundle.crt", bundle))
+        server = SSL.Connection(RotatingServerContext(files).material.context, None)
+        server.set_accept_state()
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.load_verify_locations(self.write("trusted.crt", trusted))
+        context.set_verify(SSL.VERIFY_PEER)
+        client = SSL.Connection(context, None)
+        client.set_connect_state()
+        done = False
+        for _ in range(6):
+            try:
+                client.do_handshake()
+                done = True
+            except SSL.WantReadError:
+                pass
+            data = pull(client)
+            if data:
+                server.bio_write(data)
+            try:
+                server.do_handshake()
+            except (SSL.WantReadError, SSL.Error):
+                pass
+            data = pull(server)
+            if data:
+                client.bio_write(data)
+        self.assertTrue(done)
+        return [c.to_cryptography() for c in client.get_peer_cert_chain()]
+
+    def test_intermediateFromTheBundle(self) -> None:
+        """
+        A leaf file without its chain, issued by an intermediate that is in the CA
+        bundle: the intermediate is presented (a client trusting only the root
+        verifies), the root is not.
+        """
+        bundle = self.chainRoot.certificatePEM() + self.middle.certificatePEM()
+        chain = self.presented(self.underMiddle, bundle, self.chainRoot.certificatePEM())
+        self.assertEqual(chain, [self.underMiddle.certificate, self.middle.certificate])
+
+    def test_leafUnderTheRoot(self) -> None:
+        """
+        A leaf issued by the root itself is presented alone.
+        """
+        chain = self.presented(self.underRoot, self.root.certificatePEM(), self.root.certificatePEM())
+        self.assertEqual(chain, [self.underRoot.certificate])
