@@ -9,11 +9,11 @@ L{TLSLayer} as a client) whose records are carried by hand.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional
+from typing import Any, List
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
@@ -244,8 +244,12 @@ class TLSLayerTests(Fixture):
         self.assertTrue(layer.wrappedProtocol.handshaken)
 
 
-@implementer(__import__("twisted.internet.interfaces", fromlist=["x"]).IOpenSSLClientConnectionCreator)
+@implementer(IOpenSSLClientConnectionCreator)
 class _Creator:
+    """
+    Client connections on a material's client context.
+    """
+
     def __init__(self, context: RotatingServerContext) -> None:
         self.context = context
 
@@ -261,6 +265,10 @@ class ServerResumptionTests(Fixture):
     """
 
     def session(self, layer: TLSLayer, transport: StringTransport, client: SSL.Connection) -> Any:
+        """
+        Handshake C{client} with C{layer}, read the server's first bytes (and its
+        tickets), close cleanly and return the client's session.
+        """
         self.handshake(layer, transport, client)
         layer.write(b"x")
         client.bio_write(drain(transport))
@@ -330,7 +338,10 @@ class SessionMemoryTests(Fixture):
     offered to the next one on the same client context only.
     """
 
-    def learnt(self) -> tuple:
+    def learnt(self) -> SessionMemory:
+        """
+        A memory that learnt the session of one verified connection.
+        """
         memory = SessionMemory()
         layer, _, transport = self.serve()
         client = self.client.clientConnection()
@@ -423,6 +434,9 @@ class ChainTests(unittest.TestCase):
         self.underRoot = issue(self.root, [SERVER_ID_], now, dnsNames=["localhost"])
 
     def write(self, name: str, data: bytes) -> str:
+        """
+        Write C{data} to file C{name} in the test's directory; return its path.
+        """
         path = os.path.join(self.directory, name)
         with open(path, "wb") as f:
             f.write(data)
