@@ -382,10 +382,10 @@ class TLSLayer(TLSMemoryBIOProtocol):
         more reactor turn, to make one record of many small writes.  The doors already
         write one response as one C{write} (head and body of one upstream read), so
         that costs a timer and a turn per response and gains nothing;
-      - B{one encryption call and one output read per write}: the whole buffer is
-        handed to OpenSSL (Twisted cuts it into 16 KiB slices, each copied, each
-        followed by a read of the output), and the records it makes are read out with
-        one C{bio_read} sized for them;
+      - B{one output read and one send per write}: the buffer is handed to OpenSSL
+        without copies (Twisted cuts it into 16 KiB slices, each copied, each followed
+        by a read of the output and a send), and the records OpenSSL makes of it are
+        read out with one C{bio_read} sized for them;
       - B{a server's TLS 1.3 session tickets ride with its first bytes}: OpenSSL
         writes them as the handshake completes; Twisted sends them in a segment of
         their own, we send them with the response (or the close), one send fewer per
