@@ -63,6 +63,18 @@ needs none of these):
     SETTINGS change, both of which the subclass keeps.  Without the attribute the
     connection keeps h2's own encoder (Huffman on).
 
+  - L{sidecar.tls.TLSLayer}, the TLS transport of every mutual-TLS connection, a
+    subclass of L{twisted.protocols.tls.TLSMemoryBIOProtocol}: it replaces
+    C{makeConnection}, C{dataReceived}, C{_write} and C{_flushSendBIO}, and so uses
+    the instance attributes C{_tlsConnection}, C{_appSendBuffer}, C{_connectWrapped},
+    C{_handshakeDone}, C{_lostTLSConnection} and C{_aborted}, the methods
+    C{_checkHandshakeStatus}, C{_unbufferPendingWrites}, C{_bufferedWrite},
+    C{_shutdownTLS} and C{_tlsShutdownFinished}, and the factory's
+    C{_creatorCallable}, as Twisted 26.10's own C{dataReceived} and C{_write} do.
+    Twisted reshaping that class would make mutual TLS fail, not slow down:
+    C{tests.test_tls_layer} handshakes and moves bytes through it on every Twisted CI
+    runs, and the class-level names are checked here.
+
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come
 from the public L{twisted.application.strports.service}, which sets it.
@@ -79,6 +91,7 @@ from hpack import Encoder
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
 #: The Twisted release these uses were last checked against (C{tests.test_compat}).
@@ -90,6 +103,8 @@ PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     FileDescriptor: ("_tempDataLen", "_writeDisconnected"),
     StreamServerEndpointService: ("_waitingForPort",),
     HTTPChannel: ("_respondToBadRequestAndDisconnect", "_receivedHeaderSize", "_receivedHeaderCount"),
+    TLSMemoryBIOProtocol: ("_handshakeDone", "_lostTLSConnection", "_aborted", "_checkHandshakeStatus",
+                           "_unbufferPendingWrites", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished"),
 }
 
 
