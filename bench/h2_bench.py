@@ -10,7 +10,8 @@ both sides, in front of the same nginx (h2c, one worker), with the same load cli
 
 All peers run at once; each round measures every peer in turn (interleaved), so a
 shift in the machine's load hits every peer alike.  C{--base-tree} adds the sidecar
-of another checkout as peer C{base}: a before/after of a change in one session.
+of another checkout as peer C{base}: a before/after of a change in one session;
+C{--peers envoy,ours,ours-h2} adds our sidecar on its pure-Python codec (h2).
 
 Three figures per peer, each the median of C{--rounds}:
 
@@ -219,7 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--gets", type=int, default=20000, help="small GETs per round (100 streams)")
     parser.add_argument("--big-mib", type=int, default=256, help="size of the large response, MiB")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--peers", default="envoy,ours", help="comma-separated: envoy, ours")
+    parser.add_argument("--peers", default="envoy,ours",
+                        help="comma-separated: envoy, ours (its default codec, libnghttp2), ours-h2 (--h2-codec h2)")
     parser.add_argument("--base-tree", default="",
                         help="also measure the sidecar of this checkout (peer 'base'), e.g. main's")
     parser.add_argument("--json", action="store_true", help="print the medians as JSON")
@@ -268,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 tree = Path(args.base_tree).resolve()
                 child = Child("base", oursArgv(port, nginxPort), directory / "base.log",
                               dict(os.environ, PYTHONPATH=str(tree)), tree)
+            elif name == "ours-h2":
+                child = Child(name, oursArgv(port, nginxPort) + ["--h2-codec", "h2"], directory / "ours-h2.log")
             else:
                 child = Child("ours", oursArgv(port, nginxPort), directory / "ours.log")
             children.append(child)
@@ -290,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     keys = ["grpc_us_per_call", "grpc_calls_per_s", "get100_us_per_request", "get100_requests_per_s",
             "big_MB_per_s", "big_cpu_s_per_GiB"]
     names = list(results)
-    versus = [n for n in ("ours", "base") if n in results and "envoy" in results]
+    versus = [n for n in ("ours", "ours-h2", "base") if n in results and "envoy" in results]
     print(f"{'figure':<24}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/envoy':>14}" for n in versus))
     for key in keys:
         row = f"{key:<24}" + "".join(f"{results[n][key]:>12.1f}" for n in names)

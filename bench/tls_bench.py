@@ -8,16 +8,21 @@ of the same nginx, in one session, with the same certificates (ECDSA P-256, made
 L{sidecar.certs}) and the same load client.
 
     python3 bench/tls_bench.py [--handshakes 2000] [--requests 20000] [--rounds 3]
+    python3 bench/tls_bench.py --only ours,envoy --base-tree /work/main   # before/after
 
 wrk can't present client certificates, so the load client is this script: worker
 processes using Python's C{ssl} module (OpenSSL), each with a fixed number of
-operations, all on the load CPU while the proxy runs alone on another.  Two figures
+operations, all on the load CPU while the proxy runs alone on another.  Three figures
 per peer, each the median of C{--rounds}:
 
-  - B{new connections}: connect, full TLS 1.3 handshake with client certificate (no
-    resumption), one C{GET /small} with C{Connection: close}, close.  Reported as
-    connections per second (bounded by the load client too) and the proxy's CPU
-    microseconds per connection;
+  - B{new connections}: connect, full TLS 1.3 handshake with client certificate (the
+    client does not resume), one C{GET /small} with C{Connection: close}, close.
+    Reported as connections per second (bounded by the load client too) and the
+    proxy's CPU microseconds per connection;
+  - B{resumed connections}: the same, but each client process offers the session
+    ticket of its previous connection (TLS 1.3 PSK resumption, as a mesh peer's
+    sidecar does per destination); the share of connections the peer resumed is
+    reported.  Both peers get the same client;
   - B{established connection}: each worker keeps one mTLS connection and sends
     C{GET /small} requests one after another.  Reported as requests per second and the
     proxy's CPU microseconds per request (from C{/proc/PID/stat}, all threads).
@@ -201,6 +206,33 @@ def handshakeWorker(args: Tuple[Optional[Dict[str, str]], int, int]) -> int:
     return failures
 
 
+def resumingWorker(args: Tuple[Optional[Dict[str, str]], int, int]) -> Tuple[int, int]:
+    """
+    C{count} new connections, one request each, each offering the session of the
+    previous one; return how many failed and how many the server resumed.
+    """
+    certs, port, count = args
+    assert certs is not None
+    context = clientContext(certs)
+    failures = resumed = 0
+    session = None
+    for _ in range(count):
+        try:
+            raw = socket.create_connection(("127.0.0.1", port))
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as sock:
+                sock.sendall(CLOSING_REQUEST)
+                status, _ = readResponse(sock, b"")
+                if status != 200:
+                    failures += 1
+                resumed += sock.session_reused
+                session = sock.session
+        except (OSError, ValueError):
+            failures += 1
+            session = None
+    return failures, resumed
+
+
 def keepAliveWorker(args: Tuple[Optional[Dict[str, str]], int, int]) -> int:
     """
     C{count} requests over one connection; return how many failed.  Without C{certs},
@@ -234,10 +266,14 @@ def measure(pool: Any, worker: Any, certs: Optional[Dict[str, str]], port: int, 
     """
     share = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
     cpu0, t0 = cpuSeconds(pid), time.perf_counter()
-    failures = sum(pool.map(worker, [(certs, port, n) for n in share]))
+    answers = pool.map(worker, [(certs, port, n) for n in share])
     wall, cpu = time.perf_counter() - t0, cpuSeconds(pid) - cpu0
-    return {"count": total, "failures": failures, "seconds": wall, "perSecond": total / wall,
-            "cpuMicroseconds": cpu * 1e6 / total, "cpuShare": cpu / wall}
+    failures = sum(a[0] if isinstance(a, tuple) else a for a in answers)
+    result = {"count": total, "failures": failures, "seconds": wall, "perSecond": total / wall,
+              "cpuMicroseconds": cpu * 1e6 / total, "cpuShare": cpu / wall}
+    if answers and isinstance(answers[0], tuple):
+        result["resumedShare"] = sum(a[1] for a in answers) / total
+    return result
 
 
 def waitServing(port: int, certs: Optional[Dict[str, str]], child: Child, timeout: float = 30.0) -> None:
@@ -259,19 +295,68 @@ def waitServing(port: int, certs: Optional[Dict[str, str]], child: Child, timeou
     raise RuntimeError(f"{child.name} not serving after {timeout:g} s ({problem}):\n{child.logTail()}")
 
 
-#: The peers: how each is started and whether its clients use mutual TLS.
-PEERS = ("ours", "envoy", "ours-plain", "envoy-plain")
+#: The figures measured, by name, with what their ratio is called.
+KINDS = {
+    "newConnections": "CPU per new connection (full handshake)",
+    "resumed": "CPU per new connection (client resumes)",
+    "keepAlive": "CPU per request on an established connection",
+}
 
 
-def startPeer(name: str, directory: Path, upstream: int, certs: Dict[str, Path], cpu: Optional[int]) -> Tuple[Child, int]:
+def _kindsOf(certs: Optional[Dict[str, str]]) -> Tuple[str, ...]:
     """
-    Start peer C{name} pinned to C{cpu}; return it and its port.
+    The figures that apply to a peer: resumption only with TLS.
+    """
+    return tuple(KINDS) if certs is not None else ("newConnections", "keepAlive")
+
+
+def _workload(kind: str, options: Any) -> Tuple[Any, int]:
+    """
+    The client worker and the operation count of figure C{kind}.
+    """
+    if kind == "newConnections":
+        return handshakeWorker, options.handshakes
+    if kind == "resumed":
+        return resumingWorker, options.handshakes
+    return keepAliveWorker, options.requests
+
+
+def _describe(kind: str, figures: Dict[str, float]) -> str:
+    """
+    One figure of one peer, for the console.
+    """
+    if kind == "keepAlive":
+        text = (f"established: {figures['perSecond']:6.0f} req/s, {figures['cpuMicroseconds']:6.1f} µs CPU/request "
+                f"(proxy CPU {figures['cpuShare']:4.0%})")
+    else:
+        text = (f"{'resumed' if kind == 'resumed' else 'new'} connections: {figures['perSecond']:5.0f}/s, "
+                f"{figures['cpuMicroseconds']:6.0f} µs CPU each (proxy CPU {figures['cpuShare']:4.0%})")
+        if "resumedShare" in figures:
+            text += f", {figures['resumedShare']:.0%} resumed"
+    if figures["failures"]:
+        text += f", {figures['failures']:.0f} failed"
+    return text
+
+
+#: The peers: how each is started and whether its clients use mutual TLS.
+PEERS = ("ours", "envoy", "ours-plain", "envoy-plain", "base")
+
+
+def startPeer(name: str, directory: Path, upstream: int, certs: Dict[str, Path], cpu: Optional[int],
+              baseTree: Optional[Path] = None) -> Tuple[Child, int]:
+    """
+    Start peer C{name} pinned to C{cpu}; return it and its port.  C{base} is C{ours}
+    run from the checkout C{baseTree}.
 
     @raise LookupError: when Envoy is not installed.
     """
     port = freeLoopbackPort()
     root = Path(__file__).resolve().parent.parent
-    if name.startswith("ours"):
+    if name == "base":
+        if baseTree is None:
+            raise LookupError("no --base-tree given")
+        root = baseTree.resolve()
+    if name.startswith("ours") or name == "base":
         argv = oursArgv(port, upstream, certs)
         if name == "ours-plain":
             argv = argv[:argv.index("--tls-cert")]
@@ -298,9 +383,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="load client processes (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, peers interleaved in each; medians reported")
     parser.add_argument("--only", default=",".join(PEERS), help=f"peers, comma-separated (default {','.join(PEERS)})")
+    parser.add_argument("--base-tree", type=Path, default=None,
+                        help="another checkout whose sidecar runs as the peer 'base' (a before/after in one session)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"figures, comma-separated (default {','.join(KINDS)})")
     parser.add_argument("--json", default=None, help="also write the results here")
     options = parser.parse_args(argv)
+    kinds = [k.strip() for k in options.kinds.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in KINDS:
+            parser.error(f"--kinds: unknown figure {kind!r} (one of {', '.join(KINDS)})")
     names = [n.strip() for n in options.only.split(",") if n.strip()]
+    if options.base_tree is not None and "base" not in names:
+        names.append("base")
     for name in names:
         if name not in PEERS:
             parser.error(f"--only: unknown peer {name!r} (one of {', '.join(PEERS)})")
@@ -313,6 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpus": f"load client and nginx on CPU {loadCpu}, the proxies on CPU {proxyCpu} (one measured at a time)",
         "handshakes": options.handshakes, "requests": options.requests, "workers": options.workers,
+        "clientResumes": "only in the 'resumed' figure (each client process offers its previous session)",
         "peers": {},
     }
     try:
@@ -328,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         peers: Dict[str, Tuple[Child, int, Optional[Dict[str, str]]]] = {}
         for name in names:
             try:
-                child, port = startPeer(name, directory, upstream, certPaths, proxyCpu)
+                child, port = startPeer(name, directory, upstream, certPaths, proxyCpu, options.base_tree)
             except LookupError as e:
                 print(f"{name} skipped: {e}")
                 continue
@@ -338,36 +434,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         with multiprocessing.get_context("fork").Pool(options.workers) as pool:
             for name, (child, port, clientCerts) in peers.items():
                 waitServing(port, clientCerts, child)
-                measure(pool, handshakeWorker, clientCerts, port, min(200, options.handshakes), options.workers,
-                        child.pid)
-                measure(pool, keepAliveWorker, clientCerts, port, min(2000, options.requests), options.workers,
-                        child.pid)
+                for kind in kinds:
+                    if kind in _kindsOf(clientCerts):
+                        worker, total = _workload(kind, options)
+                        measure(pool, worker, clientCerts, port, min(total // 10, 200), options.workers, child.pid)
             for _ in range(options.rounds):
                 for name, (child, port, clientCerts) in peers.items():
-                    rounds[name].append({
-                        "newConnections": measure(pool, handshakeWorker, clientCerts, port, options.handshakes,
-                                                  options.workers, child.pid),
-                        "keepAlive": measure(pool, keepAliveWorker, clientCerts, port, options.requests,
-                                             options.workers, child.pid),
-                    })
+                    figures = {}
+                    for kind in kinds:
+                        if kind in _kindsOf(clientCerts):
+                            worker, total = _workload(kind, options)
+                            figures[kind] = measure(pool, worker, clientCerts, port, total, options.workers, child.pid)
+                    rounds[name].append(figures)
         for name in peers:
+            fields = ("perSecond", "cpuMicroseconds", "cpuShare", "failures", "resumedShare")
             summary = {kind: {field: statistics.median(r[kind][field] for r in rounds[name])
-                              for field in ("perSecond", "cpuMicroseconds", "cpuShare", "failures")}
-                       for kind in ("newConnections", "keepAlive")}
+                              for field in fields if field in rounds[name][0][kind]}
+                       for kind in rounds[name][0]}
             results["peers"][name] = {"rounds": rounds[name], "median": summary}
-            new, kept = summary["newConnections"], summary["keepAlive"]
-            print(f"{name:12s} new connections: {new['perSecond']:6.0f}/s, {new['cpuMicroseconds']:6.0f} µs CPU each "
-                  f"(proxy CPU {new['cpuShare']:4.0%}) | established: {kept['perSecond']:6.0f} req/s, "
-                  f"{kept['cpuMicroseconds']:6.1f} µs CPU/request (proxy CPU {kept['cpuShare']:4.0%}) | failures "
-                  f"{new['failures']:.0f}/{kept['failures']:.0f}", flush=True)
+            print(f"{name:12s} " + " | ".join(_describe(kind, figures) for kind, figures in summary.items()),
+                  flush=True)
     finally:
         for child in reversed(children):
             child.stop()
         shutil.rmtree(directory, ignore_errors=True)
     found = results["peers"]
-    for ours, envoy in (("ours", "envoy"), ("ours-plain", "envoy-plain")):
+    for ours, envoy in (("ours", "envoy"), ("base", "envoy"), ("ours-plain", "envoy-plain")):
         if ours in found and envoy in found:
-            for kind, label in (("newConnections", "CPU per new connection"), ("keepAlive", "CPU per request")):
+            for kind, label in KINDS.items():
+                if kind not in found[ours]["median"] or kind not in found[envoy]["median"]:
+                    continue
                 ratio = (found[ours]["median"][kind]["cpuMicroseconds"]
                          / found[envoy]["median"][kind]["cpuMicroseconds"])
                 print(f"{ours} / {envoy}, {label}: {ratio:.2f}")

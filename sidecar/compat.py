@@ -47,9 +47,10 @@ afterwards (C{AppLogger.start}, C{Runner.startLogging}).  Should a release build
 earlier, twistd's log goes back to blocking writes on stdout; C{tests.test_logs}
 (C{TakeOverTests} and the unread-pipe processes) fails on such a Twisted.
 
-Uses of h2's and hyperframe's internals (python-hyper), for the HTTP/2 codecs
-(L{tuneH2Connection}, called on every C{H2Connection} the door and the upstream
-build):
+Uses of h2's and hyperframe's internals (python-hyper), for the HTTP/2 codec's
+fallback (L{tuneH2Connection}, called on every C{H2Connection} the door and the
+upstream build when they use h2 rather than libnghttp2, L{sidecar.nghttp2}, which
+needs none of these):
 
   - C{hyperframe.frame._raw_data_repr}, replaced process-wide by L{_rawDataRepr}
     (L{trimFrameRepr}).  h2 formats C{repr(frame)} for a trace line on every frame
@@ -68,6 +69,18 @@ build):
     SETTINGS change, both of which the subclass keeps.  Without the attribute the
     connection keeps h2's own encoder (Huffman on).
 
+  - L{sidecar.tls.TLSLayer}, the TLS transport of every mutual-TLS connection, a
+    subclass of L{twisted.protocols.tls.TLSMemoryBIOProtocol}: it replaces
+    C{makeConnection}, C{dataReceived}, C{_write} and C{_flushSendBIO}, and so uses
+    the instance attributes C{_tlsConnection}, C{_appSendBuffer}, C{_connectWrapped},
+    C{_handshakeDone}, C{_lostTLSConnection} and C{_aborted}, the methods
+    C{_checkHandshakeStatus}, C{_unbufferPendingWrites}, C{_bufferedWrite},
+    C{_shutdownTLS} and C{_tlsShutdownFinished}, and the factory's
+    C{_creatorCallable}, as Twisted 26.10's own C{dataReceived} and C{_write} do.
+    Twisted reshaping that class would make mutual TLS fail, not slow down:
+    C{tests.test_tls_layer} handshakes and moves bytes through it on every Twisted CI
+    runs, and the class-level names are checked here.
+
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come
 from the public L{twisted.application.strports.service}, which sets it.
@@ -85,6 +98,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
 #: The Twisted release these uses were last checked against (C{tests.test_compat}).
@@ -97,6 +111,8 @@ PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     StreamServerEndpointService: ("_waitingForPort",),
     HTTPChannel: ("_respondToBadRequestAndDisconnect", "_receivedHeaderSize", "_receivedHeaderCount"),
     tcp.Port: ("_logger",),
+    TLSMemoryBIOProtocol: ("_handshakeDone", "_lostTLSConnection", "_aborted", "_checkHandshakeStatus",
+                           "_unbufferPendingWrites", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished"),
 }
 
 

@@ -174,6 +174,8 @@ class H2Config:
     @ivar prematureResets: past this many streams reset by the client before their
         response, when they are half of the connection's streams or more, the
         connection is closed with GOAWAY (rapid reset, CVE-2023-44487).
+    @ivar codec: the HTTP/2 codec, C{"auto"} (libnghttp2 when it loads, else h2;
+        C{$SIDECAR_H2_CODEC} may choose), C{"nghttp2"} or C{"h2"}.
     """
 
     maxConcurrentStreams: int = 100
@@ -183,6 +185,7 @@ class H2Config:
     streamIdleTimeout: Optional[float] = 300.0
     maxQueuedControlBytes: int = 64 * 1024
     prematureResets: int = 500
+    codec: str = "auto"
 
 
 @attrs.frozen

@@ -21,8 +21,9 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
-from sidecar.exchange import Engine, Exchange
+from sidecar.exchange import SENDING, Engine, Exchange
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
+from sidecar.tcp import SPLICE_MIN, KernelPath, kernelSpliceable
 from sidecar.transport import BUFFER_SIZE, halfClose, prepare
 from sidecar.headers import Headers, RequestHead, ResponseHead, bodyForbidden, requestHead
 
@@ -111,6 +112,8 @@ class DownstreamProtocol(Protocol):
     headSince: Optional[float] = None
     #: The client's FIN on a tunnel has been passed on.
     _tunnelReadDone = False
+    #: While the kernel moves the rest of a request body to the service: its path.
+    kernelPath: Optional[KernelPath] = None
     #: The parser is running (a close then waits for the reactor: see L{_closeAtOnce}).
     _feeding = False
     #: The client's address as the listener accepted it (L{DownstreamFactory.buildProtocol}),
@@ -185,8 +188,12 @@ class DownstreamProtocol(Protocol):
             return
         if self._rawLeft:
             data = self._rawBody(data)
-            if not data or self._closing:
-                # (Closed by the end of that body: what follows is not read.)
+            if not data:
+                if self._rawLeft > SPLICE_MIN and self.kernelPath is None:
+                    self._spliceRequestBody()
+                return
+            if self._closing:
+                # (Closed at the end of that body: what follows is not read.)
                 return
         if self._early is not None:
             # Bytes sent after an upgrade request, before the service said yes.
@@ -225,6 +232,8 @@ class DownstreamProtocol(Protocol):
             self._beginAfterRead = None
             if self._current is later and not later.finished:
                 self._begin(later)
+        if self._rawLeft > SPLICE_MIN and self.kernelPath is None:
+            self._spliceRequestBody()
 
     def _rawBody(self, data: bytes) -> bytes:
         """
@@ -243,6 +252,8 @@ class DownstreamProtocol(Protocol):
                 exchange.requestBody(data)
             return b""
         self._rawLeft = 0
+        if self.kernelPath is not None:
+            self._endRequestSplice()
         if exchange is not None:
             exchange.requestBody(data if size == left else data[:left])
         self._parser = httptools.HttpRequestParser(self)
@@ -253,6 +264,7 @@ class DownstreamProtocol(Protocol):
         self.engine.doors.discard(self)
         self.engine.recorder.downstreamConnectionsActive -= 1
         self._closing = True
+        self._endRequestSplice()
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             tunnel.tunnelClosed()
@@ -372,6 +384,67 @@ class DownstreamProtocol(Protocol):
         if exchange is not None:
             exchange.requestComplete()
 
+    # -- the rest of a request body, moved by the kernel -------------------------------
+
+    def _spliceRequestBody(self) -> None:
+        """
+        More than one read of a Content-Length request body remains past llhttp
+        (L{_rawBody}): let the kernel move it from the client's socket to the
+        service's through a pipe (L{KernelPath}, bounded to the body's length, so a
+        pipelined request after it stays in the socket for llhttp), when both are plain
+        TCP, the request is going up (its head sent, the body sent as it comes) and
+        nothing wants to see the bytes (no body filter, no gRPC count).  A read that
+        Twisted takes meanwhile (the service's socket had bytes queued) goes through
+        L{_rawBody}, which also ends the path with the body's last byte.
+        """
+        exchange = self._parsing
+        if (not isinstance(self.transport, tcp.Connection) or exchange is None or exchange is not self._current
+                or exchange.phase != SENDING or self._pauses or exchange.grpc is not None
+                or exchange.call is not None and exchange.chain.requestBodies):  # type: ignore[union-attr]
+            return
+        stream = exchange.stream
+        sink = getattr(stream, "requestSink", None)
+        upstream = sink(exchange) if sink is not None else None
+        if upstream is None or not kernelSpliceable(self.transport, upstream):
+            return
+        self.kernelPath = KernelPath(self.transport, upstream, self._splicedUp, self._requestLeft,
+                                     self._requestPipeEmptied, getattr(stream.pool, "pipes", None))  # type: ignore[union-attr]
+
+    def _requestLeft(self) -> int:
+        return self._rawLeft
+
+    def _splicedUp(self, size: int) -> None:
+        """
+        The kernel read C{size} bytes of the request body: count them as a read
+        through L{_rawBody} is counted.
+        """
+        self._rawLeft -= size
+        self.activity += 1
+        exchange = self._parsing
+        if exchange is not None:
+            exchange.activity += 1
+            exchange.bytesReceived += size
+
+    def _requestPipeEmptied(self) -> None:
+        """
+        The service's socket took what the pipe held: after the body's last byte, the
+        request is complete, and a fresh parser reads what follows (llhttp's own is
+        still inside the body).
+        """
+        if not self._rawLeft and self.kernelPath is not None:
+            self._endRequestSplice()
+            self._parser = httptools.HttpRequestParser(self)
+            self.on_message_complete()
+
+    def _endRequestSplice(self) -> None:
+        """
+        Give both sockets back to Twisted and the pipe back to its stock.
+        """
+        path = self.kernelPath
+        if path is not None:
+            self.kernelPath = None
+            path.close()
+
     # -- what an exchange asks of its door -------------------------------------------
 
     def identify(self) -> None:
@@ -448,6 +521,21 @@ class DownstreamProtocol(Protocol):
             self._writeSequence((head, data))
         else:
             self._write(data)
+
+    def bodySink(self, exchange: Exchange) -> Optional[tcp.Connection]:
+        """
+        The client's socket, when the rest of C{exchange}'s response body may be moved
+        to it by the kernel (L{sidecar.upstream.UpstreamConnection._spliceBody}): a
+        plain TCP connection (never a TLS layer), a body this door framed with
+        C{Content-Length}, and C{exchange} the response being written.
+
+        @return: the transport, or C{None}: the body goes through L{writeBody}.
+        """
+        transport = self.transport
+        if (self._chunkedOut or self._closing or self._current is not exchange
+                or not isinstance(transport, tcp.Connection)):
+            return None
+        return transport
 
     def finishResponse(self, exchange: Exchange) -> None:
         head, self._head = self._head, b""
@@ -565,6 +653,10 @@ class DownstreamProtocol(Protocol):
             self.transport.unregisterProducer()
         if self._current is exchange:
             self._current = None
+        if self._rawLeft and self.kernelPath is not None and self._parsing is exchange:
+            # Answered before its body was all read (the connection closes).
+            self._endRequestSplice()
+            exchange.mustClose = True
         if exchange.mustClose:
             self._close()
             return

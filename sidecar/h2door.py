@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_h2 -*-
 """
-The HTTP/2 front door: one L{H2ServerProtocol} per client connection holding an h2
-C{H2Connection} (server side), and one L{H2StreamDoor} per stream, the engine's
+The HTTP/2 front door: one L{H2ServerProtocol} per client connection holding an
+HTTP/2 connection (server side: libnghttp2's through L{sidecar.nghttp2}, or h2's
+C{H2Connection}, as L{sidecar.h2wire.newConnection} picks), and one L{H2StreamDoor} per stream, the engine's
 L{sidecar.exchange.Door} for the L{Exchange} of that stream.
 
 Bytes are written once per read: the events of one read from the client, or one read
@@ -23,7 +24,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated, DataReceived, RemoteSettingsChanged, RequestReceived, StreamEnded, StreamReset,
@@ -38,9 +38,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sidecar.compat import tuneH2Connection
+from sidecar import nghttp2 as ng
 from sidecar.config import H2Config
-from sidecar.h2wire import GrpcCounts, grpcLocalReply, requestFromHeaders, responseHeaders, startConnection
+from sidecar.h2wire import (
+    GrpcCounts, grpcLocalReply, newConnection, requestFromHeaders, responseHeaders, startConnection,
+)
 from sidecar.headers import Header, Headers, ResponseHead
 from sidecar.http1 import reason as _reason
 from sidecar.record import (
@@ -345,7 +347,7 @@ class H2ServerProtocol(Protocol):
         self.clientAddress = "-"
         self.clientIP = "-"
         self.streams: Dict[int, H2StreamDoor] = {}
-        self.h2 = tuneH2Connection(H2Connection(serverConfiguration()))
+        self.h2 = newConnection(config, False, serverConfiguration)
         self._inRead = False
         self._flushCall: Any = None
         self._writePaused = False
@@ -419,6 +421,7 @@ class H2ServerProtocol(Protocol):
         for stream in streams.values():
             stream.closed = True
             exchange = stream.exchange
+            stream.exchange = None
             if exchange is not None and not exchange.finished:
                 exchange.downstreamLost()
 
@@ -493,7 +496,7 @@ class H2ServerProtocol(Protocol):
         if stream is None:
             return
         stream.closed = True
-        exchange = stream.exchange
+        exchange, stream.exchange = stream.exchange, None
         if exchange is not None and not exchange.finished:
             # Reset before its response was complete: a premature reset (rapid reset).
             self._prematureResets += 1
@@ -681,8 +684,11 @@ class H2ServerProtocol(Protocol):
 
     def streamClosed(self, stream: H2StreamDoor) -> None:
         """
-        The stream's response is complete (or it was reset).
+        The stream's response is complete (or it was reset): forget it, and let its
+        exchange go (the two refer to each other; without this every stream would
+        wait for the cyclic garbage collector).
         """
+        stream.exchange = None
         self.streams.pop(stream.id, None)
         self._blocked.pop(stream.id, None)
         if self._goingAway and not self.streams:
@@ -773,7 +779,7 @@ class H2ServerProtocol(Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.closed = True
-            exchange = stream.exchange
+            exchange, stream.exchange = stream.exchange, None
             if exchange is not None and not exchange.finished:
                 exchange.downstreamLost(DOWNSTREAM_PROTOCOL_ERROR)
         self._close(abort=False)
@@ -797,6 +803,15 @@ _HANDLERS = {
     WindowUpdated: H2ServerProtocol._windowUpdated,
     RemoteSettingsChanged: lambda self, event: self._drainAll(),
     ConnectionTerminated: H2ServerProtocol._connectionTerminated,
+    # The same events from the nghttp2 codec.
+    ng.RequestReceived: H2ServerProtocol._requestReceived,
+    ng.DataReceived: H2ServerProtocol._dataReceived,
+    ng.TrailersReceived: H2ServerProtocol._trailersReceived,
+    ng.StreamEnded: H2ServerProtocol._streamEnded,
+    ng.StreamReset: H2ServerProtocol._streamReset,
+    ng.WindowUpdated: H2ServerProtocol._windowUpdated,
+    ng.RemoteSettingsChanged: lambda self, event: self._drainAll(),
+    ng.ConnectionTerminated: H2ServerProtocol._connectionTerminated,
 }
 
 

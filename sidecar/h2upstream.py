@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_h2 -*-
 """
 The HTTP/2 upstream: L{H2UpstreamStream} implements the engine's upstream stream
-(L{sidecar.exchange.UpstreamStream}) as one h2 stream, and L{H2UpstreamPool} the
+(L{sidecar.exchange.UpstreamStream}) as one HTTP/2 stream (on the codec
+L{sidecar.h2wire.newConnection} picks: libnghttp2, or h2), and L{H2UpstreamPool} the
 engine's pool: streams multiplexed over few connections to the service, each carrying
 at most the service's C{SETTINGS_MAX_CONCURRENT_STREAMS} (and the proxy's own cap).
 
@@ -17,7 +18,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated, DataReceived, RemoteSettingsChanged, ResponseReceived, StreamEnded, StreamReset,
@@ -30,9 +30,9 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sidecar.compat import tuneH2Connection
+from sidecar import nghttp2 as ng
 from sidecar.config import H2Config, UpstreamConfig
-from sidecar.h2wire import requestHeaders, responseFromHeaders, startConnection
+from sidecar.h2wire import newConnection, requestHeaders, responseFromHeaders, startConnection
 from sidecar.headers import Headers, responseHead
 from sidecar.record import UPSTREAM_CONNECTION_TERMINATION, UPSTREAM_REMOTE_RESET
 from sidecar.transport import prepare
@@ -100,7 +100,8 @@ class H2UpstreamStream:
         self.reused = reused
         sid = self.id = h2.get_next_available_stream_id()
         conn.streams[sid] = self
-        headers = requestHeaders(exchange.method, exchange.target, exchange.req, b"http", exchange.grpc is not None)
+        headers = requestHeaders(exchange.method, exchange.target, exchange.req, b"http", exchange.grpc is not None,
+                                 getattr(h2, "neverIndexed", None))
         data = [b for b in body if b]
         h2.send_headers(sid, headers, end_stream=end and not data and not exchange.requestTrailers)
         for chunk in data:
@@ -288,7 +289,7 @@ class H2UpstreamConnection(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.h2 = tuneH2Connection(H2Connection(clientConfiguration()))
+        self.h2 = newConnection(pool.h2config, True, clientConfiguration)
         self.streams: Dict[int, H2UpstreamStream] = {}
         self.blocked: Dict[int, H2UpstreamStream] = {}
         #: Streams holding their last body bytes until the next flush.
@@ -341,8 +342,9 @@ class H2UpstreamConnection(Protocol):
                 self._failAll(Failure(ConnectionLost(f"HTTP/2 protocol error from the service: {e}")), protocol=True)
                 self.transport.loseConnection()
                 return
+            kinds = _KINDS
             for event in events:
-                cls = event.__class__
+                cls = kinds.get(event.__class__)
                 stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
                 if cls is DataReceived:
                     size = event.flow_controlled_length
@@ -509,6 +511,17 @@ class H2UpstreamConnection(Protocol):
                 if self.goneAway and self.transport is not None:
                     self.transport.loseConnection()
             self.pool.capacityChanged()
+
+
+#: Each codec's event classes, as h2's (the nghttp2 codec's are leaner namesakes).
+_KINDS: Dict[type, type] = {cls: cls for cls in (
+    DataReceived, ResponseReceived, TrailersReceived, StreamEnded, StreamReset, WindowUpdated,
+    RemoteSettingsChanged, ConnectionTerminated)}
+_KINDS.update({
+    ng.DataReceived: DataReceived, ng.ResponseReceived: ResponseReceived, ng.TrailersReceived: TrailersReceived,
+    ng.StreamEnded: StreamEnded, ng.StreamReset: StreamReset, ng.WindowUpdated: WindowUpdated,
+    ng.RemoteSettingsChanged: RemoteSettingsChanged, ng.ConnectionTerminated: ConnectionTerminated,
+})
 
 
 class _ConnectAttempt(ClientFactory):

@@ -14,7 +14,8 @@ L{sidecar.http1} is for HTTP/1.1.
   - L{grpcStatusOf} and L{grpcLocalReply}: the gRPC status of a response, and the
     proxy's own answers to a gRPC call (trailers-only, as Envoy sends them).
 
-h2 (python-hyper) does the framing and HPACK; nothing here writes a frame.
+The codec (libnghttp2 through L{sidecar.nghttp2}, or h2 from python-hyper) does the
+framing and HPACK; nothing here writes a frame.  L{newConnection} picks it.
 """
 
 from __future__ import annotations
@@ -130,11 +131,15 @@ def responseHeaders(status: int, head: ResponseHead, withLength: bool) -> List[H
 
 
 def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes,
-                   grpc: bool) -> List[Header]:
+                   grpc: bool, never: Any = None) -> List[Header]:
     """
     The HTTP/2 request head for the service: pseudo-headers from the request line and
     C{Host}, C{te: trailers} for gRPC (its servers require it), C{content-length} when
     the proxy parsed one, and the forwarded headers without connection-specific ones.
+
+    @param never: the codec's never-indexed header class, built from one C{(name,
+        value)} tuple (L{sidecar.nghttp2.NeverIndexed}); C{None} for hpack's
+        C{NeverIndexedHeaderTuple} (h2).
     """
     authority = req.authority.encode("latin-1")
     if target[:1] != b"/" and target != b"*":
@@ -150,7 +155,7 @@ def requestHeaders(method: bytes, target: bytes, req: RequestHead, scheme: bytes
     for name, value in req.headers:
         name = name.lower()
         if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
-            append(NeverIndexedHeaderTuple(name, value))
+            append(NeverIndexedHeaderTuple(name, value) if never is None else never((name, value)))
         elif name not in CONNECTION_SPECIFIC:
             append((name, value))
     if grpc:
@@ -270,16 +275,76 @@ class GrpcCounts:
         self.response = MessageCounter()
 
 
+#: The HTTP/2 codecs (C{H2Config.codec}, C{--h2-codec}): C{auto} is libnghttp2 when it
+#: loads, else h2.
+H2_CODECS = ("auto", "nghttp2", "h2")
+
+#: The environment variable that picks the codec when the configuration says C{auto}
+#: (to run a test suite against either codec).
+CODEC_ENVIRONMENT = "SIDECAR_H2_CODEC"
+
+
+def codecFor(config: Any, environ: Any = None) -> str:
+    """
+    The codec a connection uses: C{"nghttp2"} or C{"h2"}.
+
+    @param config: the L{sidecar.config.H2Config}; its C{codec} C{"auto"} defers to
+        C{$SIDECAR_H2_CODEC}, then to libnghttp2 when it loads.
+    @param environ: the environment (C{os.environ} when C{None}).
+    """
+    codec = config.codec
+    if codec == "auto":
+        if environ is None:
+            import os
+
+            environ = os.environ
+        codec = environ.get(CODEC_ENVIRONMENT, "auto") or "auto"
+    if codec == "h2":
+        return "h2"
+    from sidecar.nghttp2 import loadBinding
+
+    if loadBinding() is not None:
+        return "nghttp2"
+    if codec == "nghttp2":
+        raise RuntimeError("the HTTP/2 codec nghttp2 was asked for, but libnghttp2 cannot be loaded")
+    return "h2"
+
+
+def newConnection(config: Any, client: bool, h2configuration: Any) -> Any:
+    """
+    A new HTTP/2 connection of either side on the configured codec: an
+    L{sidecar.nghttp2.NgConnection}, or a tuned h2 C{H2Connection}.
+
+    @param h2configuration: a function of no argument returning h2's
+        C{H2Configuration} for this side (used with h2 only).
+    """
+    if codecFor(config) == "nghttp2":
+        from sidecar.nghttp2 import newSession
+
+        return newSession(config, client)
+    from h2.connection import H2Connection
+
+    from sidecar.compat import tuneH2Connection
+
+    return tuneH2Connection(H2Connection(h2configuration()))
+
+
 def startConnection(h2: Any, config: Any, client: bool) -> None:
     """
     Open an HTTP/2 connection of either side with the sidecar's settings: stream and
     connection windows, the header list limit, no server push, and (as a server) the
     concurrent streams a client may open.
 
-    @param h2: a new C{h2.connection.H2Connection}.
+    @param h2: a new connection from L{newConnection}.
     @param config: the L{sidecar.config.H2Config}.
     @param client: the sidecar is the client (the upstream side).
     """
+    from h2.connection import H2Connection
+
+    if not isinstance(h2, H2Connection):
+        # nghttp2: the session knows its configuration.
+        h2.initiate_connection()
+        return
     from h2.settings import SettingCodes, Settings
 
     values = {

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import attrs
 from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,7 +26,7 @@ from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
 from sidecar.h2door import H2ServerFactory, H2ServerProtocol
 from sidecar.spiffe import DENIAL_BODY, XFCC, Admission, AllowPolicy, admit
-from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles
+from sidecar.tls import RotatingServerContext, ServerMaterial, TLSFiles, TLSLayerFactory
 
 @implementer(IHandshakeListener)
 class MutualTLSDownstreamProtocol(DownstreamProtocol):
@@ -231,6 +231,9 @@ class PermissiveFactory(DetectingFactory):
 #: finishes would otherwise hold its connection forever).
 HANDSHAKE_TIMEOUT = 10.0
 
+#: Why a client whose certificate expired after its session began is refused.
+EXPIRED = "the client certificate has expired (a resumed TLS session outlived it)"
+
 #: How many client certificates' admissions L{MutualTLS} remembers.
 ADMISSION_MEMORY = 4096
 
@@ -292,6 +295,10 @@ class MutualTLS:
         with the same certificate for hours, and parsing it costs more than the rest of
         a request.  The memory is keyed by the whole certificate and our own id, is
         bounded, and starts afresh when full.
+
+        A certificate past its end is refused here: a full handshake would have
+        refused it, but a resumed TLS session carries the certificate it was made
+        with, and OpenSSL does not check its dates again.
         """
         localId = self.context.material.localId
         key = (der, localId)
@@ -301,6 +308,8 @@ class MutualTLS:
                 self._admissions.clear()
             admission = admit(self.policy, localId, x509.load_der_x509_certificate(der), der)
             self._admissions[key] = admission
+        if admission.notAfter <= self.clock.seconds():
+            return attrs.evolve(admission, allowed=False, reason=EXPIRED)
         return admission
 
     @property
@@ -316,11 +325,11 @@ class MutualTLS:
         """
         return self.context.check()
 
-    def serverFactory(self, engine: Any, maxHeaderBytes: int) -> TLSMemoryBIOFactory:
+    def serverFactory(self, engine: Any, maxHeaderBytes: int) -> TLSLayerFactory:
         """
         The factory of a mutual-TLS listener: the TLS layer around the fast front door.
         """
-        return TLSMemoryBIOFactory(
+        return TLSLayerFactory(
             self.context, False, MutualTLSDownstreamFactory(engine, maxHeaderBytes, self), clock=self.clock
         )
 
@@ -330,12 +339,12 @@ class MutualTLS:
         """
         return MutualTLSH2Factory(engine, config, self, pool)
 
-    def detectingServerFactory(self, detecting: Any) -> TLSMemoryBIOFactory:
+    def detectingServerFactory(self, detecting: Any) -> TLSLayerFactory:
         """
         The TLS layer around a L{sidecar.detect.DetectingFactory}: protocol detection
         on the decrypted stream (the detector owns the handshake's timer and counters).
         """
-        return TLSMemoryBIOFactory(self.context, False, detecting, clock=self.clock)
+        return TLSLayerFactory(self.context, False, detecting, clock=self.clock)
 
     def admitPeer(self, transport: Any) -> Optional[Tuple[str, bool]]:
         """

@@ -34,7 +34,6 @@ from OpenSSL import SSL, crypto
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -42,6 +41,7 @@ from sidecar.downstream import DownstreamFactory, DownstreamProtocol
 from sidecar.peers import PeerMemory
 from sidecar.record import OUTBOUND
 from sidecar.spiffe import AllowRule, peerIdentity
+from sidecar.tls import TLSLayerFactory
 from sidecar.upstream import CLOSED, CONNECTING, UpstreamConnection, UpstreamPool
 
 log = Logger()
@@ -118,15 +118,21 @@ def meshPolicy(networks: Sequence[str], peers: Sequence[Tuple[str, str]], localI
     )
 
 
-def verifyServer(transport: Any, rule: AllowRule) -> Tuple[str, Optional[str]]:
+def verifyServer(transport: Any, rule: AllowRule, now: Optional[float] = None) -> Tuple[str, Optional[str]]:
     """
     The SPIFFE id of the server on C{transport} (a TLS layer after its handshake, its
     chain already verified against the mesh CA) and, when it is not acceptable, why.
+
+    @param now: the time, in seconds since the epoch: a certificate past its end is
+        refused (OpenSSL does not look again when a session is resumed).
     """
     peer = transport.getPeerCertificate()
     if peer is None:
         return "", "the server presented no certificate"
-    identity = peerIdentity(x509.load_der_x509_certificate(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)))
+    certificate = x509.load_der_x509_certificate(crypto.dump_certificate(crypto.FILETYPE_ASN1, peer))
+    if now is not None and certificate.not_valid_after_utc.timestamp() <= now:
+        return "", "the server's certificate has expired (a resumed TLS session outlived it)"
+    identity = peerIdentity(certificate)
     if identity.spiffeId is None:
         return "", identity.problem or "the server's certificate has no SPIFFE id"
     if not rule.matches(identity.spiffeId):
@@ -137,18 +143,73 @@ def verifyServer(transport: Any, rule: AllowRule) -> Tuple[str, Optional[str]]:
 @implementer(IOpenSSLClientConnectionCreator)
 class _OriginatedTLS:
     """
-    Client connections on the rotating material's client context, offering C{alpn}.
+    Client connections on the rotating material's client context, offering C{alpn},
+    and the TLS session to resume with this destination (L{SessionMemory}).
     """
 
-    def __init__(self, context: Any, alpn: Optional[bytes]) -> None:
+    def __init__(self, context: Any, alpn: Optional[bytes], sessions: SessionMemory) -> None:
         self.context = context
         self.alpn = alpn
+        self.sessions = sessions
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self.context.clientConnection()
         if self.alpn is not None:
             connection.set_alpn_protos([self.alpn])
+        self.sessions.offer(connection)
         return connection
+
+
+class SessionMemory:
+    """
+    The TLS session last learnt from one mesh destination, offered by the next
+    connection to it: a TLS 1.3 resumption skips the certificate exchange and its
+    signatures on both sides (the server's sidecar issues the tickets).
+
+    What keeps it safe:
+
+      - a session is learnt only from a connection whose server was verified
+        (chain and SPIFFE id), and offered only to the same destination, whose
+        identity rule does not change; a resumed connection is checked again
+        (L{verifyServer} sees the certificate the session was made with);
+      - a session belongs to the client context it was made on: once our material
+        rotates (a new certificate or trust bundle), it is not offered, and the next
+        handshake is a full one verified against the new CAs;
+      - a handshake that fails, or a server that fails the identity check, forgets it.
+    """
+
+    __slots__ = ("_session", "_context")
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        self._context: Any = None
+
+    def learn(self, connection: SSL.Connection) -> None:
+        """
+        Keep the session of C{connection}, a verified connection that has read from
+        its server (so TLS 1.3 tickets, sent after the handshake, have arrived).
+        """
+        session = connection.get_session()
+        if session is not None:
+            self._session, self._context = session, connection.get_context()
+
+    def offer(self, connection: SSL.Connection) -> None:
+        """
+        Offer the session to C{connection} (not yet started), if it was made on the
+        same client context.
+        """
+        session = self._session
+        if session is not None:
+            if self._context is connection.get_context():
+                connection.set_session(session)
+            else:
+                self.forget()
+
+    def forget(self) -> None:
+        """
+        Offer nothing until a verified connection teaches a new session.
+        """
+        self._session = self._context = None
 
 
 class Origination:
@@ -157,24 +218,30 @@ class Origination:
     in, and the check of the server's identity after the handshake.
 
     @ivar rule: the SPIFFE id (or trust domain) the server must have.
+    @ivar sessions: the TLS session resumed with this destination.
     """
 
-    def __init__(self, context: Any, rule: AllowRule, alpn: Optional[bytes], clock: Any) -> None:
+    def __init__(self, context: Any, rule: AllowRule, alpn: Optional[bytes], clock: Any,
+                 sessions: Optional[SessionMemory] = None) -> None:
         self.rule = rule
         self.clock = clock
-        self._creator = _OriginatedTLS(context, alpn)
+        self.sessions = sessions if sessions is not None else SessionMemory()
+        self._creator = _OriginatedTLS(context, alpn, self.sessions)
 
-    def wrap(self, factory: Any) -> TLSMemoryBIOFactory:
+    def wrap(self, factory: Any) -> TLSLayerFactory:
         """
         C{factory} behind a client TLS layer.
         """
-        return TLSMemoryBIOFactory(self._creator, True, factory, clock=self.clock)
+        return TLSLayerFactory(self._creator, True, factory, clock=self.clock)
 
     def verify(self, transport: Any) -> Tuple[str, Optional[str]]:
         """
-        L{verifyServer} with this destination's rule.
+        L{verifyServer} with this destination's rule; a refusal forgets the session.
         """
-        return verifyServer(transport, self.rule)
+        principal, problem = verifyServer(transport, self.rule, self.clock.seconds())
+        if problem is not None:
+            self.sessions.forget()
+        return principal, problem
 
 
 @implementer(IHandshakeListener)
@@ -211,7 +278,17 @@ class TLSUpstreamConnection(UpstreamConnection):
             self.transport.abortConnection()
             return
         self.peers = PeerMemory(principal)
+        # The first read from the server comes after its session tickets: learn the
+        # session then (an instance attribute, so later reads cost nothing).
+        self.dataReceived = self._firstRead  # type: ignore[method-assign]
         self.pool.connected(self)
+
+    def _firstRead(self, data: bytes) -> None:
+        del self.dataReceived
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is not None:
+            self.pool.origination.sessions.learn(handle())
+        UpstreamConnection.dataReceived(self, data)
 
     def sendRequest(self, exchange: Any, reused: bool, body: Any, end: bool) -> None:
         exchange.peer = self.peers.certified
@@ -227,6 +304,7 @@ class TLSUpstreamConnection(UpstreamConnection):
             problem = self._problem
             if problem is None:
                 problem = f"TLS handshake failed: {reason.getErrorMessage()}"
+                self.pool.origination.sessions.forget()
             log.warn("mutual TLS to {upstream} refused: {problem}", upstream=self.pool.address, problem=problem)
             self.factory.clientConnectionFailed(None, Failure(TLSVerificationError(problem)))  # type: ignore[attr-defined]
             return
@@ -343,9 +421,10 @@ class OutboundDestinations:
             pool: Any = UpstreamPool(self.reactor, self.reactor, config)
             extra: Any = []
         else:
-            pool = TLSUpstreamPool(self.reactor, self.reactor, config,
-                                   Origination(self.context, rule, HTTP11, self.reactor))
-            tcp = Origination(self.context, rule, None, self.reactor)
+            origination = Origination(self.context, rule, HTTP11, self.reactor)
+            pool = TLSUpstreamPool(self.reactor, self.reactor, config, origination)
+            # Opaque connections to the same destination resume the HTTP pool's sessions.
+            tcp = Origination(self.context, rule, None, self.reactor, origination.sessions)
             extra = self._extra
         engine = PortEngine(self.engine, pool)
         engine.connectRetries = CONNECT_RETRIES  # type: ignore[attr-defined]

@@ -285,12 +285,15 @@ class Admission:
     @ivar allowed: whether its requests are served.
     @ivar reason: why (a phrase, for the log).
     @ivar xfcc: the C{X-Forwarded-Client-Cert} value for its requests.
+    @ivar notAfter: when the certificate expires, in seconds since the epoch (a
+        resumed TLS session is not checked again by OpenSSL; the door is).
     """
 
     principal: str
     allowed: bool
     reason: str
     xfcc: bytes
+    notAfter: float = float("inf")
 
 
 def admit(policy: AllowPolicy, localId: str, certificate: x509.Certificate, der: bytes) -> Admission:
@@ -306,4 +309,4 @@ def admit(policy: AllowPolicy, localId: str, certificate: x509.Certificate, der:
     identity = peerIdentity(certificate)
     decision = policy.decide(identity)
     return Admission(identity.principal, decision.allowed, decision.reason,
-                     xfccElement(localId, der, identity.principal))
+                     xfccElement(localId, der, identity.principal), certificate.not_valid_after_utc.timestamp())

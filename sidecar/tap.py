@@ -288,6 +288,7 @@ class Options(usage.Options):
         ["upstream-protocol", None, "auto", "HTTP version to the service: auto (HTTP/2 for HTTP/2 clients), http1 or http2."],
         ["h2-max-concurrent-streams", None, "100", "HTTP/2 streams per connection at most, both sides."],
         ["h2-stream-idle-timeout", None, "300", "Seconds an HTTP/2 stream may make no progress before a reset (0: forever)."],
+        ["h2-codec", None, "auto", "HTTP/2 codec: auto (libnghttp2 if it loads, else h2), nghttp2 or h2."],
         ["protocol-detect-timeout", None, "1", "Seconds to wait for a client's first bytes before passing the "
                                                "connection through as opaque TCP (0: wait for ever)."],
         ["opaque-ports", None, None, "Ports (as dialled) passed through as opaque TCP without detection: 6379,25,..."],
@@ -391,6 +392,7 @@ class Options(usage.Options):
         The HTTP/2 flags, into C{self["config"]}.
         """
         from sidecar.config import UPSTREAM_PROTOCOLS, H2Config
+        from sidecar.h2wire import H2_CODECS
 
         protocol = self["upstream-protocol"].strip().lower()
         if protocol not in UPSTREAM_PROTOCOLS:
@@ -398,7 +400,16 @@ class Options(usage.Options):
                                    f"{', '.join(UPSTREAM_PROTOCOLS)}.")
         streams = _count("--h2-max-concurrent-streams", self["h2-max-concurrent-streams"], 1)
         idle = _seconds("--h2-stream-idle-timeout", self["h2-stream-idle-timeout"], allowZero=True) or None
-        h2 = H2Config(maxConcurrentStreams=streams, streamIdleTimeout=idle,
+        codec = self["h2-codec"].strip().lower()
+        if codec not in H2_CODECS:
+            raise usage.UsageError(f"--h2-codec: {self['h2-codec']!r} is not one of {', '.join(H2_CODECS)}.")
+        if codec == "nghttp2":
+            from sidecar.nghttp2 import loadBinding
+
+            if loadBinding() is None:
+                raise usage.UsageError("--h2-codec nghttp2: libnghttp2 (Debian's libnghttp2-14) cannot be loaded "
+                                       "with cffi.")
+        h2 = H2Config(maxConcurrentStreams=streams, streamIdleTimeout=idle, codec=codec,
                       maxHeaderListSize=self["config"].maxHeaderBytes,
                       connectionWindow=max(H2Config().connectionWindow, streams * H2Config().streamWindow))
         self["config"] = attrs.evolve(self["config"], upstreamProtocol=protocol, h2=h2)

@@ -173,19 +173,107 @@ class Refusal(Protocol):
 #: keeps the kernel's default (64 KiB).
 PIPE_BYTES = 1 << 20
 
+#: An HTTP body framed by C{Content-Length} is moved by the kernel (a bounded
+#: L{KernelPath}) only when more than this remains after the read that ended its head:
+#: more than one read's worth.  Below it, a pipe costs more than the copies it saves.
+SPLICE_MIN = BUFFER_SIZE
+
+#: The most empty pipes a L{PipeStock} keeps for the next path.
+PIPE_STOCK = 16
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (not POSIX: no splice either)
+    fcntl = None  # type: ignore[assignment]
+
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: C{fcntl.F_SETPIPE_SZ} (Linux's number where Python's C{fcntl} does not name it).
+_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def _pipe() -> Tuple[int, int]:
+def _pipe(full: bool = False) -> Tuple[int, int]:
+    """
+    A non-blocking pipe of L{PIPE_BYTES}, or of the kernel's default size when it
+    cannot be made so large (over C{pipe-user-pages-soft}, or a smaller
+    C{pipe-max-size}).
+
+    @param full: raise L{OSError} rather than give a smaller pipe.
+    """
     read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        import fcntl
-
-        fcntl.fcntl(write, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        fcntl.fcntl(write, _SETPIPE_SZ, PIPE_BYTES)
     except OSError:
-        pass  # over pipe-user-pages-soft, or a smaller pipe-max-size: the default size
+        if full:
+            os.close(read)
+            os.close(write)
+            raise
     return read, write
+
+
+class PipeStock:
+    """
+    Empty pipes kept for the next L{KernelPath} (making one, at its size, and closing
+    it cost four system calls: a twentieth of what a 1 MiB body costs to move), at
+    most L{PIPE_STOCK}.
+
+    Its pipes are all of L{PIPE_BYTES}: a smaller pipe moves a body in more, smaller
+    splices, which measured worse than copying through Python (8 KiB, what a user over
+    C{pipe-user-pages-soft} gets) or barely better (256 KiB).  When the kernel won't
+    make one that large, L{take} fails and the body takes Twisted's path.
+    """
+
+    def __init__(self) -> None:
+        self.pipes: List[Tuple[int, int]] = []
+        #: How many of the pipes kept no path has taken since the last L{trim}.
+        self.unused = 0
+
+    def take(self) -> Tuple[int, int]:
+        """
+        An empty pipe, kept or new (raises L{OSError} when out of descriptors or
+        when the kernel won't make it of L{PIPE_BYTES}).
+        """
+        pipes = self.pipes
+        if pipes:
+            pipe = pipes.pop()
+            if len(pipes) < self.unused:
+                self.unused = len(pipes)
+            return pipe
+        self.unused = 0
+        return _pipe(full=True)
+
+    def trim(self) -> None:
+        """
+        Close the pipes that no path took since the last trim (called by the pool's
+        idle sweep): a pool that no longer splices holds no pipe, and its pipes' pages
+        do not count against C{pipe-user-pages-soft} for nothing.
+        """
+        pipes = self.pipes
+        for _ in range(min(self.unused, len(pipes))):
+            read, write = pipes.pop(0)
+            os.close(read)
+            os.close(write)
+        self.unused = len(pipes)
+
+    def give(self, pipe: Tuple[int, int]) -> None:
+        """
+        Keep C{pipe}, which is empty, or close it if enough are kept.
+        """
+        if len(self.pipes) < PIPE_STOCK:
+            self.pipes.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        """
+        Close every pipe kept.
+        """
+        pipes, self.pipes = self.pipes, []
+        self.unused = 0
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
 
 
 def kernelSpliceable(one: Any, other: Any) -> bool:
@@ -212,6 +300,12 @@ class KernelPath:
     half-close).  A destination that fails a splice gets the bytes through its own
     C{write}, which meets the error and closes the connection as Twisted does.
 
+    A bounded path (C{limit}) moves one stretch of a stream, such as the rest of an
+    HTTP body framed by C{Content-Length} (L{sidecar.upstream}): the kernel never
+    reads past what C{limit} allows, and C{emptied} hears each time the pipe has
+    been emptied into the destination, so that its owner can end the stretch once
+    nothing is left to move.
+
     @ivar pending: bytes in the pipe, not yet taken by the destination.
     @ivar moved: bytes read by the kernel's path so far (not Twisted's).
     """
@@ -220,15 +314,27 @@ class KernelPath:
     moved = 0
     _pipe: Optional[Tuple[int, int]] = None
     _paused = False
+    #: A bounded path that could get no pipe: its reads are all Twisted's.
+    _pipeless = False
 
     def __init__(self, source: tcp.Connection, destination: tcp.Connection,
-                 count: Callable[[int], None]) -> None:
+                 count: Callable[[int], None], limit: Optional[Callable[[], int]] = None,
+                 emptied: Optional[Callable[[], None]] = None, stock: Optional[PipeStock] = None) -> None:
         """
         @param count: called with the number of bytes of every read (the counters).
+        @param limit: returns the most the kernel may read from C{source} now
+            (C{None}: no limit).
+        @param emptied: called each time the bytes of a read have all been taken by
+            the destination.
+        @param stock: where the pipe comes from and, empty, goes back to; C{None}:
+            a pipe of its own.
         """
         self.source = source
         self.destination = destination
         self.count = count
+        self.limit = limit
+        self.emptied = emptied
+        self.stock = stock
         self._sourceFd = source.socket.fileno()
         self._destinationFd = destination.socket.fileno()
         self._idle = writeQueueEmpty(destination)
@@ -244,12 +350,24 @@ class KernelPath:
             return self._twistedRead()
         pipe = self._pipe
         if pipe is None:
+            if self._pipeless:
+                return self._twistedRead()
             try:
-                pipe = self._pipe = _pipe()
-            except OSError:  # out of descriptors: Twisted's way for this read
+                pipe = self._pipe = _pipe() if self.stock is None else self.stock.take()
+            except OSError:
+                # Out of descriptors (or no full-size pipe for a stock's path):
+                # Twisted's way for this read, and for all of a bounded stretch.
+                self._pipeless = self.limit is not None
+                return self._twistedRead()
+        size = PIPE_BYTES
+        limit = self.limit
+        if limit is not None:
+            size = min(size, limit())
+            if size <= 0:
+                # Nothing more is the kernel's to move: whatever comes is Twisted's.
                 return self._twistedRead()
         try:
-            n = _SPLICE(self._sourceFd, pipe[1], PIPE_BYTES, flags=_SPLICE_FLAGS)
+            n = _SPLICE(self._sourceFd, pipe[1], size, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return None
         except OSError:
@@ -286,6 +404,8 @@ class KernelPath:
             self.pending = 0
             self._resume()
             self.destination.write(b"".join(chunks))
+            if self.emptied is not None:
+                self.emptied()
             return
         self.pending = pending
         if pending:
@@ -295,6 +415,8 @@ class KernelPath:
             self.destination.startWriting()
         else:
             self._resume()
+            if self.emptied is not None:
+                self.emptied()
 
     def _resume(self) -> None:
         if self._paused:
@@ -311,8 +433,11 @@ class KernelPath:
                 delattr(transport, name)
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
-            os.close(pipe[0])
-            os.close(pipe[1])
+            if self.stock is not None and not self.pending:
+                self.stock.give(pipe)
+            else:
+                os.close(pipe[0])
+                os.close(pipe[1])
         self.pending = 0
 
 

@@ -10,10 +10,12 @@ them back when a response ends cleanly, and closes them when idle too long.
 from __future__ import annotations
 
 import re
+import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence
 
 import httptools
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -22,7 +24,9 @@ from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.config import UpstreamConfig
+from sidecar.exchange import RESPONDING
 from sidecar.headers import responseHead
+from sidecar.tcp import SPLICE_MIN, KernelPath, PipeStock, kernelSpliceable
 from sidecar.transport import halfClose, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +76,8 @@ class UpstreamConnection(Protocol):
     """
 
     exchange: Optional[Exchange] = None
+    #: While the kernel moves the rest of a response body to the client: its path.
+    kernelPath: Optional[KernelPath] = None
     #: Over mutual TLS the sidecar originated: the server's L{sidecar.peers.PeerMemory}
     #: (its verified id, and the metadata its responses carry).
     peers: Any = None
@@ -177,6 +183,20 @@ class UpstreamConnection(Protocol):
             self.write(http1.LAST_CHUNK)
         self.requestSent()
 
+    def requestSink(self, exchange: Exchange) -> Any:
+        """
+        Our socket, when the rest of C{exchange}'s request body may be moved to it by
+        the kernel (L{sidecar.downstream.DownstreamProtocol}): a plain TCP connection
+        (not mutual TLS originated), a body sent as it came (framed by
+        C{Content-Length}, not chunked), C{exchange} the one served.
+
+        @return: the transport, or C{None}.
+        """
+        transport = self.transport
+        if self._chunked or self.tunnel or self.exchange is not exchange or not isinstance(transport, tcp.Connection):
+            return None
+        return transport
+
     def streamFrom(self, producer: Any) -> None:
         """
         Let our transport pause C{producer} (the client) while the service reads slower
@@ -202,6 +222,7 @@ class UpstreamConnection(Protocol):
         Close this connection without a word: it will not be reused.
         """
         self.requestSent()
+        self._endSplice()
         self._abandoned = True
         self.exchange = None
         self.pool.lost(self)
@@ -281,8 +302,10 @@ class UpstreamConnection(Protocol):
             if length is not None and self._inBody and self.exchange is exchange:
                 # The rest of a Content-Length body needs no parsing: the next reads
                 # go to the client as they are (no copy by the parser, no callback).
-                self._raw = length - self._bodySeen
+                raw = self._raw = length - self._bodySeen
                 self._keepAlive = self.parser.should_keep_alive()
+                if raw > SPLICE_MIN:
+                    self._spliceBody(exchange)
         exchange.upstreamReadDone()
 
     def _firstRead(self, data: bytes) -> Optional[bytes]:
@@ -314,7 +337,9 @@ class UpstreamConnection(Protocol):
         """
         Bytes of a Content-Length body past the parser: pass them on, and end the
         response with its last byte.  Bytes beyond it are a service talking out of
-        turn: the response is complete, the connection is not reused.
+        turn: the response is complete, the connection is not reused.  (A read that
+        ends exactly with the body and filled the read buffer may have left such
+        bytes in the socket: they are looked for there.)
         """
         size = len(data)
         if size < remaining:
@@ -323,11 +348,89 @@ class UpstreamConnection(Protocol):
         else:
             self._raw = 0
             self._length = None
+            self._endSplice()
             exchange.responseBody(data if size == remaining else data[:remaining])
-            self._complete(self._keepAlive and size == remaining)
+            reusable = self._keepAlive and size == remaining
+            if reusable and size == getattr(self.transport, "bufferSize", 0):
+                reusable = self._quiet()
+            self._complete(reusable)
         exchange.upstreamReadDone()
 
+    # -- the rest of a body, moved by the kernel ----------------------------------------
+
+    def _spliceBody(self, exchange: Exchange) -> None:
+        """
+        Let the kernel move the rest of this Content-Length body (C{_raw} bytes, as the
+        proxy's own parse framed it) from the service's socket to the client's, through
+        a pipe (L{KernelPath}), when both are plain TCP and nothing wants to see the
+        bytes: no body filter, no response held by a head filter, no gRPC count.  The
+        client's door says whether its connection can take them
+        (C{bodySink}: the HTTP/1.1 door on plain TCP, a body framed by
+        C{Content-Length}).  Otherwise the bytes go through Python as before.
+        """
+        if (exchange.phase != RESPONDING or exchange.held is not None or exchange.grpc is not None
+                or exchange.call is not None and exchange.chain.responseBodies):  # type: ignore[union-attr]
+            return
+        sink = getattr(exchange.door, "bodySink", None)
+        client = sink(exchange) if sink is not None else None
+        if client is None or not kernelSpliceable(self.transport, client):
+            return
+        self.kernelPath = KernelPath(self.transport, client, self._spliced, self._rawLeft, self._pipeEmptied,
+                                     self.pool.pipes)
+
+    def _rawLeft(self) -> int:
+        return self._raw
+
+    def _spliced(self, size: int) -> None:
+        """
+        The kernel read C{size} bytes of the body: count them as a read through Python
+        is counted (the record's bytes, the stream's activity).
+        """
+        self._raw -= size
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.activity += 1
+            exchange.bytesSent += size
+
+    def _pipeEmptied(self) -> None:
+        """
+        The client's socket took what the pipe held: after the body's last byte, the
+        response is complete.
+        """
+        if not self._raw and self.kernelPath is not None:
+            self._endSplice()
+            self._length = None
+            self._complete(self._keepAlive and self._quiet())
+
+    def _quiet(self) -> bool:
+        """
+        Whether the service has sent nothing past a body that ended exactly where a
+        read did (the kernel's, which never reads beyond the body, or a full one of
+        Twisted's): bytes there, or its close, and the connection is not reused, as
+        when such bytes come in the read that ends a body.
+        """
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return True
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _endSplice(self) -> None:
+        """
+        Give both sockets back to Twisted and close the pipe.
+        """
+        path = self.kernelPath
+        if path is not None:
+            self.kernelPath = None
+            path.close()
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._endSplice()
         self.pool.lost(self)
         exchange, self.exchange = self.exchange, None
         door, self._sourceDoor = self._sourceDoor, None
@@ -576,6 +679,8 @@ class UpstreamPool:
         self.overflows = 0
         #: The connects under way, by the exchange they are for.
         self.attempts: Dict[Exchange, _ConnectAttempt] = {}
+        #: Empty pipes for the bodies its connections splice to clients.
+        self.pipes = PipeStock()
 
     def acquire(self, exchange: Exchange, fresh: bool = False) -> None:
         """
@@ -714,8 +819,10 @@ class UpstreamPool:
 
     def sweep(self) -> None:
         """
-        Close the idle connections that have been idle too long.
+        Close the idle connections that have been idle too long, and the pipes kept
+        that no body used since the last sweep.
         """
+        self.pipes.trim()
         deadline = self.clock.seconds() - self.config.idleTimeout
         keep = []
         for conn in self.idle:
@@ -728,9 +835,10 @@ class UpstreamPool:
 
     def closeAll(self) -> None:
         """
-        Close every idle connection (at shutdown).
+        Close every idle connection (at shutdown), and the pipes kept.
         """
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.state = CLOSED
             conn.transport.loseConnection()
+        self.pipes.close()

@@ -387,6 +387,7 @@ class OriginationLoopbackTests(TestCase):
                                                                connectTimeout=3),
                                Origination(context, rule, HTTP11, reactor))
         self.addCleanup(pool.closeAll)
+        self.pool = pool
         engine = Engine(reactor, pool, Recorder([self.records.append]), b"amazing-proxy", 5.0)
         metadata = metadataOf(MeshLabels(workload="frontend-wl", namespace="default"))
         factory = OutboundDoorFactory(engine, 65536, True, [(b"X-Sidecar-Peer-Metadata", metadata)])
@@ -422,6 +423,40 @@ class OriginationLoopbackTests(TestCase):
                              (SERVER_ID, "backend-wl", "backend", "v3"))
 
         return d.addCallback(check)
+
+    def test_resumesTheSession(self):
+        """
+        A new connection to the same mesh destination resumes the TLS session of the
+        last one (no certificate exchange) and its server is checked again: the
+        request is served, and the record names the server's verified id.
+        """
+        from OpenSSL._util import lib
+
+        from tests.support import closeClient, rawRequest
+        from tests.tlsfixtures import SERVER_ID
+
+        def resumed() -> bool:
+            [conn] = self.pool.idle
+            return bool(lib.SSL_session_reused(conn.transport.getHandle()._ssl))
+
+        port = self.outbound(AllowRule("cluster.local", "/ns/default/sa/backend"))
+        request = b"GET /echo HTTP/1.1\r\nHost: backend\r\n\r\n"
+        d = rawRequest(port, request)
+
+        def first(client):
+            self.addCleanup(closeClient, client)
+            self.assertEqual([r.status for r in client.responses], [200])
+            self.assertFalse(resumed())
+            self.pool.closeAll()
+            return rawRequest(port, request)
+
+        def second(client):
+            self.addCleanup(closeClient, client)
+            self.assertEqual([r.status for r in client.responses], [200])
+            self.assertTrue(resumed())
+            self.assertEqual([r.peer.principal for r in self.records], [SERVER_ID, SERVER_ID])
+
+        return d.addCallback(first).addCallback(second)
 
     def test_wrongServerRefused(self):
         """

@@ -26,7 +26,7 @@ IMPORT_NAMES = {
     "twisted": "twisted", "treq": "treq", "pyopenssl": "OpenSSL", "cryptography": "cryptography",
     "attrs": "attrs", "httptools": "httptools", "prometheus-client": "prometheus_client",
     "ruamel-yaml": "ruamel.yaml", "cattrs": "cattrs", "pyjwt": "jwt", "h2": "h2", "hyperframe": "hyperframe",
-    "hpack": "hpack",
+    "hpack": "hpack", "cffi": "cffi",
 }
 
 

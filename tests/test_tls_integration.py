@@ -585,6 +585,34 @@ class RotationTests(MutualTLSCase):
         self.assertTrue(proto.received.startswith(b"HTTP/1.1 200 OK\r\n"))
 
     @defer.inlineCallbacks
+    def test_resumptionAcrossRotation(self) -> Any:
+        """
+        C{openssl s_client} resumes its TLS 1.3 session (the tickets came with the
+        response) and the service sees the same verified client id in XFCC; once the
+        material rotates, the same session is refused: a full handshake, with the new
+        certificate.
+        """
+        session = os.path.join(self.mktemp() + "-session.pem")
+        request = b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        code, out = yield self.sClient("frontend", "-ign_eof", "-sess_out", session, stdin=request)
+        self.assertIn(b"New, TLSv1.3", out)
+        self.assertIn(b"HTTP/1.1 200 OK", out)
+        code, out = yield self.sClient("frontend", "-ign_eof", "-sess_in", session, stdin=request)
+        self.assertIn(b"Reused, TLSv1.3", out)
+        self.assertIn(b"HTTP/1.1 200 OK", out)
+        uri = f"URI={FRONTEND_ID}"
+        self.assertEqual(len(self.upstream.seen), 2)
+        self.assertEqual(self.upstream.xfcc(0), self.upstream.xfcc(1))
+        self.assertIn(uri, self.upstream.xfcc(1)[0])
+
+        new = self.mesh.newServer("backend2")
+        self.publish("backend2")
+        yield waitUntil(lambda: self.service.tls.context.rotations == 1, timeout=5)
+        code, out = yield self.sClient("frontend", "-ign_eof", "-sess_in", session, stdin=request)
+        self.assertIn(b"New, TLSv1.3", out)
+        self.assertEqual(serialFromOpenSSL(out), new.certificate.serial_number)
+
+    @defer.inlineCallbacks
     def test_corruptReplacement(self) -> Any:
         """
         A corrupt new certificate file is logged and ignored: the old certificate is
