@@ -400,6 +400,9 @@ class NgConnection:
         self._broken: Optional[str] = None
         self._invalid = False
         self._held = b""
+        #: Nothing is queued in nghttp2 for sure (the last data_to_send drained it, and
+        #: nothing was submitted or received since): data_to_send need not ask.
+        self._quiet = False
         #: Header lists packed lately, by their content (L{_nva}).
         self._nvCache: Dict[Tuple[Any, ...], Tuple[bytes, Any, int]] = {}
         self._pp = ffi.new("const char **")
@@ -597,6 +600,7 @@ class NgConnection:
         the concurrent streams) and open the connection's window to
         C{config.connectionWindow}.
         """
+        self._quiet = False
         config = self._config
         entries = [(_SETTINGS_INITIAL_WINDOW_SIZE, config.streamWindow),
                    (_SETTINGS_MAX_HEADER_LIST_SIZE, config.maxHeaderListSize),
@@ -619,6 +623,7 @@ class NgConnection:
         """
         if self._broken is not None:
             raise NgProtocolError(self._broken)
+        self._quiet = False
         events = self._events = []
         rv = self._recv(self._session, data, len(data))
         if rv < 0:
@@ -638,16 +643,22 @@ class NgConnection:
         """
         Every frame queued, serialised, as one string.
         """
+        held = self._held
+        if self._quiet and not held:
+            return b""
         send, session, pp, unpack = self._send, self._session, self._pp, self._unpack
         n = send(session, pp)
-        held = self._held
         if n <= 0 and not held:
+            self._quiet = n == 0
+            if n < 0:
+                self._broken = self._ffi.string(self._lib.nghttp2_strerror(n)).decode("ascii", "replace")
             return b""
         chunks = [held] if held else []
         self._held = b""
         while n > 0:
             chunks.append(unpack(pp[0], n))
             n = send(session, pp)
+        self._quiet = True
         if n < 0:
             # Fatal (a callback failed): the session is done; the next read says so.
             self._broken = self._ffi.string(self._lib.nghttp2_strerror(n)).decode("ascii", "replace")
@@ -664,6 +675,7 @@ class NgConnection:
         The request (client) or response (server) head of a stream, or its trailers
         when the head went before (they follow the DATA queued).
         """
+        self._quiet = False
         out = self._out.get(stream_id)
         if out is not None:
             out.trailers = headers
@@ -700,6 +712,7 @@ class NgConnection:
         out = self._out.get(stream_id)
         if out is None:
             return
+        self._quiet = False
         if data:
             out.chunks.append(data)
             n = len(data)
@@ -724,6 +737,7 @@ class NgConnection:
         """
         RST_STREAM; what the stream held is dropped.
         """
+        self._quiet = False
         out = self._out.pop(stream_id, None)
         if out is not None:
             self._buffered -= out.size
@@ -734,6 +748,7 @@ class NgConnection:
         The bytes of a DATA chunk were taken: give their window back (stream and
         connection; the connection only when the stream is gone).
         """
+        self._quiet = False
         self._lib.nghttp2_session_consume(self._session, stream_id, acknowledged_size)
 
     def local_flow_control_window(self, stream_id: int) -> int:
@@ -764,6 +779,7 @@ class NgConnection:
         """
         GOAWAY with C{error_code}; nghttp2 reads nothing more once it is sent.
         """
+        self._quiet = False
         lib = self._lib
         if last_stream_id is None:
             self._check(lib.nghttp2_session_terminate_session(self._session, int(error_code)))
@@ -827,6 +843,7 @@ class NgConnection:
         """
         End the connection with a GOAWAY (kept for L{data_to_send}) and raise.
         """
+        self._quiet = False
         lib = self._lib
         lib.nghttp2_session_terminate_session(self._session, code)
         try:
