@@ -392,6 +392,11 @@ class NgConnection:
         #: peer sent a WINDOW_UPDATE for it before its head went out (C{_early}).
         self._initialWindow = 65535
         self._early: Set[int] = set()
+        #: Streams whose reset the doors know of (theirs, the peer's, or reported).
+        self._reported: Set[int] = set()
+        #: Resets nghttp2 made while sending (a request body shorter than its
+        #: content-length): reported with the next events.
+        self._late: List[Any] = []
         self._nextStreamId = 1
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
@@ -469,6 +474,7 @@ class NgConnection:
                     self._connectionWindow = None
                 self._events.append(WindowUpdated(sid))
             elif kind == _RST_STREAM:
+                self._reported.add(hd.stream_id)
                 self._events.append(StreamReset(hd.stream_id, self._cast(frameType, hd).rst_stream.error_code))
             elif kind == _SETTINGS:
                 if not hd.flags & _FLAG_ACK:
@@ -492,6 +498,12 @@ class NgConnection:
             out = self._out.pop(sid, None)
             if out is not None:
                 self._buffered -= out.size
+            reported = self._reported
+            if code and (sid in self._seen or self.client) and sid not in reported:
+                # nghttp2 reset the stream on its own without telling (a body that
+                # does not match its content-length): tell the door or the upstream.
+                self._late.append(StreamReset(sid, code))
+            reported.discard(sid)
             self._seen.discard(sid)
             self._early.discard(sid)
             return 0
@@ -502,6 +514,7 @@ class NgConnection:
             self._headerBytes = 0
             sid = frame.stream_id
             if sid in self._seen or (sid and self.client):
+                self._reported.add(sid)
                 # nghttp2 resets the stream (a stream error, such as a header with CR,
                 # LF or NUL, or a connection-specific one): tell the door, or the
                 # upstream, whose stream it is even before its response.
@@ -624,17 +637,30 @@ class NgConnection:
         if self._broken is not None:
             raise NgProtocolError(self._broken)
         self._quiet = False
-        events = self._events = []
+        late = self._late
+        if late:
+            self._late = []
+            events = self._events = late
+        else:
+            events = self._events = []
         rv = self._recv(self._session, data, len(data))
         if rv < 0:
             self._fail(self._ffi.string(self._lib.nghttp2_strerror(rv)).decode("ascii", "replace"))
         if self._error is not None:
             error, self._error = self._error, None
             self._fail(error, _ENHANCE_YOUR_CALM)
+        # Serialise now what the bytes made nghttp2 queue (acknowledgements, resets):
+        # a stream it resets without a callback (a body that does not match its
+        # content-length) is closed as its RST_STREAM is serialised, and so reported
+        # with these events.  The door's flush writes it (no extra call into C: the
+        # flush finds the session drained).
+        self._held = self.data_to_send()
+        if self._late:
+            events += self._late
+            self._late = []
         if self._invalid:
             self._invalid = False
             # A frame was invalid: if nghttp2 ended the connection, say so.
-            self._held += self.data_to_send()
             if not self._lib.nghttp2_session_want_read(self._session):
                 raise NgProtocolError("the peer broke the protocol (GOAWAY sent)")
         return events
@@ -738,6 +764,7 @@ class NgConnection:
         RST_STREAM; what the stream held is dropped.
         """
         self._quiet = False
+        self._reported.add(stream_id)
         out = self._out.pop(stream_id, None)
         if out is not None:
             self._buffered -= out.size
