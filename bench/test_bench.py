@@ -76,6 +76,22 @@ def cell(
     )
 
 
+class InstructionCountTests(SynchronousTestCase):
+    """
+    L{bench.instructions} reads callgrind's output.
+    """
+
+    def test_totals(self) -> None:
+        """
+        The count is the C{totals:} line (the C{summary:} line of a dump made while
+        counting was off is 0); a file without one counts nothing.
+        """
+        from bench.instructions import instructionsFromOutput
+
+        self.assertEqual(instructionsFromOutput("events: Ir\nsummary: 0\ntotals: 253143957\n"), 253143957)
+        self.assertEqual(instructionsFromOutput("events: Ir\n"), 0)
+
+
 class WrkSummaryTests(SynchronousTestCase):
     """
     Reading what C{bench/wrk.lua} prints.

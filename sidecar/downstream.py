@@ -372,31 +372,26 @@ class DownstreamProtocol(Protocol):
         # Framing is ours, from the upstream codec's parse (never the service's header).
         length = head.contentLength
         if bodyForbidden(exchange.method, status):
-            if length is not None and status >= 200 and status != 204:
-                headers = headers + [(b"Content-Length", b"%d" % length)]
+            if status < 200 or status == 204:
+                length = None
         else:
             if length is None:
                 if exchange.version == "1.1":
-                    headers = headers + [(b"Transfer-Encoding", b"chunked")]
                     self._chunkedOut = True
                 else:
                     closing = True
-            else:
-                headers = headers + [(b"Content-Length", b"%d" % length)]
             stream = exchange.stream
             if stream is not None and self._producer is None and (length is None or length > BUFFER_SIZE):
                 # A body that may not fit one buffer: let a slow client pause the
                 # service.  (A smaller one is at most one buffer; no need.)
                 self._producer = stream
                 self.transport.registerProducer(stream, True)
-        if closing:
-            headers = headers + [(b"Connection", b"close")]
-        elif exchange.version == "1.0":
-            headers = headers + [(b"Connection", b"keep-alive")]
         exchange.mustClose = closing
         # Held until the body of the same upstream read, or the end of that read (see
         # L{flush}): one send instead of two for most responses.
-        self._head = http1.responseHead(status, reason, headers)
+        self._head = http1.responseHead(
+            status, reason, headers, length, self._chunkedOut,
+            b"close" if closing else b"keep-alive" if exchange.version == "1.0" else None)
 
     def flush(self) -> None:
         """

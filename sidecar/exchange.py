@@ -1133,6 +1133,7 @@ class Exchange:
             self.readingPaused = False
             self.door.resumeReading()
         door = self.door
+        grpc = self.grpc
         record = Record(
             self.start,
             engine.clock.seconds() - self.start,
@@ -1152,10 +1153,10 @@ class Exchange:
             door.clientAddress,
             door.peerPrincipal,
             door.mutualTLS,
-            self.grpc is not None,
+            grpc is not None,
             self.grpcStatus,
-            self.grpc.request.messages if self.grpc is not None else 0,
-            self.grpc.response.messages if self.grpc is not None else 0,
+            grpc.request.messages if grpc is not None else 0,
+            grpc.response.messages if grpc is not None else 0,
             door.direction,
             self.peer,
         )

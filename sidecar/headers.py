@@ -10,6 +10,8 @@ a reactor and shared by both front doors.
 
 from __future__ import annotations
 
+import functools
+
 import itertools
 import random
 import re
@@ -106,7 +108,17 @@ def validAuthority(value: bytes) -> bool:
     """
     Whether C{value} is a valid C{Host} header value (RFC 9112 3.2, RFC 3986 3.2.2-3):
     a host and an optional numeric port no larger than 65535.
+
+    The answers for short values are remembered (a service sees the same few hosts on
+    every request; checking one costs six times a cache hit); long ones, which would
+    make the cache's memory an attacker's to choose, are checked each time.
     """
+    if len(value) <= _REMEMBERED_AUTHORITY:
+        return _rememberedAuthority(value)
+    return _checkAuthority(value)
+
+
+def _checkAuthority(value: bytes) -> bool:
     if not value.translate(None, _PLAIN_AUTHORITY):
         # The common case, in a fraction of the regular expression's time.
         colon = value.find(b":")
@@ -119,6 +131,14 @@ def validAuthority(value: bytes) -> bool:
         return False
     port = match.group(1)
     return port is None or int(port) <= 65535
+
+
+#: The tokens of the commonest C{Connection} header, which names nothing to remove.
+_KEEP_ALIVE = [b"keep-alive"]
+
+#: The longest C{Host} value whose validity is remembered, and how many are.
+_REMEMBERED_AUTHORITY = 256
+_rememberedAuthority = functools.lru_cache(maxsize=1024)(_checkAuthority)
 
 
 #: Tokens a service's C{Connection} header may not nominate for removal: the proxy frames
@@ -451,7 +471,7 @@ def responseHead(headers: Headers, server: bytes) -> ResponseHead:
             upgrade = pair[1]
         elif kind == _PEER:
             peer = pair[1]
-    if connection:
+    if connection and connection != _KEEP_ALIVE:
         named = set(connection) - _RESPONSE_UNNOMINABLE
         if named:
             out = [(n, v) for (n, v) in out if n.lower() not in named]

@@ -43,11 +43,18 @@ def chunk(data: bytes) -> Tuple[bytes, bytes, bytes]:
     return (b"%x\r\n" % len(data), data, b"\r\n")
 
 
-def _serialise(parts: List[bytes], headers: Sequence[Header]) -> bytes:
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+#: C{name: value} from a header pair (the lines are joined in C, not in a Python loop).
+_line = b": ".join
+
+
+def _head(firstLine: bytes, headers: Sequence[Header], tail: bytes) -> bytes:
+    """
+    A head: C{firstLine} (with its CRLF), the header lines, then C{tail} (the lines the
+    proxy writes itself, each with its CRLF) and the blank line.
+    """
+    if headers:
+        return b"".join((firstLine, b"\r\n".join(map(_line, headers)), b"\r\n", tail, b"\r\n"))
+    return b"".join((firstLine, tail, b"\r\n"))
 
 
 def requestHead(method: bytes, target: bytes, headers: Sequence[Header],
@@ -59,21 +66,39 @@ def requestHead(method: bytes, target: bytes, headers: Sequence[Header],
     @param contentLength: the body length the proxy parsed, or C{None}.
     @param chunked: the body is sent chunked (it had no length the proxy knew).
     """
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     if chunked:
-        headers = list(headers) + [(b"Transfer-Encoding", b"chunked")]
+        tail = b"Transfer-Encoding: chunked\r\n"
     elif contentLength is not None:
-        headers = list(headers) + [(b"Content-Length", b"%d" % contentLength)]
-    return _serialise(parts, headers)
+        tail = b"Content-Length: %d\r\n" % contentLength
+    else:
+        tail = b""
+    return _head(b"%s %s HTTP/1.1\r\n" % (method, target), headers, tail)
 
 
-def responseHead(status: int, statusReason: bytes, headers: Sequence[Header]) -> bytes:
+def responseHead(status: int, statusReason: bytes, headers: Sequence[Header],
+                 contentLength: Optional[int] = None, chunked: bool = False,
+                 connection: Optional[bytes] = None) -> bytes:
     """
-    The head of a response to a client, always HTTP/1.1; C{headers} already carry the
-    framing and connection headers the front door chose.  An empty C{statusReason}
+    The head of a response to a client, always HTTP/1.1.  An empty C{statusReason}
     becomes the standard one.
+
+    @param headers: the headers after the forwarding rules, without framing or
+        connection headers.
+    @param contentLength: a C{Content-Length} to write (the proxy's own parse), or
+        C{None}.
+    @param chunked: write C{Transfer-Encoding: chunked} (the door re-chunks the body).
+    @param connection: a C{Connection} value to write (C{close}, C{keep-alive}), or
+        C{None}.
     """
-    return _serialise([b"HTTP/1.1 %d %s\r\n" % (status, statusReason or reason(status))], headers)
+    if chunked:
+        tail = b"Transfer-Encoding: chunked\r\n"
+    elif contentLength is not None:
+        tail = b"Content-Length: %d\r\n" % contentLength
+    else:
+        tail = b""
+    if connection is not None:
+        tail += b"Connection: %s\r\n" % connection
+    return _head(b"HTTP/1.1 %d %s\r\n" % (status, statusReason or reason(status)), headers, tail)
 
 
 def switchingProtocols(statusReason: bytes, headers: Sequence[Header], upgrade: bytes) -> bytes:

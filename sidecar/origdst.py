@@ -132,9 +132,19 @@ class PortEngine:
     engine's.
     """
 
-    def __init__(self, main: Any, pool: Any) -> None:
+    def __init__(self, main: Any, pool: Any, h2pool: Any = None, versions: Any = ()) -> None:
+        """
+        @param h2pool: the port's HTTP/2 pool (when the sidecar speaks HTTP/2 to
+            services), or C{None}.
+        @param versions: the request versions that go to C{h2pool} (the main engine's
+            C{poolByVersion} keys).
+        """
         self._main = main
         self.pool = pool
+        self.h2pool = h2pool
+        #: As L{sidecar.exchange.Engine.poolByVersion}, with this port's pools (the main
+        #: engine's would send HTTP/2 to the configured port, not the one dialled).
+        self.poolByVersion = {version: h2pool for version in versions} if h2pool is not None else {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._main, name)
@@ -157,11 +167,19 @@ class OriginalDestinations:
     @ivar engines: a L{PortEngine} per port.
     """
 
-    def __init__(self, reactor: Any, upstream: Any, engine: Any) -> None:
+    def __init__(self, reactor: Any, upstream: Any, engine: Any, h2: Any = None) -> None:
+        """
+        @param h2: the HTTP/2 settings (L{sidecar.config.H2Config}) when the sidecar
+            speaks HTTP/2 to services (each port then gets an HTTP/2 pool too, used for
+            the request versions the main engine sends over HTTP/2), else C{None}.
+        """
         self.reactor = reactor
         self.upstream = upstream
         self.engine = engine
+        self.h2 = h2
         self.pools: Dict[int, Any] = {}
+        #: The HTTP/2 pools by port (with C{h2}).
+        self.h2pools: Dict[int, Any] = {}
         self.engines: Dict[int, PortEngine] = {}
 
     def engineFor(self, port: int) -> PortEngine:
@@ -172,9 +190,15 @@ class OriginalDestinations:
         if engine is None:
             from sidecar.upstream import UpstreamPool
 
-            pool = UpstreamPool(self.reactor, self.reactor, attrs.evolve(self.upstream, port=port, original=False))
+            settings = attrs.evolve(self.upstream, port=port, original=False)
+            pool = UpstreamPool(self.reactor, self.reactor, settings)
             self.pools[port] = pool
-            engine = self.engines[port] = PortEngine(self.engine, pool)
+            h2pool = None
+            if self.h2 is not None:
+                from sidecar.h2upstream import H2UpstreamPool
+
+                h2pool = self.h2pools[port] = H2UpstreamPool(self.reactor, self.reactor, settings, self.h2)
+            engine = self.engines[port] = PortEngine(self.engine, pool, h2pool, tuple(self.engine.poolByVersion))
         return engine
 
     def totals(self, first: Any) -> PoolTotals:
@@ -188,14 +212,14 @@ class OriginalDestinations:
         """
         Close idle upstream connections in every pool (for the pool timer).
         """
-        for pool in list(self.pools.values()):
+        for pool in [*self.pools.values(), *self.h2pools.values()]:
             pool.sweep()
 
     def closeAll(self) -> None:
         """
         Close every pooled connection.
         """
-        for pool in list(self.pools.values()):
+        for pool in [*self.pools.values(), *self.h2pools.values()]:
             pool.closeAll()
 
 

@@ -175,7 +175,8 @@ class SidecarService(MultiService):
         self.tcp = TcpProxy(reactor, self.recorder, config.upstream.connectTimeout, config.clientIdleTimeout)
         self.originals = None
         if config.upstream.original:
-            self.originals = OriginalDestinations(reactor, config.upstream, self.engine)
+            self.originals = OriginalDestinations(reactor, config.upstream, self.engine,
+                                                  config.h2 if self.h2pool is not None else None)
             TimerService(max(config.upstream.idleTimeout / 2, 0.5), self.originals.sweep).setServiceParent(self)
         self._doors: dict = {}
         if config.listen is not None:
@@ -262,11 +263,7 @@ class SidecarService(MultiService):
             return self._h2DoorFactory(detector.destination, underTLS, detector.how == "declared").buildProtocol(
                 detector.addr)
 
-        routes = {HTTP1: http1, TCP: tcp, NO_ROUTE: refuse}
-        if not upstream.original:
-            # (With --upstream original there is no HTTP/2 pool per port dialled yet:
-            # HTTP/2 passes there as opaque TCP.)
-            routes[HTTP2] = http2
+        routes = {HTTP1: http1, HTTP2: http2, TCP: tcp, NO_ROUTE: refuse}
         if permissive:
             inner = self.tls.detectingServerFactory(self.detectingFactory(underTLS=True))
             routes[TLS] = lambda detector: inner.buildProtocol(detector.addr)
@@ -300,17 +297,19 @@ class SidecarService(MultiService):
 
     def _h2DoorFactory(self, destination: Any, underTLS: bool, declared: bool) -> Any:
         """
-        The HTTP/2 door's factory (not with C{--upstream original}); C{declared}: the
-        port is declared C{http2}/C{grpc}, so every request goes to the service over
-        HTTP/2 (when the sidecar has an HTTP/2 pool).
+        The HTTP/2 door's factory for a connection to C{destination}: one per port
+        dialled with C{--upstream original} (each on that port's pools), else one.
+        C{declared}: the port is declared C{http2}/C{grpc}, so every request goes to
+        the service over HTTP/2 (when the sidecar has an HTTP/2 pool).
         """
         from sidecar.h2door import H2ServerFactory
 
-        key = ("h2", underTLS, declared)
+        port = destination.port if self.originals is not None else None
+        key = ("h2", port, underTLS, declared)
         door = self._doors.get(key)
         if door is None:
-            engine = self.engine
-            pool = self.h2pool if declared else None
+            engine = self.engine if port is None else self.originals.engineFor(port)
+            pool = (self.h2pool if port is None else engine.h2pool) if declared else None
             if underTLS:
                 door = self.tls.h2Factory(engine, self.config.h2, pool)
             else:

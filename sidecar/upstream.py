@@ -126,22 +126,24 @@ class UpstreamConnection(Protocol):
         self.exchange = exchange
         self.reused = reused
         if self._parserClean:
+            # The last response ended by the parser's own reading: the state it left
+            # (head bytes, body, length, raw bytes) is already back at the start.
             self._parserClean = False
         else:
             self.parser = httptools.HttpResponseParser(self)
             # RFC 9112 2.2: a recipient MAY take a bare LF for a line end.  The head is
             # re-serialised with CRLF, so the client never sees one.
             self.parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+            self._headBytes = 0
+            self._inBody = False
+            self._eofBody = False
+            self._length = None
+            self._raw = 0
         self.responseStarted = False
-        self._headBytes = 0
         engine = exchange.engine
         self._maxHeadBytes = engine.maxResponseHeaderBytes
         self._maxHeaders = engine.maxResponseHeaders
         self._headOnly = exchange.method == b"HEAD"
-        self._inBody = False
-        self._eofBody = False
-        self._length = None
-        self._raw = 0
         req = exchange.req
         chunked = self._chunked = req.chunked
         parts = [http1.requestHead(exchange.method, req.target, req.headers, req.contentLength, chunked)]
@@ -247,21 +249,10 @@ class UpstreamConnection(Protocol):
             return
         if not self.responseStarted:
             self.responseStarted = True
-            if not data.startswith(b"HTTP/1.") and len(data) >= 7:
-                # llhttp takes "HTTP/2.0 200 OK" too; on an HTTP/1.1 connection it is
-                # not a response.
-                self._protocolError("not an HTTP/1.x status line")
-                return
-            if len(data) > 8 and data[7] in _LATER_MINOR and data[8] == 32:
-                # "HTTP/1.2 200 OK": RFC 9110 2.5, a later minor version of HTTP/1 is
-                # read as the highest one the recipient implements (llhttp refuses it).
-                # The status line is re-serialised as HTTP/1.1 anyway.
-                data = b"HTTP/1.1" + data[8:]
-            if len(data) > 9 and data[9] == 32:
-                # "HTTP/1.1  200 OK": more than one space before the status, which nginx
-                # and Envoy accept.  The status line is re-serialised, so the extra
-                # spaces can go before llhttp (which refuses them) reads it.
-                data = data[:9] + data[9:].lstrip(b" ")
+            if not data.startswith(b"HTTP/1.1 ") or (len(data) > 9 and data[9] == 32):
+                data = self._firstRead(data)
+                if data is None:
+                    return
         inHead = not self._inBody
         if inHead:
             self._headBytes += len(data)
@@ -293,6 +284,31 @@ class UpstreamConnection(Protocol):
                 self._raw = length - self._bodySeen
                 self._keepAlive = self.parser.should_keep_alive()
         exchange.upstreamReadDone()
+
+    def _firstRead(self, data: bytes) -> Optional[bytes]:
+        """
+        The first read of a response whose status line is not the plain
+        C{HTTP/1.1 NNN}: refuse what is not HTTP/1.x, and normalise what nginx and
+        Envoy accept and llhttp does not.
+
+        @return: the bytes to parse, or C{None} when the response was refused.
+        """
+        if not data.startswith(b"HTTP/1.") and len(data) >= 7:
+            # llhttp takes "HTTP/2.0 200 OK" too; on an HTTP/1.1 connection it is
+            # not a response.
+            self._protocolError("not an HTTP/1.x status line")
+            return None
+        if len(data) > 8 and data[7] in _LATER_MINOR and data[8] == 32:
+            # "HTTP/1.2 200 OK": RFC 9110 2.5, a later minor version of HTTP/1 is
+            # read as the highest one the recipient implements (llhttp refuses it).
+            # The status line is re-serialised as HTTP/1.1 anyway.
+            data = b"HTTP/1.1" + data[8:]
+        if len(data) > 9 and data[9] == 32:
+            # "HTTP/1.1  200 OK": more than one space before the status, which nginx
+            # and Envoy accept.  The status line is re-serialised, so the extra
+            # spaces can go before llhttp (which refuses them) reads it.
+            data = data[:9] + data[9:].lstrip(b" ")
+        return data
 
     def _rawBody(self, exchange: Exchange, data: bytes, remaining: int) -> None:
         """

@@ -814,9 +814,11 @@ class EveryPortPodTests(TestCase):
         the detection timeout), gRPC unary and streaming calls and HTTP requests to
         port 80, all sent from outside the pod at the same time, all succeed; HTTP
         is answered by the proxy at L7 (C{Server: amazing-proxy}, an HTTP record),
-        every other connection has a TCP record to 127.0.0.1 on the port dialled;
-        the TCP metrics' byte totals equal the records' and every connection opened
-        was closed.
+        and so is gRPC on its undeclared port (detected by the HTTP/2 preface: one
+        HTTP/2 record per call, to 127.0.0.1 on the port dialled, with its gRPC
+        status and message counts); every other connection has a TCP record to
+        127.0.0.1 on the port dialled; the TCP metrics' byte totals equal the
+        records' and every connection opened was closed.
         """
         return deferToThread(self._everyProtocol)
 
@@ -859,18 +861,19 @@ class EveryPortPodTests(TestCase):
         http = self.records(lambda r: r["protocol"] == "HTTP/1.1", 5)
         self.assertEqual(sorted(r["path"] for r in http), [f"/anything/{i}" for i in range(5)])
         self.assertEqual({r["upstream_host"] for r in http}, {f"127.0.0.1:{SERVICE_PORT}"})
-        # redis-py (1), MONITOR (2), the raw exchange (1), SMTP (1), gRPC (1).
-        tcp = self.records(lambda r: r["protocol"] == "tcp", 6)
-        self.assertEqual(len(tcp), 6, tcp)
+        grpc = self.records(lambda r: r["protocol"] == "HTTP/2", 2)
+        self.assertEqual(sorted((r["upstream_host"], r["grpc_status"], r["response_messages"]) for r in grpc),
+                         [(f"127.0.0.1:{GRPC_PORT}", "0", 1), (f"127.0.0.1:{GRPC_PORT}", "0", 50)])
+        # redis-py (1), MONITOR (2), the raw exchange (1), SMTP (1).
+        tcp = self.records(lambda r: r["protocol"] == "tcp", 5)
+        self.assertEqual(len(tcp), 5, tcp)
         self.assertEqual(sorted(r["upstream_host"] for r in tcp),
-                         [f"127.0.0.1:{p}" for p in (SMTP_PORT, GRPC_PORT, REDIS_PORT, REDIS_PORT, REDIS_PORT,
-                                                    REDIS_PORT)])
+                         [f"127.0.0.1:{p}" for p in (SMTP_PORT, REDIS_PORT, REDIS_PORT, REDIS_PORT, REDIS_PORT)])
         self.assertEqual({r["response_flags"] for r in tcp}, {"-"})
         sent, received = results["exact"]
         self.assertEqual([(r["bytes_received"], r["bytes_sent"]) for r in tcp if r["bytes_received"] == sent],
                          [(sent, received)])
         self.assertEqual({r["detected"] for r in tcp if r["upstream_host"].endswith(f":{SMTP_PORT}")}, {"timeout"})
-        self.assertEqual({r["detected"] for r in tcp if r["upstream_host"].endswith(f":{GRPC_PORT}")}, {"http2"})
         self.assertGreater(max(r["bytes_received"] for r in tcp), 10 * 1024 * 1024)
         self.assertIn(b"Subject: via sidecar", self.smtpLog.getContent())
 
@@ -878,8 +881,11 @@ class EveryPortPodTests(TestCase):
         text = body.decode()
         self.assertEqual(tcpTotal(text, "istio_tcp_received_bytes_total"), sum(r["bytes_received"] for r in tcp))
         self.assertEqual(tcpTotal(text, "istio_tcp_sent_bytes_total"), sum(r["bytes_sent"] for r in tcp))
-        self.assertEqual(tcpTotal(text, "istio_tcp_connections_opened_total"), 6)
-        self.assertEqual(tcpTotal(text, "istio_tcp_connections_closed_total"), 6)
+        self.assertEqual(tcpTotal(text, "istio_tcp_connections_opened_total"), 5)
+        self.assertEqual(tcpTotal(text, "istio_tcp_connections_closed_total"), 5)
+        self.assertEqual([float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("istio_requests_total{") and 'request_protocol="grpc"' in line
+                          and 'grpc_response_status="0"' in line], [2.0])
 
     def test_ipv6AndIPv4OnOneDualStackListener(self):
         """
