@@ -279,12 +279,15 @@ class TrailersReceived:
 
 
 class DataReceived:
-    __slots__ = ("stream_id", "data", "flow_controlled_length")
+    __slots__ = ("stream_id", "data", "flow_controlled_length", "parts")
 
     def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
         self.stream_id = stream_id
         self.data = data
         self.flow_controlled_length = flow_controlled_length
+        #: The chunks of the DATA frames of one read merged into this event, joined
+        #: into C{data} before the read returns.
+        self.parts: Optional[List[bytes]] = None
 
 
 class StreamEnded:
@@ -361,11 +364,12 @@ class NgConnection:
     One HTTP/2 connection, either side, on an nghttp2 session: the subset of h2's
     C{H2Connection} the doors use (see the module docstring).
 
-    @ivar max_outbound_frame_size: the largest DATA payload nghttp2 writes (16 KiB,
-        whatever larger C{SETTINGS_MAX_FRAME_SIZE} the peer allows).
+    @ivar max_outbound_frame_size: the most body bytes the doors hand over in one
+        L{send_data} (nghttp2 cuts them into DATA frames of 16 KiB itself, so the
+        doors need not, nor copy each piece).
     """
 
-    max_outbound_frame_size = 16384
+    max_outbound_frame_size = 1024 * 1024
     #: The never-indexed header class L{sidecar.h2wire.requestHeaders} builds.
     neverIndexed = NeverIndexed
 
@@ -397,6 +401,8 @@ class NgConnection:
         #: Resets nghttp2 made while sending (a request body shorter than its
         #: content-length): reported with the next events.
         self._late: List[Any] = []
+        #: DataReceived events of this read that merged several chunks.
+        self._merged: List[Any] = []
         self._nextStreamId = 1
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
@@ -491,7 +497,20 @@ class NgConnection:
             return 0
 
         def dataChunk(session: Any, flags: int, sid: int, data: Any, length: int, user: Any) -> int:
-            self._events.append(DataReceived(sid, unpack(data, length), length))
+            events = self._events
+            if events:
+                last = events[-1]
+                if last.__class__ is DataReceived and last.stream_id == sid:
+                    # The next DATA frame of the same stream in this read (a download
+                    # comes as 8 KiB frames): one event for the engine, not one each.
+                    parts = last.parts
+                    if parts is None:
+                        parts = last.parts = [last.data]
+                        self._merged.append(last)
+                    parts.append(unpack(data, length))
+                    last.flow_controlled_length += length
+                    return 0
+            events.append(DataReceived(sid, unpack(data, length), length))
             return 0
 
         def streamClose(session: Any, sid: int, code: int, user: Any) -> int:
@@ -649,6 +668,12 @@ class NgConnection:
         if self._error is not None:
             error, self._error = self._error, None
             self._fail(error, _ENHANCE_YOUR_CALM)
+        merged = self._merged
+        if merged:
+            for event in merged:
+                event.data = b"".join(event.parts)
+                event.parts = None
+            merged.clear()
         # Serialise now what the bytes made nghttp2 queue (acknowledgements, resets):
         # a stream it resets without a callback (a body that does not match its
         # content-length) is closed as its RST_STREAM is serialised, and so reported

@@ -115,6 +115,22 @@ class ServerTests(unittest.SynchronousTestCase):
         self.assertEqual(pair.oursOf(ng.TrailersReceived, 1)[0].headers, [(b"x-checksum", b"1")])
         self.assertEqual(len(pair.oursOf(ng.StreamEnded, 1)), 1)
 
+    def test_dataOfOneRead(self) -> None:
+        """
+        The DATA frames of one stream that arrive in one read, one after the other,
+        are one L{ng.DataReceived} (their bytes joined, their lengths added); a frame
+        of another stream between them keeps them apart.
+        """
+        pair = Pair(client=False)
+        pair.peer.send_headers(1, REQUEST)
+        pair.peer.send_headers(3, REQUEST)
+        pair.pump()
+        for sid, data in ((1, b"a" * 8192), (1, b"b" * 8192), (3, b"c"), (1, b"d"), (1, b"e")):
+            pair.peer.send_data(sid, data)
+        events = pair.ours.receive_data(pair.peer.data_to_send())
+        self.assertEqual([(e.stream_id, e.data, e.flow_controlled_length) for e in events],
+                         [(1, b"a" * 8192 + b"b" * 8192, 16384), (3, b"c", 1), (1, b"de", 2)])
+
     def test_endedByHeaders(self) -> None:
         """
         A request whose HEADERS end the stream says so on its event (C{stream_ended}),
