@@ -37,7 +37,9 @@ so both codecs serve the same doors.  Where they differ:
     (C{nghttp2_option_set_stream_reset_rate_limit}: 1,000 at once, then 33 a second).
 
 Cost, per frame: one cffi callback per received header field and per frame,
-one per DATA chunk received, one per DATA frame sent; the outbound frames of a
+one per DATA chunk received, one per DATA frame sent (the chunks of one stream in
+one read are merged into one L{DataReceived}, and the doors hand body bytes over
+whole, up to L{NgConnection.max_outbound_frame_size}); the outbound frames of a
 turn leave in one C{data_to_send()} (a loop of C{nghttp2_session_mem_send}).
 Header lists go to C{nghttp2_submit_*} as one packed C{nghttp2_nv[]} built by
 C{struct.pack} over one joined buffer, not field by field.
