@@ -149,7 +149,7 @@ class H2StreamDoor:
         self.dataSent = True
         tail = self.tail
         if tail:
-            if len(tail) + len(data) <= self.conn.h2.max_outbound_frame_size:
+            if len(tail) + len(data) <= _COALESCE:
                 # Two small upstream frames (nginx sends 8 KiB ones) make one DATA frame.
                 self.tail = tail + data
                 return
@@ -305,6 +305,10 @@ class H2StreamDoor:
         self.conn.streamClosed(self)
         self.conn.touched()
 
+
+#: Body pieces are joined while they fit one DATA frame of the usual 16 KiB (nginx
+#: sends 8 KiB frames); larger ones go as they are.
+_COALESCE = 16384
 
 _LOCAL_FRAMING = frozenset([b"content-length", b"transfer-encoding", b"connection", b"server", b"keep-alive",
                             b"upgrade", b"proxy-connection"])

@@ -37,7 +37,9 @@ so both codecs serve the same doors.  Where they differ:
     (C{nghttp2_option_set_stream_reset_rate_limit}: 1,000 at once, then 33 a second).
 
 Cost, per frame: one cffi callback per received header field and per frame,
-one per DATA chunk received, one per DATA frame sent; the outbound frames of a
+one per DATA chunk received, one per DATA frame sent (the chunks of one stream in
+one read are merged into one L{DataReceived}, and the doors hand body bytes over
+whole, up to L{NgConnection.max_outbound_frame_size}); the outbound frames of a
 turn leave in one C{data_to_send()} (a loop of C{nghttp2_session_mem_send}).
 Header lists go to C{nghttp2_submit_*} as one packed C{nghttp2_nv[]} built by
 C{struct.pack} over one joined buffer, not field by field.
@@ -279,12 +281,15 @@ class TrailersReceived:
 
 
 class DataReceived:
-    __slots__ = ("stream_id", "data", "flow_controlled_length")
+    __slots__ = ("stream_id", "data", "flow_controlled_length", "parts")
 
     def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
         self.stream_id = stream_id
         self.data = data
         self.flow_controlled_length = flow_controlled_length
+        #: The chunks of the DATA frames of one read merged into this event, joined
+        #: into C{data} before the read returns.
+        self.parts: Optional[List[bytes]] = None
 
 
 class StreamEnded:
@@ -361,11 +366,12 @@ class NgConnection:
     One HTTP/2 connection, either side, on an nghttp2 session: the subset of h2's
     C{H2Connection} the doors use (see the module docstring).
 
-    @ivar max_outbound_frame_size: the largest DATA payload nghttp2 writes (16 KiB,
-        whatever larger C{SETTINGS_MAX_FRAME_SIZE} the peer allows).
+    @ivar max_outbound_frame_size: the most body bytes the doors hand over in one
+        L{send_data} (nghttp2 cuts them into DATA frames of 16 KiB itself, so the
+        doors need not, nor copy each piece).
     """
 
-    max_outbound_frame_size = 16384
+    max_outbound_frame_size = 1024 * 1024
     #: The never-indexed header class L{sidecar.h2wire.requestHeaders} builds.
     neverIndexed = NeverIndexed
 
@@ -392,6 +398,13 @@ class NgConnection:
         #: peer sent a WINDOW_UPDATE for it before its head went out (C{_early}).
         self._initialWindow = 65535
         self._early: Set[int] = set()
+        #: Streams whose reset the doors know of (theirs, the peer's, or reported).
+        self._reported: Set[int] = set()
+        #: Resets nghttp2 made while sending (a request body shorter than its
+        #: content-length): reported with the next events.
+        self._late: List[Any] = []
+        #: DataReceived events of this read that merged several chunks.
+        self._merged: List[Any] = []
         self._nextStreamId = 1
         #: Streams whose first HEADERS (request, or final response) arrived.
         self._seen: Set[int] = set()
@@ -400,6 +413,9 @@ class NgConnection:
         self._broken: Optional[str] = None
         self._invalid = False
         self._held = b""
+        #: Nothing is queued in nghttp2 for sure (the last data_to_send drained it, and
+        #: nothing was submitted or received since): data_to_send need not ask.
+        self._quiet = False
         #: Header lists packed lately, by their content (L{_nva}).
         self._nvCache: Dict[Tuple[Any, ...], Tuple[bytes, Any, int]] = {}
         self._pp = ffi.new("const char **")
@@ -466,6 +482,7 @@ class NgConnection:
                     self._connectionWindow = None
                 self._events.append(WindowUpdated(sid))
             elif kind == _RST_STREAM:
+                self._reported.add(hd.stream_id)
                 self._events.append(StreamReset(hd.stream_id, self._cast(frameType, hd).rst_stream.error_code))
             elif kind == _SETTINGS:
                 if not hd.flags & _FLAG_ACK:
@@ -482,13 +499,32 @@ class NgConnection:
             return 0
 
         def dataChunk(session: Any, flags: int, sid: int, data: Any, length: int, user: Any) -> int:
-            self._events.append(DataReceived(sid, unpack(data, length), length))
+            events = self._events
+            if events:
+                last = events[-1]
+                if last.__class__ is DataReceived and last.stream_id == sid:
+                    # The next DATA frame of the same stream in this read (a download
+                    # comes as 8 KiB frames): one event for the engine, not one each.
+                    parts = last.parts
+                    if parts is None:
+                        parts = last.parts = [last.data]
+                        self._merged.append(last)
+                    parts.append(unpack(data, length))
+                    last.flow_controlled_length += length
+                    return 0
+            events.append(DataReceived(sid, unpack(data, length), length))
             return 0
 
         def streamClose(session: Any, sid: int, code: int, user: Any) -> int:
             out = self._out.pop(sid, None)
             if out is not None:
                 self._buffered -= out.size
+            reported = self._reported
+            if code and (sid in self._seen or self.client) and sid not in reported:
+                # nghttp2 reset the stream on its own without telling (a body that
+                # does not match its content-length): tell the door or the upstream.
+                self._late.append(StreamReset(sid, code))
+            reported.discard(sid)
             self._seen.discard(sid)
             self._early.discard(sid)
             return 0
@@ -499,6 +535,7 @@ class NgConnection:
             self._headerBytes = 0
             sid = frame.stream_id
             if sid in self._seen or (sid and self.client):
+                self._reported.add(sid)
                 # nghttp2 resets the stream (a stream error, such as a header with CR,
                 # LF or NUL, or a connection-specific one): tell the door, or the
                 # upstream, whose stream it is even before its response.
@@ -597,6 +634,7 @@ class NgConnection:
         the concurrent streams) and open the connection's window to
         C{config.connectionWindow}.
         """
+        self._quiet = False
         config = self._config
         entries = [(_SETTINGS_INITIAL_WINDOW_SIZE, config.streamWindow),
                    (_SETTINGS_MAX_HEADER_LIST_SIZE, config.maxHeaderListSize),
@@ -619,17 +657,37 @@ class NgConnection:
         """
         if self._broken is not None:
             raise NgProtocolError(self._broken)
-        events = self._events = []
+        self._quiet = False
+        late = self._late
+        if late:
+            self._late = []
+            events = self._events = late
+        else:
+            events = self._events = []
         rv = self._recv(self._session, data, len(data))
         if rv < 0:
             self._fail(self._ffi.string(self._lib.nghttp2_strerror(rv)).decode("ascii", "replace"))
         if self._error is not None:
             error, self._error = self._error, None
             self._fail(error, _ENHANCE_YOUR_CALM)
+        merged = self._merged
+        if merged:
+            for event in merged:
+                event.data = b"".join(event.parts)
+                event.parts = None
+            merged.clear()
+        # Serialise now what the bytes made nghttp2 queue (acknowledgements, resets):
+        # a stream it resets without a callback (a body that does not match its
+        # content-length) is closed as its RST_STREAM is serialised, and so reported
+        # with these events.  The door's flush writes it (no extra call into C: the
+        # flush finds the session drained).
+        self._held = self.data_to_send()
+        if self._late:
+            events += self._late
+            self._late = []
         if self._invalid:
             self._invalid = False
             # A frame was invalid: if nghttp2 ended the connection, say so.
-            self._held += self.data_to_send()
             if not self._lib.nghttp2_session_want_read(self._session):
                 raise NgProtocolError("the peer broke the protocol (GOAWAY sent)")
         return events
@@ -638,16 +696,22 @@ class NgConnection:
         """
         Every frame queued, serialised, as one string.
         """
+        held = self._held
+        if self._quiet and not held:
+            return b""
         send, session, pp, unpack = self._send, self._session, self._pp, self._unpack
         n = send(session, pp)
-        held = self._held
         if n <= 0 and not held:
+            self._quiet = n == 0
+            if n < 0:
+                self._broken = self._ffi.string(self._lib.nghttp2_strerror(n)).decode("ascii", "replace")
             return b""
         chunks = [held] if held else []
         self._held = b""
         while n > 0:
             chunks.append(unpack(pp[0], n))
             n = send(session, pp)
+        self._quiet = True
         if n < 0:
             # Fatal (a callback failed): the session is done; the next read says so.
             self._broken = self._ffi.string(self._lib.nghttp2_strerror(n)).decode("ascii", "replace")
@@ -664,6 +728,7 @@ class NgConnection:
         The request (client) or response (server) head of a stream, or its trailers
         when the head went before (they follow the DATA queued).
         """
+        self._quiet = False
         out = self._out.get(stream_id)
         if out is not None:
             out.trailers = headers
@@ -700,6 +765,7 @@ class NgConnection:
         out = self._out.get(stream_id)
         if out is None:
             return
+        self._quiet = False
         if data:
             out.chunks.append(data)
             n = len(data)
@@ -724,6 +790,8 @@ class NgConnection:
         """
         RST_STREAM; what the stream held is dropped.
         """
+        self._quiet = False
+        self._reported.add(stream_id)
         out = self._out.pop(stream_id, None)
         if out is not None:
             self._buffered -= out.size
@@ -734,6 +802,7 @@ class NgConnection:
         The bytes of a DATA chunk were taken: give their window back (stream and
         connection; the connection only when the stream is gone).
         """
+        self._quiet = False
         self._lib.nghttp2_session_consume(self._session, stream_id, acknowledged_size)
 
     def local_flow_control_window(self, stream_id: int) -> int:
@@ -764,6 +833,7 @@ class NgConnection:
         """
         GOAWAY with C{error_code}; nghttp2 reads nothing more once it is sent.
         """
+        self._quiet = False
         lib = self._lib
         if last_stream_id is None:
             self._check(lib.nghttp2_session_terminate_session(self._session, int(error_code)))
@@ -827,6 +897,7 @@ class NgConnection:
         """
         End the connection with a GOAWAY (kept for L{data_to_send}) and raise.
         """
+        self._quiet = False
         lib = self._lib
         lib.nghttp2_session_terminate_session(self._session, code)
         try:

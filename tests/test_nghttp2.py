@@ -115,6 +115,22 @@ class ServerTests(unittest.SynchronousTestCase):
         self.assertEqual(pair.oursOf(ng.TrailersReceived, 1)[0].headers, [(b"x-checksum", b"1")])
         self.assertEqual(len(pair.oursOf(ng.StreamEnded, 1)), 1)
 
+    def test_dataOfOneRead(self) -> None:
+        """
+        The DATA frames of one stream that arrive in one read, one after the other,
+        are one L{ng.DataReceived} (their bytes joined, their lengths added); a frame
+        of another stream between them keeps them apart.
+        """
+        pair = Pair(client=False)
+        pair.peer.send_headers(1, REQUEST)
+        pair.peer.send_headers(3, REQUEST)
+        pair.pump()
+        for sid, data in ((1, b"a" * 8192), (1, b"b" * 8192), (3, b"c"), (1, b"d"), (1, b"e")):
+            pair.peer.send_data(sid, data)
+        events = pair.ours.receive_data(pair.peer.data_to_send())
+        self.assertEqual([(e.stream_id, e.data, e.flow_controlled_length) for e in events],
+                         [(1, b"a" * 8192 + b"b" * 8192, 16384), (3, b"c", 1), (1, b"de", 2)])
+
     def test_endedByHeaders(self) -> None:
         """
         A request whose HEADERS end the stream says so on its event (C{stream_ended}),
@@ -264,6 +280,41 @@ class ServerTests(unittest.SynchronousTestCase):
         frame.flags.add("END_STREAM")
         self.assertEqual([type(e) for e in pair.ours.receive_data(frame.serialize())],
                          [ng.RequestReceived, ng.StreamEnded])
+
+    def test_bodyShorterThanItsLength(self) -> None:
+        """
+        A request body shorter than its C{content-length} makes nghttp2 reset the
+        stream (PROTOCOL_ERROR) without a callback of its own; the door is told by a
+        L{ng.StreamReset} among the same read's events, once, and never gets the end
+        of the request.
+        """
+        pair = Pair(client=False)
+        pair.peer.send_headers(1, REQUEST + [(b"content-length", b"5")])
+        pair.peer.send_data(1, b"abc", end_stream=True)
+        events = pair.ours.receive_data(pair.peer.data_to_send())
+        self.assertEqual([(type(e), e.stream_id) for e in events],
+                         [(ng.RequestReceived, 1), (ng.DataReceived, 1), (ng.StreamReset, 1)])
+        self.assertEqual(events[-1].error_code, ErrorCodes.PROTOCOL_ERROR)
+        [reset] = parseFrames(pair.ours.data_to_send())
+        self.assertEqual((type(reset), reset.error_code), (RstStreamFrame, ErrorCodes.PROTOCOL_ERROR))
+        pair.peer.ping(b"87654321")
+        self.assertEqual(pair.ours.receive_data(pair.peer.data_to_send()), [])
+
+    def test_noLateResetForKnownResets(self) -> None:
+        """
+        Streams reset by the door, or by the client, are not reported again when
+        nghttp2 closes them.
+        """
+        pair = Pair(client=False)
+        pair.peer.send_headers(1, REQUEST)
+        pair.peer.send_headers(3, REQUEST)
+        pair.pump()
+        pair.ours.reset_stream(1, ErrorCodes.CANCEL)
+        pair.peer.reset_stream(3, ErrorCodes.CANCEL)
+        pair.pump()
+        pair.peer.ping(b"12345678")
+        pair.pump()
+        self.assertEqual([e.stream_id for e in pair.oursOf(ng.StreamReset)], [3])
 
     def test_headerListLimit(self) -> None:
         """
