@@ -422,8 +422,7 @@ class DownstreamProtocol(Protocol):
         self.activity += 1
         exchange = self._parsing
         if exchange is not None:
-            exchange.activity += 1
-            exchange.bytesReceived += size
+            exchange.requestBodySpliced(size)
 
     def _requestPipeEmptied(self) -> None:
         """

@@ -588,6 +588,16 @@ class Exchange:
             self.readingPaused = True
             self.door.pauseReading()
 
+    def requestBodySpliced(self, size: int) -> None:
+        """
+        C{size} bytes of the request body went from the client's socket to the
+        service's in the kernel (L{sidecar.tcp.KernelPath}): counted as bytes passed
+        through L{requestBody} are, and no filter or gRPC count wanted them (the door
+        splices only then).
+        """
+        self.activity += 1
+        self.bytesReceived += size
+
     def requestComplete(self) -> None:
         """
         The client's request (head and body) has all arrived.
@@ -777,6 +787,14 @@ class Exchange:
         if self.grpc is not None:
             self.grpc.response.feed(data)
         self.door.writeBody(data)
+
+    def responseBodySpliced(self, size: int) -> None:
+        """
+        C{size} bytes of the response body went from the service's socket to the
+        client's in the kernel: counted as bytes passed through L{responseBody} are.
+        """
+        self.activity += 1
+        self.bytesSent += size
 
     def upstreamReadDone(self) -> None:
         """

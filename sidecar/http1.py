@@ -57,6 +57,17 @@ def _head(firstLine: bytes, headers: Sequence[Header], tail: bytes) -> bytes:
     return b"".join((firstLine, tail, b"\r\n"))
 
 
+def _framing(contentLength: Optional[int], chunked: bool) -> bytes:
+    """
+    The framing line of a head, from the proxy's own parse: chunked, a length, or none.
+    """
+    if chunked:
+        return b"Transfer-Encoding: chunked\r\n"
+    if contentLength is not None:
+        return b"Content-Length: %d\r\n" % contentLength
+    return b""
+
+
 def requestHead(method: bytes, target: bytes, headers: Sequence[Header],
                 contentLength: Optional[int], chunked: bool) -> bytes:
     """
@@ -66,13 +77,7 @@ def requestHead(method: bytes, target: bytes, headers: Sequence[Header],
     @param contentLength: the body length the proxy parsed, or C{None}.
     @param chunked: the body is sent chunked (it had no length the proxy knew).
     """
-    if chunked:
-        tail = b"Transfer-Encoding: chunked\r\n"
-    elif contentLength is not None:
-        tail = b"Content-Length: %d\r\n" % contentLength
-    else:
-        tail = b""
-    return _head(b"%s %s HTTP/1.1\r\n" % (method, target), headers, tail)
+    return _head(b"%s %s HTTP/1.1\r\n" % (method, target), headers, _framing(contentLength, chunked))
 
 
 def responseHead(status: int, statusReason: bytes, headers: Sequence[Header],
@@ -90,12 +95,7 @@ def responseHead(status: int, statusReason: bytes, headers: Sequence[Header],
     @param connection: a C{Connection} value to write (C{close}, C{keep-alive}), or
         C{None}.
     """
-    if chunked:
-        tail = b"Transfer-Encoding: chunked\r\n"
-    elif contentLength is not None:
-        tail = b"Content-Length: %d\r\n" % contentLength
-    else:
-        tail = b""
+    tail = _framing(contentLength, chunked)
     if connection is not None:
         tail += b"Connection: %s\r\n" % connection
     return _head(b"HTTP/1.1 %d %s\r\n" % (status, statusReason or reason(status)), headers, tail)

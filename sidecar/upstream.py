@@ -389,8 +389,7 @@ class UpstreamConnection(Protocol):
         self._raw -= size
         exchange = self.exchange
         if exchange is not None:
-            exchange.activity += 1
-            exchange.bytesSent += size
+            exchange.responseBodySpliced(size)
 
     def _pipeEmptied(self) -> None:
         """
