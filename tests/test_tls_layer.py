@@ -411,21 +411,22 @@ class ChainTests(unittest.TestCase):
         os.makedirs(self.directory)
         now = datetime.datetime.now(datetime.timezone.utc)
         self.root = makeCA("cluster.local", now)
+        def authority(name: x509.Name, key: Any, issuerName: x509.Name, issuerKey: Any, serial: int,
+                      pathLength: int) -> x509.Certificate:
+            return (x509.CertificateBuilder().subject_name(name).issuer_name(issuerName)
+                    .public_key(key.public_key()).serial_number(serial)
+                    .not_valid_before(now - datetime.timedelta(hours=1))
+                    .not_valid_after(now + datetime.timedelta(days=1))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=pathLength), critical=True)
+                    .sign(issuerKey, hashes.SHA256()))
+
         # A root that may sign CAs, and an intermediate under it.
         rootKey = newKey()
         rootName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain root")])
-        root = (x509.CertificateBuilder().subject_name(rootName).issuer_name(rootName)
-                .public_key(rootKey.public_key()).serial_number(1)
-                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-                .sign(rootKey, hashes.SHA256()))
+        root = authority(rootName, rootKey, rootName, rootKey, 1, 1)
         middleKey = newKey()
         middleName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain intermediate")])
-        middle = (x509.CertificateBuilder().subject_name(middleName).issuer_name(rootName)
-                  .public_key(middleKey.public_key()).serial_number(2)
-                  .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-                  .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                  .sign(rootKey, hashes.SHA256()))
+        middle = authority(middleName, middleKey, rootName, rootKey, 2, 0)
         from sidecar.certs import Issued
 
         self.chainRoot = Issued(root, rootKey)
