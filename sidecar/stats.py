@@ -6,7 +6,8 @@ on the hot path.  Formatting (Prometheus, JSON, log lines) happens when someone 
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from operator import attrgetter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from sidecar.record import Record
@@ -39,6 +40,22 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
+
+    def observeAll(self, values: List[float]) -> None:
+        """
+        Count many observations (sorts C{values}): as L{observe} on each, with one
+        bisect per bound instead of one per value.
+        """
+        values.sort()
+        counts = self.counts
+        below = 0
+        for i, bound in enumerate(self.bounds):
+            upTo = bisect_right(values, bound, below)
+            counts[i] += upTo - below
+            below = upTo
+        counts[-1] += len(values) - below
+        self.sum += sum(values)
+        self.count += len(values)
 
     def cumulative(self) -> List[Tuple[float, int]]:
         """
@@ -97,6 +114,17 @@ class TcpSeries:
 TcpKey = Tuple[str, str, bool, str, object]
 
 
+#: A record's labels, as L{Recorder.fold} groups them: L{SeriesKey}'s fields with the
+#: protocol as recorded, then whether it was a gRPC call.
+_labelsOf = attrgetter("protocol", "status", "flags", "downstreamPeerPrincipal", "mutualTLS", "direction",
+                       "peer", "grpcStatus", "grpc")
+_duration = attrgetter("duration")
+_bytesReceived = attrgetter("bytesReceived")
+_bytesSent = attrgetter("bytesSent")
+_requestMessages = attrgetter("requestMessages")
+_responseMessages = attrgetter("responseMessages")
+
+
 class Recorder:
     """
     Aggregates L{Record}s and passes each to the access log.
@@ -107,15 +135,21 @@ class Recorder:
     @ivar sinks: callables given every record (the access log).
     """
 
+    #: Records counted in one batch at most: L{record} folds them into the series
+    #: when this many wait (or when someone reads, whichever comes first).
+    FOLD_EVERY = 1024
+
     def __init__(self, sinks: Sequence[Callable[[Record], None]] = ()) -> None:
-        self.series: Dict[SeriesKey, Series] = {}
+        self._series: Dict[SeriesKey, Series] = {}
+        #: Records not yet folded into L{series}.
+        self._unfolded: List[Record] = []
+        self._bytesReceived = 0
+        self._bytesSent = 0
+        self._last: Optional[Record] = None
         self.sinks = list(sinks)
         self.downstreamConnectionsActive = 0
         self.downstreamConnectionsTotal = 0
         self.requestsActive = 0
-        self.downstreamBytesReceived = 0
-        self.downstreamBytesSent = 0
-        self.lastRecord: Optional[Record] = None
         #: Opaque TCP connections by L{TcpKey} (see L{sidecar.tcp}).
         self.tcp: Dict[TcpKey, TcpSeries] = {}
         #: Callables given every TCP record (the access log's TCP formatter).
@@ -124,35 +158,89 @@ class Recorder:
 
     def record(self, rec: Record) -> None:
         """
-        Count one finished exchange.  This is on the hot path: a dict lookup, three
-        bisects (L{Histogram.observe}, inlined) and the sinks.
+        Count one finished exchange and pass it to the sinks.  This is on the hot path:
+        the record waits in a list, and its counts are added in batches (L{fold}) when
+        the series are read or L{FOLD_EVERY} records wait, in C-level passes over the
+        batch instead of a dict lookup, three bisects and six additions per request.
         """
-        key = ("grpc" if rec.grpc else rec.protocol, rec.status, rec.flags, rec.downstreamPeerPrincipal,
-               rec.mutualTLS, rec.direction, rec.peer, rec.grpcStatus)
-        series = self.series.get(key)
-        if series is None:
-            series = self.series[key] = Series()
-        series.requests += 1
-        if rec.grpc:
-            series.requestMessages += rec.requestMessages
-            series.responseMessages += rec.responseMessages
-        histogram, value = series.duration, rec.duration * 1000.0
-        histogram.counts[bisect_left(histogram.bounds, value)] += 1
-        histogram.sum += value
-        histogram.count += 1
-        histogram, value = series.requestBytes, rec.bytesReceived
-        histogram.counts[bisect_left(histogram.bounds, value)] += 1
-        histogram.sum += value
-        histogram.count += 1
-        histogram, value = series.responseBytes, rec.bytesSent
-        histogram.counts[bisect_left(histogram.bounds, value)] += 1
-        histogram.sum += value
-        histogram.count += 1
-        self.downstreamBytesReceived += rec.bytesReceived
-        self.downstreamBytesSent += rec.bytesSent
-        self.lastRecord = rec
+        unfolded = self._unfolded
+        unfolded.append(rec)
+        if len(unfolded) >= self.FOLD_EVERY:
+            self.fold()
         for sink in self.sinks:
             sink(rec)
+
+    def fold(self) -> None:
+        """
+        Add the waiting records to the series: grouped by label set, each group's
+        histograms filled from its sorted values (one bisect per bucket bound, not per
+        record).
+        """
+        unfolded = self._unfolded
+        if not unfolded:
+            return
+        self._unfolded = []
+        self._last = unfolded[-1]
+        groups: Dict[Tuple[Any, ...], List[Record]] = {}
+        for rec in unfolded:
+            key = _labelsOf(rec)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [rec]
+            else:
+                group.append(rec)
+        allSeries = self._series
+        for labels, recs in groups.items():
+            # The label set's first field is the protocol; a gRPC call counts as "grpc".
+            key = ("grpc",) + labels[1:-1] if labels[-1] else labels[:-1]
+            series = allSeries.get(key)
+            if series is None:
+                series = allSeries[key] = Series()
+            series.requests += len(recs)
+            if labels[-1]:
+                series.requestMessages += sum(map(_requestMessages, recs))
+                series.responseMessages += sum(map(_responseMessages, recs))
+            series.duration.observeAll([d * 1000.0 for d in map(_duration, recs)])
+            received = list(map(_bytesReceived, recs))
+            sent = list(map(_bytesSent, recs))
+            series.requestBytes.observeAll(received)
+            series.responseBytes.observeAll(sent)
+            self._bytesReceived += sum(received)
+            self._bytesSent += sum(sent)
+
+    @property
+    def series(self) -> Dict[SeriesKey, Series]:
+        """
+        The counters by L{SeriesKey}, with every record so far folded in.
+        """
+        self.fold()
+        return self._series
+
+    @property
+    def downstreamBytesReceived(self) -> int:
+        """
+        Request body bytes received from clients, over every recorded exchange.
+        """
+        self.fold()
+        return self._bytesReceived
+
+    @property
+    def downstreamBytesSent(self) -> int:
+        """
+        Response body bytes sent to clients, over every recorded exchange.
+        """
+        self.fold()
+        return self._bytesSent
+
+    @property
+    def lastRecord(self) -> Optional[Record]:
+        """
+        The most recent record, or L{None}.
+        """
+        unfolded = self._unfolded
+        if unfolded:
+            return unfolded[-1]
+        return self._last
 
     def totalRequests(self) -> int:
         """
