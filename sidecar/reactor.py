@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from select import EPOLLIN
 from typing import Any, Optional
 
 from twisted.internet.epollreactor import EPollReactor
@@ -56,7 +57,20 @@ class SidecarReactor(EPollReactor):
             if selectable is None:
                 continue
             try:
-                handle(selectable, fd, event)
+                if event == EPOLLIN:
+                    # The common event, bytes to read and nothing else: what
+                    # _doReadOrWrite does for it, without its other cases.
+                    try:
+                        why = selectable.doRead()
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as e:
+                        log.failure("error reading from {selectable!r}", selectable=selectable)
+                        why = e
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                else:
+                    handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
