@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="also count the sidecar of this checkout (e.g. a worktree of the commit before)")
     parser.add_argument("--seconds", type=int, default=8, help="seconds of counted load (default 8)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep callgrind's output files in this directory (for callgrind_annotate)")
     options = parser.parse_args(argv)
     for program in ("valgrind", "callgrind_control", "wrk", "nginx"):
         if shutil.which(program) is None:
@@ -149,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 directory = Path(temporary)
                 writeUpstreamFiles(directory)
                 instructions, requests = countOne(root, name, options.seconds, directory)
+                if options.keep is not None:
+                    options.keep.mkdir(parents=True, exist_ok=True)
+                    for path in directory.glob("callgrind-*.out*"):
+                        shutil.copy(path, options.keep / f"{peer}-{path.name}")
             counts[peer, name] = instructions / max(requests, 1)
             print(f"| {peer} | {WORKLOADS[name].description} | {requests} | {counts[peer, name]:,.0f} |", flush=True)
     if options.baseline is not None:
