@@ -149,6 +149,12 @@ _RESPONSE_UNNOMINABLE = frozenset([
 ])
 
 
+#: The version (4) and variant (RFC 9562: binary 10) bits of a random UUID, and the
+#: mask that clears them in 128 random bits.
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
+_UUID_MASK = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+
+
 def newRequestId(_bits=random.getrandbits) -> str:
     """
     A random (version 4) UUID in its text form.
@@ -156,8 +162,8 @@ def newRequestId(_bits=random.getrandbits) -> str:
     A request id needs uniqueness, not secrecy, so this uses the Mersenne Twister rather
     than C{os.urandom}: it is three times cheaper than C{str(uuid.uuid4())}.
     """
-    h = "%032x" % _bits(128)
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    h = "%032x" % (_bits(128) & _UUID_MASK | _UUID_V4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def connectionTokens(value: bytes) -> List[bytes]:

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from sidecar.config import UpstreamConfig
 from sidecar.downstream import DownstreamProtocol
 from sidecar.exchange import Engine
+from sidecar.record import Record
 from sidecar.stats import Recorder
 from sidecar.upstream import IDLE, UpstreamPool
 
@@ -77,6 +78,10 @@ class ExchangeTests(unittest.SynchronousTestCase):
         [rec] = h.records
         self.assertEqual((rec.status, rec.flags, rec.bytesSent, rec.upstreamServiceTime, rec.duration),
                          (200, "-", 2, 0.25, 0.25))
+        # Made from a plain tuple (no check of its size there): every field is given.
+        self.assertIs(type(rec), Record)
+        self.assertEqual(len(rec), len(Record._fields))
+        self.assertEqual(rec.peer, None)
         self.assertEqual(h.recorder.requestsActive, 0)
 
     def test_timeout(self):
