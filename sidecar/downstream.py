@@ -79,6 +79,12 @@ class _Refusal(Exception):
         self.message = message
 
 
+#: Raised from L{DownstreamProtocol.on_headers_complete} to stop llhttp at the end of a
+#: head whose Content-Length body follows in the same read: the door passes the body
+#: on as a view of the read instead of the copy llhttp's body callback would make.
+_BODY_FOLLOWS = _Refusal(0, "the body follows in this read")
+
+
 @implementer(IPushProducer)
 class DownstreamProtocol(Protocol):
     """
@@ -160,6 +166,13 @@ class DownstreamProtocol(Protocol):
         #: begins when the read is parsed, so that the body bytes of the same read go
         #: upstream with its head, in one send.
         self._beginAfterRead: Optional[Exchange] = None
+        #: No message was under way when this read came (L{dataReceived}), and the
+        #: message being parsed is the first to begin in it (L{on_message_begin}):
+        #: then its request line starts the read if the read starts with its method.
+        self._atBoundary = False
+        self._firstInRead = False
+        #: Where, in this read, the body of the request whose head just ended begins.
+        self._bodyAt = 0
 
     # -- connection ------------------------------------------------------------------
 
@@ -207,6 +220,8 @@ class DownstreamProtocol(Protocol):
         self._feed = data
         self._feedAt = 0
         self._feeding = True
+        self._atBoundary = not self.inHead and self._parsing is None
+        after = b""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -215,7 +230,11 @@ class DownstreamProtocol(Protocol):
             refusal, self._refusal = self._refusal, None
             if refusal is None:
                 raise
-            self._refuse(refusal.status, refusal.message)
+            if refusal is _BODY_FOLLOWS:
+                self._rawLeft = self._bodyLength  # type: ignore[assignment]
+                after = self._rawBody(memoryview(data)[self._bodyAt:])
+            else:
+                self._refuse(refusal.status, refusal.message)
         except httptools.HttpParserError as e:
             message = str(e)
             self._refuse(_PARSER_STATUS.get(message, 400), message)
@@ -232,6 +251,11 @@ class DownstreamProtocol(Protocol):
             self._beginAfterRead = None
             if self._current is later and not later.finished:
                 self._begin(later)
+        if after:
+            # What followed that body in the read (pipelined requests), for the
+            # fresh parser.
+            self.dataReceived(after)
+            return
         if self._rawLeft > SPLICE_MIN and self.kernelPath is None:
             self._spliceRequestBody()
 
@@ -258,7 +282,9 @@ class DownstreamProtocol(Protocol):
             exchange.requestBody(data if size == left else data[:left])
         self._parser = httptools.HttpRequestParser(self)
         self.on_message_complete()
-        return data[left:] if size > left else b""
+        # (A copy when C{data} is a view of a read: llhttp and the target's search
+        # want bytes.)
+        return bytes(data[left:]) if size > left else b""
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.engine.doors.discard(self)
@@ -286,6 +312,8 @@ class DownstreamProtocol(Protocol):
 
     def on_message_begin(self) -> None:
         self.inHead = True
+        self._firstInRead = self._atBoundary
+        self._atBoundary = False
         self._url = b""
         self._headers = []
         self._headBytes = 0
@@ -370,6 +398,19 @@ class DownstreamProtocol(Protocol):
             self._queue.append(exchange)
             if len(self._queue) >= MAX_QUEUED:
                 self._pause(_QUEUE)
+        if self._bodyLength is not None and self._firstInRead and self._feeding:
+            feed = self._feed
+            if feed.startswith(method):
+                # The read starts with this request line (no message was under way,
+                # none began before it in this read), and llhttp takes only CRLF line
+                # ends with no CR or LF inside a line: the first blank line ends the
+                # head, and its body follows.  Stop llhttp here; dataReceived passes
+                # the body on as a view of the read (llhttp would copy it).
+                end = feed.find(b"\r\n\r\n")
+                if 0 < end < len(feed) - 4:
+                    self._bodyAt = end + 4
+                    self._refusal = _BODY_FOLLOWS
+                    raise _BODY_FOLLOWS
 
     def on_body(self, body: bytes) -> None:
         self._bodySeen += len(body)

@@ -122,10 +122,12 @@ class UpstreamStream(Protocol):
 
     def sendRequest(self, exchange: Exchange, reused: bool, body: Sequence[bytes], end: bool) -> None:
         """Send the exchange's request head, the body bytes already received, and,
-        when C{end}, the end of the request."""
+        when C{end}, the end of the request.  Body parts are bytes-like: C{bytes} or
+        a C{memoryview} of a door's read (see L{Exchange.requestBody})."""
 
     def sendBody(self, data: bytes) -> None:
-        """Send request body bytes (after a 101: tunnel bytes)."""
+        """Send request body bytes, C{bytes} or a C{memoryview} (after a 101: tunnel
+        bytes)."""
 
     def sendEnd(self) -> None:
         """The request body is complete."""
@@ -495,7 +497,7 @@ class Exchange:
                     self.pendingBytes = 0
                     for data in pending:
                         try:
-                            data = chain.requestBody(call, data)
+                            data = chain.requestBody(call, bytes(data))
                         except Exception as e:
                             self._filterFailed(FilterFailed("request body filter", e))
                             return
@@ -562,7 +564,10 @@ class Exchange:
 
     def requestBody(self, data: bytes) -> None:
         """
-        Request body bytes from the client (decoded: no framing).
+        Request body bytes from the client (decoded: no framing): C{bytes}, or a
+        C{memoryview} of a door's read (the HTTP/1.1 door passes a body that arrived
+        with its head so); filters always get C{bytes}, an L{UpstreamStream} may get
+        either.
         """
         phase = self.phase
         if phase == DONE:
@@ -577,7 +582,8 @@ class Exchange:
             self.grpc.request.feed(data)
         if self.call is not None and self.chain.requestBodies:  # type: ignore[union-attr]
             try:
-                data = self.chain.requestBody(self.call, data)  # type: ignore[union-attr]
+                # (A door may pass a view of its read; filters get bytes.)
+                data = self.chain.requestBody(self.call, bytes(data))  # type: ignore[union-attr]
             except Exception as e:
                 self._filterFailed(FilterFailed("request body filter", e))
                 return

@@ -115,6 +115,8 @@ class H2UpstreamStream:
     def sendBody(self, data: bytes) -> None:
         if self.closed or not data:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # a view of an HTTP/1.1 door's read: the codecs take bytes
         if self.pending:
             # Behind bytes the window holds back: in order, the held tail first.
             if self.tail:

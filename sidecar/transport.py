@@ -68,9 +68,13 @@ def _optimistic(transport: tcp.Connection) -> Tuple[Write, WriteSequence]:
 
     idle = writeQueueEmpty(transport)
 
+    # The sends take any bytes-like object (a request body may be a view of a read);
+    # Twisted's own methods take bytes only, hence bytes() on the way to them (no copy
+    # of what is bytes already).
+
     def write(data: bytes) -> None:
         if not idle():
-            fallback(data)
+            fallback(bytes(data))
             return
         try:
             sent = send(data)
@@ -78,28 +82,28 @@ def _optimistic(transport: tcp.Connection) -> Tuple[Write, WriteSequence]:
             sent = 0
         except OSError:
             # Let Twisted meet the error on its own write and close the connection.
-            fallback(data)
+            fallback(bytes(data))
             return
         if sent < len(data):
-            fallback(data[sent:])
+            fallback(bytes(data[sent:]))
 
     def writeSequence(parts: Sequence[bytes]) -> None:
         if not idle():
-            fallbackSequence(parts)
+            fallbackSequence([bytes(part) for part in parts])
             return
         try:
             sent = sendmsg(parts)
         except BlockingIOError:
             sent = 0
         except OSError:
-            fallbackSequence(parts)
+            fallbackSequence([bytes(part) for part in parts])
             return
         for part in parts:
             size = len(part)
             if sent >= size:
                 sent -= size
                 continue
-            fallback(part[sent:] if sent else part)
+            fallback(bytes(part[sent:] if sent else part))
             sent = 0
 
     return write, writeSequence

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from sidecar.config import UpstreamConfig
 from sidecar.downstream import DownstreamProtocol
-from sidecar.exchange import Engine
+from sidecar.exchange import Engine, Exchange
 from sidecar.record import Record
 from sidecar.stats import Recorder
 from sidecar.upstream import IDLE, UpstreamPool
@@ -742,3 +742,126 @@ class IdleReuseTests(unittest.SynchronousTestCase):
         conns = self.burst(h, 5)
         self.assertEqual(len(h.pool.idle), 2)
         self.assertEqual(sum(conn.transport.disconnecting for conn in conns), 3)
+
+
+class BodyWithHeadTests(unittest.SynchronousTestCase):
+    """
+    A Content-Length body that arrives in the same read as its head goes on as a view
+    of that read (llhttp's body callback would copy it), and the service gets exactly
+    the body, whatever its bytes and whatever follows it.
+    """
+
+    def setUp(self):
+        self.h = Harness()
+        self.door, self.client = self.h.client()
+        self.door.dataReceived(GET)
+        self.conn, self.upstream = self.h.connectUpstream()
+        self.conn.dataReceived(OK)
+        self.seen = []
+        original = Exchange.requestBody
+
+        def spy(exchange, data):
+            self.seen.append(type(data))
+            return original(exchange, data)
+
+        self.patch(Exchange, "requestBody", spy)
+        self.upstream.clear()
+        self.client.clear()
+
+    def answer(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.conn.dataReceived(OK)
+
+    def test_viewOfTheRead(self):
+        """
+        Head and whole body in one read: one view goes on, head and body reach the
+        service in one write, the record counts the body.
+        """
+        body = b"a\r\n\r\nPOST /p HTTP/1.1\r\n\r\n" * 3
+        self.door.dataReceived(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sent = self.upstream.value()
+        self.assertTrue(sent.startswith(b"POST /p HTTP/1.1\r\nHost: svc\r\n"))
+        self.assertTrue(sent.endswith(b"\r\n\r\n" + body), sent)
+        self.assertEqual(sent.count(b"POST /p HTTP/1.1\r\nHost"), 1)
+        self.assertEqual(self.seen, [memoryview])
+        self.answer()
+        self.assertEqual(self.h.records[-1].bytesReceived, len(body))
+        self.assertEqual(self.client.value(), b"HTTP/1.1 200 OK\r\nServer: amazing-proxy\r\nContent-Length: 2\r\n\r\nok")
+
+    def test_restInLaterReads(self):
+        """
+        Part of the body with the head, the rest later: the rest goes on as read.
+        """
+        self.door.dataReceived(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\n123")
+        self.door.dataReceived(b"4567")
+        self.door.dataReceived(b"890")
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\n1234567890"))
+        self.assertEqual(self.seen, [memoryview, bytes, bytes])
+        self.answer()
+        self.assertEqual(self.h.records[-1].bytesReceived, 10)
+
+    def test_pipelinedAfterTheBody(self):
+        """
+        Requests after the body in the same read are parsed by a fresh parser and
+        forwarded in turn; a second body in the read goes through llhttp.
+        """
+        self.door.dataReceived(b"POST /1 HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nGET "
+                               b"GET /2 HTTP/1.1\r\nHost: svc\r\n\r\n"
+                               b"POST /3 HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nzz")
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\nGET "))
+        self.answer()
+        self.assertIn(b"GET /2 HTTP/1.1\r\n", self.upstream.value())
+        self.answer()
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\nzz"))
+        self.answer()
+        self.assertEqual([r.path for r in self.h.records[-3:]], ["/1", "/2", "/3"])
+        self.assertEqual([r.bytesReceived for r in self.h.records[-3:]], [4, 0, 2])
+        self.assertEqual(self.seen, [memoryview, bytes])
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 200 OK"), 3)
+
+    def test_secondInTheRead(self):
+        """
+        A body request that is not the first to begin in its read goes through llhttp.
+        """
+        self.door.dataReceived(GET + b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nok")
+        self.answer()
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.seen, [bytes])
+
+    def test_leadingEmptyLines(self):
+        """
+        A read that starts with empty lines before the request line goes through
+        llhttp (the head's end is not searched for).
+        """
+        self.door.dataReceived(b"\r\n\r\nPOST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.seen, [bytes])
+
+    def test_headAcrossReads(self):
+        """
+        A head that began in an earlier read goes through llhttp.
+        """
+        self.door.dataReceived(b"POST /p HTTP/1.1\r\nHost: svc\r\n")
+        self.door.dataReceived(b"Content-Length: 2\r\n\r\nok")
+        self.assertTrue(self.upstream.value().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.seen, [bytes])
+
+    def test_filtersGetBytes(self):
+        """
+        A request body filter gets bytes, not the view.
+        """
+        from sidecar.filters import Filter, FilterChain
+
+        got = []
+
+        class Upper(Filter):
+            wantsRequestBody = True
+
+            def requestBody(self, call, data):
+                got.append(type(data))
+                return data.upper()
+
+        self.h.engine.filters = FilterChain([Upper()])
+        self.door.dataReceived(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(got, [bytes])
+        self.assertTrue(self.upstream.value().endswith(b"2\r\nOK\r\n0\r\n\r\n"), self.upstream.value())
