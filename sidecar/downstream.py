@@ -231,6 +231,7 @@ class DownstreamProtocol(Protocol):
             if refusal is None:
                 raise
             if refusal is _BODY_FOLLOWS:
+                _BODY_FOLLOWS.__traceback__ = None
                 self._rawLeft = self._bodyLength  # type: ignore[assignment]
                 after = self._rawBody(memoryview(data)[self._bodyAt:])
             else:
@@ -410,7 +411,9 @@ class DownstreamProtocol(Protocol):
                 if 0 < end < len(feed) - 4:
                     self._bodyAt = end + 4
                     self._refusal = _BODY_FOLLOWS
-                    raise _BODY_FOLLOWS
+                    # (Without its last traceback: a raised instance adds to the one it
+                    # has, which would keep every earlier request's frames alive.)
+                    raise _BODY_FOLLOWS.with_traceback(None)
 
     def on_body(self, body: bytes) -> None:
         self._bodySeen += len(body)

@@ -865,3 +865,28 @@ class BodyWithHeadTests(unittest.SynchronousTestCase):
         self.door.dataReceived(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(got, [bytes])
         self.assertTrue(self.upstream.value().endswith(b"2\r\nOK\r\n0\r\n\r\n"), self.upstream.value())
+
+    def test_nothingKept(self):
+        """
+        Stopping llhttp at each such head keeps nothing alive: no frame, traceback or
+        exchange of an earlier request (an exception instance raised again adds to
+        the traceback it had).
+        """
+        import gc
+        import types
+
+        def alive():
+            return sum(1 for o in gc.get_objects() if type(o) in (types.FrameType, types.TracebackType, Exchange))
+
+        request = b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nok"
+        self.addCleanup(gc.enable)
+        gc.disable()
+        for _ in range(5):
+            self.door.dataReceived(request)
+            self.answer()
+        before = alive()
+        for _ in range(20):
+            self.door.dataReceived(request)
+            self.answer()
+        self.assertEqual(alive(), before)
+        self.assertEqual(self.seen, [memoryview] * 25)
