@@ -174,6 +174,14 @@ def cpuTicksFromStat(statText: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def systemTicksFromStat(statText: str) -> int:
+    """
+    The system (kernel) CPU time in the text of C{/proc/<pid>/stat} (C{stime}), in
+    clock ticks.
+    """
+    return int(statText[statText.rindex(")") + 1 :].split()[12])
+
+
 def reapedChildTicksFromStat(statText: str) -> int:
     """
     The CPU time of a process's children that have exited and been waited for

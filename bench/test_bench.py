@@ -537,6 +537,22 @@ class ProfileTests(SynchronousTestCase):
         table = renderShares(counts, busy, 100.0)
         self.assertIn("| kernel: socket system calls | 60.0% | 60.0 |", table)
         self.assertIn("| **total** | 100% | 100.0 |", table)
+        # With the system time measured: the kernel's row is that time, the others
+        # share the user time by their samples.
+        table = renderShares(counts, busy, 100.0, systemMicroseconds=40.0)
+        self.assertIn("| kernel: socket system calls (system time, measured) | 40.0% | 40.0 |", table)
+        self.assertIn("| sidecar: headers | 30.0% | 30.0 |", table)
+        self.assertIn("| llhttp (httptools) | 15.0% | 15.0 |", table)
+        self.assertIn("| **total** | 100% | 100.0 |", table)
+
+    def test_systemTicks(self) -> None:
+        """
+        C{stime} is field 15 of C{/proc/PID/stat}, counted after the command's name.
+        """
+        from bench.measure import systemTicksFromStat
+
+        stat = "42 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0 1 0 5 6 7"
+        self.assertEqual(systemTicksFromStat(stat), 222)
 class TcpThroughputTests(SynchronousTestCase):
     """
     The opaque-TCP throughput benchmark (C{bench/tcp_bench.py}): its figures and
