@@ -25,6 +25,20 @@ The uses:
     reads twice per accept: L{sidecar.service.keepAcceptLogger} stores the logger
     it builds on each listening port, so that it is built once, not per accept.
     Without it the port keeps Twisted's descriptor (a little more work per accept).
+  - The accept loop of L{sidecar.listen}: L{sidecar.listen.speedUp} changes the class
+    of each started proxied C{tcp.Port} to C{FastPort}, a subclass whose C{doRead}
+    reads the port's C{socket}, C{addressFamily}, C{factory}, C{_addressType},
+    C{reactor}, C{numberAccepts} and C{sessionno} as Twisted's own loop does, and
+    builds C{FastServer} transports whose C{__init__} sets the attributes Twisted's
+    three C{__init__}s set (C{_tempDataBuffer}, C{_tempDataLen}, C{socket},
+    C{fileno}, C{protocol}, C{server}, C{client}, C{sessionno}, C{hostname},
+    C{connected}; C{logstr} and C{repstr} formatted when read), and closes without
+    C{shutdown()} (C{_shouldShutdown}).  Why: Twisted's accept and transport set-up
+    were a fifth of the user-space CPU of a connection that carries one request
+    (README, "A new connection per request").  L{fastPortPossible} checks the port
+    has what is read; without it the port stays Twisted's (correct, slower).
+    C{tests.test_listen} fails on a Twisted whose C{tcp.Server} sets attributes
+    C{FastServer} does not.
   - L{listeningPort}: C{StreamServerEndpointService._waitingForPort}, the
     Deferred of the port a listener service opened.  The drain log names the
     addresses the proxy listens on (C{"listening on 127.0.0.1:8000"}), including
@@ -110,7 +124,8 @@ PRIVATE_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     FileDescriptor: ("_tempDataLen", "_writeDisconnected"),
     StreamServerEndpointService: ("_waitingForPort",),
     HTTPChannel: ("_respondToBadRequestAndDisconnect", "_receivedHeaderSize", "_receivedHeaderCount"),
-    tcp.Port: ("_logger",),
+    tcp.Port: ("_logger", "_addressType", "_realPortNumber", "_shouldShutdown"),
+    tcp.Server: ("_getLogPrefix", "_closeSocket", "_shouldShutdown"),
     TLSMemoryBIOProtocol: ("_handshakeDone", "_lostTLSConnection", "_aborted", "_checkHandshakeStatus",
                            "_unbufferPendingWrites", "_bufferedWrite", "_shutdownTLS", "_tlsShutdownFinished"),
 }
@@ -134,6 +149,21 @@ def writeQueueEmpty(transport: Any) -> Callable[[], bool]:
                     or transport._writeDisconnected or not transport.connected)
 
     return idle
+
+
+#: What a started listening port needs for L{sidecar.listen.FastPort}'s accept loop.
+_FAST_PORT_NEEDS = ("socket", "addressFamily", "factory", "_addressType", "reactor", "numberAccepts",
+                    "sessionno", "_realPortNumber")
+
+
+def fastPortPossible(port: Any) -> bool:
+    """
+    Whether a started C{tcp.Port} has what L{sidecar.listen.FastPort} reads (see
+    the module docstring); if not, it keeps Twisted's accept loop.
+    """
+    return (all(hasattr(port, name) for name in _FAST_PORT_NEEDS)
+            and callable(getattr(port.socket, "_accept", None))
+            and isinstance(getattr(tcp.Server, "_shouldShutdown", None), bool))
 
 
 def listeningPort(service: Any) -> Optional[Deferred[Any]]:

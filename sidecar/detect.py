@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, FrozenSet, List, Mapping, Optional
 
-from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sidecar.listen import SERVERS
 from sidecar.origdst import Destination, dialled
 
 log = Logger()
@@ -234,7 +234,7 @@ class Detector(Protocol):
                 return
         if factory.tls is None:
             transport = self.transport
-            if type(transport) is tcp.Server:
+            if type(transport) in SERVERS:
                 # The client usually speaks first, and its first bytes are often in the
                 # socket already when it is accepted: read them now, and most
                 # connections are decided here, with no timer and no trip through the

@@ -22,6 +22,7 @@ from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.exchange import SENDING, Engine, Exchange
+from sidecar.listen import SERVERS
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.tcp import SPLICE_MIN, KernelPath, kernelSpliceable
 from sidecar.transport import BUFFER_SIZE, halfClose, prepare
@@ -811,7 +812,7 @@ def _closeAtOnce(transport: Any) -> bool:
     with bytes queued, a producer, TLS started on it, or any other kind of transport
     takes Twisted's way.
     """
-    if type(transport) is not tcp.Server or transport.TLS or transport.producer is not None:
+    if type(transport) not in SERVERS or transport.TLS or transport.producer is not None:
         return False
     if (getattr(transport, "_tempDataLen", 1) or transport.dataBuffer or transport.disconnecting
             or not transport.connected):

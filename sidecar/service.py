@@ -434,11 +434,14 @@ class SidecarService(MultiService):
     def startService(self) -> None:
         MultiService.startService(self)
         from sidecar.compat import listeningPort
+        from sidecar.listen import speedUp
 
         for listener in self.listeners:
             waiting = listeningPort(listener)
             if waiting is not None:
                 waiting.addCallback(keepAcceptLogger)
+                # The sidecar's accept loop and transports (L{sidecar.listen}).
+                waiting.addCallback(speedUp)
 
     def _listen(self, description: str, factory: Any, proxied: bool = False) -> Any:
         if proxied and self._adopted:
