@@ -115,6 +115,11 @@ from twisted.internet.defer import Deferred
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.http import HTTPChannel
 
+from sidecar.listen import FastServer
+
+#: (Its transports have the attributes, set by its own C{__init__}.)
+_FastServer = FastServer
+
 #: The Twisted release these uses were last checked against (C{tests.test_compat}).
 #: The dependency's upper bound is the next minor release after it.
 TESTED_TWISTED = (26, 10)
@@ -141,7 +146,8 @@ def writeQueueEmpty(transport: Any) -> Callable[[], bool]:
         Twisted without the attributes it always says false: every write is
         buffered by Twisted, which is correct, only slower.
     """
-    if not all(hasattr(transport, name) for name in ("_tempDataLen", "_writeDisconnected", "dataBuffer")):
+    if type(transport) is not _FastServer and not all(
+            hasattr(transport, name) for name in ("_tempDataLen", "_writeDisconnected", "dataBuffer")):
         return lambda: False
 
     def idle() -> bool:

@@ -110,8 +110,13 @@ class FastServer(tcp.Server):
         if producer is not None:
             producer.stopProducing()
             self.producer = None
-        self.stopReading()
-        self.stopWriting()
+        forget = getattr(self.reactor, "forget", None)
+        if forget is not None:
+            # Out of the reactor without an epoll_ctl (sidecar.reactor).
+            forget(self)
+        else:
+            self.stopReading()
+            self.stopWriting()
         self._closeSocket(not issubclass(reason.type, error.ConnectionAborted))
         protocol = self.protocol
         del self.protocol

@@ -16,6 +16,9 @@ C{doRead} on the transport; with it, nothing: not kept. That method already catc
 C{doRead}/C{doWrite} raises and disconnects it; anything raised outside those is caught
 and logged here, so one bad connection never stops the loop.
 
+A connection about to close leaves the reactor in one step (L{SidecarReactor.forget}):
+no C{EPOLL_CTL_DEL}, since closing the socket removes it from the epoll set.
+
 Reading the clock once per turn instead (C{reactor.seconds()} is called seven times per
 proxied request) was measured and not kept: a Python-level C{seconds()} returning a
 cached reading costs more per call than C{time.time()}, a C call on the vDSO.
@@ -82,6 +85,25 @@ class SidecarReactor(EPollReactor):
                 log.failure("unhandled error handling an event on {selectable!r}", selectable=selectable)
 
     doIteration = doPoll  # type: ignore[assignment]
+
+    def forget(self, selectable: Any) -> None:
+        """
+        Stop watching C{selectable} both ways, just before its descriptor is closed:
+        the reactor's own sets only, with no C{epoll_ctl}, since closing the last
+        reference to a socket takes it out of the epoll set (the sockets given here
+        are C{SOCK_CLOEXEC} and never duplicated).  A selectable the reactor does not
+        hold, or holds in another way (continuous polling), is removed as usual.
+
+        @param selectable: an epoll-able descriptor about to be closed.
+        """
+        fd = selectable.fileno()
+        if self._selectables.get(fd) is selectable:
+            del self._selectables[fd]
+            self._reads.discard(fd)
+            self._writes.discard(fd)
+        else:
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
 
 
 def installIfNone() -> Optional[Any]:
