@@ -21,6 +21,7 @@ later codec (HTTP/2) is one more entry.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, FrozenSet, List, Mapping, Optional
 
 from twisted.internet.error import ConnectionDone
@@ -52,6 +53,9 @@ MAX_METHOD = 32
 #: The bytes of a TLS ClientHello looked at: the record header and the handshake type.
 _TLS_HEAD = 6
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+#: A request line L{_requestLine} says is HTTP, in its commonest shape: a method token of
+#: at most L{MAX_METHOD} bytes, a space, a target without spaces, and C{" HTTP/"}.
+_HTTP1_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1," + str(MAX_METHOD).encode() + rb"} [^ \n]* HTTP/")
 _TARGET = frozenset(range(0x21, 0x7F)) | frozenset(range(0x80, 0x100))
 
 
@@ -116,6 +120,10 @@ def classify(data: bytes, limit: int = 64 * 1024) -> Optional[str]:
         if len(data) >= len(HTTP2_PREFACE):
             return HTTP2
         return None
+    if _HTTP1_LINE.match(data) is not None:
+        # The common case, told by one regular expression: a method token, a space,
+        # and " HTTP/" before the line ends (what _requestLine says True to).
+        return HTTP1
     size = len(data)
     if first == 0x0D or first == 0x0A:
         # RFC 9112 2.2: a server SHOULD ignore at least one empty line before the
