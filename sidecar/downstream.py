@@ -22,7 +22,7 @@ from zope.interface import alsoProvides, implementer
 
 from sidecar import http1
 from sidecar.exchange import SENDING, Engine, Exchange
-from sidecar.listen import SERVERS
+from sidecar.listen import SERVERS, FastServer
 from sidecar.record import DOWNSTREAM_PROTOCOL_ERROR, UNAUTHORIZED
 from sidecar.tcp import SPLICE_MIN, KernelPath, kernelSpliceable
 from sidecar.transport import BUFFER_SIZE, halfClose, prepare
@@ -188,7 +188,11 @@ class DownstreamProtocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         #: The Host given to an HTTP/1.0 request without one: the service's address.
         self._defaultHost = self.engine.pool.address.encode("ascii")
-        self._write, self._writeSequence = prepare(self.transport)
+        transport = self.transport
+        if type(transport) is FastServer:
+            self._write, self._writeSequence = transport.writers(BUFFER_SIZE)
+        else:
+            self._write, self._writeSequence = prepare(transport)
         recorder = self.engine.recorder
         recorder.downstreamConnectionsActive += 1
         recorder.downstreamConnectionsTotal += 1
