@@ -133,6 +133,57 @@ class SidecarReactorTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+    def test_forget(self):
+        """
+        A selectable forgotten before its socket is closed leaves the reactor's sets,
+        and the closed socket gives no event (closing it took it out of the epoll
+        set, with no C{EPOLL_CTL_DEL}).
+        """
+        reader, peer = self.pair()
+        self.reactor.addWriter(reader)
+        peer.send(b"unread")
+        fd = reader.fileno()
+        self.reactor.forget(reader)
+        self.assertNotIn(reader, self.reactor.getReaders())
+        self.assertNotIn(reader, self.reactor.getWriters())
+        self.assertNotIn(fd, self.reactor._selectables)
+        reader.sock.close()
+        self.assertEqual(self.reactor._poller.poll(0), [])
+        self.reactor.doIteration(0)
+        self.assertEqual(reader.read, [])
+
+    def test_forgetNotHeld(self):
+        """
+        Forgetting a selectable the reactor does not hold under its descriptor changes
+        nothing else.
+        """
+        reader, peer = self.pair()
+        other, _ = self.pair()
+        self.reactor.removeReader(other)
+        self.reactor.forget(other)
+        self.assertIn(reader, self.reactor.getReaders())
+        peer.send(b"x")
+        self.reactor.doIteration(1)
+        self.assertEqual(reader.read, [b"x"])
+
+    def test_descriptorGone(self):
+        """
+        A ready selectable whose C{fileno()} is now -1 is disconnected, as Twisted's
+        reactor does, without being read.
+        """
+        from twisted.internet.error import ConnectionFdescWentAway
+
+        reader, peer = self.pair()
+        fd = reader.fileno()
+        reader.fileno = lambda: -1
+        peer.send(b"x")
+        self.reactor.doIteration(1)
+        self.assertEqual(reader.read, [])
+        self.assertEqual(len(reader.lost), 1)
+        self.assertTrue(reader.lost[0].check(ConnectionFdescWentAway))
+        self.assertNotIn(fd, self.reactor._selectables)
+
+
 class InstallTests(unittest.TestCase):
     """
     The sidecar's command line installs L{SidecarReactor} unless a reactor is installed.
