@@ -166,23 +166,6 @@ class SidecarReactorTests(unittest.TestCase):
         self.reactor.doIteration(1)
         self.assertEqual(reader.read, [b"x"])
 
-    def test_descriptorGone(self):
-        """
-        A ready selectable whose C{fileno()} is now -1 is disconnected, as Twisted's
-        reactor does, without being read.
-        """
-        from twisted.internet.error import ConnectionFdescWentAway
-
-        reader, peer = self.pair()
-        fd = reader.fileno()
-        reader.fileno = lambda: -1
-        peer.send(b"x")
-        self.reactor.doIteration(1)
-        self.assertEqual(reader.read, [])
-        self.assertEqual(len(reader.lost), 1)
-        self.assertTrue(reader.lost[0].check(ConnectionFdescWentAway))
-        self.assertNotIn(fd, self.reactor._selectables)
-
 
 class InstallTests(unittest.TestCase):
     """
