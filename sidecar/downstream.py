@@ -127,53 +127,57 @@ class DownstreamProtocol(Protocol):
     #: so that the transport need not build it again; C{None}: ask the transport.
     acceptedAddress: Any = None
 
+    # The state of a connection that has read nothing yet, as class defaults (each set
+    # on the instance when it changes): a new connection's set-up stores 4 attributes,
+    # not 34.
+    clientAddress = "-"
+    clientIP = "-"
+    _parser: Any = None
+    _current: Optional[Exchange] = None
+    _parsing: Optional[Exchange] = None
+    _pauses = 0
+    _advancing = False
+    _closing = False
+    _chunkedOut = False
+    _head = b""
+    _producer: Any = None
+    _tunnel: Optional[Exchange] = None
+    _early: Optional[List[bytes]] = None
+    _upgrading: Optional[Exchange] = None
+    _refusal: Optional[_Refusal] = None
+    _url = b""
+    _headBytes = 0
+    _inBody = False
+    _identified = False
+    #: The bytes being parsed, and where in them the last request target ended;
+    #: then the bytes after that target, up to 6 (to read the protocol name, which
+    #: llhttp does not report), or C{None} outside a request line.
+    _feed = b""
+    _feedAt = 0
+    _afterTarget: Optional[bytes] = None
+    #: The request body's length by the proxy's own parse of C{Content-Length}
+    #: (C{None}: no body, or chunked), the body bytes llhttp has passed on, and the
+    #: body bytes still to come past the parser (L{_rawBody}).
+    _bodyLength: Optional[int] = None
+    _bodySeen = 0
+    _rawLeft = 0
+    #: An exchange with a Content-Length body whose head arrived in this read: it
+    #: begins when the read is parsed, so that the body bytes of the same read go
+    #: upstream with its head, in one send.
+    _beginAfterRead: Optional[Exchange] = None
+    #: No message was under way when this read came (L{dataReceived}), and the
+    #: message being parsed is the first to begin in it (L{on_message_begin}):
+    #: then its request line starts the read if the read starts with its method.
+    _atBoundary = False
+    _firstInRead = False
+    #: Where, in this read, the body of the request whose head just ended begins.
+    _bodyAt = 0
+
     def __init__(self, engine: Engine, maxHeaderBytes: int = 64 * 1024) -> None:
         self.engine = engine
         self.maxHeaderBytes = maxHeaderBytes
-        self.clientAddress = "-"
-        self.clientIP = "-"
-        self._parser: Any = None
-        self._current: Optional[Exchange] = None
-        self._parsing: Optional[Exchange] = None
         self._queue: _Queue = _Queue()
-        self._pauses = 0
-        self._advancing = False
-        self._closing = False
-        self._chunkedOut = False
-        self._head = b""
-        self._producer: Any = None
-        self._tunnel: Optional[Exchange] = None
-        self._early: Optional[List[bytes]] = None
-        self._upgrading: Optional[Exchange] = None
-        self._refusal: Optional[_Refusal] = None
-        self._url = b""
         self._headers: Headers = []
-        self._headBytes = 0
-        self._inBody = False
-        self._identified = False
-        #: The bytes being parsed, and where in them the last request target ended;
-        #: then the bytes after that target, up to 6 (to read the protocol name, which
-        #: llhttp does not report), or C{None} outside a request line.
-        self._feed = b""
-        self._feedAt = 0
-        self._afterTarget: Optional[bytes] = None
-        #: The request body's length by the proxy's own parse of C{Content-Length}
-        #: (C{None}: no body, or chunked), the body bytes llhttp has passed on, and the
-        #: body bytes still to come past the parser (L{_rawBody}).
-        self._bodyLength: Optional[int] = None
-        self._bodySeen = 0
-        self._rawLeft = 0
-        #: An exchange with a Content-Length body whose head arrived in this read: it
-        #: begins when the read is parsed, so that the body bytes of the same read go
-        #: upstream with its head, in one send.
-        self._beginAfterRead: Optional[Exchange] = None
-        #: No message was under way when this read came (L{dataReceived}), and the
-        #: message being parsed is the first to begin in it (L{on_message_begin}):
-        #: then its request line starts the read if the read starts with its method.
-        self._atBoundary = False
-        self._firstInRead = False
-        #: Where, in this read, the body of the request whose head just ended begins.
-        self._bodyAt = 0
 
     # -- connection ------------------------------------------------------------------
 
