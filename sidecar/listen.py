@@ -175,9 +175,12 @@ class FastServer(tcp.Server):
     def connectionLost(self, reason: Any) -> None:
         """
         Twisted's C{tcp.Connection.connectionLost}, with the abort told by the
-        reason's type instead of C{Failure.check}.
+        reason's type instead of C{Failure.check}, and the orderly close inline.
         """
-        if "socket" not in self.__dict__:
+        try:
+            sock = self.socket
+        except AttributeError:
+            # Called again (as Twisted's own connectionLost allows).
             return
         self.disconnected = 1
         self.connected = 0
@@ -192,7 +195,15 @@ class FastServer(tcp.Server):
         else:
             self.stopReading()
             self.stopWriting()
-        self._closeSocket(not issubclass(reason.type, error.ConnectionAborted))
+        if issubclass(reason.type, error.ConnectionAborted):
+            # An abort: Twisted's reset (SO_LINGER 0, then close).
+            self._closeSocket(False)
+        else:
+            # Orderly: close() sends the FIN (no shutdown(), see the module docstring).
+            try:
+                sock.close()
+            except OSError:
+                pass
         protocol = self.protocol
         del self.protocol
         del self.socket

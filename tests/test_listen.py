@@ -172,6 +172,23 @@ class FastPortTests(unittest.TestCase):
         self.assertEqual(readAll(sock), b"ok")
 
     @defer.inlineCallbacks
+    def test_abortResets(self) -> None:
+        """
+        An aborted connection is reset (RST), as Twisted's are.
+        """
+        factory = KeptFactory()
+        port = self.listen(factory)
+        sock = self.client(port)
+        sock.sendall(b"x")
+        yield waitFor(lambda: factory.built and factory.built[0].received)
+        proto = factory.built[0]
+        proto.transport.abortConnection()
+        yield waitFor(lambda: proto.lost)
+        sock.setblocking(True)
+        with self.assertRaises(ConnectionResetError):
+            readAll(sock)
+
+    @defer.inlineCallbacks
     def test_closeAtOnceLeavesReactor(self) -> None:
         """
         A transport closed by C{connectionLost} directly (the fast door's close at
