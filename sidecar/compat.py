@@ -29,16 +29,19 @@ The uses:
     of each started proxied C{tcp.Port} to C{FastPort}, a subclass whose C{doRead}
     reads the port's C{socket}, C{addressFamily}, C{factory}, C{_addressType},
     C{reactor}, C{numberAccepts} and C{sessionno} as Twisted's own loop does, and
-    builds C{FastServer} transports whose C{__init__} sets the attributes Twisted's
-    three C{__init__}s set (C{_tempDataBuffer}, C{_tempDataLen}, C{socket},
-    C{fileno}, C{protocol}, C{server}, C{client}, C{sessionno}, C{hostname},
-    C{connected}; C{logstr} and C{repstr} formatted when read), and closes without
-    C{shutdown()} (C{_shouldShutdown}).  Why: Twisted's accept and transport set-up
-    were a fifth of the user-space CPU of a connection that carries one request
-    (README, "A new connection per request").  L{fastPortPossible} checks the port
-    has what is read; without it the port stays Twisted's (correct, slower).
-    C{tests.test_listen} fails on a Twisted whose C{tcp.Server} sets attributes
-    C{FastServer} does not.
+    accepts with the listening socket's C{_accept} (CPython's private C method under
+    C{socket.accept}, which returns the descriptor and the address without building
+    a Python-level socket).  It builds C{FastServer} transports whose C{__init__} sets
+    the attributes Twisted's three C{__init__}s set (C{_tempDataBuffer},
+    C{_tempDataLen}, C{socket}, C{fileno}, C{protocol}, C{server}, C{client},
+    C{sessionno}, C{hostname}, C{connected}; C{logstr} and C{repstr} formatted when
+    read), that close without C{shutdown()} (C{_shouldShutdown}), and whose writers
+    for the fast door read C{_tempDataLen} and C{_writeDisconnected} as
+    L{writeQueueEmpty} does.  Why: Twisted's accept and transport set-up were a fifth
+    of the user-space CPU of a connection that carries one request (README, "A new
+    connection per request").  L{fastPortPossible} checks the port has what is read;
+    without it the port stays Twisted's (correct, slower).  C{tests.test_listen}
+    fails on a Twisted whose C{tcp.Server} sets attributes C{FastServer} does not.
   - L{listeningPort}: C{StreamServerEndpointService._waitingForPort}, the
     Deferred of the port a listener service opened.  The drain log names the
     addresses the proxy listens on (C{"listening on 127.0.0.1:8000"}), including

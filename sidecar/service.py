@@ -265,8 +265,15 @@ class SidecarService(MultiService):
         upstream = config.upstream
         tls = self.tls if underTLS else None
 
-        def http1(detector: Any) -> Any:
-            return self._doorFactory(detector.destination, underTLS).buildProtocol(detector.addr)
+        if upstream.original:
+            def http1(detector: Any) -> Any:
+                return self._doorFactory(detector.destination, underTLS).buildProtocol(detector.addr)
+        else:
+            # One front door for every connection: found once, not per connection.
+            buildDoor = self._doorFactory(None, underTLS).buildProtocol
+
+            def http1(detector: Any) -> Any:
+                return buildDoor(detector.addr)
 
         identify = tls.admitPeer if tls is not None else None
 
