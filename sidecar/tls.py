@@ -158,8 +158,8 @@ def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: byte
             raise TLSFileError("--tls-ca", files.ca,
                                f"holds a certificate that is not a CA ({authority.subject.rfc4514_string()})")
 
-    context = _context(SSL.TLS_SERVER_METHOD, SSL.OP_CIPHER_SERVER_PREFERENCE, files, leaf, chain[1:], key,
-                       authorities)
+    context = _context(SSL.TLS_SERVER_METHOD, SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET, files, leaf,
+                       chain[1:], key, authorities)
     for authority in authorities:
         context.add_client_ca(authority)
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE)
