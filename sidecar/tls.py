@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -371,7 +371,7 @@ OUTPUT_READ = 2 ** 15
 INPUT_READ = 2 ** 15
 
 
-class TLSLayer(TLSMemoryBIOProtocol):
+class PortableTLSLayer(TLSMemoryBIOProtocol):
     """
     Twisted's memory-BIO TLS transport with fewer Python steps per record, for every
     mutual-TLS connection, served or originated.  What it changes (the Twisted
@@ -402,7 +402,10 @@ class TLSLayer(TLSMemoryBIOProtocol):
         leaves the last one), and a server does not step its handshake before the
         client has sent anything.
 
-    Reads, producers, close and errors are Twisted's.
+    Reads, producers, close and errors are Twisted's.  This class talks to OpenSSL
+    through pyOpenSSL's public C{Connection} methods; L{TLSLayer}, which every
+    connection uses where the binding allows, makes the same calls without
+    pyOpenSSL's per-call wrapping.
     """
 
     factory: TLSLayerFactory
@@ -501,6 +504,196 @@ class TLSLayer(TLSMemoryBIOProtocol):
                 return
 
 
+def _rawBinding() -> Any:
+    """
+    The cffi binding pyOpenSSL calls OpenSSL through (C{OpenSSL._util.lib} and
+    C{ffi}), when it has what L{TLSLayer} calls and a C{Connection} holds its C{SSL}
+    object and memory BIOs where L{TLSLayer} reads them; otherwise C{None} (every
+    connection then uses L{PortableTLSLayer}: correct, only slower).
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+        names = ("SSL_read", "SSL_write", "SSL_do_handshake", "SSL_get_error", "BIO_read", "BIO_write",
+                 "SSL_ERROR_WANT_READ")
+        if not all(hasattr(lib, name) for name in names):
+            return None
+        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        if not all(hasattr(probe, name) for name in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error",
+                                                  "_handle_bio_errors")):
+            return None
+        return ffi, lib
+    except Exception:
+        return None
+
+
+_BINDING = _rawBinding()
+
+
+class TLSLayer(PortableTLSLayer):
+    """
+    L{PortableTLSLayer} calling OpenSSL's C{SSL_read}, C{SSL_write},
+    C{SSL_do_handshake}, C{BIO_read} and C{BIO_write} through pyOpenSSL's own cffi
+    binding, on the C{SSL} object and memory BIOs of the pyOpenSSL C{Connection}:
+    the same calls pyOpenSSL makes, without its wrapping (per call: checks of the
+    argument's type, a fresh buffer, three callback-error checks and an
+    C{SSL_get_error}; and for every "nothing more to read" an exception raised and
+    caught).  The results are read as pyOpenSSL reads them: any outcome other than
+    data or "want read" is handed to pyOpenSSL's own C{_raise_ssl_error}, so errors,
+    alerts and close_notify reach Twisted as the same exceptions.  The buffers the
+    bytes are read into are the factory's, reused (the bytes are copied out before
+    anything else runs).  Used where L{_rawBinding} finds the binding as expected.
+    """
+
+    _rawSSL: Any = None
+    _rawInto: Any = None
+    _rawFrom: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        tls = self.factory._creatorCallable(self)
+        self._rawSSL = tls._ssl
+        self._rawInto = tls._into_ssl
+        self._rawFrom = tls._from_ssl
+        self._tlsConnection = tls
+        self._appSendBuffer = []
+        provided = self.factory.interfaceOf(transport)
+        if provided is not None:
+            directlyProvides(self, provided)
+        Protocol.makeConnection(self, transport)
+        prepare(self)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            ProtocolWrapper.makeConnection(self, transport)
+        if not self.factory.server:
+            self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self) -> None:
+        if self._aborted:
+            return
+        ssl = self._rawSSL
+        result = _lib.SSL_do_handshake(ssl)
+        if result == 1:
+            self._handshakeDone = True
+            if IHandshakeListener.providedBy(self.wrappedProtocol):
+                self.wrappedProtocol.handshakeCompleted()
+            return
+        if _lib.SSL_get_error(ssl, result) == _WANT_READ:
+            self._flushSendBIO()
+            return
+        try:
+            self._tlsConnection._raise_ssl_error(ssl, result)
+        except SSL.WantReadError:
+            self._flushSendBIO()
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+
+    def dataReceived(self, data: bytes) -> None:
+        ssl = self._rawSSL
+        if ssl is None:
+            return
+        written = _lib.BIO_write(self._rawInto, data, len(data))
+        if written != len(data):
+            # A memory BIO takes all or nothing (nothing: out of memory).
+            self._tlsConnection._handle_bio_errors(self._rawInto, written)
+        flush = self._readsWrite
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+            if self._tlsConnection.get_protocol_version() == SSL.TLS1_3_VERSION:
+                self._readsWrite = False
+                flush = not self.factory.server
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        buffer = self.factory.inputBuffer
+        while not self._lostTLSConnection:
+            received = _lib.SSL_read(ssl, buffer, INPUT_READ)
+            if received > 0:
+                if not self._aborted:
+                    self.wrappedProtocol.dataReceived(_ffi.buffer(buffer, received)[:])
+                continue
+            if _lib.SSL_get_error(ssl, received) == _WANT_READ:
+                break
+            try:
+                self._tlsConnection._raise_ssl_error(ssl, received)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+        if flush:
+            self._flushSendBIO()
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        size = len(data)
+        if not size:
+            return
+        ssl = self._rawSSL
+        done = _lib.SSL_write(ssl, data if type(data) is bytes else _ffi.from_buffer(data), size)
+        if done <= 0:
+            # In the middle of a handshake (the bytes wait for its end), or an error:
+            # pyOpenSSL's reading of the result tells which.
+            try:
+                self._tlsConnection._raise_ssl_error(ssl, done)
+            except SSL.WantReadError:
+                self._bufferedWrite(bytes(data))
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                return
+        elif done < size:
+            # OpenSSL writes all or nothing unless asked otherwise; pyOpenSSL does not ask.
+            self._writeRest(memoryview(data), size, done)
+        self._flushSendBIO(size)
+
+    def _writeRest(self, view: memoryview, size: int, done: int) -> None:
+        tls = self._tlsConnection
+        while done < size:
+            try:
+                done += tls.send(view[done:])
+            except SSL.WantReadError:
+                self._bufferedWrite(bytes(view[done:]))
+                return
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                return
+
+    def _flushSendBIO(self, expected: int = 0) -> None:
+        """
+        Send whatever OpenSSL has written, in as few reads as its size allows.
+
+        @param expected: how many plaintext bytes were just encrypted.
+        """
+        source = self._rawFrom
+        if source is None:
+            return
+        if expected < OUTPUT_READ // 2:
+            size = OUTPUT_READ
+            buffer = self.factory.outputBuffer
+        else:
+            size = expected + (expected >> 6) + OUTPUT_READ // 2
+            buffer = _allocate("char[]", size)
+        while True:
+            read = _lib.BIO_read(source, buffer, size)
+            if read <= 0:
+                return
+            self.transport.write(_ffi.buffer(buffer, read)[:])
+            if read < size:
+                return
+
+    def connectionLost(self, reason: Failure) -> None:
+        PortableTLSLayer.connectionLost(self, reason)
+        self._rawSSL = self._rawInto = self._rawFrom = None
+
+
+if _BINDING is not None:
+    _ffi, _lib = _BINDING
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
 class TLSLayerFactory(TLSMemoryBIOFactory):
     """
     Wraps a factory's protocols in L{TLSLayer}s.
@@ -508,12 +701,17 @@ class TLSLayerFactory(TLSMemoryBIOFactory):
     @ivar server: whether its connections are TLS servers.
     """
 
-    protocol = TLSLayer
+    protocol = TLSLayer if _BINDING is not None else PortableTLSLayer
 
     def __init__(self, contextFactory: Any, isClient: bool, wrappedFactory: Any, clock: Any = None) -> None:
         TLSMemoryBIOFactory.__init__(self, contextFactory, isClient, wrappedFactory, clock)
         self.server = not isClient
         self._interfaces: dict[type, Any] = {}
+        if self.protocol is TLSLayer:
+            #: What L{TLSLayer}s read decrypted bytes and records into (the bytes are
+            #: copied out at once; one reactor thread uses them).
+            self.inputBuffer = _allocate("char[]", INPUT_READ)
+            self.outputBuffer = _allocate("char[]", OUTPUT_READ)
 
     def interfaceOf(self, transport: Any) -> Any:
         """
