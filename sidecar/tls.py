@@ -40,6 +40,13 @@ TLS12_CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
+#: TLS 1.3 suites, ours preferred first (the server's order decides): AES-128-GCM with
+#: SHA-256 first, as BoringSSL (Envoy) and Go prefer with AES hardware.  OpenSSL's own
+#: order puts AES-256-GCM-SHA384 first, whose key schedule runs on SHA-384: a
+#: resumed handshake's HKDF costs about twice as much, and every record's AES
+#: fourteen rounds instead of ten.
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
 #: The application protocols offered by ALPN, the preferred first.
 ALPN_PROTOCOLS = (b"h2", b"http/1.1")
 ALPN = b"http/1.1"
@@ -215,6 +222,7 @@ def _context(method: int, options: int, files: TLSFiles, leaf: x509.Certificate,
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | options)
     context.set_cipher_list(TLS12_CIPHERS)
+    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
     context.set_mode(NO_AUTO_CHAIN)
     if not extras:
         extras = _intermediates(leaf, authorities)
