@@ -522,7 +522,8 @@ def _rawBinding() -> Any:
     try:
         from OpenSSL._util import ffi, lib
         names = ("SSL_read", "SSL_write", "SSL_do_handshake", "SSL_get_error", "BIO_read", "BIO_write",
-                 "SSL_ERROR_WANT_READ")
+                 "BIO_set_mem_eof_return", "ERR_peek_error", "ERR_GET_REASON", "ERR_clear_error",
+                 "SSL_ERROR_WANT_READ", "SSL_ERROR_SSL", "SSL_ERROR_SYSCALL")
         if not all(hasattr(lib, name) for name in names):
             return None
         probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
@@ -612,6 +613,15 @@ class TLSLayer(PortableTLSLayer):
                 flush = not self.factory.server
         if self._appSendBuffer:
             self._unbufferPendingWrites()
+        self._readRecords(ssl)
+        if flush:
+            self._flushSendBIO()
+
+    def _readRecords(self, ssl: Any) -> None:
+        """
+        Decrypt what the records written to OpenSSL hold and hand it to the wrapped
+        protocol, until OpenSSL wants more, the peer closes, or an error.
+        """
         buffer = self.factory.inputBuffer
         while not self._lostTLSConnection:
             received = _lib.SSL_read(ssl, buffer, INPUT_READ)
@@ -619,19 +629,25 @@ class TLSLayer(PortableTLSLayer):
                 if not self._aborted:
                     self.wrappedProtocol.dataReceived(_ffi.buffer(buffer, received)[:])
                 continue
-            if _lib.SSL_get_error(ssl, received) == _WANT_READ:
-                break
+            error = _lib.SSL_get_error(ssl, received)
+            if error == _WANT_READ:
+                return
+            if received == 0 and _unexpectedEOF(error):
+                # The TCP connection ended without close_notify (most clients close
+                # so): pyOpenSSL's "Unexpected EOF" (which Twisted turns into
+                # ConnectionLost), without raising it and capturing its traceback.
+                _lib.ERR_clear_error()
+                self._tlsShutdownFinished(Failure(SSL.SysCallError(-1, "Unexpected EOF")))
+                return
             try:
                 self._tlsConnection._raise_ssl_error(ssl, received)
             except SSL.WantReadError:
-                break
+                return
             except SSL.ZeroReturnError:
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
-        if flush:
-            self._flushSendBIO()
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -692,13 +708,40 @@ class TLSLayer(PortableTLSLayer):
                 return
 
     def connectionLost(self, reason: Failure) -> None:
-        PortableTLSLayer.connectionLost(self, reason)
+        """
+        Twisted's, with the last records read as L{dataReceived} reads them.
+        """
+        ssl = self._rawSSL
+        if not self._lostTLSConnection and ssl is not None:
+            # The peer sends nothing more: OpenSSL reads the end of the stream.
+            _lib.BIO_set_mem_eof_return(self._rawInto, 0)
+            self._readRecords(ssl)
+            self._lostTLSConnection = True
         self._rawSSL = self._rawInto = self._rawFrom = None
+        reason = self._reason or reason
+        self._reason = None
+        self.connected = False
+        ProtocolWrapper.connectionLost(self, reason)
+        self._tlsConnection = None
+
+
+def _unexpectedEOF(error: int) -> bool:
+    """
+    Whether C{SSL_get_error}'s C{error} for a read that returned 0 is the end of the
+    stream without close_notify, as pyOpenSSL tells it (C{SysCallError(-1,
+    "Unexpected EOF")}, which Twisted turns into C{ConnectionLost}): OpenSSL 3's
+    C{SSL_R_UNEXPECTED_EOF_WHILE_READING}, or OpenSSL 1.1's syscall error with
+    nothing queued.
+    """
+    if error == _lib.SSL_ERROR_SSL:
+        return _lib.ERR_GET_REASON(_lib.ERR_peek_error()) == _EOF_REASON
+    return error == _lib.SSL_ERROR_SYSCALL and _lib.ERR_peek_error() == 0
 
 
 if _BINDING is not None:
     _ffi, _lib = _BINDING
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _EOF_REASON = getattr(_lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", -1)
     _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
