@@ -522,7 +522,7 @@ def _rawBinding() -> Any:
     try:
         from OpenSSL._util import ffi, lib
         names = ("SSL_read", "SSL_write", "SSL_do_handshake", "SSL_get_error", "BIO_read", "BIO_write",
-                 "BIO_set_mem_eof_return", "ERR_peek_error", "ERR_GET_REASON", "ERR_clear_error",
+                 "BIO_set_mem_eof_return", "BIO_get_mem_data", "SSL_pending", "ERR_peek_error", "ERR_GET_REASON", "ERR_clear_error",
                  "SSL_ERROR_WANT_READ", "SSL_ERROR_SSL", "SSL_ERROR_SYSCALL")
         if not all(hasattr(lib, name) for name in names):
             return None
@@ -623,11 +623,17 @@ class TLSLayer(PortableTLSLayer):
         protocol, until OpenSSL wants more, the peer closes, or an error.
         """
         buffer = self.factory.inputBuffer
+        source = self._rawInto
         while not self._lostTLSConnection:
             received = _lib.SSL_read(ssl, buffer, INPUT_READ)
             if received > 0:
                 if not self._aborted:
                     self.wrappedProtocol.dataReceived(_ffi.buffer(buffer, received)[:])
+                if not _lib.BIO_get_mem_data(source, _ffi.NULL) and not _lib.SSL_pending(ssl):
+                    # Every byte written in was a whole record and is read (OpenSSL
+                    # reads no further ahead than the record it decrypts): the next
+                    # read would only say so.
+                    return
                 continue
             error = _lib.SSL_get_error(ssl, received)
             if error == _WANT_READ:
@@ -657,6 +663,16 @@ class TLSLayer(PortableTLSLayer):
             return
         ssl = self._rawSSL
         done = _lib.SSL_write(ssl, data if type(data) is bytes else _ffi.from_buffer(data), size)
+        if done == size and size < OUTPUT_READ // 2:
+            # The usual write: its records (and a server's first session tickets)
+            # fit the factory's buffer.
+            buffer = self.factory.outputBuffer
+            read = _lib.BIO_read(self._rawFrom, buffer, OUTPUT_READ)
+            if read > 0:
+                self.transport.write(_ffi.buffer(buffer, read)[:])
+                if read == OUTPUT_READ:
+                    self._flushSendBIO()
+            return
         if done <= 0:
             # In the middle of a handshake (the bytes wait for its end), or an error:
             # pyOpenSSL's reading of the result tells which.
@@ -671,6 +687,17 @@ class TLSLayer(PortableTLSLayer):
             # OpenSSL writes all or nothing unless asked otherwise; pyOpenSSL does not ask.
             self._writeRest(memoryview(data), size, done)
         self._flushSendBIO(size)
+
+    def write(self, data: bytes) -> None:
+        # Twisted's write and writeSequence, one call shorter.
+        if self.disconnecting and self._producer is None:
+            return
+        self._write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        if self.disconnecting and self._producer is None:
+            return
+        self._write(b"".join(iovec))
 
     def _writeRest(self, view: memoryview, size: int, done: int) -> None:
         tls = self._tlsConnection
