@@ -628,7 +628,7 @@ class TLSLayer(PortableTLSLayer):
             received = _lib.SSL_read(ssl, buffer, INPUT_READ)
             if received > 0:
                 if not self._aborted:
-                    self.wrappedProtocol.dataReceived(_ffi.buffer(buffer, received)[:])
+                    self.wrappedProtocol.dataReceived(_ffi.unpack(buffer, received))
                 if not _lib.BIO_get_mem_data(source, _ffi.NULL) and not _lib.SSL_pending(ssl):
                     # Every byte written in was a whole record and is read (OpenSSL
                     # reads no further ahead than the record it decrypts): the next
@@ -669,7 +669,7 @@ class TLSLayer(PortableTLSLayer):
             buffer = self.factory.outputBuffer
             read = _lib.BIO_read(self._rawFrom, buffer, OUTPUT_READ)
             if read > 0:
-                self.transport.write(_ffi.buffer(buffer, read)[:])
+                self.transport.write(_ffi.unpack(buffer, read))
                 if read == OUTPUT_READ:
                     self._flushSendBIO()
             return
@@ -730,7 +730,7 @@ class TLSLayer(PortableTLSLayer):
             read = _lib.BIO_read(source, buffer, size)
             if read <= 0:
                 return
-            self.transport.write(_ffi.buffer(buffer, read)[:])
+            self.transport.write(_ffi.unpack(buffer, read))
             if read < size:
                 return
 
