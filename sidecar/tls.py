@@ -165,6 +165,11 @@ def buildMaterial(files: TLSFiles, certData: bytes, keyData: bytes, caData: byte
             raise TLSFileError("--tls-ca", files.ca,
                                f"holds a certificate that is not a CA ({authority.subject.rfc4514_string()})")
 
+    # Sessions are kept in this context's own cache, and a client's TLS 1.3 ticket is
+    # only their id (OP_NO_TICKET): stateless tickets cost OpenSSL a serialisation, a
+    # re-parse and an encryption of the session with the client's certificate for each
+    # ticket, and a decryption and a parse at each resumption (a fifth of a resumed
+    # connection's CPU).  The cache dies with the context: a rotation ends every session.
     context = _context(SSL.TLS_SERVER_METHOD, SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET, files, leaf,
                        chain[1:], key, authorities)
     for authority in authorities:
@@ -521,9 +526,9 @@ def _rawBinding() -> Any:
     """
     try:
         from OpenSSL._util import ffi, lib
-        names = ("SSL_read", "SSL_write", "SSL_do_handshake", "SSL_get_error", "BIO_read", "BIO_write",
-                 "BIO_set_mem_eof_return", "BIO_get_mem_data", "SSL_pending", "ERR_peek_error", "ERR_GET_REASON", "ERR_clear_error",
-                 "SSL_ERROR_WANT_READ", "SSL_ERROR_SSL", "SSL_ERROR_SYSCALL")
+        names = ("SSL_read", "SSL_write", "SSL_do_handshake", "SSL_get_error", "SSL_pending", "BIO_read",
+                 "BIO_write", "BIO_set_mem_eof_return", "BIO_get_mem_data", "ERR_peek_error", "ERR_GET_REASON",
+                 "ERR_clear_error", "SSL_ERROR_WANT_READ", "SSL_ERROR_SSL", "SSL_ERROR_SYSCALL")
         if not all(hasattr(lib, name) for name in names):
             return None
         probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
@@ -785,7 +790,7 @@ class TLSLayerFactory(TLSMemoryBIOFactory):
         TLSMemoryBIOFactory.__init__(self, contextFactory, isClient, wrappedFactory, clock)
         self.server = not isClient
         self._interfaces: dict[type, Any] = {}
-        if self.protocol is TLSLayer:
+        if _BINDING is not None:
             #: What L{TLSLayer}s read decrypted bytes and records into (the bytes are
             #: copied out at once; one reactor thread uses them).
             self.inputBuffer = _allocate("char[]", INPUT_READ)
