@@ -97,6 +97,14 @@ needs none of these):
     Twisted reshaping that class would make mutual TLS fail, not slow down:
     C{tests.test_tls_layer} handshakes and moves bytes through it on every Twisted CI
     runs, and the class-level names are checked here.
+    It also reads, from pyOpenSSL, a C{Connection}'s C{_ssl}, C{_into_ssl} and
+    C{_from_ssl} (its C{SSL} object and memory BIOs, to call C{SSL_read}, C{SSL_write},
+    C{SSL_do_handshake}, C{BIO_read} and C{BIO_write} through C{OpenSSL._util.lib}
+    without pyOpenSSL's per-call wrapping) and its C{_raise_ssl_error} and
+    C{_handle_bio_errors} (so that every error is still read as pyOpenSSL reads it).
+    C{sidecar.tls._rawBinding} looks for all of them at import; without any, every
+    connection uses C{PortableTLSLayer}, which makes the public calls: slower, not
+    broken.  C{tests.test_tls_layer} runs the layer tests over both.
 
 A use that needs none: the listeners' synchronous start-up errors
 (C{_raiseSynchronously}, so that C{twistd} fails at once on a port in use) come

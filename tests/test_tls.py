@@ -779,6 +779,20 @@ class BenchConfigTests(unittest.TestCase):
                          ("SANITIZE_SET", {"uri": True}))
         self.assertEqual(manager["http_filters"][0]["name"], "envoy.filters.http.rbac")
 
+    def test_callgrindTotal(self) -> None:
+        """
+        C{--callgrind} reads a dump's C{totals:} line (0 when there is none).
+        """
+        from pathlib import Path
+
+        from bench.tls_bench import callgrindTotal
+
+        path = Path(self.mktemp())
+        path.write_bytes(b"events: Ir\nsummary: 12\ntotals: 123456\n")
+        self.assertEqual(callgrindTotal(path), 123456)
+        path.write_bytes(b"events: Ir\n")
+        self.assertEqual(callgrindTotal(path), 0)
+
 
 class HandshakeTimeoutTests(DoorFixture):
     """

@@ -22,7 +22,10 @@ from zope.interface import implementer
 from sidecar.mtls import EXPIRED, MutualTLS
 from sidecar.outbound import SessionMemory
 from sidecar.spiffe import AllowPolicy
-from sidecar.tls import RotatingServerContext, TLSFiles, TLSLayer, TLSLayerFactory
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+
+from sidecar.tls import _BINDING, PortableTLSLayer, RotatingServerContext, TLSFiles, TLSLayer, TLSLayerFactory
 from tests.tlsfixtures import FRONTEND_ID, SERVER_ID as SERVER_ID_, KubernetesSecret, writeMesh
 
 
@@ -45,12 +48,16 @@ class Application(Protocol):
     def __init__(self) -> None:
         self.received: List[bytes] = []
         self.handshaken = False
+        self.lost: Any = None
 
     def handshakeCompleted(self) -> None:
         self.handshaken = True
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = reason
 
 
 def drain(transport: StringTransport) -> bytes:
@@ -87,7 +94,11 @@ def read(connection: SSL.Connection) -> bytes:
 class Fixture(unittest.TestCase):
     """
     The test mesh, our server material and a C{frontend} client's.
+
+    @ivar layer: the TLS layer class under test (the factory's choice when C{None}).
     """
+
+    layer: Any = None
 
     def setUp(self) -> None:
         self.mesh = writeMesh(self.mktemp())
@@ -102,6 +113,8 @@ class Fixture(unittest.TestCase):
         behind it and the transport.
         """
         factory = TLSLayerFactory(context or self.server, False, Factory.forProtocol(Application), clock=self.clock)
+        if self.layer is not None:
+            factory.protocol = self.layer
         layer = factory.buildProtocol(None)
         transport = StringTransport()
         layer.makeConnection(transport)
@@ -222,6 +235,8 @@ class TLSLayerTests(Fixture):
         server = SSL.Connection(self.server.material.context, None)
         server.set_accept_state()
         factory = TLSLayerFactory(_Creator(self.client), True, Factory.forProtocol(Application), clock=self.clock)
+        if self.layer is not None:
+            factory.protocol = self.layer
         layer = factory.buildProtocol(None)
         transport = StringTransport()
         layer.makeConnection(transport)
@@ -242,6 +257,126 @@ class TLSLayerTests(Fixture):
                 break
         self.assertTrue(serverDone)
         self.assertTrue(layer.wrappedProtocol.handshaken)
+
+
+    def test_usesTheBinding(self) -> None:
+        """
+        Where pyOpenSSL's binding is as expected (it is, with the pinned pyOpenSSL),
+        every connection gets the L{TLSLayer} that calls it directly.
+        """
+        if self.layer is not None:
+            raise unittest.SkipTest("the layer is chosen by the test")
+        self.assertIsNotNone(_BINDING)
+        layer, _, _ = self.serve()
+        self.assertIs(type(layer), TLSLayer)
+
+    def test_recordsSplitAcrossReads(self) -> None:
+        """
+        Records cut anywhere by TCP are delivered once whole: a record and a half,
+        then the rest, byte by byte.
+        """
+        layer, app, transport = self.serve()
+        client = self.client.clientConnection()
+        self.handshake(layer, transport, client)
+        client.send(b"first record")
+        client.send(b"second record")
+        wire = pull(client)
+        cut = len(wire) // 2 + 7
+        layer.dataReceived(wire[:cut])
+        self.assertEqual(app.received, [b"first record"])
+        for i in range(cut, len(wire)):
+            layer.dataReceived(wire[i:i + 1])
+        self.assertEqual(app.received, [b"first record", b"second record"])
+
+    def test_endWithoutCloseNotify(self) -> None:
+        """
+        A client whose TCP connection ends without close_notify (as most do) is lost
+        as Twisted reports it: C{ConnectionLost}, after what it sent is delivered.
+        """
+        layer, app, transport = self.serve()
+        client = self.client.clientConnection()
+        self.handshake(layer, transport, client)
+        client.send(b"last words")
+        layer.dataReceived(pull(client))
+        layer.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(app.received, [b"last words"])
+        self.assertIsInstance(app.lost.value, ConnectionLost)
+
+    def test_closeNotify(self) -> None:
+        """
+        A client's close_notify is answered with ours and the TCP connection is
+        closed; the application then loses its connection for the transport's reason.
+        """
+        layer, app, transport = self.serve()
+        client = self.client.clientConnection()
+        self.handshake(layer, transport, client)
+        layer.write(b"x")
+        client.bio_write(drain(transport))
+        read(client)
+        client.shutdown()
+        layer.dataReceived(pull(client))
+        self.assertTrue(transport.disconnecting)
+        client.bio_write(drain(transport))
+        self.assertRaises(SSL.ZeroReturnError, client.recv, 10)
+        layer.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(app.lost.value, ConnectionDone)
+
+    def test_corruptRecord(self) -> None:
+        """
+        A record that does not decrypt ends the connection with OpenSSL's error, an
+        alert sent, nothing delivered.
+        """
+        layer, app, transport = self.serve()
+        client = self.client.clientConnection()
+        self.handshake(layer, transport, client)
+        client.send(b"GET / HTTP/1.1\r\n\r\n")
+        wire = bytearray(pull(client))
+        wire[-3] ^= 0xFF
+        layer.dataReceived(bytes(wire))
+        self.assertEqual(app.received, [])
+        self.assertTrue(transport.disconnecting)
+        self.assertNotEqual(transport.value(), b"")
+        layer.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(app.lost.value, SSL.Error)
+
+    def test_writeBeforeHandshakeWaits(self) -> None:
+        """
+        A client layer's write before its handshake completes waits, and leaves once
+        it has, whole and in order.
+        """
+        server = SSL.Connection(self.server.material.context, None)
+        server.set_accept_state()
+        factory = TLSLayerFactory(_Creator(self.client), True, Factory.forProtocol(Application), clock=self.clock)
+        if self.layer is not None:
+            factory.protocol = self.layer
+        layer = factory.buildProtocol(None)
+        transport = StringTransport()
+        layer.makeConnection(transport)
+        layer.write(b"early ")
+        layer.writeSequence([b"bytes"])
+        received = b""
+        for _ in range(10):
+            data = drain(transport)
+            if data:
+                server.bio_write(data)
+            try:
+                server.do_handshake()
+            except SSL.WantReadError:
+                pass
+            received += read(server) if layer._handshakeDone else b""
+            back = pull(server)
+            if back:
+                layer.dataReceived(back)
+        self.assertEqual(received, b"early bytes")
+
+
+class PortableTLSLayerTests(TLSLayerTests):
+    """
+    The same, over L{PortableTLSLayer}, which every connection uses where
+    pyOpenSSL's binding is not as L{TLSLayer} expects.
+    """
+
+    layer = PortableTLSLayer
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -316,6 +451,27 @@ class ServerResumptionTests(Fixture):
         self.handshake(again, againTransport, client)
         self.assertTrue(app.handshaken)
         self.assertFalse(resumed(again.getHandle()))
+
+    def test_sessionsBelongToTheirContext(self) -> None:
+        """
+        A session is resumed only by the context that made it (the sessions are held
+        by its cache): a context loaded from the same files (another worker, or the
+        next generation) gives the client a full handshake.
+        """
+        layer, _, transport = self.serve()
+        session = self.session(layer, transport, self.client.clientConnection())
+        again, _, againTransport = self.serve()
+        client = self.client.clientConnection()
+        client.set_session(session)
+        self.handshake(again, againTransport, client)
+        self.assertTrue(resumed(client))
+        other = RotatingServerContext(TLSFiles(self.mesh.crt("backend"), self.mesh.key("backend"), self.ca))
+        third, app, thirdTransport = self.serve(other)
+        client = self.client.clientConnection()
+        client.set_session(session)
+        self.handshake(third, thirdTransport, client)
+        self.assertTrue(app.handshaken)
+        self.assertFalse(resumed(client))
 
     def test_expiredSinceRefused(self) -> None:
         """
