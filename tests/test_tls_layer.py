@@ -259,17 +259,6 @@ class TLSLayerTests(Fixture):
         self.assertTrue(layer.wrappedProtocol.handshaken)
 
 
-    def test_usesTheBinding(self) -> None:
-        """
-        Where pyOpenSSL's binding is as expected (it is, with the pinned pyOpenSSL),
-        every connection gets the L{TLSLayer} that calls it directly.
-        """
-        if self.layer is not None:
-            raise unittest.SkipTest("the layer is chosen by the test")
-        self.assertIsNotNone(_BINDING)
-        layer, _, _ = self.serve()
-        self.assertIs(type(layer), TLSLayer)
-
     def test_recordsSplitAcrossReads(self) -> None:
         """
         Records cut anywhere by TCP are delivered once whole: a record and a half,
@@ -368,6 +357,21 @@ class TLSLayerTests(Fixture):
             if back:
                 layer.dataReceived(back)
         self.assertEqual(received, b"early bytes")
+
+
+class BindingTests(Fixture):
+    """
+    Which layer a connection gets when no test chooses it.
+    """
+
+    def test_usesTheBinding(self) -> None:
+        """
+        Where pyOpenSSL's binding is as expected (it is, with the pinned pyOpenSSL),
+        every connection gets the L{TLSLayer} that calls it directly.
+        """
+        self.assertIsNotNone(_BINDING)
+        layer, _, _ = self.serve()
+        self.assertIs(type(layer), TLSLayer)
 
 
 class PortableTLSLayerTests(TLSLayerTests):
